@@ -1,0 +1,391 @@
+"""Apply and revert patches in place on a live torch model, on any device, exactly.
+
+Usage::
+
+    runtime = PatchRuntime(model)          # one runtime per model
+    handle = runtime.apply("edit.patch")   # or a Patch object
+    with runtime.serving():                # in the serving thread(s), around each forward/generate
+        out = model.generate(...)
+    runtime.revert(handle)                 # or runtime.revert() for the most recent
+    with runtime.applied(patch): ...       # apply, then revert on exit
+
+Thread-safety contract
+    Serving code takes `with runtime.serving():` around every forward pass (or a whole
+    `generate` call, if one answer must come from a single state). Any number of threads may
+    serve at once. `apply` and `revert` do their checks (reads only) while serving continues, and
+    hold the lock exclusively only while writing the touched elements; a forward pass therefore
+    sees the model either wholly before or wholly after a patch, never a mix. On CUDA the device is
+    synchronised before and after the write, so kernels queued by a forward on any stream finish
+    first. Calls to apply/revert from several threads are serialised. Calling them inside
+    `serving()` on the same thread raises RuntimeError (it would deadlock). Writes made to the
+    weights by anyone else are not covered (and are detected at revert).
+
+Stacking and overlap rule
+    Every patch is checked against the live values it touches: the sha256 of the gathered base
+    bits must equal the patch's `base_touched_sha256`. A patch that overlaps an active one is thus
+    accepted only if it was built on top of it (on the values the model holds now). A patch can be
+    reverted only while no later active patch overlaps it (LIFO among overlapping patches);
+    patches that do not overlap revert in any order. Overlap is per element, and a tied weight
+    (e.g. lm_head / embed_tokens) is one tensor whichever name the patch uses.
+
+Each step, in order: resolve names (parameters and buffers; tied names share storage); check
+shapes and dtypes; stage indices and XOR bits (one packed buffer, pinned and copied once on CUDA);
+check indices on the device (in range, strictly increasing); gather the touched bits, check the
+base fingerprint and that the new values are finite, for every tensor; only then write. The old
+bits (nnz-sized) stay on the device for revert. If a write fails, the tensors already written are
+restored, so the model is as before.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..patch.model import BITS_DTYPE, DTYPE_NAMES, FORMAT_VERSION, TORCH_BITS_DTYPE, Patch
+from .lock import ServingLock
+from .staging import GROUP_ORDER, Staged, StagedTensor, indices_valid, stage
+
+
+@dataclass(eq=False)
+class PatchHandle:
+    """An applied patch: what `apply` returns and `revert` takes."""
+
+    id: int
+    provenance: dict
+    source: str | None  # the file it came from, if any
+    names: tuple[str, ...]  # live tensor names it touches (canonical for tied weights)
+    nnz: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: stage, check, write, total
+    _staged: Staged | None = field(default=None, repr=False)
+    _old: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)  # device bits before apply
+    _host_index: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # for overlap checks
+    _overlaps: set[int] = field(default_factory=set, repr=False)  # ids of earlier handles it overlaps
+    _data_ptrs: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        return f"PatchHandle(id={self.id}, tensors={len(self.names)}, nnz={self.nnz}, source={self.source!r})"
+
+
+def _write(flat: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """The scatter: the only place weights are written (a function so tests can make it fail)."""
+    flat.index_copy_(0, index, values)
+
+
+def _flat_bits(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D integer view of a live tensor's storage (no copy)."""
+    return t.detach().view(-1).view(TORCH_BITS_DTYPE[t.dtype])
+
+
+def _load(patch_or_path) -> tuple[Patch, str | None]:
+    if isinstance(patch_or_path, Patch):
+        return patch_or_path, None
+    if isinstance(patch_or_path, (str, os.PathLike)):
+        try:
+            from ..patch import load_patch
+        except ImportError:  # pragma: no cover - until the patch file module exists
+            raise InputError("reading patch files needs roselora_export.patch.load_patch, which is not available") from None
+        path = os.fspath(patch_or_path)
+        if not os.path.isfile(path):
+            raise InputError(f"--patch {path}: no such file")
+        try:
+            return load_patch(path), path
+        except InputError:
+            raise
+        except Exception as err:  # a file the reader chokes on is bad input, not a crash
+            raise InputError(f"--patch {path}: not a readable patch file ({type(err).__name__}: {err})") from None
+    raise TypeError(f"apply() takes a Patch or a path, not {type(patch_or_path).__name__}")
+
+
+def _check_config(patch: Patch, model: torch.nn.Module) -> None:
+    expected = (patch.provenance or {}).get("base_config_fingerprint")
+    config = getattr(model, "config", None)
+    if not expected or config is None or not hasattr(config, "to_dict"):
+        return
+    try:
+        from ..patch import config_fingerprint
+    except ImportError:  # pragma: no cover - until the patch file module exists
+        return
+    actual = config_fingerprint(config.to_dict())
+    if actual != expected:
+        base = (patch.provenance or {}).get("base_model", "another model")
+        raise InputError(f"patch was built for {base} (config fingerprint {expected[:12]}), but the live model's config "
+                         f"is {actual[:12]}; apply it to the model it was built from")
+
+
+class PatchRuntime:
+    """Applies and reverts patches on one live model, in place, on the model's own device(s)."""
+
+    _by_model: "weakref.WeakKeyDictionary[torch.nn.Module, PatchRuntime]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        other = PatchRuntime._by_model.get(model)
+        if other is not None and other.active:
+            raise InputError("this model already has a PatchRuntime with applied patches; use that one "
+                             "(two runtimes on one model could not see each other's patches)")
+        PatchRuntime._by_model[model] = self
+        self.model = model
+        self.lock = ServingLock()
+        self._mutate = threading.RLock()
+        self._active: list[PatchHandle] = []
+        self._ids = itertools.count(1)
+
+    # ---- public API -------------------------------------------------------------------------
+    @property
+    def active(self) -> list[PatchHandle]:
+        """The applied patches, oldest first (each with its provenance)."""
+        return list(self._active)
+
+    def serving(self):
+        """Context manager for serving threads: no patch is written while any thread is inside."""
+        return self.lock.read()
+
+    @contextmanager
+    def applied(self, patch_or_path, *, verify: bool = True) -> Iterator[PatchHandle]:
+        """Apply a patch for the duration of a `with` block, then revert it."""
+        handle = self.apply(patch_or_path, verify=verify)
+        try:
+            yield handle
+        finally:
+            self.revert(handle)
+
+    def apply(self, patch_or_path, *, verify: bool = True) -> PatchHandle:
+        """Check a patch against the live model, then XOR it in. Returns the handle for `revert`.
+
+        verify=False skips only the sha256 of the touched base bits (host-side hashing, the one
+        step that does not run at device speed); bounds, shapes, dtypes and finiteness are always
+        checked. Raises InputError, with the model untouched, on any mismatch.
+        """
+        t0 = time.perf_counter()
+        patch, source = _load(patch_or_path)
+        with self._mutate:
+            return self._apply(patch, source, verify, t0)
+
+    def revert(self, handle: PatchHandle | None = None) -> None:
+        """Restore exactly the bits a patch changed (default: the most recent active patch)."""
+        with self._mutate:
+            if handle is None:
+                if not self._active:
+                    raise InputError("no patch is applied; nothing to revert")
+                handle = self._active[-1]
+            if handle not in self._active:
+                raise InputError(f"patch #{handle.id} is not applied (already reverted?)")
+            pos = self._active.index(handle)
+            for later in self._active[pos + 1:]:
+                if handle.id in later._overlaps:
+                    raise InputError(f"patch #{handle.id} cannot be reverted while patch #{later.id}, applied later, "
+                                     f"overlaps it; revert #{later.id} first")
+            self._revert(handle)
+            self._active.remove(handle)
+
+    # ---- apply ------------------------------------------------------------------------------
+    def _resolve(self, patch: Patch) -> list[tuple[str, torch.Tensor, "object"]]:
+        live: dict[str, torch.Tensor] = {}
+        for name, t in itertools.chain(self.model.named_parameters(remove_duplicate=False),
+                                       self.model.named_buffers(remove_duplicate=False)):
+            live.setdefault(name, t)
+        canonical: dict[str, str] = {}
+        first_by_storage: dict[tuple, str] = {}
+        for name, t in live.items():
+            if t.device.type == "meta":
+                canonical[name] = name
+                continue
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            canonical[name] = first_by_storage.setdefault(key, name)
+        prefix = getattr(self.model, "base_model_prefix", "") or ""
+
+        items = []
+        seen: dict[str, str] = {}
+        for name, tp in patch.tensors.items():
+            found = name if name in live else None
+            if found is None and prefix:
+                for alt in (f"{prefix}.{name}", name.removeprefix(prefix + ".")):
+                    if alt in live:
+                        found = alt
+                        break
+            if found is None:
+                raise InputError(f"patch tensor {name} is not in the live model (no parameter or buffer of that name); "
+                                 f"is the patch for another model?")
+            target = live[found]
+            canon = canonical[found]
+            if canon in seen:
+                raise InputError(f"patch names {seen[canon]} and {name}, which are one tied tensor in the live model; "
+                                 f"a tied weight must be patched once")
+            seen[canon] = name
+            if target.device.type == "meta":
+                raise InputError(f"{name} is not loaded (meta device / offloaded); load the model fully before patching")
+            if tuple(tp.shape) != tuple(target.shape):
+                raise InputError(f"{name}: patch shape {tuple(tp.shape)} does not match the live tensor's "
+                                 f"{tuple(target.shape)}; is the patch for another model?")
+            if tp.dtype != target.dtype:
+                have = DTYPE_NAMES.get(target.dtype, str(target.dtype))
+                raise InputError(f"{name}: patch dtype {DTYPE_NAMES.get(tp.dtype, tp.dtype)} does not match the live "
+                                 f"model's {have}; load the model in the patch's dtype")
+            if tp.dtype not in BITS_DTYPE:
+                raise InputError(f"{name}: dtype {tp.dtype} is not supported (fp32, fp16, bf16)")
+            if not target.is_contiguous():
+                raise InputError(f"{name}: the live tensor is not contiguous, so it cannot be patched in place")
+            idx, bits = np.asarray(tp.flat_index), np.asarray(tp.xor_bits)
+            if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+                raise InputError(f"{name}: flat_index must be a 1-D integer array (got {idx.dtype}, {idx.ndim}-D)")
+            if bits.shape != idx.shape or bits.dtype.itemsize != BITS_DTYPE[tp.dtype].itemsize:
+                raise InputError(f"{name}: xor_bits must be {BITS_DTYPE[tp.dtype]} with one value per index "
+                                 f"(got {bits.dtype} x {bits.size} for {idx.size} indices)")
+            if idx.size:
+                items.append((canon, target, tp))
+        return items
+
+    def _bad_index_message(self, staged: Staged) -> str:
+        for e in staged.entries:  # slow path, only to name the culprit
+            idx = np.asarray(e.tp.flat_index)
+            if idx[0] < 0 or idx[-1] >= e.tp.numel or (idx.size > 1 and not np.all(idx[1:] > idx[:-1])):
+                return (f"{e.tp.name}: patch indices are out of range for a tensor of {e.tp.numel} elements, "
+                        f"or not strictly increasing; the patch is corrupt or for another model")
+        return "patch indices are out of range or not strictly increasing"
+
+    def _apply(self, patch: Patch, source: str | None, verify: bool, t0: float) -> PatchHandle:
+        if patch.format_version != FORMAT_VERSION:
+            raise InputError(f"patch format version {patch.format_version} is not supported (this tool reads "
+                             f"version {FORMAT_VERSION})")
+        _check_config(patch, self.model)
+        items = self._resolve(patch)
+        handle = PatchHandle(id=next(self._ids), provenance=dict(patch.provenance or {}), source=source,
+                             names=tuple(name for name, _, _ in items), nnz=sum(tp.nnz for _, _, tp in items))
+        handle._host_index = {name: np.asarray(tp.flat_index) for name, _, tp in items}
+        handle._data_ptrs = {name: target.data_ptr() for name, target, _ in items}
+        handle._overlaps = self._overlapping(handle)
+
+        devices = {target.device for _, target, _ in items}
+        if len(devices) > 1:
+            raise InputError("the patch touches tensors on several devices; load the model on one device to patch it")
+        device = devices.pop() if devices else torch.device("cpu")
+        staged = stage(items, device)
+        t1 = time.perf_counter()
+
+        with torch.no_grad():
+            if not bool(indices_valid(staged)):
+                raise InputError(self._bad_index_message(staged))
+            old = self._gather(staged)
+            new = {dt: old[dt] ^ staged.xor[dt] for dt in old}
+            finite = torch.ones((), dtype=torch.bool, device=device)
+            for dt, bits in new.items():
+                finite &= torch.isfinite(bits.view(dt)).all()
+            if not bool(finite):
+                raise InputError(self._nonfinite_message(staged, new))
+            if verify:
+                self._check_base(staged, old)
+            t2 = time.perf_counter()
+
+            with self.lock.write():
+                self._sync(device)
+                done: list[StagedTensor] = []
+                try:
+                    for e in staged.entries:
+                        _write(_flat_bits(e.target), e.index(staged), new[e.tp.dtype][e.group_slice()])
+                        done.append(e)
+                    self._sync(device)
+                except BaseException:
+                    for e in done:
+                        _write(_flat_bits(e.target), e.index(staged), old[e.tp.dtype][e.group_slice()])
+                    self._sync(device)
+                    raise
+        t3 = time.perf_counter()
+        # Revert state: indices, XOR bits and old bits, all nnz-sized and on the device.
+        handle._staged, handle._old = staged, old
+        staged.host_buffer = None
+        handle.timings = {"stage": t1 - t0, "check": t2 - t1, "write": t3 - t2, "total": t3 - t0}
+        self._active.append(handle)
+        return handle
+
+    def _gather(self, staged: Staged) -> dict[torch.dtype, torch.Tensor]:
+        """The live bits at every touched element, packed like staged.xor (one buffer per dtype)."""
+        out = {dt: torch.empty_like(x) for dt, x in staged.xor.items()}
+        for e in staged.entries:
+            torch.index_select(_flat_bits(e.target), 0, e.index(staged), out=out[e.tp.dtype][e.group_slice()])
+        return out
+
+    def _check_base(self, staged: Staged, old: dict[torch.dtype, torch.Tensor]) -> None:
+        host = {dt: bits.cpu().numpy() for dt, bits in old.items()}  # nnz-sized, one copy per dtype
+        for e in staged.entries:
+            digest = hashlib.sha256(host[e.tp.dtype][e.group_slice()]).hexdigest()
+            if digest != e.tp.base_touched_sha256:
+                raise InputError(self._mismatch_message(e))
+
+    def _mismatch_message(self, e: StagedTensor) -> str:
+        over = [h.id for h in self._active if e.name in h._host_index]
+        hint = (f"; it overlaps active patch(es) {', '.join('#%d' % i for i in over)} and was not built on top of them"
+                if over else "; the patch is for another model or another version of it")
+        return f"{e.tp.name}: the live values at the patch's elements do not match the patch's base fingerprint{hint}"
+
+    def _nonfinite_message(self, staged: Staged, new: dict[torch.dtype, torch.Tensor]) -> str:
+        for e in staged.entries:
+            if not bool(torch.isfinite(new[e.tp.dtype][e.group_slice()].view(e.tp.dtype)).all()):
+                return f"{e.tp.name}: the patch would write NaN or Inf; the patch is corrupt or for another base"
+        return "the patch would write NaN or Inf"
+
+    def _overlapping(self, handle: PatchHandle) -> set[int]:
+        ids = set()
+        for other in self._active:
+            for name, idx in handle._host_index.items():
+                theirs = other._host_index.get(name)
+                if theirs is not None and _intersects(idx, theirs):
+                    ids.add(other.id)
+                    break
+        return ids
+
+    @staticmethod
+    def _sync(device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # ---- revert -----------------------------------------------------------------------------
+    def _revert(self, handle: PatchHandle) -> None:
+        staged, old = handle._staged, handle._old
+        if staged is None or not staged.entries:
+            return
+        for e in staged.entries:
+            if e.target.data_ptr() != handle._data_ptrs[e.name] or e.target.device != staged.device:
+                raise InputError(f"{e.tp.name} was moved or reallocated since patch #{handle.id} was applied; "
+                                 f"it cannot be reverted in place")
+        with torch.no_grad():
+            current = self._gather(staged)
+            same = torch.ones((), dtype=torch.bool, device=staged.device)
+            for dt, bits in current.items():
+                same &= torch.equal(bits, old[dt] ^ staged.xor[dt]) if bits.numel() else True
+            if not bool(same):
+                raise InputError(f"the weights patch #{handle.id} touched were changed outside the runtime; "
+                                 f"refusing to revert over them")
+            with self.lock.write():
+                self._sync(staged.device)
+                done = []
+                try:
+                    for e in staged.entries:
+                        _write(_flat_bits(e.target), e.index(staged), old[e.tp.dtype][e.group_slice()])
+                        done.append(e)
+                    self._sync(staged.device)
+                except BaseException:
+                    for e in done:
+                        _write(_flat_bits(e.target), e.index(staged), current[e.tp.dtype][e.group_slice()])
+                    self._sync(staged.device)
+                    raise
+
+
+def _intersects(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two sorted index arrays share an element (binary search of the smaller in the larger)."""
+    if a.size > b.size:
+        a, b = b, a
+    if a.size == 0 or a[-1] < b[0] or b[-1] < a[0]:
+        return False
+    pos = np.searchsorted(b, a)
+    pos[pos == b.size] = b.size - 1
+    return bool(np.any(b[pos] == a))
+

@@ -1,0 +1,127 @@
+"""Stage a patch on the device: one packed host buffer (pinned on CUDA), one host-to-device copy.
+
+Layout of the packed buffer (all sections 8-byte aligned, so each can be viewed in place):
+
+    starts int64[E] | lasts int64[E] | numels int64[E] | index int64[total nnz]
+    | xor bits of the fp32 tensors | of the fp16 tensors | of the bf16 tensors
+
+E is the number of tensors. The small header lets the device check bounds and ordering of every
+tensor's indices in a constant number of vectorised operations, before anything is gathered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..patch.model import BITS_DTYPE, TORCH_BITS_DTYPE, TensorPatch
+
+GROUP_ORDER = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _align8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+@dataclass
+class StagedTensor:
+    """One tensor of a staged patch: where its indices and bits sit in the packed device buffers."""
+
+    name: str  # canonical live name
+    target: torch.Tensor  # the live parameter or buffer
+    tp: TensorPatch
+    index_offset: int  # into Staged.index
+    bits_offset: int  # into Staged.xor[dtype]
+    nnz: int
+
+    def index(self, staged: "Staged") -> torch.Tensor:
+        return staged.index[self.index_offset:self.index_offset + self.nnz]
+
+    def group_slice(self) -> slice:
+        return slice(self.bits_offset, self.bits_offset + self.nnz)
+
+
+@dataclass
+class Staged:
+    """A patch's indices and XOR bits on one device, plus the header used for validation."""
+
+    device: torch.device
+    entries: list[StagedTensor]
+    index: torch.Tensor  # int64[total nnz], on device
+    xor: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)  # float dtype -> int bits, on device
+    starts: torch.Tensor | None = None
+    lasts: torch.Tensor | None = None
+    numels: torch.Tensor | None = None
+    host_buffer: torch.Tensor | None = None  # kept alive until the async copy is consumed
+    nbytes: int = 0
+
+
+def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.device) -> Staged:
+    """Pack (name, live tensor, TensorPatch) items into one buffer and move it to `device` in one copy."""
+    n_entries = len(items)
+    total = sum(int(tp.flat_index.size) for _, _, tp in items)
+    group_nnz = {dt: sum(int(tp.flat_index.size) for _, _, tp in items if tp.dtype == dt) for dt in GROUP_ORDER}
+
+    offset = 0
+    header_off = offset
+    offset += 3 * n_entries * 8
+    index_off = offset
+    offset += total * 8
+    group_off: dict[torch.dtype, int] = {}
+    for dt in GROUP_ORDER:
+        offset = _align8(offset)
+        group_off[dt] = offset
+        offset += group_nnz[dt] * BITS_DTYPE[dt].itemsize
+    nbytes = _align8(offset)
+
+    pin = device.type == "cuda"
+    buf = torch.empty(max(nbytes, 8), dtype=torch.uint8, pin_memory=pin)
+    host = buf.numpy()
+    header = host[header_off:index_off].view(np.int64).reshape(3, n_entries) if n_entries else None
+    index_host = host[index_off:index_off + total * 8].view(np.int64)
+    group_host = {dt: host[group_off[dt]:group_off[dt] + group_nnz[dt] * BITS_DTYPE[dt].itemsize].view(BITS_DTYPE[dt])
+                  for dt in GROUP_ORDER}
+
+    entries: list[StagedTensor] = []
+    pos = 0
+    gpos = dict.fromkeys(GROUP_ORDER, 0)
+    for k, (name, target, tp) in enumerate(items):
+        n = int(tp.flat_index.size)
+        index_host[pos:pos + n] = tp.flat_index
+        group_host[tp.dtype][gpos[tp.dtype]:gpos[tp.dtype] + n] = tp.xor_bits
+        header[0, k] = pos
+        header[1, k] = pos + n - 1
+        header[2, k] = tp.numel
+        entries.append(StagedTensor(name, target, tp, pos, gpos[tp.dtype], n))
+        pos += n
+        gpos[tp.dtype] += n
+
+    dev = buf.to(device, non_blocking=True) if device.type != "cpu" else buf
+    staged = Staged(device=device, entries=entries, index=dev[index_off:index_off + total * 8].view(torch.int64),
+                    host_buffer=buf, nbytes=nbytes)
+    for dt in GROUP_ORDER:
+        if group_nnz[dt]:
+            width = BITS_DTYPE[dt].itemsize
+            staged.xor[dt] = dev[group_off[dt]:group_off[dt] + group_nnz[dt] * width].view(TORCH_BITS_DTYPE[dt])
+    if n_entries:
+        hdr = dev[header_off:index_off].view(torch.int64).view(3, n_entries)
+        staged.starts, staged.lasts, staged.numels = hdr[0], hdr[1], hdr[2]
+    return staged
+
+
+def indices_valid(staged: Staged) -> torch.Tensor:
+    """A 0-d bool on the device: every tensor's indices are strictly increasing and inside it.
+
+    Must be checked (synchronised) before any gather: an out-of-range index on CUDA is a device assert.
+    """
+    if not staged.entries:
+        return torch.ones((), dtype=torch.bool, device=staged.device)
+    idx = staged.index
+    ok = (idx[staged.starts] >= 0).all() & (idx[staged.lasts] < staged.numels).all()
+    if idx.numel() > 1:
+        violation = idx[1:] <= idx[:-1]
+        # A drop between the last index of one tensor and the first of the next is allowed.
+        violation[staged.starts[1:] - 1] = False
+        ok &= ~violation.any()
+    return ok
