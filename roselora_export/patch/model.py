@@ -66,6 +66,10 @@ class TensorPatch:
     patched_sha256: str
     base_touched_sha256: str
     patched_touched_sha256: str
+    # Optional, added after the contract: the candidate support as (row indices, column indices)
+    # rectangles in the 2-D view (shape[0], rest), known when built from a RoseLoRA adapter. Only the
+    # file encoder uses it (a compact `rect` encoding); apply/revert ignore it.
+    rectangles: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def nnz(self) -> int:

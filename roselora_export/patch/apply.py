@@ -1,0 +1,106 @@
+"""Apply and revert a patch on tensors: the same XOR, guarded by fingerprints, bit-exact in every dtype."""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+import scipy.sparse
+import torch
+
+from ..errors import InputError
+from .model import DTYPE_NAMES, Patch, TensorPatch, sha256_bits, tensor_bits
+
+
+def check_compatible(tp: TensorPatch, t: torch.Tensor) -> None:
+    """Shape and dtype must match the patch exactly."""
+    if tuple(t.shape) != tuple(tp.shape) or t.dtype != tp.dtype:
+        raise InputError(f"{tp.name}: the patch is for {list(tp.shape)} {DTYPE_NAMES[tp.dtype]}, the model has "
+                         f"{list(t.shape)} {DTYPE_NAMES.get(t.dtype, str(t.dtype))}; wrong base model or --dtype?")
+
+
+def expected_state(tp: TensorPatch, bits: np.ndarray, *, revert: bool) -> None:
+    """Check a whole tensor's fingerprint: it must be the patch's base (apply) or its result (revert)."""
+    sha = hashlib.sha256(bits.tobytes()).hexdigest()
+    want, other = (tp.patched_sha256, tp.base_sha256) if revert else (tp.base_sha256, tp.patched_sha256)
+    if sha == want:
+        return
+    if sha == other:
+        raise InputError(f"{tp.name}: the patch is {'not applied' if revert else 'already applied'} here; "
+                         f"refusing to {'revert' if revert else 'apply'} it {'' if revert else 'twice'}".rstrip())
+    raise InputError(f"{tp.name}: fingerprint mismatch: this tensor is not the one the patch was "
+                     f"{'made to produce' if revert else 'made for'} (wrong base model, or other patches applied "
+                     "in a different order)")
+
+
+def xor_tensor(tp: TensorPatch, t: torch.Tensor, *, revert: bool = False, check: bool = True) -> torch.Tensor:
+    """A new tensor: `t` with the patch applied (or reverted). Checks shape, dtype, fingerprint, finiteness."""
+    check_compatible(tp, t)
+    bits = tensor_bits(t.detach().cpu()).copy()
+    if check:
+        expected_state(tp, bits, revert=revert)
+    tp.apply_bits(bits)
+    out = torch.from_numpy(bits.view(np.dtype(f"<i{bits.dtype.itemsize}"))).view(t.dtype).reshape(t.shape)
+    touched = out.reshape(-1)[torch.from_numpy(tp.flat_index)]
+    if not bool(torch.isfinite(touched).all()):
+        raise InputError(f"{tp.name}: the patch would write NaN or Inf; refusing (corrupt patch or wrong base)")
+    return out
+
+
+def apply_to_state_dict(patch: Patch, sd: Mapping[str, torch.Tensor], *, revert: bool = False,
+                        check: bool = True) -> dict[str, torch.Tensor]:
+    """A new state dict with `patch` applied (or reverted); untouched tensors are shared, `sd` is not modified.
+
+    Every touched tensor is checked (shape, dtype, whole-tensor fingerprint) before any is changed.
+    """
+    missing = [n for n in patch.tensors if n not in sd]
+    if missing:
+        raise InputError(f"the patch changes {missing[0]}, which this model does not have; wrong base model?")
+    if check:
+        for name, tp in patch.tensors.items():
+            check_compatible(tp, sd[name])
+            expected_state(tp, tensor_bits(sd[name].detach().cpu()), revert=revert)
+    out = dict(sd)
+    for name, tp in patch.tensors.items():
+        out[name] = xor_tensor(tp, sd[name], revert=revert, check=False)
+    return out
+
+
+def apply_patches_to_state_dict(patches: list[Patch], sd: Mapping[str, torch.Tensor], *,
+                                revert: bool = False) -> dict[str, torch.Tensor]:
+    """Several patches in order (reverted in reverse order); all checked before the result is returned."""
+    out = dict(sd)
+    for p in (reversed(patches) if revert else patches):
+        out = apply_to_state_dict(p, out, revert=revert)
+    return out
+
+
+def touched_fingerprint(tp: TensorPatch, t: torch.Tensor) -> str:
+    """sha256 of the touched elements' bit patterns of `t` (compare with base/patched_touched_sha256)."""
+    return sha256_bits(tensor_bits(t.detach().cpu())[tp.flat_index])
+
+
+def delta_csr(patch: Patch, name: str, base_tensor: torch.Tensor) -> scipy.sparse.csr_array:
+    """The arithmetic delta (patched - base, float64) of one tensor as a CSR matrix in its 2-D view.
+
+    The file stores XOR bit patterns, so the numeric delta needs the base values. 1-D tensors are one row.
+    """
+    from .io import matrix_shape
+
+    if name not in patch.tensors:
+        raise InputError(f"the patch does not touch {name}")
+    tp = patch.tensors[name]
+    check_compatible(tp, base_tensor)
+    bits = tensor_bits(base_tensor.detach().cpu())
+    old = bits[tp.flat_index]
+    new = old ^ tp.xor_bits
+    as_float = {4: np.float32, 2: None}[bits.dtype.itemsize]
+    if as_float is not None:
+        old_v, new_v = old.view(np.float32).astype(np.float64), new.view(np.float32).astype(np.float64)
+    else:
+        tdt = tp.dtype
+        old_v = torch.from_numpy(old.view(np.int16)).view(tdt).double().numpy()
+        new_v = torch.from_numpy(new.view(np.int16)).view(tdt).double().numpy()
+    nrows, ncols = matrix_shape(tp.shape)
+    rows, cols = np.divmod(tp.flat_index, max(ncols, 1))
+    return scipy.sparse.csr_array((new_v - old_v, (rows, cols)), shape=(nrows, ncols))

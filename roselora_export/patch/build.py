@@ -1,0 +1,185 @@
+"""Build a Patch: from two state dicts (a diff), or from an adapter merged into a base in a stored dtype.
+
+Merge semantics (the one definition the whole tool uses): in the stored dtype,
+    merged = (base.to(dtype).float() + delta).to(dtype)
+and the patch is relative to base.to(dtype). Edit survival measures what of the intended delta
+remains after that rounding.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .adapter import AdapterEdit, read_adapter, resolve_keys
+from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, tensor_patch_from_pair
+
+LOST_WARNING = 0.5  # warn when more than this fraction of an edit's nonzeros change no stored value
+
+
+@dataclass
+class Survival:
+    """How much of the intended delta survives rounding into the stored dtype, for one tensor."""
+
+    name: str
+    intended_nnz: int  # nonzeros of the intended delta (BA, or new - base)
+    lost_nnz: int  # of those, how many changed no stored value
+    realised_nnz: int  # stored values that changed
+    rel_l2_error: float  # ||realised - intended|| / ||intended||
+    norm2: float = 0.0  # ||intended||^2, the weight of this tensor in the total error
+
+    @property
+    def lost_fraction(self) -> float:
+        return self.lost_nnz / self.intended_nnz if self.intended_nnz else 0.0
+
+
+@dataclass
+class SurvivalReport:
+    tensors: list[Survival] = field(default_factory=list)
+
+    @property
+    def intended_nnz(self) -> int:
+        return sum(s.intended_nnz for s in self.tensors)
+
+    @property
+    def lost_nnz(self) -> int:
+        return sum(s.lost_nnz for s in self.tensors)
+
+    @property
+    def lost_fraction(self) -> float:
+        return self.lost_nnz / self.intended_nnz if self.intended_nnz else 0.0
+
+    @property
+    def rel_l2_error(self) -> float:
+        return float(np.sqrt(sum(s.rel_l2_error ** 2 * s.norm2 for s in self.tensors)
+                             / max(sum(s.norm2 for s in self.tensors), 1e-300)))
+
+    @property
+    def mostly_lost(self) -> bool:
+        return self.lost_fraction > LOST_WARNING
+
+    def to_dict(self) -> dict:
+        return {
+            "intended_nnz": self.intended_nnz,
+            "lost_nnz": self.lost_nnz,
+            "lost_fraction": self.lost_fraction,
+            "rel_l2_error": self.rel_l2_error,
+            "tensors": [
+                {"name": s.name, "intended_nnz": s.intended_nnz, "lost_nnz": s.lost_nnz,
+                 "realised_nnz": s.realised_nnz, "rel_l2_error": s.rel_l2_error}
+                for s in self.tensors
+            ],
+        }
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def check_finite(name: str, t: torch.Tensor, what: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise InputError(f"{name}: {what} contains NaN or Inf; refusing to write it")
+
+
+def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor, TensorPatch | None, Survival]:
+    """Merge one edit into one base tensor in the stored dtype; the merged tensor, its patch and survival."""
+    dtype = dtype or base.dtype
+    if dtype not in BITS_DTYPE or not base.is_floating_point():
+        raise InputError(f"{name}: dtype {base.dtype} cannot be edited (fp32, fp16, bf16 only)")
+    if edit.delta is not None and tuple(edit.delta.shape) != tuple(base.shape):
+        raise InputError(f"{name}: the adapter's delta has shape {tuple(edit.delta.shape)}, the base {tuple(base.shape)}")
+    if edit.replacement is not None and tuple(edit.replacement.shape) != tuple(base.shape):
+        raise InputError(f"{name}: the new value has shape {tuple(edit.replacement.shape)}, the base {tuple(base.shape)}")
+    base_d = base.to(dtype)
+    if edit.delta is not None:
+        intended = edit.delta.float()
+        merged = (base_d.float() + intended).to(dtype)
+    else:
+        merged = edit.replacement.to(dtype)
+        intended = edit.replacement.double() - base.double()
+    check_finite(name, merged, "the merged tensor")
+    realised = merged.double() - base_d.double()
+    nz = intended != 0
+    norm2 = float((intended.double() ** 2).sum())
+    err = float(((realised - intended.double()) ** 2).sum())
+    surv = Survival(name=name, intended_nnz=int(nz.sum()), lost_nnz=int((nz & (realised == 0)).sum()),
+                    realised_nnz=0, rel_l2_error=float(np.sqrt(err / norm2)) if norm2 > 0 else 0.0, norm2=norm2)
+    tp = tensor_patch_from_pair(name, base_d, merged)
+    if tp is not None:
+        tp.rectangles = edit.rectangles
+        surv.realised_nnz = tp.nnz
+    return merged, tp, surv
+
+
+def adapter_provenance(adapter, base_name: str, base_config_fp: str | None, dtype: torch.dtype | None) -> dict:
+    return {
+        "kind": "adapter",
+        "source": str(Path(adapter.path).name),
+        "method": adapter.method,
+        "base_model": base_name,
+        "base_config_sha256": base_config_fp,
+        "dtype": DTYPE_NAMES.get(dtype) if dtype else None,
+        "roselora": adapter.settings,
+        "lora": {k: adapter.peft_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules", "fan_in_fan_out")
+                 if k in adapter.peft_config},
+        "created": now_iso(),
+        "tool": "roselora-export",
+    }
+
+
+def build_patch_from_adapter(adapter_dir: str | Path, base: Mapping[str, torch.Tensor], *,
+                             dtype: torch.dtype | None = None, provenance: dict | None = None,
+                             tied: dict[str, str] | None = None, report: SurvivalReport | None = None) -> Patch:
+    """The patch that merging `adapter_dir` into `base` (a state dict, in its stored dtypes or `dtype`) makes.
+
+    Accepts a PEFT LoRA adapter (RoseLoRA or dense) or an ft-l directory. Pass a SurvivalReport
+    to receive the edit-survival figures. `tied` maps an adapter key onto the stored key of a tied weight.
+    """
+    adapter = read_adapter(adapter_dir)
+    edits = resolve_keys(adapter.edits, base.keys(), tied=tied)
+    prov = adapter_provenance(adapter, "", None, dtype)
+    prov.update(provenance or {})
+    patch = Patch(provenance=prov)
+    for name in [k for k in base.keys() if k in edits]:
+        _, tp, surv = merge_tensor(name, base[name], edits[name], dtype)
+        if report is not None:
+            report.tensors.append(surv)
+        if tp is not None:
+            patch.tensors[name] = tp
+    return patch
+
+
+def build_patch_from_state_dicts(base: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+                                 provenance: dict | None = None) -> Patch:
+    """A patch of every element that differs between two state dicts with the same keys, shapes and dtypes."""
+    missing, extra = set(base) - set(target), set(target) - set(base)
+    if missing or extra:
+        which = sorted(missing)[0] if missing else sorted(extra)[0]
+        raise InputError(f"base and target have different tensors (first: {which} is only in "
+                         f"{'base' if missing else 'target'}); diff needs the same keys")
+    patch = Patch(provenance={"kind": "diff", "created": now_iso(), "tool": "roselora-export", **(provenance or {})})
+    for name in base:
+        tp = diff_tensor(name, base[name], target[name])
+        if tp is not None:
+            patch.tensors[name] = tp
+    return patch
+
+
+def diff_tensor(name: str, base: torch.Tensor, target: torch.Tensor) -> TensorPatch | None:
+    if tuple(base.shape) != tuple(target.shape) or base.dtype != target.dtype:
+        raise InputError(f"{name}: base is {tuple(base.shape)} {base.dtype}, target is {tuple(target.shape)} "
+                         f"{target.dtype}; diff needs identical shapes and dtypes")
+    if base.dtype not in BITS_DTYPE:
+        if not torch.equal(base, target):
+            raise InputError(f"{name}: dtype {base.dtype} differs between base and target; only fp32/fp16/bf16 can be patched")
+        return None
+    tp = tensor_patch_from_pair(name, base, target)
+    if tp is not None:
+        check_finite(name, target.reshape(-1)[torch.from_numpy(tp.flat_index)], "the target")
+    return tp

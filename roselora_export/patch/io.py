@@ -1,0 +1,518 @@
+"""The patch file: encode a Patch into one safetensors file, and read it back with full validation.
+
+The layout is specified byte for byte in docs/format.md; the constants below are its single source.
+Every array is plain safetensors (readable with `safetensors.safe_open`); the metadata is JSON
+strings in `__metadata__`. Positions are encoded per tensor in whichever of three encodings is
+smallest (`rect`, `csr`, `dense`), and the XOR values are split into byte planes, each stored
+dense, sparse (bitmask + nonzero bytes) or omitted when all zero. Only structure known to the
+writer is used (no general-purpose compressor), so every decoded size is bounded by bytes that
+are physically in the file: a hostile header cannot make the reader allocate more than a small
+multiple of the file size.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .model import (
+    BITS_DTYPE,
+    DTYPE_NAMES,
+    DTYPES_BY_NAME,
+    FORMAT_VERSION,
+    Patch,
+    TensorPatch,
+)
+
+FORMAT_NAME = "roselora-patch"
+MAX_HEADER_BYTES = 64 << 20  # a real header is kilobytes; anything beyond this is refused unread
+MAX_NUMEL = 1 << 40  # per tensor; larger shapes are not real model tensors
+MAX_NDIM = 8
+MAX_RECTS = 1 << 16
+UINTS = (np.dtype("<u1"), np.dtype("<u2"), np.dtype("<u4"), np.dtype("<u8"))
+_HEX = set("0123456789abcdef")
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def narrow_uint(limit: int) -> np.dtype:
+    """The narrowest little-endian unsigned dtype holding every value in [0, limit)."""
+    for dt in UINTS:
+        if limit <= np.iinfo(dt).max + 1:
+            return dt
+    raise ValueError(f"{limit} does not fit in 64 bits")
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view used for positions: (shape[0], rest) for N-D, one row for 1-D and 0-D tensors."""
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if len(shape) >= 2:
+        return int(shape[0]), (numel // int(shape[0]) if shape[0] else 0)
+    return 1, numel
+
+
+def rect_candidates(rects: list[tuple[np.ndarray, np.ndarray]], ncols: int) -> np.ndarray:
+    """Sorted flat indices of the union of row-set x column-set rectangles."""
+    parts = [np.add.outer(r.astype(np.int64) * ncols, c.astype(np.int64)).ravel() for r, c in rects if r.size and c.size]
+    if not parts:
+        return np.zeros(0, np.int64)
+    return np.unique(np.concatenate(parts))
+
+
+def _packed_size(n: int) -> int:
+    return (n + 7) // 8
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def _encode_planes(xor: np.ndarray, key: str) -> tuple[str, dict[str, np.ndarray]]:
+    """Split XOR values into little-endian byte planes; each plane dense ('d'), sparse ('s') or zero ('z')."""
+    modes, arrays = [], {}
+    n = xor.size
+    for b in range(xor.dtype.itemsize):
+        plane = ((xor >> np.array(8 * b, xor.dtype)) & np.array(0xFF, xor.dtype)).astype(np.uint8)
+        nz = plane != 0
+        count = int(nz.sum())
+        if count == 0:
+            modes.append("z")
+        elif _packed_size(n) + count < n:
+            modes.append("s")
+            arrays[f"{key}.m{b}"] = np.packbits(nz, bitorder="little")
+            arrays[f"{key}.v{b}"] = plane[nz]
+        else:
+            modes.append("d")
+            arrays[f"{key}.v{b}"] = plane
+    return "".join(modes), arrays
+
+
+def _nbytes(arrays: dict[str, np.ndarray]) -> int:
+    # Each array also costs about 64 bytes of safetensors header; counted so small tensors choose well.
+    return sum(a.nbytes + 64 for a in arrays.values())
+
+
+def _positions_csr(tp: TensorPatch, key: str) -> dict[str, np.ndarray]:
+    nrows, ncols = matrix_shape(tp.shape)
+    rows = tp.flat_index // max(ncols, 1)
+    cols = tp.flat_index - rows * ncols
+    touched, counts = np.unique(rows, return_counts=True)
+    out = {f"{key}.rows": touched.astype(narrow_uint(nrows)), f"{key}.cnt": counts.astype(narrow_uint(ncols + 1))}
+    # Column gaps within a row (the first relative to column 0) are narrower than columns on wide rows.
+    starts = np.zeros(rows.size, bool)
+    starts[0] = True
+    starts[1:] = rows[1:] != rows[:-1]
+    gaps = cols.copy()
+    gaps[~starts] = cols[~starts] - cols[np.flatnonzero(~starts) - 1]
+    abs_dt, gap_dt = narrow_uint(ncols), narrow_uint(int(gaps.max()) + 1)
+    if gap_dt.itemsize < abs_dt.itemsize:
+        out[f"{key}.gap"] = gaps.astype(gap_dt)
+    else:
+        out[f"{key}.col"] = cols.astype(abs_dt)
+    return out
+
+
+def _positions_rect(tp: TensorPatch, key: str) -> dict[str, np.ndarray] | None:
+    rects = [(np.asarray(r), np.asarray(c)) for r, c in (tp.rectangles or []) if len(r) and len(c)]
+    if not rects or len(rects) > MAX_RECTS:
+        return None
+    nrows, ncols = matrix_shape(tp.shape)
+    if sum(r.size * c.size for r, c in rects) > 16 * tp.nnz + 1024:
+        return None  # far more candidates than changes: a mask would not pay for itself
+    cand = rect_candidates(rects, ncols)
+    pos = np.searchsorted(cand, tp.flat_index)
+    if pos.size and (pos.max() >= cand.size or np.any(cand[np.minimum(pos, cand.size - 1)] != tp.flat_index)):
+        return None  # some change lies outside the rectangles
+    sizes = np.array([[r.size, c.size] for r, c in rects], dtype=np.int64).ravel()
+    out = {
+        f"{key}.rsz": sizes.astype(narrow_uint(max(nrows, ncols) + 1)),
+        f"{key}.rr": np.concatenate([np.sort(r) for r, _ in rects]).astype(narrow_uint(nrows)),
+        f"{key}.rc": np.concatenate([np.sort(c) for _, c in rects]).astype(narrow_uint(ncols)),
+    }
+    if cand.size != tp.nnz:
+        changed = np.zeros(cand.size, bool)
+        changed[pos] = True
+        holes = np.flatnonzero(~changed)
+        holes_arr = holes.astype(narrow_uint(cand.size))
+        if holes_arr.nbytes < _packed_size(cand.size):
+            out[f"{key}.hole"] = holes_arr
+        else:
+            out[f"{key}.mask"] = np.packbits(changed, bitorder="little")
+    return out
+
+
+def encode_tensor(tp: TensorPatch, key: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The metadata entry and the arrays for one tensor, in the smallest position encoding."""
+    planes, values = _encode_planes(tp.xor_bits, key)
+    options: list[tuple[str, dict[str, np.ndarray], str, dict[str, np.ndarray]]] = []
+    rect = _positions_rect(tp, key)
+    if rect is not None:
+        options.append(("rect", rect, planes, values))
+    options.append(("csr", _positions_csr(tp, key), planes, values))
+    if tp.nnz * 4 >= tp.numel:  # dense can only win at high density; skip building it otherwise
+        full = np.zeros(tp.numel, BITS_DTYPE[tp.dtype])
+        full[tp.flat_index] = tp.xor_bits
+        dplanes, dvalues = _encode_planes(full, key)
+        options.append(("dense", {}, dplanes, dvalues))
+    enc, pos, planes, values = min(options, key=lambda o: _nbytes(o[1]) + _nbytes(o[3]))
+    entry = {
+        "key": key,
+        "name": tp.name,
+        "shape": list(tp.shape),
+        "dtype": DTYPE_NAMES[tp.dtype],
+        "nnz": tp.nnz,
+        "encoding": enc,
+        "planes": planes,
+        "sha256": {
+            "base": tp.base_sha256,
+            "patched": tp.patched_sha256,
+            "base_touched": tp.base_touched_sha256,
+            "patched_touched": tp.patched_touched_sha256,
+        },
+    }
+    return entry, {**pos, **values}
+
+
+def _checksum(tensors_json: str, provenance_json: str, arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    h.update(tensors_json.encode())
+    h.update(b"\n")
+    h.update(provenance_json.encode())
+    for key in sorted(arrays):
+        a = arrays[key]
+        h.update(b"\n" + key.encode() + b"\0" + a.dtype.str.encode() + b"\0")
+        h.update(np.ascontiguousarray(a).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def encode_patch(patch: Patch) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """The __metadata__ and arrays of a patch file (see docs/format.md)."""
+    entries, arrays = [], {}
+    for i, tp in enumerate(patch.tensors.values()):
+        if tp.nnz == 0:
+            continue
+        entry, arrs = encode_tensor(tp, str(i))
+        entries.append(entry)
+        arrays.update(arrs)
+    tensors_json = json.dumps(entries, separators=(",", ":"))
+    provenance_json = json.dumps(patch.provenance, separators=(",", ":"), sort_keys=True, default=str)
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(patch.format_version),
+        "tensors": tensors_json,
+        "provenance": provenance_json,
+        "checksum": _checksum(tensors_json, provenance_json, arrays),
+    }
+    return metadata, arrays
+
+
+def save_patch(patch: Patch, path: str | os.PathLike) -> Path:
+    """Write `patch` to `path` atomically (a temp file beside it, then rename). Returns the path."""
+    from safetensors.numpy import save
+
+    path = Path(path)
+    metadata, arrays = encode_patch(patch)
+    data = save(arrays, metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------- decoding
+
+class _Bad(Exception):
+    """Internal: a validation failure, turned into InputError with the file name."""
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise _Bad(msg)
+
+
+def _uint_array(arrays: dict[str, np.ndarray], key: str, length: int | None = None) -> np.ndarray:
+    _need(key in arrays, f"array {key!r} is missing")
+    a = arrays[key]
+    _need(a.dtype in UINTS and a.ndim == 1, f"array {key!r} must be a 1-D unsigned integer array")
+    if length is not None:
+        _need(a.size == length, f"array {key!r} has {a.size} elements, expected {length}")
+    return a
+
+
+def _unpack_mask(arrays: dict[str, np.ndarray], key: str, n: int) -> np.ndarray:
+    m = _uint_array(arrays, key, _packed_size(n))
+    _need(m.dtype == np.uint8, f"array {key!r} must be U8")
+    bits = np.unpackbits(m, bitorder="little", count=n).astype(bool)
+    _need(int(np.unpackbits(m, bitorder="little").sum()) == int(bits.sum()), f"array {key!r} has bits set past its end")
+    return bits
+
+
+def _decode_planes(arrays, key: str, planes: str, n: int, width: int, used: set[str]) -> np.ndarray:
+    _need(isinstance(planes, str) and len(planes) == width and set(planes) <= set("zds"),
+          f"'planes' must be {width} characters of z/d/s")
+    out = np.zeros(n, np.dtype(f"<u{width}"))
+    for b, mode in enumerate(planes):
+        if mode == "z":
+            continue
+        if mode == "d":
+            plane = _uint_array(arrays, f"{key}.v{b}", n)
+        else:
+            nz = _unpack_mask(arrays, f"{key}.m{b}", n)
+            used.add(f"{key}.m{b}")
+            vals = _uint_array(arrays, f"{key}.v{b}", int(nz.sum()))
+            _need(bool(np.all(vals != 0)), f"sparse plane {key}.v{b} stores a zero byte")
+            plane = np.zeros(n, np.uint8)
+            plane[nz] = vals
+        _need(plane.dtype == np.uint8, f"array {key}.v{b} must be U8")
+        used.add(f"{key}.v{b}")
+        out |= plane.astype(out.dtype) << np.array(8 * b, out.dtype)
+    return out
+
+
+def _check_increasing(idx: np.ndarray, what: str) -> None:
+    _need(idx.size < 2 or bool(np.all(idx[1:] > idx[:-1])), f"{what}: indices are not strictly increasing")
+
+
+def _decode_positions(arrays, key: str, enc: str, shape, nnz: int, used: set[str]) -> np.ndarray | None:
+    """Flat indices of the stored values (None for dense: every element)."""
+    nrows, ncols = matrix_shape(shape)
+    if enc == "dense":
+        return None
+    if enc == "csr":
+        rows = _uint_array(arrays, f"{key}.rows").astype(np.int64)
+        cnt = _uint_array(arrays, f"{key}.cnt", rows.size).astype(np.int64)
+        used.update({f"{key}.rows", f"{key}.cnt"})
+        _need(rows.size == 0 or int(rows.max()) < nrows, f"row index out of range (rows={nrows})")
+        _check_increasing(rows, "touched rows")
+        _need(bool(np.all(cnt >= 1)) and bool(np.all(cnt <= ncols)) and int(cnt.sum()) == nnz,
+              "row counts do not add up to nnz")
+        row_of = np.repeat(rows, cnt)
+        starts = np.zeros(nnz, bool)
+        starts[np.concatenate(([0], np.cumsum(cnt)[:-1]))] = True
+        if f"{key}.gap" in arrays:
+            gaps = _uint_array(arrays, f"{key}.gap", nnz).astype(np.int64)
+            used.add(f"{key}.gap")
+            _need(bool(np.all(gaps[~starts] >= 1)), "column gaps must be positive within a row")
+            seg = np.cumsum(starts) - 1
+            csum = np.cumsum(gaps)
+            before = np.concatenate(([0], csum))[np.flatnonzero(starts)]  # running sum before each row
+            cols = csum - before[seg]
+        else:
+            cols = _uint_array(arrays, f"{key}.col", nnz).astype(np.int64)
+            used.add(f"{key}.col")
+        _need(nnz == 0 or int(cols.max()) < ncols, f"column index out of range (columns={ncols})")
+        flat = row_of * ncols + cols
+        _check_increasing(flat, "columns within a row")
+        return flat
+    if enc == "rect":
+        sizes = _uint_array(arrays, f"{key}.rsz").astype(np.int64)
+        _need(sizes.size % 2 == 0 and 0 < sizes.size // 2 <= MAX_RECTS, "bad rectangle sizes")
+        sizes = sizes.reshape(-1, 2)
+        rr = _uint_array(arrays, f"{key}.rr", int(sizes[:, 0].sum())).astype(np.int64)
+        rc = _uint_array(arrays, f"{key}.rc", int(sizes[:, 1].sum())).astype(np.int64)
+        used.update({f"{key}.rsz", f"{key}.rr", f"{key}.rc"})
+        _need(rr.size == 0 or int(rr.max()) < nrows, f"rectangle row out of range (rows={nrows})")
+        _need(rc.size == 0 or int(rc.max()) < ncols, f"rectangle column out of range (columns={ncols})")
+        # Bound the candidate count by bytes physically in the file before enumerating anything.
+        if f"{key}.mask" in arrays:
+            bound = 8 * arrays[f"{key}.mask"].size
+        elif f"{key}.hole" in arrays:
+            bound = nnz + arrays[f"{key}.hole"].size
+        else:
+            bound = nnz
+        total = int((sizes[:, 0] * sizes[:, 1]).sum())
+        _need(total <= 16 * bound + 1024 and total <= MAX_NUMEL, "rectangles claim far more elements than the file holds")
+        ro = np.concatenate(([0], np.cumsum(sizes[:, 0])))
+        co = np.concatenate(([0], np.cumsum(sizes[:, 1])))
+        rects = []
+        for i in range(sizes.shape[0]):
+            r, c = rr[ro[i]:ro[i + 1]], rc[co[i]:co[i + 1]]
+            _check_increasing(r, f"rectangle {i} rows")
+            _check_increasing(c, f"rectangle {i} columns")
+            rects.append((r, c))
+        cand = rect_candidates(rects, ncols)
+        if f"{key}.mask" in arrays:
+            keep = _unpack_mask(arrays, f"{key}.mask", cand.size)
+            used.add(f"{key}.mask")
+            flat = cand[keep]
+        elif f"{key}.hole" in arrays:
+            holes = _uint_array(arrays, f"{key}.hole").astype(np.int64)
+            used.add(f"{key}.hole")
+            _check_increasing(holes, "holes")
+            _need(holes.size == 0 or int(holes.max()) < cand.size, "hole index out of range")
+            keep = np.ones(cand.size, bool)
+            keep[holes] = False
+            flat = cand[keep]
+        else:
+            flat = cand
+        _need(flat.size == nnz, f"positions give {flat.size} elements, metadata says nnz={nnz}")
+        return flat
+    raise _Bad(f"unknown encoding {enc!r}")
+
+
+def _rects_of(arrays, key: str) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    if f"{key}.rsz" not in arrays:
+        return None
+    sizes = arrays[f"{key}.rsz"].astype(np.int64).reshape(-1, 2)
+    rr, rc = arrays[f"{key}.rr"].astype(np.int64), arrays[f"{key}.rc"].astype(np.int64)
+    ro = np.concatenate(([0], np.cumsum(sizes[:, 0])))
+    co = np.concatenate(([0], np.cumsum(sizes[:, 1])))
+    return [(rr[ro[i]:ro[i + 1]], rc[co[i]:co[i + 1]]) for i in range(sizes.shape[0])]
+
+
+def _is_hex(s, n: int = 64) -> bool:
+    return isinstance(s, str) and len(s) == n and set(s) <= _HEX
+
+
+def decode_tensor(entry, arrays: dict[str, np.ndarray], used: set[str]) -> TensorPatch:
+    _need(isinstance(entry, dict), "tensor entry is not an object")
+    name = entry.get("name")
+    _need(isinstance(name, str) and name != "", "tensor entry without a name")
+    try:
+        return _decode_tensor(entry, arrays, used)
+    except _Bad as err:
+        raise _Bad(f"tensor {name}: {err}") from None
+
+
+def _decode_tensor(entry: dict, arrays, used) -> TensorPatch:
+    key, shape, dtype_name, nnz = entry.get("key"), entry.get("shape"), entry.get("dtype"), entry.get("nnz")
+    _need(isinstance(key, str) and key.isdigit(), "bad 'key'")
+    _need(isinstance(shape, list) and len(shape) <= MAX_NDIM
+          and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_NUMEL for d in shape), "bad 'shape'")
+    numel = 1
+    for d in shape:
+        numel *= d
+    _need(numel <= MAX_NUMEL, f"shape {shape} is absurdly large")
+    _need(dtype_name in DTYPES_BY_NAME, f"dtype {dtype_name!r} is not one of {sorted(DTYPES_BY_NAME)}")
+    dtype = DTYPES_BY_NAME[dtype_name]
+    _need(isinstance(nnz, int) and not isinstance(nnz, bool) and 1 <= nnz <= numel, f"nnz {nnz!r} is not in [1, {numel}]")
+    sha = entry.get("sha256")
+    _need(isinstance(sha, dict) and all(_is_hex(sha.get(k)) for k in ("base", "patched", "base_touched", "patched_touched")),
+          "fingerprints missing or not sha256 hex")
+    enc = entry.get("encoding")
+    width = BITS_DTYPE[dtype].itemsize
+    if enc == "dense":
+        # Dense values are physically numel bytes per plane: check before allocating.
+        for b, mode in enumerate(str(entry.get("planes", ""))[:width]):
+            if mode == "d":
+                _need(f"{key}.v{b}" in arrays and arrays[f"{key}.v{b}"].size == numel, "dense plane size != numel")
+            if mode == "s":
+                _need(f"{key}.m{b}" in arrays and arrays[f"{key}.m{b}"].size == _packed_size(numel),
+                      "dense plane mask size != numel")
+        _need(any(m != "z" for m in str(entry.get("planes", ""))), "dense tensor with all-zero planes")
+    flat = _decode_positions(arrays, key, enc, tuple(shape), nnz, used)
+    n = numel if flat is None else nnz
+    xor = _decode_planes(arrays, key, entry.get("planes"), n, width, used)
+    if flat is None:
+        flat = np.flatnonzero(xor).astype(np.int64)
+        xor = xor[flat]
+        _need(flat.size == nnz, f"dense values change {flat.size} elements, metadata says nnz={nnz}")
+    else:
+        _need(bool(np.all(xor != 0)), "a stored element does not change (zero XOR)")
+    return TensorPatch(
+        name=entry["name"],
+        shape=tuple(shape),
+        dtype=dtype,
+        flat_index=flat.astype(np.int64),
+        xor_bits=xor.astype(BITS_DTYPE[dtype]),
+        base_sha256=sha["base"],
+        patched_sha256=sha["patched"],
+        base_touched_sha256=sha["base_touched"],
+        patched_touched_sha256=sha["patched_touched"],
+        rectangles=_rects_of(arrays, key) if enc == "rect" else None,
+    )
+
+
+def _read_header_len(path: Path) -> int:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise InputError(f"{path}: truncated patch file ({size} bytes); re-download or re-create it")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES:
+        raise InputError(f"{path}: header claims {n} bytes (limit {MAX_HEADER_BYTES}); the file is corrupt or not a patch")
+    if n > size - 8:
+        raise InputError(f"{path}: truncated patch file (header claims {n} bytes, file has {size}); re-download or re-create it")
+    return n
+
+
+def load_patch(path: str | os.PathLike) -> Patch:
+    """Read and validate a patch file; any defect raises InputError naming the file and the problem."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such patch file")
+    _read_header_len(path)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for every kind of malformed file
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(f"{path}: not a readable safetensors patch ({first}); the file is truncated or corrupt") from None
+    try:
+        return _decode(metadata, arrays)
+    except _Bad as err:
+        raise InputError(f"{path}: {err}") from None
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, MemoryError) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"{path}: malformed patch ({type(err).__name__}: {err})") from None
+
+
+def _decode(metadata: dict, arrays: dict[str, np.ndarray]) -> Patch:
+    _need(metadata.get("format") == FORMAT_NAME, f"not a {FORMAT_NAME} file (no format marker in the metadata)")
+    version = metadata.get("format_version")
+    _need(version == str(FORMAT_VERSION), f"format version {version!r} is not supported (this tool reads {FORMAT_VERSION})")
+    tensors_json, provenance_json = metadata.get("tensors"), metadata.get("provenance")
+    _need(isinstance(tensors_json, str) and isinstance(provenance_json, str), "metadata lacks 'tensors' or 'provenance'")
+    checksum = metadata.get("checksum")
+    _need(checksum == _checksum(tensors_json, provenance_json, arrays),
+          "checksum mismatch: the file is corrupt (a flipped or truncated byte); re-download or re-create it")
+    try:
+        entries = json.loads(tensors_json)
+        provenance = json.loads(provenance_json)
+    except ValueError as err:
+        raise _Bad(f"metadata is not valid JSON ({err})") from None
+    _need(isinstance(entries, list) and isinstance(provenance, dict), "metadata has the wrong shape")
+    patch = Patch(provenance=provenance, format_version=FORMAT_VERSION)
+    used: set[str] = set()
+    for entry in entries:
+        tp = decode_tensor(entry, arrays, used)
+        _need(tp.name not in patch.tensors, f"tensor {tp.name} appears twice")
+        patch.tensors[tp.name] = tp
+    extra = set(arrays) - used
+    _need(not extra, f"unexpected arrays {sorted(extra)[:3]}")
+    return patch
+
+
+def file_layout(path: str | os.PathLike) -> dict[str, int]:
+    """Bytes per tensor name in a patch file (its arrays plus its share of the header), for `inspect`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata() or {}
+        sizes: dict[str, int] = {}
+        for k in f.keys():
+            sl = f.get_slice(k)
+            shape = sl.get_shape()
+            itemsize = {"U8": 1, "U16": 2, "U32": 4, "U64": 8}.get(sl.get_dtype(), 1)
+            sizes[k.split(".")[0]] = sizes.get(k.split(".")[0], 0) + int(np.prod(shape, dtype=np.int64)) * itemsize
+    entries = json.loads(metadata.get("tensors", "[]"))
+    return {e["name"]: sizes.get(e["key"], 0) + len(json.dumps(e, separators=(",", ":"))) for e in entries}
