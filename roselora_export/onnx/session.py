@@ -1,0 +1,145 @@
+"""onnxruntime sessions on a base ONNX artifact plus patches, without rewriting the base files.
+
+The patched tensors (whole initializers, XOR applied in memory) are handed to onnxruntime with
+`SessionOptions.add_external_initializers`, which replaces the graph's initializers *before* graph
+optimisation. Measured on onnxruntime 1.32: `add_initializer` instead is applied after constant
+folding, so under the default optimisation level a weight that feeds a Transpose (every Linear
+exported by torch) keeps its old value silently; and an unknown name is accepted silently.
+
+So every session is verified at creation: each override must name an external initializer of the
+graph with the patch's dtype and shape, and a canary (a two-node Transpose -> MatMul model on
+external data, run with the same onnxruntime build, options, providers and override call) must show
+the override in its output. Whether an override is ignored is a property of onnxruntime's load
+pipeline (injection before or after folding and fusion), not of the tensor's values, so the canary
+tells for the real graph; it is cached per configuration and process.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import InputError
+from ..patch.model import Patch
+from .names import MODEL_FILE, TORCH_TO_ONNX, open_artifact
+from .patching import plan_patches
+
+OVERRIDE_APIS = ("external", "initializer")
+_canary_ok: dict[tuple, bool] = {}
+
+
+class OverrideIgnoredError(RuntimeError):
+    """onnxruntime would run the base weights instead of the patched ones."""
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it and a GPU is present, else CPU."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _ort_value(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]):
+    import onnxruntime as ort
+
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: hand the bits over with their ONNX type
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits.reshape(shape), TORCH_TO_ONNX[dtype])
+    return ort.OrtValue.ortvalue_from_numpy(bits.view({torch.float32: np.float32, torch.float16: np.float16}[dtype]).reshape(shape))
+
+
+def _session_options(level, disabled_optimizers: Sequence[str], threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def _add_overrides(so, names: list[str], values: list, api: str) -> None:
+    if api == "external":
+        so.add_external_initializers(names, values)
+    else:
+        for name, value in zip(names, values):
+            so.add_initializer(name, value)
+
+
+def check_overrides_take_effect(providers: Sequence[str], level, disabled_optimizers: Sequence[str],
+                                api: str = "external") -> None:
+    """Raise OverrideIgnoredError unless an override of a Transpose->MatMul weight shows in the output."""
+    import onnxruntime as ort
+
+    key = (ort.__version__, tuple(providers), int(level), tuple(disabled_optimizers), api)
+    if _canary_ok.get(key):
+        return
+    from onnx import helper
+
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    init = onnx.numpy_helper.from_array(w, "w")
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["w"], ["wt"]), helper.make_node("MatMul", ["x", "wt"], ["y"])], "canary",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])], [init])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = np.ones((1, 4), dtype=np.float32)
+    new_w = w + 100.0
+    with tempfile.TemporaryDirectory(prefix="roselora-canary-") as tmp:
+        path = os.path.join(tmp, "canary.onnx")
+        onnx.save_model(model, path, save_as_external_data=True, location="canary.data", size_threshold=0)
+        so = _session_options(level, disabled_optimizers, 1)
+        value = ort.OrtValue.ortvalue_from_numpy(new_w)
+        _add_overrides(so, ["w"], [value], api)
+        sess = ort.InferenceSession(path, so, providers=list(providers), disabled_optimizers=list(disabled_optimizers))
+        got = sess.run(["y"], {"x": x})[0]
+    if not np.allclose(got, x @ new_w.T):
+        raise OverrideIgnoredError(
+            f"onnxruntime {ort.__version__} ignored an initializer override (providers {list(providers)}, "
+            f"optimization level {level}, disabled {list(disabled_optimizers) or 'none'}, api {api!r}); "
+            "disable ConstantFolding or lower the optimization level")
+    _canary_ok[key] = True
+
+
+def create_session(onnx_dir: str | os.PathLike, patches: Sequence[Patch] = (), *, providers: Sequence[str] | None = None,
+                   optimization_level=None, disabled_optimizers: Sequence[str] = (), threads: int | None = None,
+                   override_api: str = "external", verify: bool = True):
+    """An onnxruntime.InferenceSession on the base artifact with `patches` applied as initializer overrides.
+
+    The base files are only read. Fingerprints are checked as for `apply`; raises InputError on bad
+    input and OverrideIgnoredError if onnxruntime would not use the overrides. The session keeps the
+    override buffers alive (`session.roselora_overrides`).
+    """
+    import onnxruntime as ort
+
+    if override_api not in OVERRIDE_APIS:
+        raise ValueError(f"override_api must be one of {OVERRIDE_APIS}")
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimization_level is None else optimization_level
+    providers = list(providers) if providers else default_providers()
+    artifact = open_artifact(onnx_dir)
+    touched = plan_patches(artifact, list(patches))
+    names, values = [], []
+    for name, t in touched.items():
+        loc = t.location
+        if name not in artifact.locations:  # plan_patches only returns mapped names; kept as a guard
+            raise InputError(f"{onnx_dir}: override {name!r} is not an initializer of the graph")
+        names.append(name)
+        values.append(_ort_value(t.bits, loc.dtype, loc.shape))
+    if verify and names:
+        check_overrides_take_effect(providers, level, disabled_optimizers, override_api)
+    so = _session_options(level, disabled_optimizers, threads)
+    if names:
+        _add_overrides(so, names, values, override_api)
+    session = ort.InferenceSession(str(Path(onnx_dir) / artifact.names.get("model_file", MODEL_FILE)), so,
+                                   providers=providers, disabled_optimizers=list(disabled_optimizers))
+    session.roselora_overrides = dict(zip(names, values))  # onnxruntime reads these buffers for the session's life
+    session.roselora_names = artifact.names
+    return session
