@@ -1,0 +1,98 @@
+"""Atomic directory writes: build beside the destination, then rename (or exchange) in one step.
+
+A crash or kill at any point leaves the destination either as it was or complete, never a mix:
+a new directory appears by one rename; an existing one is replaced by Linux's
+renameat2(RENAME_EXCHANGE), which swaps two directory entries atomically. Where that call is
+missing (non-Linux, some filesystems) the fallback is two renames, with a window in which the
+destination is briefly absent but the old copy is kept whole beside it.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import InputError
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _renameat2_exchange(a: Path, b: Path) -> bool:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def exchange_dirs(new: Path, dest: Path) -> None:
+    """Make `new` appear at `dest` atomically; the old content ends up at `new` (caller removes it)."""
+    if _renameat2_exchange(new, dest):
+        _fsync_dir(dest.parent)
+        return
+    old = new.with_name(new.name + ".old")
+    os.rename(dest, old)
+    os.rename(new, dest)
+    os.rename(old, new)
+    _fsync_dir(dest.parent)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temp directory beside `dest`; on success it becomes `dest` atomically, on error it is removed.
+
+    replace=False refuses a non-empty existing `dest`; replace=True swaps it (in-place updates).
+    """
+    dest = Path(dest)
+    exists = dest.exists()
+    if exists and not dest.is_dir():
+        raise InputError(f"--out {dest}: exists and is not a directory")
+    if exists and not replace and any(dest.iterdir()):
+        raise InputError(f"--out {dest}: exists and is not empty; choose another path or remove it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if exists and replace:
+            exchange_dirs(tmp, dest)  # tmp now holds the old checkpoint
+        else:
+            if exists:
+                dest.rmdir()
+            os.rename(tmp, dest)
+            _fsync_dir(dest.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_file(dest: Path) -> Path:
+    """A temp path beside `dest` for a file that will be renamed onto it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link when possible (same filesystem, for in-place updates), copy otherwise."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

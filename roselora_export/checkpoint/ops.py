@@ -1,0 +1,248 @@
+"""merge / diff / apply / revert on checkpoint directories, streaming shard by shard, written atomically.
+
+Memory stays about one tensor (plus the adapter's deltas) whatever the model size: tensors are read
+one at a time, shards are written tensor by tensor, and unchanged bytes are copied file to file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..patch.adapter import read_adapter, resolve_keys
+from ..patch.apply import xor_tensor
+from ..patch.build import SurvivalReport, adapter_provenance, diff_tensor, merge_tensor, now_iso
+from ..patch.io import save_patch
+from ..patch.model import DTYPE_NAMES, Patch, tensor_bits
+from .atomic import atomic_dir, link_or_copy
+from .model_dir import INDEX_NAME, ModelDir, open_model_dir
+from .safetensors_stream import ITEMSIZE, ST_DTYPES, TORCH_DTYPES, OutTensor, ShardWriter, TensorInfo
+
+Progress = Callable[[int], None]
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def default_patch_path(out_dir: str | os.PathLike) -> Path:
+    """Where `merge` writes the patch when --patch is not given: beside the output directory."""
+    out = Path(out_dir)
+    return out.with_name(out.name + ".patch.safetensors")
+
+
+def _out_dtype(info: TensorInfo, dtype: torch.dtype | None) -> str:
+    return DTYPE_NAMES[dtype] if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
+
+
+def _copy_side_files(model: ModelDir, tmp: Path, dtype: torch.dtype | None, *, link: bool) -> None:
+    """Config, tokenizer and everything else that is not a weight shard or the index."""
+    shard_names = {h.path.name for h in model.shards} | {INDEX_NAME}
+    for p in model.path.iterdir():
+        if p.name in shard_names or p.name.startswith(".") and ".tmp-" in p.name:
+            continue
+        if p.is_dir():
+            shutil.copytree(p, tmp / p.name)
+        elif p.name == "config.json" and dtype is not None:
+            cfg = dict(model.config)
+            keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
+            for k in keys:
+                cfg[k] = CONFIG_DTYPE_NAMES[dtype]
+            (tmp / p.name).write_text(json.dumps(cfg, indent=2) + "\n")
+        elif link:
+            link_or_copy(p, tmp / p.name)
+        else:
+            shutil.copy2(p, tmp / p.name)
+
+
+def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.Tensor | None], changed: set[str], *,
+                     dtype: torch.dtype | None = None, link_unchanged: bool = False,
+                     progress: Progress | None = None) -> None:
+    """Write `model` into `tmp` with the same sharding and index; `produce(name)` gives new values for `changed`."""
+    _copy_side_files(model, tmp, dtype, link=link_unchanged)
+    for header in model.shards:
+        dst = tmp / header.path.name
+        infos = list(header.tensors.values())
+        converts = dtype is not None and any(_out_dtype(i, dtype) != i.dtype for i in infos)
+        if not converts and not any(i.name in changed for i in infos):
+            (link_or_copy if link_unchanged else shutil.copy2)(header.path, dst)
+            if progress:
+                progress(sum(i.nbytes for i in infos))
+            continue
+        outs = []
+        for i in infos:
+            od = _out_dtype(i, dtype)
+            outs.append(OutTensor(i.name, od, i.shape, i.nbytes // ITEMSIZE[i.dtype] * ITEMSIZE[od]))
+        writer = ShardWriter(dst, outs, header.metadata)
+        src_fd = os.open(header.path, os.O_RDONLY)
+        try:
+            for i, o in zip(infos, outs):
+                new = produce(i.name) if i.name in changed else None
+                if new is not None:
+                    if ST_DTYPES.get(new.dtype) != o.dtype or tuple(new.shape) != i.shape:
+                        raise RuntimeError(f"{i.name}: produced {new.dtype} {tuple(new.shape)}, declared {o.dtype} {i.shape}")
+                    writer.write(i.name, new)
+                elif o.dtype != i.dtype:
+                    writer.write(i.name, model.read(i.name).to(TORCH_DTYPES[o.dtype]))
+                else:
+                    writer.copy_from(i.name, src_fd, i.start, i.nbytes)
+                if progress:
+                    progress(i.nbytes)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            os.close(src_fd)
+    if model.index is not None:
+        index = json.loads(json.dumps(model.index))
+        total = sum(o for o in (os.path.getsize(tmp / h.path.name) for h in model.shards))
+        index.setdefault("metadata", {})["total_size"] = total if dtype is not None else index.get("metadata", {}).get(
+            "total_size", total)
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- merge
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    patch_path: Path
+    patch: Patch
+    survival: SurvivalReport
+    onnx: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     dtype: torch.dtype | None = None, patch_path: str | os.PathLike | None = None,
+                     progress: Progress | None = None) -> MergeResult:
+    """Merge an adapter into a checkpoint directory (streaming), writing the merged model and its patch."""
+    model = open_model_dir(base_dir)
+    out_dir = Path(out_dir)
+    patch_path = Path(patch_path) if patch_path else default_patch_path(out_dir)
+    adapter = read_adapter(adapter_dir)
+    edits = resolve_keys(adapter.edits, model.keys(), tied=model.tied_aliases())
+    for name in edits:
+        info = model.locations[name][1]
+        if info.dtype not in FLOAT_DTYPES:
+            raise InputError(f"{name}: stored as {info.dtype}; only fp32/fp16/bf16 tensors can be edited")
+    prov = adapter_provenance(adapter, model.name, model.fingerprint, dtype)
+    patch = Patch(provenance=prov)
+    survival = SurvivalReport()
+
+    def produce(name: str) -> torch.Tensor:
+        merged, tp, surv = merge_tensor(name, model.read(name), edits[name], dtype)
+        survival.tensors.append(surv)
+        if tp is not None:
+            patch.tensors[name] = tp
+        return merged
+
+    with atomic_dir(out_dir) as tmp:
+        write_checkpoint(model, tmp, produce, set(edits), dtype=dtype, progress=progress)
+    # Keep the patch's tensor order the checkpoint's order (it is built shard by shard).
+    patch.tensors = {k: patch.tensors[k] for k in model.keys() if k in patch.tensors}
+    save_patch(patch, patch_path)
+    return MergeResult(out_dir=out_dir, patch_path=patch_path, patch=patch, survival=survival)
+
+
+# ----------------------------------------------------------------------------- diff
+
+def diff_checkpoints(base_dir: str | os.PathLike, target_dir: str | os.PathLike, out_file: str | os.PathLike | None = None,
+                     *, progress: Progress | None = None) -> Patch:
+    """A patch of every element that differs between two checkpoints with the same keys, shapes and dtypes."""
+    base = open_model_dir(base_dir, "--base")
+    target = open_model_dir(target_dir, "--target")
+    missing, extra = set(base.keys()) - set(target.keys()), set(target.keys()) - set(base.keys())
+    if missing or extra:
+        which = sorted(missing)[0] if missing else sorted(extra)[0]
+        raise InputError(f"base and target have different tensors (first: {which} is only in "
+                         f"{'--base' if missing else '--target'}); diff needs the same keys")
+    for name in base.keys():
+        a, b = base.locations[name][1], target.locations[name][1]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise InputError(f"{name}: base is {list(a.shape)} {a.dtype}, target is {list(b.shape)} {b.dtype}; "
+                             "diff needs identical shapes and dtypes")
+    patch = Patch(provenance={"kind": "diff", "source": target.name, "base_model": base.name,
+                              "base_config_sha256": base.fingerprint, "created": now_iso(), "tool": "roselora-export"})
+    for name in base.keys():
+        tp = diff_tensor(name, base.read(name), target.read(name))
+        if tp is not None:
+            patch.tensors[name] = tp
+        if progress:
+            progress(base.locations[name][1].nbytes)
+    if out_file is not None:
+        save_patch(patch, out_file)
+    return patch
+
+
+# ----------------------------------------------------------------------------- apply / revert
+
+def check_base_model(patches: list[Patch], model: ModelDir) -> None:
+    for i, p in enumerate(patches):
+        want = p.provenance.get("base_config_sha256")
+        if want and want != model.fingerprint:
+            raise InputError(f"patch {i + 1} was made for another base model ({p.provenance.get('base_model') or 'unknown'},"
+                             f" config {want[:12]}); {model.path} has config {model.fingerprint[:12]}")
+
+
+def _chain(patches: list[Patch], name: str, t: torch.Tensor, revert: bool, check: bool) -> torch.Tensor:
+    for p in (reversed(patches) if revert else patches):
+        if name in p.tensors:
+            t = xor_tensor(p.tensors[name], t, revert=revert, check=check)
+    return t
+
+
+def verify_patches(patches: list[Patch], model: ModelDir, *, revert: bool = False) -> list[str]:
+    """Check every touched tensor against the patches in order, reading only those tensors; nothing is written.
+
+    Returns the touched names in checkpoint order. Raises InputError naming the first bad tensor.
+    """
+    check_base_model(patches, model)
+    touched = {n for p in patches for n in p.tensors}
+    absent = sorted(n for n in touched if n not in model.locations)
+    if absent:
+        raise InputError(f"the patch changes {absent[0]}, which {model.path} does not have; wrong base model?")
+    names = [n for n in model.keys() if n in touched]
+    for name in names:
+        _chain(patches, name, model.read(name), revert, check=True)
+    return names
+
+
+def apply_to_checkpoint(base_dir: str | os.PathLike, patches: list[Patch], out_dir: str | os.PathLike | None = None, *,
+                        revert: bool = False, in_place: bool = False, progress: Progress | None = None) -> dict:
+    """Apply (or revert) patches to a checkpoint directory, into `out_dir` or atomically in place."""
+    if in_place == (out_dir is not None):
+        raise InputError("give either --out DIR or --in-place (exactly one)")
+    model = open_model_dir(base_dir)
+    names = verify_patches(patches, model, revert=revert)
+    dest = model.path if in_place else Path(out_dir)
+    with atomic_dir(dest, replace=in_place) as tmp:
+        write_checkpoint(model, tmp, lambda n: _chain(patches, n, model.read(n), revert, check=False), set(names),
+                         link_unchanged=in_place, progress=progress)
+    return {"out": str(dest), "tensors": len(names), "patches": len(patches), "revert": revert, "in_place": in_place,
+            "nnz": sum(p.total_nnz for p in patches)}
+
+
+def load_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, in memory (for small models and tests)."""
+    model = open_model_dir(model_dir)
+    return {k: model.read(k) for k in model.keys()}
+
+
+def fingerprints(model_dir: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every tensor of a checkpoint directory (what tests compare to prove bit-exactness)."""
+    import hashlib
+
+    model = open_model_dir(model_dir)
+    out = {}
+    for k in model.keys():
+        t = model.read(k)
+        out[k] = hashlib.sha256(tensor_bits(t).tobytes() if t.dtype in DTYPE_NAMES else t.numpy().tobytes()).hexdigest()
+    return out
+
+
