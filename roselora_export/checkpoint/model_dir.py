@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ class ModelDir:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for h in self.shards for t in h.tensors.values())
+
+    @property
+    def numel(self) -> int:
+        return sum(int(math.prod(t.shape)) for h in self.shards for t in h.tensors.values())
 
     @property
     def largest_shard_bytes(self) -> int:

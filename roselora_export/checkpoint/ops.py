@@ -132,6 +132,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
         if info.dtype not in FLOAT_DTYPES:
             raise InputError(f"{name}: stored as {info.dtype}; only fp32/fp16/bf16 tensors can be edited")
     prov = adapter_provenance(adapter, model.name, model.fingerprint, dtype)
+    prov["base_numel"] = model.numel
     patch = Patch(provenance=prov)
     survival = SurvivalReport()
 
@@ -168,7 +169,8 @@ def diff_checkpoints(base_dir: str | os.PathLike, target_dir: str | os.PathLike,
             raise InputError(f"{name}: base is {list(a.shape)} {a.dtype}, target is {list(b.shape)} {b.dtype}; "
                              "diff needs identical shapes and dtypes")
     patch = Patch(provenance={"kind": "diff", "source": target.name, "base_model": base.name,
-                              "base_config_sha256": base.fingerprint, "created": now_iso(), "tool": "roselora-export"})
+                              "base_config_sha256": base.fingerprint, "base_numel": base.numel, "created": now_iso(),
+                              "tool": "roselora-export"})
     for name in base.keys():
         tp = diff_tensor(name, base.read(name), target.read(name))
         if tp is not None:

@@ -1,4 +1,197 @@
-"""CLI commands for this area; each command is added to `main` with @main.command()."""
+"""CLI commands for patches on safetensors checkpoints: merge, diff, apply (and revert), inspect."""
 from __future__ import annotations
 
-from . import main  # noqa: F401
+import contextlib
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import InputError
+from . import main
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name] if name else None
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None, leave=False)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def _is_onnx_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "names.json").is_file() and any(path.glob("*.onnx"))
+
+
+def _onnx_apply(base: Path, patches, out: Path | None, *, revert: bool = False, in_place: bool = False) -> dict:
+    try:
+        from ..onnx.patching import apply_to_onnx_dir
+    except ImportError:
+        raise InputError(f"{base} is an ONNX artifact but ONNX patching is not available in this build") from None
+    return apply_to_onnx_dir(base, patches, out, revert=revert, in_place=in_place)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@main.command("merge")
+@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False), help="Base model directory (safetensors, sharded or not).")
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(file_okay=False),
+              help="PEFT LoRA adapter dir (RoseLoRA or dense) or an ft-l output dir (ft_l.safetensors).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="New directory for the merged model (must not exist or be empty).")
+@click.option("--patch", "patch_path", type=click.Path(dir_okay=False), default=None,
+              help="Where to write the patch.  [default: OUT.patch.safetensors beside OUT]")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+              help="Store the merged model in this dtype (the patch is relative to the base in it).  [default: keep the base's]")
+@click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False), default=None,
+              help="Also patch this ONNX artifact (from export-onnx) into OUT/onnx.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (files, sizes, edit survival) as JSON.")
+def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, as_json) -> None:
+    """Merge an adapter into a base model: writes a complete model directory and the sparse patch.
+
+    Streams shard by shard (memory about one tensor plus the adapter), keeps the base's sharding,
+    index, config and tokenizer files, and keeps tied weights tied. Reports how much of the edit
+    survives rounding into the stored dtype, and warns when most of it is rounded away.
+    """
+    from ..checkpoint import merge_checkpoint, open_model_dir
+    from ..patch.inspect import summarize
+
+    total = open_model_dir(base_dir).total_bytes
+    with _progress(total, "merge") as update:
+        res = merge_checkpoint(base_dir, adapter_dir, out_dir, dtype=_torch_dtype(dtype), patch_path=patch_path,
+                               progress=update)
+    onnx_report = _onnx_apply(Path(onnx_dir), [res.patch], Path(out_dir) / "onnx") if onnx_dir else None
+    summary = summarize(res.patch_path, res.patch)
+    surv = res.survival
+    if as_json:
+        click.echo(json.dumps({"out": str(res.out_dir), "patch": str(res.patch_path), "file_bytes": summary["file_bytes"],
+                               "total_nnz": summary["total_nnz"], "bytes_per_nnz": summary["bytes_per_nnz"],
+                               "edit_survival": surv.to_dict(), "onnx": onnx_report}, indent=2))
+    else:
+        click.echo(f"wrote {res.out_dir}")
+        click.echo(f"wrote {res.patch_path}: {len(res.patch.tensors)} tensors, {summary['total_nnz']} nonzeros, "
+                   f"{_fmt_bytes(summary['file_bytes'])} ({summary['bytes_per_nnz']:.2f} B/nnz, "
+                   f"{summary['bytes_over_value_bytes']:.2f}x the value bytes)")
+        click.echo("edit survival (intended nonzeros of the delta that changed no stored value; relative L2 error):")
+        worst = sorted(surv.tensors, key=lambda s: s.lost_fraction, reverse=True)
+        for s in worst[:10]:
+            click.echo(f"  {s.name}: lost {s.lost_nnz}/{s.intended_nnz} ({s.lost_fraction:.1%}), rel L2 err {s.rel_l2_error:.3g}")
+        if len(worst) > 10:
+            click.echo(f"  ... {len(worst) - 10} more tensors")
+        click.echo(f"  total: lost {surv.lost_nnz}/{surv.intended_nnz} ({surv.lost_fraction:.1%}), rel L2 err {surv.rel_l2_error:.3g}")
+        if onnx_report:
+            click.echo(f"patched ONNX into {onnx_report['out']}: {onnx_report['elements']} elements")
+    if surv.mostly_lost:
+        click.echo(f"warning: {surv.lost_fraction:.0%} of the edit's nonzeros were rounded away in "
+                   f"{dtype or 'the stored dtype'}; the edit may not take effect (merge in fp32, or a larger edit)", err=True)
+
+
+@main.command("diff")
+@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False), help="Base model directory.")
+@click.option("--target", "target_dir", required=True, type=click.Path(file_okay=False),
+              help="Modified model directory with the same keys, shapes and dtypes.")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Patch file to write.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def diff_command(base_dir, target_dir, out_file, as_json) -> None:
+    """A patch of every element that differs between two checkpoints (bit-exact; revertible).
+
+    Reports density per tensor; a tensor is stored densely when that is smaller, and the report says so.
+    """
+    from ..checkpoint import diff_checkpoints, open_model_dir
+    from ..patch.inspect import summarize
+
+    with _progress(open_model_dir(base_dir).total_bytes, "diff") as update:
+        patch = diff_checkpoints(base_dir, target_dir, out_file, progress=update)
+    summary = summarize(out_file, patch)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for t in summary["tensors"]:
+        note = "  (stored dense: smaller)" if t["encoding"] == "dense" else ""
+        click.echo(f"  {t['name']}: {t['nnz']} changed, density {t['density']:.3%}, {_fmt_bytes(t['bytes'])}{note}")
+    click.echo(f"wrote {out_file}: {len(summary['tensors'])} tensors differ, {summary['total_nnz']} elements, "
+               f"{_fmt_bytes(summary['file_bytes'])}")
+
+
+@main.command("apply")
+@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False),
+              help="Checkpoint directory, or an ONNX artifact directory (names.json + *.onnx).")
+@click.option("--patch", "patch_files", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="Patch file; repeat to apply several in order (reverted in reverse order).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="New directory for the result.")
+@click.option("--in-place", is_flag=True, help="Modify --base atomically instead (whole old or whole new on any crash).")
+@click.option("--revert", is_flag=True, help="Take the patches back out (bit-exact).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def apply_command(base_dir, patch_files, out_dir, in_place, revert, as_json) -> None:
+    """Apply (or --revert) patches to a checkpoint or ONNX artifact, bit-exactly.
+
+    Every touched tensor's fingerprint is checked before anything is written; a patch for another
+    base, or one already applied, is refused naming the first mismatching tensor.
+    """
+    from ..checkpoint import apply_to_checkpoint, open_model_dir
+    from ..patch import load_patch
+
+    if in_place == (out_dir is not None):
+        raise InputError("give exactly one of --out DIR or --in-place")
+    patches = [load_patch(p) for p in patch_files]
+    base = Path(base_dir)
+    if _is_onnx_dir(base):
+        report = _onnx_apply(base, patches, Path(out_dir) if out_dir else None, revert=revert, in_place=in_place)
+    else:
+        with _progress(open_model_dir(base).total_bytes, "revert" if revert else "apply") as update:
+            report = apply_to_checkpoint(base, patches, out_dir, revert=revert, in_place=in_place, progress=update)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        verb = "reverted" if revert else "applied"
+        click.echo(f"{verb} {len(patches)} patch{'es' if len(patches) != 1 else ''} "
+                   f"({report.get('nnz', report.get('elements'))} elements) -> {report['out']}")
+
+
+@main.command("inspect")
+@click.argument("patch_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in docs/format.md).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw the sparsity pattern of the touched matrices into this PNG.")
+@click.option("--limit", type=int, default=12, help="Most panels in --plot (largest tensors first).")
+def inspect_command(patch_file, as_json, plot_path, limit) -> None:
+    """Per tensor: nnz, density, rows and columns touched, bytes; totals; optional sparsity plot."""
+    from ..patch import load_patch
+    from ..patch.inspect import plot_sparsity, summarize
+
+    patch = load_patch(patch_file)
+    summary = summarize(patch_file, patch)
+    if plot_path:
+        plot_sparsity(patch, plot_path, limit=limit)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    prov = summary["provenance"]
+    click.echo(f"{patch_file}: format {summary['format_version']}, {prov.get('kind', '?')} from "
+               f"{prov.get('source', '?')} for {prov.get('base_model', '?')}, created {prov.get('created', '?')}")
+    click.echo(f"{'tensor':<48} {'shape':>14} {'dtype':>5} {'nnz':>9} {'density':>8} {'rows':>6} {'cols':>6} {'bytes':>9} enc")
+    for t in summary["tensors"]:
+        click.echo(f"{t['name'][:48]:<48} {'x'.join(map(str, t['shape'])):>14} {t['dtype']:>5} {t['nnz']:>9} "
+                   f"{t['density']:>8.3%} {t['rows_touched']:>6} {t['cols_touched']:>6} {t['bytes']:>9} {t['encoding']}")
+    frac = summary["touched_fraction"]
+    click.echo(f"total: {summary['total_nnz']} nonzeros in {len(summary['tensors'])} tensors, {summary['file_bytes']} bytes "
+               f"({summary['bytes_per_nnz']:.2f} B/nnz, {summary['bytes_over_value_bytes']:.2f}x value bytes)"
+               + (f", {frac:.4%} of the base model touched" if frac is not None else ""))
+    if plot_path:
+        click.echo(f"wrote {plot_path}")
