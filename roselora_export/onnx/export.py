@@ -31,7 +31,7 @@ from ..errors import InputError
 from ..models import check_model_dir, load_model
 from ..patch.model import BITS_DTYPE, DTYPE_NAMES, tensor_bits
 from .names import (
-    DATA_FILE, MODEL_FILE, NAMES_FILE, NAMES_FORMAT, ONNX_TO_TORCH, aligned_offset, external_locations,
+    DATA_FILE, MODEL_FILE, NAMES_FILE, NAMES_FORMAT, ONNX_TO_TORCH, TORCH_TO_ONNX, aligned_offset, external_locations,
 )
 
 TASKS = ("auto", "causal-lm", "sequence-classification")
@@ -90,6 +90,12 @@ def _example_inputs(config, batch: int, seq: int, seed: int) -> tuple[torch.Tens
     if batch > 1:
         mask[-1, seq - 2:] = 0  # right padding in one row: the mask path is exercised
     return ids, mask
+
+
+def _fingerprints(t: torch.Tensor) -> list[tuple[str, bool]]:
+    """sha256 of the tensor's bits as stored and, for a matrix, transposed: how it is found in the graph."""
+    views = [(t, False)] + ([(t.T, True)] if t.dim() == 2 else [])
+    return [(hashlib.sha256(tensor_bits(v).tobytes()).hexdigest(), tr) for v, tr in views]
 
 
 def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
@@ -186,12 +192,11 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     with torch.no_grad():
         expected = wrapper(*check_inputs)
         gen = torch.Generator().manual_seed(seed)
-        tags: dict[str, torch.Tensor] = {}
+        tags: dict[str, list[tuple[str, bool]]] = {}  # key -> fingerprints of its tag, as is and transposed
         for name, p in params.items():
             if p.dtype in BITS_DTYPE:
-                tag = torch.randn(p.shape, generator=gen).to(p.dtype)
-                p.copy_(tag)
-                tags[param_key[name]] = tag
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype))
+                tags[param_key[name]] = _fingerprints(p.detach())
         buf = io.BytesIO()
         try:
             with warnings.catch_warnings():
@@ -217,13 +222,10 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
         if t.data_type in ONNX_TO_TORCH and t.HasField("raw_data"):
             by_hash.setdefault((t.data_type, hashlib.sha256(t.raw_data).hexdigest()), []).append(t)
 
-    def find(t: torch.Tensor) -> tuple[onnx.TensorProto | None, bool]:
-        from .names import TORCH_TO_ONNX
-
+    def find(key: str, t: torch.Tensor) -> tuple[onnx.TensorProto | None, bool]:
         onnx_type = TORCH_TO_ONNX[t.dtype]
-        candidates = [(t, False)] + ([(t.T, True)] if t.dim() == 2 else [])
-        for view, transposed in candidates:
-            hits = by_hash.get((onnx_type, hashlib.sha256(tensor_bits(view).tobytes()).hexdigest()), [])
+        for digest, transposed in tags.get(key) or _fingerprints(t):
+            hits = by_hash.get((onnx_type, digest), [])
             if len(hits) > 1:
                 raise RuntimeError(f"the exporter stored one tensor {len(hits)} times: {[h.name for h in hits]}")
             if hits:
@@ -245,7 +247,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
             init, transposed = found[canon]
             entry.update(initializer=canon, transposed=transposed)
         else:
-            init, transposed = find(tags.get(canon, value))
+            init, transposed = find(canon, value)
             if init is None:
                 entry["reason"] = "not used by the exported graph"
             else:
