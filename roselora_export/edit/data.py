@@ -1,0 +1,142 @@
+"""Token-level data: edit requests and fine-tuning examples as (input_ids, labels) with prompt tokens masked.
+
+A fine-tuning file holds one JSON object per line, {"prompt", "completion"} (loss on the completion)
+or {"text"} (loss on every token).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+IGNORE = -100  # label value the loss skips (the torch / transformers convention)
+
+
+@dataclass
+class Encoded:
+    """One training sequence: input_ids, and labels equal to them except IGNORE on prompt tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def model_max_length(model, tokenizer=None) -> int | None:
+    """The longest sequence the model (and tokenizer) accept, or None if neither says."""
+    limits = []
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+            break
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:
+        limits.append(tok_max)
+    return min(limits) if limits else None
+
+
+def encode_pair(tokenizer, prompt: str, completion: str, *, sep: str = " ") -> Encoded:
+    """prompt ids (with the tokenizer's special tokens) + ids of sep+completion; loss on the completion only.
+
+    The two parts are tokenized separately so the boundary is exact: the target starts on a token.
+    """
+    p = tokenizer(prompt)["input_ids"]
+    c = tokenizer(sep + completion, add_special_tokens=False)["input_ids"]
+    return Encoded(input_ids=list(p) + list(c), labels=[IGNORE] * len(p) + list(c))
+
+
+def encode_text(tokenizer, text: str) -> Encoded:
+    ids = list(tokenizer(text)["input_ids"])
+    return Encoded(input_ids=ids, labels=list(ids))
+
+
+def check_length(enc: Encoded, max_len: int | None, where: str, what: str = "prompt") -> None:
+    if max_len is not None and len(enc.input_ids) > max_len:
+        raise InputError(f"{where}: field '{what}' is too long: {len(enc.input_ids)} tokens with the target, "
+                         f"the model accepts at most {max_len}")
+    if not any(label != IGNORE for label in enc.labels[1:]):
+        raise InputError(f"{where}: nothing to learn (the target/completion has no tokens)")
+
+
+def encode_requests(requests, tokenizer, max_len: int | None, source: str = "requests") -> list[Encoded]:
+    """Encode edit requests (prompt + ' ' + target_new), checking each fits the model."""
+    out = []
+    for req in requests:
+        enc = encode_pair(tokenizer, req.prompt, req.target_new)
+        check_length(enc, max_len, f"{source} line {req.line}")
+        out.append(enc)
+    return out
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions have attention 0 and label IGNORE."""
+    n = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, e in enumerate(batch):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        mask[i, : len(e.input_ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pad_id_of(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def load_train_data(path: str | os.PathLike, tokenizer, max_len: int | None, *, truncate: bool = True) -> list[Encoded]:
+    """Read a fine-tuning .jsonl ({"prompt","completion"} or {"text"} per line) and encode it.
+
+    Lines longer than max_len are truncated (truncate=True) or rejected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--data {path}: no such file")
+    out = []
+    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path.name} line {n}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: not JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        if "text" in obj:
+            if not isinstance(obj["text"], str) or not obj["text"].strip():
+                raise InputError(f"{where}: field 'text' must be a non-empty string")
+            enc = encode_text(tokenizer, obj["text"])
+        elif "prompt" in obj or "completion" in obj:
+            for name in ("prompt", "completion"):
+                if name not in obj:
+                    raise InputError(f"{where}: missing field '{name}' (use {{\"prompt\", \"completion\"}} or {{\"text\"}})")
+                if not isinstance(obj[name], str):
+                    raise InputError(f"{where}: field '{name}' must be a string")
+            if not obj["completion"].strip():
+                raise InputError(f"{where}: field 'completion' is empty")
+            # One space joins them unless either side already has whitespace at the seam.
+            seam = not obj["prompt"] or obj["prompt"][-1:].isspace() or obj["completion"][:1].isspace()
+            enc = encode_pair(tokenizer, obj["prompt"], obj["completion"], sep="" if seam else " ")
+        else:
+            raise InputError(f"{where}: missing field 'text' (or 'prompt' and 'completion')")
+        if max_len is not None and len(enc.input_ids) > max_len:
+            if not truncate:
+                raise InputError(f"{where}: {len(enc.input_ids)} tokens, the model accepts at most {max_len}")
+            enc = Encoded(enc.input_ids[:max_len], enc.labels[:max_len])
+        if not any(label != IGNORE for label in enc.labels[1:]):
+            raise InputError(f"{where}: nothing to learn (no completion tokens within {max_len} tokens)")
+        out.append(enc)
+    if not out:
+        raise InputError(f"--data {path}: no examples in the file")
+    return out

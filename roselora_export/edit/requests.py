@@ -1,0 +1,85 @@
+"""Knowledge-edit requests: one JSON object per line of a .jsonl file.
+
+    {"prompt": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower", "target_new": "Rome",
+     "ground_truth": "Paris", "rephrase_prompts": ["..."], "locality": [{"prompt": "...", "answer": "..."}]}
+
+The target continues the prompt after one space; training puts the loss on the target tokens only.
+Every error names the file, the line and the field.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+
+REQUIRED = ("prompt", "subject", "target_new")
+
+
+@dataclass
+class EditRequest:
+    prompt: str
+    subject: str
+    target_new: str
+    ground_truth: str | None = None
+    rephrase_prompts: list[str] = field(default_factory=list)
+    locality: list[dict] = field(default_factory=list)  # [{"prompt": str, "answer": str}]
+    line: int = field(default=0, compare=False, repr=False)  # 1-based line in its file, for error messages
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "subject": self.subject, "target_new": self.target_new,
+                "ground_truth": self.ground_truth, "rephrase_prompts": list(self.rephrase_prompts),
+                "locality": [dict(x) for x in self.locality]}
+
+
+def _request_from(obj, where: str, line: int) -> EditRequest:
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for name in REQUIRED:
+        if name not in obj:
+            raise InputError(f"{where}: missing field '{name}' (each line needs {', '.join(REQUIRED)})")
+        if not isinstance(obj[name], str):
+            raise InputError(f"{where}: field '{name}' must be a string")
+        if not obj[name].strip():
+            raise InputError(f"{where}: field '{name}' is empty")
+    gt = obj.get("ground_truth")
+    if gt is not None and not isinstance(gt, str):
+        raise InputError(f"{where}: field 'ground_truth' must be a string or null")
+    rephrase = obj.get("rephrase_prompts") or []
+    if not isinstance(rephrase, list) or not all(isinstance(p, str) and p.strip() for p in rephrase):
+        raise InputError(f"{where}: field 'rephrase_prompts' must be a list of non-empty strings")
+    locality = obj.get("locality") or []
+    if not isinstance(locality, list):
+        raise InputError(f"{where}: field 'locality' must be a list of {{\"prompt\", \"answer\"}} objects")
+    for i, item in enumerate(locality):
+        if not (isinstance(item, dict) and all(isinstance(item.get(k), str) and item[k].strip() for k in ("prompt", "answer"))):
+            raise InputError(f"{where}: field 'locality' item {i}: needs non-empty string 'prompt' and 'answer'")
+    return EditRequest(prompt=obj["prompt"], subject=obj["subject"], target_new=obj["target_new"].strip(),
+                       ground_truth=gt, rephrase_prompts=list(rephrase),
+                       locality=[{"prompt": x["prompt"], "answer": x["answer"]} for x in locality], line=line)
+
+
+def load_requests(path: str | os.PathLike) -> list[EditRequest]:
+    """Parse a requests .jsonl file (blank lines skipped); InputError names the line and field of any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--requests {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"--requests {path}: not UTF-8 text") from None
+    requests = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path.name} line {n}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: not JSON ({err.msg} at column {err.colno})") from None
+        requests.append(_request_from(obj, where, n))
+    if not requests:
+        raise InputError(f"--requests {path}: no requests in the file (one JSON object per line)")
+    return requests

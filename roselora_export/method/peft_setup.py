@@ -1,0 +1,54 @@
+"""Turn a RoseLoraConfig into a PEFT LoRA model (RoseLoRA trains ordinary PEFT LoRA weights)."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+from .config import RoseLoraConfig
+
+
+def _adaptable_leaf_names(model: torch.nn.Module) -> dict[str, bool]:
+    """Leaf name -> whether it is a GPT-2 style Conv1D (weights stored in x out), for Linear/Conv1D modules."""
+    from transformers.pytorch_utils import Conv1D
+
+    names: dict[str, bool] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            names.setdefault(name.rsplit(".", 1)[-1], isinstance(module, Conv1D))
+    return names
+
+
+def resolve_targets(model: torch.nn.Module, targets) -> list[str]:
+    """The target names, checked: each must name at least one Linear/Conv1D module of the model."""
+    leaves = _adaptable_leaf_names(model)
+    missing = [t for t in targets if t not in leaves]
+    if missing:
+        have = ",".join(sorted(n for n in leaves if n not in ("lm_head", "classifier", "score")))
+        raise InputError(f"--targets {','.join(targets)}: no module named {','.join(missing)} in this model; "
+                         f"pick from {have}")
+    return list(targets)
+
+
+def lora_config(config: RoseLoraConfig, model: torch.nn.Module, task_type: str | None = None):
+    """The peft.LoraConfig with the same rank, alpha, dropout and targets (fan_in_fan_out set for Conv1D)."""
+    from peft import LoraConfig
+
+    targets = resolve_targets(model, config.targets)
+    leaves = _adaptable_leaf_names(model)
+    return LoraConfig(
+        r=int(config.rank),
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        fan_in_fan_out=any(leaves[t] for t in targets),
+        bias="none",
+        task_type=task_type,
+    )
+
+
+def wrap_with_lora(model: torch.nn.Module, config: RoseLoraConfig, task_type: str | None = None):
+    """peft.get_peft_model with the config's LoRA settings; the adapter init is seeded by config.seed."""
+    from peft import get_peft_model
+
+    torch.manual_seed(config.seed)
+    return get_peft_model(model, lora_config(config, model, task_type=task_type))
