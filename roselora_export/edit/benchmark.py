@@ -1,0 +1,155 @@
+"""The paper's editing protocol, side by side for RoseLoRA, dense LoRA and FT-L.
+
+Single edits: for each method and each request, train the edit alone from the unedited model, apply it
+to the live model as a patch (PatchRuntime, the fp32 merge), measure, revert exactly, and check that
+the model's bits (sha256 over every parameter and buffer) equal the unedited model's, so no edit
+leaks into the next. `mass=True` trains one edit carrying all requests instead.
+
+Every method gets the same shared settings (steps, learning rate, weight decay, early-stop loss, seed,
+batch); `METHOD_DIFFERENCES` states what differs by construction.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import replace
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import InputError
+from ..method.config import RoseLoraConfig
+from ..patch.model import Patch, tensor_patch_from_pair, tensor_bits
+from .evaluate import EditEvaluator, METRICS, count_base_params
+from .metrics import mean, torch_forward
+from .requests import EditRequest
+from .train import METHODS, EditResult, ft_l_target, train_edit
+
+METHOD_DIFFERENCES = {
+    "roselora": "LoRA on the targets; prunes each A row / B column to the top tau by EMA sensitivity (cubic schedule "
+                "t_i..t_f); clamps A and B entries to +-clamp after each prune; early stop only from t_f",
+    "lora": "LoRA on the same targets, rank, alpha, dropout; no pruning, no clamp; early stop from step 1",
+    "ft-l": "no LoRA: fine-tunes one MLP down-projection (ROME's layer 5) in place with |W - W0| <= clamp",
+}
+
+
+def state_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the bits of every parameter and buffer, in name order (tied tensors once)."""
+    h = hashlib.sha256()
+    seen = set()
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        h.update(name.encode())
+        if t.dtype.is_floating_point and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+            h.update(tensor_bits(t.detach().cpu()).tobytes())
+        else:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def edit_patch(model: torch.nn.Module, result: EditResult) -> Patch:
+    """The patch that merging `result` into the model's weights makes, in their stored dtype.
+
+    Same arithmetic as `merge`: merged = (base.float() + delta).to(dtype); ft-l stores its new weights.
+    """
+    patch = Patch(provenance={"kind": "benchmark", "method": result.method})
+    changes = result.new_weights if result.method == "ft-l" else result.deltas()
+    for key, value in changes.items():
+        base = model.get_parameter(key).detach().cpu()
+        if result.method == "ft-l":
+            target = value.to(base.dtype)
+        else:
+            target = (base.float() + value.float()).to(base.dtype)
+        tp = tensor_patch_from_pair(key, base, target)
+        if tp is not None:
+            patch.tensors[key] = tp
+    return patch
+
+
+def method_config(method: str, config: RoseLoraConfig) -> RoseLoraConfig:
+    """The config a method trains with: the shared one (methods ignore the settings they do not use)."""
+    if method not in METHODS:
+        raise InputError(f"--methods {method}: choose from {', '.join(METHODS)}")
+    return replace(config)
+
+
+def _aggregate(rows: list[dict], train_seconds: list[float], wall: float, n_edits: int, modified: list[int],
+               base_params: int, steps: list[int], losses: list[float], config: RoseLoraConfig, method: str,
+               mass: bool, bits_checked: int) -> dict:
+    out = {m: mean([r[m] for r in rows]) for m in METRICS}
+    out["params_modified"] = mean(modified)
+    out["params_modified_fraction"] = (mean(modified) or 0) / base_params
+    out["seconds_per_edit"] = sum(train_seconds) / max(n_edits, 1)
+    out["wall_seconds_per_edit"] = wall / max(n_edits, 1)
+    out["steps"] = mean(steps)
+    out["final_loss"] = mean(losses)
+    out["edits"] = n_edits
+    out["mode"] = "mass" if mass else "single"
+    out["bits_checked"] = bits_checked
+    out["config"] = config.to_dict()
+    out["differs"] = METHOD_DIFFERENCES[method]
+    out["per_request"] = rows
+    return out
+
+
+def benchmark_edits(
+    model: torch.nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    methods: Sequence[str] = METHODS,
+    config: RoseLoraConfig | None = None,
+    *,
+    mass: bool = False,
+    check_bits: bool = True,
+    on_edit: Callable[[str, int], None] | None = None,
+    layer: int | None = None,
+) -> dict:
+    """Run the protocol; returns {"methods": {name: metrics...}, "base_params", "shared_config", ...}.
+
+    on_edit(method, request_index) is called after each edit (the CLI's progress bar).
+    Raises RuntimeError if an edit leaves the model's bits changed (that would be a bug, not bad input).
+    """
+    from ..runtime import PatchRuntime
+
+    config = config or RoseLoraConfig()
+    for m in methods:
+        method_config(m, config)
+    requests = list(requests)
+    evaluator = EditEvaluator(tokenizer, requests, torch_forward(model))
+    base_params = count_base_params(model)
+    runtime = PatchRuntime(model)
+    reference = state_sha256(model) if check_bits else None
+    out: dict = {"methods": {}, "base_params": base_params, "mode": "mass" if mass else "single",
+                 "shared_config": config.to_dict(), "requests": len(requests)}
+    if "ft-l" in methods:
+        out["ft_l_target"] = ft_l_target(model, layer)
+    groups = [list(range(len(requests)))] if mass else [[i] for i in range(len(requests))]
+    for method in methods:
+        cfg = method_config(method, config)
+        rows, seconds, modified, steps, losses, checked = [], [], [], [], [], 0
+        t0 = time.perf_counter()
+        for group in groups:
+            result = train_edit(model, tokenizer, [requests[i] for i in group], method=method, config=cfg, layer=layer)
+            patch = edit_patch(model, result)
+            with runtime.applied(patch):
+                rows.extend(evaluator.measure(torch_forward(model), indices=group))
+            if check_bits:
+                if state_sha256(model) != reference:
+                    raise RuntimeError(f"{method}: the model's bits differ from the unedited model after the edit of "
+                                       f"request(s) {group} was reverted")
+                checked += 1
+            seconds.append(result.seconds)
+            modified.append(patch.total_nnz)
+            steps.append(result.steps)
+            losses.append(result.final_loss)
+            if on_edit is not None:
+                for i in group:
+                    on_edit(method, i)
+        out["methods"][method] = _aggregate(rows, seconds, time.perf_counter() - t0, len(requests) if mass else len(groups),
+                                            modified, base_params, steps, losses, cfg, method, mass, checked)
+    return out

@@ -1,0 +1,166 @@
+"""Measure edit requests on a model against its unedited self: reliability, generalization, locality, efficacy.
+
+    ev = EditEvaluator(tokenizer, requests, torch_forward(base_model))   # scores the unedited model once
+    ... edit the model (runtime patch, PEFT adapter, merged checkpoint, ONNX session) ...
+    rows = ev.measure(torch_forward(model), indices=[i])                  # only request i, or all
+    report = summarize(rows, params_modified=patch.total_nnz, base_params=count_base_params(base_model))
+
+`evaluate_dir` is the library side of the `evaluate` command: a model directory, a requests file,
+optionally a PEFT adapter (or ft-l dir) or patch files.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import InputError
+from .metrics import AnswerScore, Forward, Scorer, agreement, mean, torch_forward
+from .requests import EditRequest, load_requests
+
+
+@dataclass
+class _Case:
+    """Where one request's sequences sit in the evaluator's flat list."""
+
+    rel: int
+    gen: list[int] = field(default_factory=list)
+    loc: list[int] = field(default_factory=list)
+    truth: int | None = None
+
+
+class EditEvaluator:
+    """Encodes every request's sequences once and keeps the unedited model's predictions as the reference."""
+
+    def __init__(self, tokenizer, requests: Sequence[EditRequest], base_forward: Forward) -> None:
+        self.requests = list(requests)
+        self.scorer = Scorer(tokenizer)
+        self.encoded = []
+        self.cases: list[_Case] = []
+        for r in self.requests:
+            case = _Case(rel=self._add(r.prompt, r.target_new))
+            case.gen = [self._add(p, r.target_new) for p in r.rephrase_prompts]
+            case.loc = [self._add(x["prompt"], x["answer"]) for x in r.locality]
+            if r.ground_truth:
+                case.truth = self._add(r.prompt, r.ground_truth)
+            self.cases.append(case)
+        self.base = self.scorer.score(base_forward, self.encoded)
+
+    def _add(self, prompt: str, answer: str) -> int:
+        self.encoded.append(self.scorer.encode(prompt, answer))
+        return len(self.encoded) - 1
+
+    def measure(self, forward: Forward, indices: Sequence[int] | None = None) -> list[dict]:
+        """Per-request metrics of the model behind `forward` (all requests, or those at `indices`)."""
+        indices = list(range(len(self.requests))) if indices is None else list(indices)
+        wanted = sorted({j for i in indices for j in self._seqs(self.cases[i])})
+        scores = dict(zip(wanted, self.scorer.score(forward, [self.encoded[j] for j in wanted])))
+        return [self._row(i, scores) for i in indices]
+
+    @staticmethod
+    def _seqs(case: _Case) -> list[int]:
+        return [case.rel, *case.gen, *case.loc] + ([case.truth] if case.truth is not None else [])
+
+    def _row(self, i: int, s: dict[int, AnswerScore]) -> dict:
+        r, c = self.requests[i], self.cases[i]
+        efficacy = None
+        if c.truth is not None:
+            efficacy = float(s[c.rel].mean_logprob > s[c.truth].mean_logprob)
+        return {
+            "index": i,
+            "prompt": r.prompt,
+            "target_new": r.target_new,
+            "reliability": s[c.rel].accuracy,
+            "generalization": mean([s[j].accuracy for j in c.gen]),
+            "locality": mean([agreement(s[j].pred, self.base[j].pred) for j in c.loc]),
+            "efficacy": efficacy,
+            "pre_reliability": self.base[c.rel].accuracy,
+        }
+
+
+def count_base_params(model: torch.nn.Module) -> int:
+    """All weights of the model, a tied weight counted once (what 'fraction of the base model's weights' divides by)."""
+    return sum(p.numel() for p in model.parameters())  # parameters() yields shared tensors once
+
+
+METRICS = ("reliability", "generalization", "locality", "efficacy")
+
+
+def summarize(rows: list[dict], *, params_modified: int = 0, base_params: int = 1, **extra) -> dict:
+    """The report object: means over the requests, params modified, and the per-request rows."""
+    out = {m: mean([r[m] for r in rows]) for m in METRICS}
+    out["pre_reliability"] = mean([r["pre_reliability"] for r in rows])
+    out["params_modified"] = int(params_modified)
+    out["params_modified_fraction"] = params_modified / base_params if base_params else 0.0
+    out["base_params"] = int(base_params)
+    out["requests"] = len(rows)
+    out.update(extra)
+    out["per_request"] = rows
+    return out
+
+
+def _is_peft_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file()
+
+
+def evaluate_dir(model_dir: str | os.PathLike, requests_path: str | os.PathLike, *,
+                 adapter: str | os.PathLike | None = None, patches: Sequence[str | os.PathLike] = ()) -> dict:
+    """Evaluate a model directory on a requests file, edited by a PEFT/ft-l adapter dir or by patch files.
+
+    The unedited model is the reference for locality. A PEFT adapter is measured as PEFT runs it
+    (unmerged); an ft-l directory, and patch files, are applied in place through PatchRuntime.
+    """
+    from ..models import load_model, load_tokenizer
+    from ..patch import build_patch_from_adapter
+    from ..runtime import PatchRuntime
+
+    if adapter is not None and patches:
+        raise InputError("--adapter and --patch: give one or the other")
+    requests = load_requests(requests_path)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir)
+    base_params = count_base_params(model)
+    evaluator = EditEvaluator(tokenizer, requests, torch_forward(model))
+    info: dict = {"model": str(model_dir), "requests_file": str(requests_path)}
+    if adapter is not None:
+        path = Path(adapter)
+        if not path.is_dir():
+            raise InputError(f"--adapter {path}: not a directory")
+        patch = build_patch_from_adapter(path, model.state_dict())
+        modified = patch.total_nnz
+        info["adapter"] = str(path)
+        if _is_peft_dir(path):
+            from peft import PeftModel
+
+            peft_model = PeftModel.from_pretrained(model, str(path)).eval()
+            try:
+                rows = evaluator.measure(torch_forward(peft_model))
+            finally:
+                peft_model.unload()
+            info["applied_as"] = "peft"
+        else:
+            runtime = PatchRuntime(model)
+            with runtime.applied(patch):
+                rows = evaluator.measure(torch_forward(model))
+            info["applied_as"] = "patch (fp32 merge)"
+    elif patches:
+        runtime = PatchRuntime(model)
+        handles = []
+        try:
+            for p in patches:
+                handles.append(runtime.apply(str(p)))
+            rows = evaluator.measure(torch_forward(model))
+        finally:
+            for h in reversed(handles):
+                runtime.revert(h)
+        modified = sum(h.nnz for h in handles)  # patches stacked on one another may count an element twice
+        info["patches"] = [str(p) for p in patches]
+        info["applied_as"] = "patch"
+    else:
+        rows = evaluator.measure(torch_forward(model))
+        modified = 0
+        info["applied_as"] = "none (unedited model)"
+    return summarize(rows, params_modified=modified, base_params=base_params, **info)
