@@ -257,12 +257,10 @@ def test_a_patch_that_would_write_nan_is_refused(device):
 def test_a_patch_for_another_config_is_refused(device):
     from roselora_export import patch as patch_pkg
 
-    if not hasattr(patch_pkg, "config_fingerprint"):
-        pytest.skip("roselora_export.patch.config_fingerprint has not landed yet")
     model = _model(device)
     other = tiny_llama(num_hidden_layers=3)
     patch = random_patch(model, [Q0], np.random.default_rng(29),
-                         provenance={"base_config_fingerprint": patch_pkg.config_fingerprint(other.config.to_dict())})
+                         provenance={"base_config_sha256": patch_pkg.config_fingerprint(other.config.to_dict())})
     with pytest.raises(InputError, match="config"):
         PatchRuntime(model).apply(patch)
 

@@ -110,18 +110,59 @@ def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.devi
     return staged
 
 
-def indices_valid(staged: Staged) -> torch.Tensor:
-    """A 0-d bool on the device: every tensor's indices are strictly increasing and inside it.
+# Exponent masks: a value is finite unless all its exponent bits are set.
+EXPONENT_MASK = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 
-    Must be checked (synchronised) before any gather: an out-of-range index on CUDA is a device assert.
+# Element-wise work on the CPU goes through numpy: torch's intra-op threads make these small ops
+# 10-100x slower when the cores are busy (measured on a loaded 2-core machine), numpy's single
+# thread does not. On accelerators the same operations run in torch.
+
+
+def xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.device.type == "cpu":
+        return torch.from_numpy(np.bitwise_xor(a.numpy(), b.numpy()))
+    return a ^ b
+
+
+def all_finite(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | bool:
+    """Whether no bit pattern in `bits` (an integer view of `dtype` values) is Inf or NaN."""
+    mask = EXPONENT_MASK[dtype]
+    if bits.device.type == "cpu":
+        b = bits.numpy().view(BITS_DTYPE[dtype])
+        return not bool(np.any((b & b.dtype.type(mask)) == mask))
+    b = bits.view(TORCH_BITS_DTYPE[dtype])
+    return ~((b & _signed(mask, b.dtype)) == _signed(mask, b.dtype)).any()
+
+
+def equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.device.type == "cpu":
+        return bool(np.array_equal(a.numpy(), b.numpy()))
+    return torch.equal(a, b)
+
+
+def _signed(mask: int, dtype: torch.dtype) -> int:
+    bits = torch.iinfo(dtype).bits
+    return mask - (1 << bits) if mask >= 1 << (bits - 1) else mask
+
+
+def indices_valid(staged: Staged) -> bool:
+    """Every tensor's indices are strictly increasing and inside it.
+
+    Must be known (synchronised) before any gather: an out-of-range index on CUDA is a device assert.
     """
     if not staged.entries:
-        return torch.ones((), dtype=torch.bool, device=staged.device)
+        return True
+    if staged.device.type == "cpu":
+        idx, starts = staged.index.numpy(), staged.starts.numpy()
+        if idx[starts].min() < 0 or np.any(idx[staged.lasts.numpy()] >= staged.numels.numpy()):
+            return False
+        violation = idx[1:] <= idx[:-1]
+        violation[starts[1:] - 1] = False  # a drop from one tensor's last index to the next one's first is fine
+        return not bool(violation.any())
     idx = staged.index
     ok = (idx[staged.starts] >= 0).all() & (idx[staged.lasts] < staged.numels).all()
     if idx.numel() > 1:
         violation = idx[1:] <= idx[:-1]
-        # A drop between the last index of one tensor and the first of the next is allowed.
         violation[staged.starts[1:] - 1] = False
         ok &= ~violation.any()
-    return ok
+    return bool(ok)
