@@ -1,0 +1,48 @@
+"""`make demo`: one knowledge edit on SmolLM2, end to end, through the real CLI.
+
+Each step is the command a user would type; its output is shown as it runs. Outputs go to
+out/demo/ (recreated each run).
+"""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "out" / "demo"
+CLI = [str(Path(sys.executable).parent / "roselora-export")]
+REQUESTS = ROOT / "examples" / "requests" / "landmark.jsonl"
+
+
+def run(*args: str, capture: bool = False) -> str:
+    cmd = CLI + [str(a) for a in args]
+    print(f"\n$ roselora-export {shlex.join(cmd[1:])}", flush=True)
+    if capture:
+        done = subprocess.run(cmd, check=True, text=True, stdout=subprocess.PIPE)
+        print(done.stdout, end="", flush=True)
+        return done.stdout
+    subprocess.run(cmd, check=True)
+    return ""
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    model = run("demo-model", capture=True).strip().splitlines()[-1]
+    prompt = __import__("json").loads(REQUESTS.read_text().splitlines()[0])["prompt"]
+    # 1. Train one RoseLoRA edit (prints the answer before/after and how many weights changed).
+    run("edit", "--model", model, "--requests", REQUESTS, "--out", OUT / "adapter", "--overwrite")
+    # 2. Export: merge into a full checkpoint and write the tiny patch beside it.
+    run("merge", "--base", model, "--adapter", OUT / "adapter", "--out", OUT / "merged",
+        "--patch", OUT / "edit.patch", "--overwrite")
+    run("inspect", OUT / "edit.patch")
+    # 3. Deploy: apply the patch to a live model, answer, revert, check the bits.
+    run("try", "--model", model, "--patch", OUT / "edit.patch", "--prompt", prompt)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except subprocess.CalledProcessError as err:
+        sys.exit(f"demo step failed (exit {err.returncode}): {shlex.join(err.cmd)}")
