@@ -12,9 +12,7 @@ from click.testing import CliRunner
 from roselora_export.cli import main
 from roselora_export.onnx.export import export_onnx
 from roselora_export.onnx.names import ALIGN_SMALL, open_artifact
-from test_onnx_support import MAX_LOGIT_DIFF, base_state, example_inputs, masked_max_diff, reference_logits
-
-TASKS = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "sequence-classification"}
+from test_onnx_support import MAX_LOGIT_DIFF, TASKS, base_state, example_inputs, masked_max_diff, reference_logits
 
 
 @pytest.fixture(scope="module")

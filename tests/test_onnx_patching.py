@@ -15,17 +15,9 @@ from roselora_export.onnx.export import export_onnx
 from roselora_export.onnx.patching import apply_to_onnx_dir
 from roselora_export.patch.model import Patch, tensor_patch_from_pair
 from test_onnx_support import (
-    MAX_LOGIT_DIFF, base_state, dir_fingerprint, example_inputs, make_patch, masked_max_diff, reference_logits, run,
+    MAX_LOGIT_DIFF, PATCH_KEYS, TASKS, base_state, dir_fingerprint, example_inputs, make_patch, masked_max_diff, reference_logits, run,
 )
 
-PATCH_KEYS = {
-    "llama": ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight",
-              "model.embed_tokens.weight", "model.norm.weight"],
-    "gpt2": ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.bias", "transformer.wte.weight"],
-    "bert": ["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.attention.self.value.weight",
-             "classifier.weight"],
-}
-TASKS = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "sequence-classification"}
 
 
 @pytest.fixture(scope="module")

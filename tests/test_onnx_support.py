@@ -12,6 +12,15 @@ from safetensors.torch import load_file
 from roselora_export.patch.model import Patch, tensor_patch_from_pair
 
 MAX_LOGIT_DIFF = 1e-3  # fp32, the bound
+# What the tiny-model tests patch: attention projections, embeddings (tied in Llama/GPT-2), norms, biases, heads.
+PATCH_KEYS = {
+    "llama": ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight",
+              "model.embed_tokens.weight", "model.norm.weight"],
+    "gpt2": ["transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_proj.bias", "transformer.wte.weight"],
+    "bert": ["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.attention.self.value.weight",
+             "classifier.weight"],
+}
+TASKS = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "sequence-classification"}
 
 
 def base_state(model_dir: Path) -> dict[str, torch.Tensor]:

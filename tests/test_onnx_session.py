@@ -1,0 +1,91 @@
+"""onnxruntime sessions with patches as initializer overrides: base files untouched, overrides verified."""
+from __future__ import annotations
+
+import pytest
+
+from roselora_export.errors import InputError
+from roselora_export.onnx.export import export_onnx
+from roselora_export.onnx.session import OverrideIgnoredError, check_overrides_take_effect, create_session
+from test_onnx_support import (
+    MAX_LOGIT_DIFF, PATCH_KEYS, TASKS, base_state, dir_fingerprint, example_inputs, make_patch, masked_max_diff, reference_logits, run,
+)
+
+
+@pytest.fixture(scope="module")
+def base_onnx(tiny_model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx-session")
+    for arch in TASKS:
+        export_onnx(tiny_model_dirs[arch], root / arch, check_runtime=False)
+    return root
+
+
+@pytest.mark.parametrize("arch", list(TASKS))
+def test_session_with_patch_matches_the_pytorch_merged_model(base_onnx, tiny_model_dirs, arch):
+    patch, patched = make_patch(base_state(tiny_model_dirs[arch]), PATCH_KEYS[arch])
+    inputs = example_inputs(128)
+    got = run(create_session(base_onnx / arch, [patch]), inputs)
+    want = reference_logits(tiny_model_dirs[arch], patched, inputs, TASKS[arch])
+    base = reference_logits(tiny_model_dirs[arch], {}, inputs, TASKS[arch])
+    diff = masked_max_diff(got, want, inputs["attention_mask"])
+    assert diff <= MAX_LOGIT_DIFF
+    assert masked_max_diff(want, base, inputs["attention_mask"]) > 100 * diff
+
+
+def test_session_without_patches_matches_the_base_model(base_onnx, tiny_model_dirs):
+    inputs = example_inputs(128)
+    got = run(create_session(base_onnx / "gpt2"), inputs)
+    want = reference_logits(tiny_model_dirs["gpt2"], {}, inputs)
+    assert masked_max_diff(got, want, inputs["attention_mask"]) <= MAX_LOGIT_DIFF
+
+
+def test_session_leaves_the_base_files_untouched(base_onnx, tiny_model_dirs):
+    before = dir_fingerprint(base_onnx / "llama")
+    session = create_session(base_onnx / "llama", [make_patch(base_state(tiny_model_dirs["llama"]), PATCH_KEYS["llama"])[0]])
+    run(session, example_inputs(128))
+    assert dir_fingerprint(base_onnx / "llama") == before
+
+
+def test_session_holds_overrides_only_for_touched_initializers(base_onnx, tiny_model_dirs):
+    patch, _ = make_patch(base_state(tiny_model_dirs["llama"]), PATCH_KEYS["llama"])
+    session = create_session(base_onnx / "llama", [patch])
+    assert set(session.roselora_overrides) == set(PATCH_KEYS["llama"])
+
+
+def test_override_that_onnxruntime_would_ignore_is_caught(base_onnx, tiny_model_dirs):
+    # add_initializer is applied after constant folding: under the default level the Transpose of
+    # every Linear weight is folded from the base value and the override never shows.
+    patch, _ = make_patch(base_state(tiny_model_dirs["llama"]), PATCH_KEYS["llama"])
+    with pytest.raises(OverrideIgnoredError, match="ignored an initializer override"):
+        create_session(base_onnx / "llama", [patch], override_api="initializer")
+
+
+def test_canary_passes_for_overrides_applied_before_optimization():
+    import onnxruntime as ort
+
+    check_overrides_take_effect(["CPUExecutionProvider"], ort.GraphOptimizationLevel.ORT_ENABLE_ALL, (), "external")
+
+
+def test_add_initializer_works_once_constant_folding_is_off(base_onnx, tiny_model_dirs):
+    import onnxruntime as ort
+
+    patch, patched = make_patch(base_state(tiny_model_dirs["llama"]), PATCH_KEYS["llama"])
+    inputs = example_inputs(128)
+    session = create_session(base_onnx / "llama", [patch], override_api="initializer",
+                             optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    want = reference_logits(tiny_model_dirs["llama"], patched, inputs)
+    assert masked_max_diff(run(session, inputs), want, inputs["attention_mask"]) <= MAX_LOGIT_DIFF
+
+
+def test_unknown_tensor_name_is_rejected(base_onnx, tiny_model_dirs):
+    patch, _ = make_patch(base_state(tiny_model_dirs["llama"]), PATCH_KEYS["llama"][:1])
+    tp = patch.tensors.pop(PATCH_KEYS["llama"][0])
+    tp.name = "model.layers.7.self_attn.q_proj.weight"
+    patch.tensors[tp.name] = tp
+    with pytest.raises(InputError, match="lacks"):
+        create_session(base_onnx / "llama", [patch])
+
+
+def test_patch_for_another_base_is_rejected(base_onnx, tiny_model_dirs):
+    other = {k: v * 2 for k, v in base_state(tiny_model_dirs["bert"]).items()}
+    with pytest.raises(InputError, match="sha256 mismatch"):
+        create_session(base_onnx / "bert", [make_patch(other, PATCH_KEYS["bert"])[0]])
