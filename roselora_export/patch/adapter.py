@@ -73,6 +73,15 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def _is_trained_full_weight(key: str, cfg: dict) -> bool:
+    """A non-LoRA tensor in an adapter file is part of the edit when it is a module to save or a trained bias."""
+    module = key.rsplit(".", 1)[0]
+    if key.endswith(".bias") and cfg.get("bias", "none") != "none":
+        return True
+    return ".modules_to_save." in key or any(re.match(rf"(.*\.)?({m})$", re.sub(r"\.modules_to_save\.[^.]+", "", module))
+                                             for m in (cfg.get("modules_to_save") or []))
+
+
 def read_adapter(adapter_dir: str | Path) -> Adapter:
     """Parse an adapter directory; raises InputError for anything it cannot merge exactly."""
     path = Path(adapter_dir)
@@ -102,6 +111,8 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
             pairs.setdefault(m.group(1), {})[m.group(2)] = value
         elif "lora_magnitude_vector" in k:
             raise InputError(f"--adapter {path}: DoRA magnitude vectors are not supported")
+        elif ".base_layer." in k or not _is_trained_full_weight(k, cfg):
+            continue  # frozen copies PEFT saves for convenience (e.g. embedding layers): not part of the edit
         else:
             # modules_to_save / trained biases: full replacement values under the base key.
             k = re.sub(r"\.modules_to_save\.[^.]+", "", k)

@@ -1,0 +1,146 @@
+"""merge: a complete model directory plus the patch, bit-exact with a dense merge, streaming, tied weights kept."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from roselora_export.checkpoint import fingerprints, load_state_dict, merge_checkpoint, open_model_dir
+from roselora_export.errors import InputError
+from roselora_export.patch import load_patch
+from test_patch_fixtures import DTYPES, make_adapter, reference_merge, tiny_gpt2_dir, tiny_llama_dir
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    base = tiny_llama_dir(root / "base", shard_kb=40)
+    (base / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    adapter = make_adapter(base, root / "adapter")
+    return root, base, adapter
+
+
+def _peft_merged(model_dir, adapter_dir, cls="AutoModelForCausalLM"):
+    import transformers
+    from peft import PeftModel
+
+    model = getattr(transformers, cls).from_pretrained(str(model_dir), dtype=torch.float32)
+    return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().state_dict()
+
+
+def test_fp32_merge_equals_peft_merge_and_unload_bit_for_bit(sharded, tmp_path):
+    _, base, adapter = sharded
+    merge_checkpoint(base, adapter, tmp_path / "out")
+    got = load_state_dict(tmp_path / "out")
+    want = _peft_merged(base, adapter)
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+def test_merge_in_each_dtype_equals_the_dense_merge_in_that_dtype(sharded, tmp_path, dtype):
+    _, base, adapter = sharded
+    merge_checkpoint(base, adapter, tmp_path / "out", dtype=DTYPES[dtype])
+    got = load_state_dict(tmp_path / "out")
+    want = reference_merge(load_state_dict(base), adapter, DTYPES[dtype])
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in got)
+
+
+def test_merge_keeps_sharding_index_config_and_tokenizer_files(sharded, tmp_path):
+    _, base, adapter = sharded
+    res = merge_checkpoint(base, adapter, tmp_path / "out", dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    base_index = json.loads((base / "model.safetensors.index.json").read_text())
+    out_index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert out_index["weight_map"] == base_index["weight_map"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
+    assert (out / "tokenizer_config.json").read_text() == (base / "tokenizer_config.json").read_text()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert res.patch_path == tmp_path / "out.patch.safetensors" and res.patch_path.is_file()
+
+
+def test_merged_directory_loads_with_transformers_and_tied_weights_stay_tied(sharded, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    root, base, _ = sharded
+    adapter = make_adapter(base, tmp_path / "ad", targets=("q_proj", "lm_head"), seed=3)
+    merge_checkpoint(base, adapter, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert "lm_head.weight" not in open_model_dir(tmp_path / "out").keys()
+    peft_sd = _peft_merged(base, adapter)
+    assert torch.equal(model.model.embed_tokens.weight, peft_sd["lm_head.weight"])
+
+
+def test_patch_written_by_merge_reproduces_the_merged_checkpoint(sharded, tmp_path):
+    from roselora_export.checkpoint import apply_to_checkpoint
+
+    _, base, adapter = sharded
+    res = merge_checkpoint(base, adapter, tmp_path / "merged", patch_path=tmp_path / "p.safetensors")
+    apply_to_checkpoint(base, [load_patch(tmp_path / "p.safetensors")], tmp_path / "applied")
+    assert fingerprints(tmp_path / "applied") == fingerprints(tmp_path / "merged")
+    assert res.patch.provenance["method"] == "roselora"
+    assert res.patch.provenance["base_config_sha256"] == open_model_dir(base).fingerprint
+
+
+def test_gpt2_conv1d_fan_in_fan_out_merge_equals_peft(tmp_path):
+    base = tiny_gpt2_dir(tmp_path / "gpt2")
+    adapter = make_adapter(base, tmp_path / "ad", targets=("c_attn",), fan_in_fan_out=True)
+    merge_checkpoint(base, adapter, tmp_path / "out")
+    got, want = load_state_dict(tmp_path / "out"), _peft_merged(base, adapter)
+    assert all(torch.equal(got[k], want[k]) for k in got if k in want)
+    assert not torch.equal(got["transformer.h.0.attn.c_attn.weight"], load_state_dict(base)["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_rank_and_alpha_patterns_and_rslora_scale_like_peft(sharded, tmp_path):
+    _, base, _ = sharded
+    adapter = make_adapter(base, tmp_path / "ad", r=4, alpha=8, use_rslora=True,
+                           rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 16})
+    merge_checkpoint(base, adapter, tmp_path / "out")
+    got, want = load_state_dict(tmp_path / "out"), _peft_merged(base, adapter)
+    assert all(torch.allclose(got[k], want[k], rtol=0, atol=1e-7) for k in got)
+
+
+def test_ft_l_directory_merges_its_new_values(sharded, tmp_path):
+    from safetensors.torch import save_file
+
+    _, base, _ = sharded
+    sd = load_state_dict(base)
+    new = sd["model.layers.1.mlp.down_proj.weight"].clone()
+    new[3, :5] += 0.25
+    (tmp_path / "ftl").mkdir()
+    save_file({"model.layers.1.mlp.down_proj.weight": new}, str(tmp_path / "ftl" / "ft_l.safetensors"))
+    (tmp_path / "ftl" / "roselora.json").write_text('{"method": "ft-l"}')
+    res = merge_checkpoint(base, tmp_path / "ftl", tmp_path / "out")
+    assert torch.equal(load_state_dict(tmp_path / "out")["model.layers.1.mlp.down_proj.weight"], new)
+    assert res.patch.total_nnz == 5 and res.patch.provenance["method"] == "ft-l"
+
+
+def test_survival_report_counts_edits_rounded_away_in_bf16(sharded, tmp_path):
+    _, base, _ = sharded
+    adapter = make_adapter(base, tmp_path / "ad", scale=3e-3, seed=5)  # RoseLoRA's clamp: tiny deltas
+    bf16 = merge_checkpoint(base, adapter, tmp_path / "bf16", dtype=torch.bfloat16).survival
+    fp32 = merge_checkpoint(base, adapter, tmp_path / "fp32").survival
+    assert bf16.intended_nnz == fp32.intended_nnz > 0
+    assert bf16.mostly_lost and bf16.lost_fraction > 0.5
+    assert fp32.lost_fraction < 0.05 and fp32.rel_l2_error < 1e-3
+    assert bf16.rel_l2_error > fp32.rel_l2_error
+
+
+def test_merge_refuses_an_existing_nonempty_out_and_writes_nothing(sharded, tmp_path):
+    _, base, adapter = sharded
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        merge_checkpoint(base, adapter, tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_adapter_for_another_model_is_refused(sharded, tmp_path):
+    _, base, _ = sharded
+    gpt2 = tiny_gpt2_dir(tmp_path / "gpt2")
+    adapter = make_adapter(gpt2, tmp_path / "ad", targets=("c_attn",), fan_in_fan_out=True)
+    with pytest.raises(InputError, match="c_attn"):
+        merge_checkpoint(base, adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
