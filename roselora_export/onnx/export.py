@@ -168,6 +168,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     task = detect_task(model_dir) if task == "auto" else task
     dtype = _checkpoint_dtype(model_dir)
     model = load_model(model_dir, task=task, dtype=dtype)
+    phases = {"load_s": time.perf_counter() - t0}
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # plain ops: exports everywhere, runs on every provider
     model.config.use_cache = False
@@ -198,6 +199,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
                 p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype))
                 tags[param_key[name]] = _fingerprints(p.detach())
         buf = io.BytesIO()
+        t_trace = time.perf_counter()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -212,7 +214,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
                 key = param_key[name]
                 if key in tags:
                     p.copy_(state[key])
-    export_s = time.perf_counter() - t0
+    phases["trace_s"] = time.perf_counter() - t_trace
+    t_map = time.perf_counter()
     onnx_model = onnx.load_from_string(buf.getvalue())
     del buf
 
@@ -272,6 +275,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
         "exporter": f"torch {torch.__version__} legacy, do_constant_folding=False",
         "source": str(model_dir), "dtype": DTYPE_NAMES.get(dtype), "tensors": tensors,
     }
+    phases["map_s"] = time.perf_counter() - t_map
+    t_write = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -283,9 +288,12 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
                 shutil.copy2(model_dir / name, tmp / name)
         onnx.checker.check_model(str(tmp / MODEL_FILE))  # by path: the checker then reads external data too
         verified = _verify_from_files(tmp, names, state)
+        phases["write_verify_s"] = time.perf_counter() - t_write
+        t_check = time.perf_counter()
         diff = _runtime_check(tmp, check_inputs, expected) if check_runtime else None
         if diff is not None and dtype == torch.float32 and diff > 1e-3:
             raise RuntimeError(f"export check failed: onnxruntime logits differ from PyTorch by {diff:.3g}")
+        phases["ort_check_s"] = time.perf_counter() - t_check
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -297,6 +305,6 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
         "tied": sorted(k for k, e in tensors.items() if "tied_to" in e),
         "unmapped": sorted(k for k, e in tensors.items() if e["initializer"] is None),
         "data_bytes": (out / DATA_FILE).stat().st_size, "max_abs_logit_diff": diff,
-        "export_s": round(export_s, 3), "total_s": round(time.perf_counter() - t0, 3),
+        "total_s": round(time.perf_counter() - t0, 3), **{k: round(v, 3) for k, v in phases.items()},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
