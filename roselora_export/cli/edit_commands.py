@@ -78,6 +78,18 @@ def _resolve_model(model_dir: Path | None) -> Path:
     return check_model_dir(model_dir) if model_dir is not None else demo_model_dir()
 
 
+def _check_lengths(requests, tokenizer, path: Path, source: str) -> None:
+    """Reject a too-long prompt from config.json alone, before loading the weights."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from ..edit.data import encode_requests, model_max_length
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    encode_requests(requests, tokenizer, model_max_length(SimpleNamespace(config=config), tokenizer), source=source)
+
+
 def _print_summary(summary: dict, out: Path, answers: list[dict]) -> None:
     s = summary
     loss = f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "n/a"
@@ -135,6 +147,7 @@ def edit(model_dir, requests_path, out, method, layer, overwrite, answers, progr
     path = _resolve_model(model_dir)
     requests = load_requests(requests_path)
     tokenizer = load_tokenizer(path)
+    _check_lengths(requests, tokenizer, path, requests_path.name)  # before the (slow) model load
     model = load_model(path)
     shown = requests[:5] if answers else []
     before = [greedy_continuation(model, tokenizer, r.prompt) for r in shown]
