@@ -179,11 +179,11 @@ def test_a_write_failing_halfway_restores_the_tensors_already_written(device, mo
     calls = []
     real_write = runtime_live._write
 
-    def flaky(flat, index, values):
+    def flaky(*args):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("device error")
-        real_write(flat, index, values)
+        real_write(*args)
 
     monkeypatch.setattr(runtime_live, "_write", flaky)
     rt = PatchRuntime(model)
@@ -272,3 +272,32 @@ def test_apply_inside_serving_on_the_same_thread_raises_instead_of_deadlocking(d
     with rt.serving(), pytest.raises(RuntimeError, match="deadlock"):
         rt.apply(patch)
     assert rt.active == []
+
+
+def test_a_revert_failing_halfway_leaves_the_patch_applied_whole(device, monkeypatch):
+    model = _model(device)
+    rt = PatchRuntime(model)
+    handle = rt.apply(random_patch(model, [Q0, V1, NORM], np.random.default_rng(31)))
+    patched = state_hash(model)
+    calls = []
+    real_write = runtime_live._write
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device error")
+        real_write(*args)
+
+    monkeypatch.setattr(runtime_live, "_write", flaky)
+    with pytest.raises(RuntimeError, match="device error"):
+        rt.revert(handle)
+    assert state_hash(model) == patched and rt.active == [handle]
+
+
+def test_revert_without_the_check_restores_the_base_bits(device):
+    model = _model(device)
+    base = state_hash(model)
+    rt = PatchRuntime(model)
+    rt.apply(random_patch(model, [Q0, TIED[1]], np.random.default_rng(32)))
+    rt.revert(check=False)
+    assert state_hash(model) == base

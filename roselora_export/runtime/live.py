@@ -53,7 +53,7 @@ import torch
 from ..errors import InputError
 from ..patch.model import BITS_DTYPE, DTYPE_NAMES, FORMAT_VERSION, TORCH_BITS_DTYPE, Patch
 from .lock import ServingLock
-from .staging import Staged, StagedTensor, all_finite, equal, indices_valid, stage, xor
+from .staging import Staged, StagedTensor, all_finite, equal, gather, indices_valid, scatter, stage, xor
 
 
 @dataclass(eq=False)
@@ -76,24 +76,17 @@ class PatchHandle:
         return f"PatchHandle(id={self.id}, tensors={len(self.names)}, nnz={self.nnz}, source={self.source!r})"
 
 
-def _write(flat: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """The scatter: the only place weights are written (a function so tests can make it fail)."""
-    flat.scatter_(0, index, values)  # scatter_ over index_copy_: the latter is 10x slower on a busy CPU
-
-
-def _flat_bits(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D integer view of a live tensor's storage (no copy)."""
-    return t.detach().view(-1).view(TORCH_BITS_DTYPE[t.dtype])
+def _write(e: StagedTensor, values: torch.Tensor) -> None:
+    """The only place weights are written (a function of its own so tests can make it fail)."""
+    scatter(e, values)
 
 
 def _load(patch_or_path) -> tuple[Patch, str | None]:
     if isinstance(patch_or_path, Patch):
         return patch_or_path, None
     if isinstance(patch_or_path, (str, os.PathLike)):
-        try:
-            from ..patch import load_patch
-        except ImportError:  # pragma: no cover - until the patch file module exists
-            raise InputError("reading patch files needs roselora_export.patch.load_patch, which is not available") from None
+        from ..patch.io import load_patch  # memory-maps the file (safetensors.safe_open) and checks its checksum
+
         path = os.fspath(patch_or_path)
         if not os.path.isfile(path):
             raise InputError(f"--patch {path}: no such file")
@@ -113,10 +106,8 @@ def _check_config(patch: Patch, model: torch.nn.Module) -> None:
     config = getattr(model, "config", None)
     if not expected or config is None or not hasattr(config, "to_dict"):
         return
-    try:
-        from ..patch import config_fingerprint
-    except ImportError:  # pragma: no cover - until the patch file module exists
-        return
+    from ..patch.fingerprint import config_fingerprint
+
     actual = config_fingerprint(config.to_dict())
     if actual != expected:
         base = prov.get("base_model") or "another model"
@@ -140,6 +131,8 @@ class PatchRuntime:
         self._mutate = threading.RLock()
         self._active: list[PatchHandle] = []
         self._ids = itertools.count(1)
+        self._names: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
+        self._pool: dict = {}  # the reusable pinned staging buffer (CUDA)
 
     # ---- public API -------------------------------------------------------------------------
     @property
@@ -172,8 +165,12 @@ class PatchRuntime:
         with self._mutate:
             return self._apply(patch, source, verify, t0)
 
-    def revert(self, handle: PatchHandle | None = None) -> None:
-        """Restore exactly the bits a patch changed (default: the most recent active patch)."""
+    def revert(self, handle: PatchHandle | None = None, *, check: bool = True) -> None:
+        """Restore exactly the bits a patch changed (default: the most recent active patch).
+
+        check=True first confirms, on the device, that those elements still hold what the patch
+        wrote (refusing to overwrite changes made outside the runtime); it costs one gather.
+        """
         with self._mutate:
             if handle is None:
                 if not self._active:
@@ -186,11 +183,12 @@ class PatchRuntime:
                 if handle.id in later._overlaps:
                     raise InputError(f"patch #{handle.id} cannot be reverted while patch #{later.id}, applied later, "
                                      f"overlaps it; revert #{later.id} first")
-            self._revert(handle)
+            self._revert(handle, check)
             self._active.remove(handle)
 
     # ---- apply ------------------------------------------------------------------------------
-    def _resolve(self, patch: Patch) -> list[tuple[str, torch.Tensor, "object"]]:
+    def refresh(self) -> None:
+        """Re-read the model's parameter and buffer names (after replacing or re-tying parameters)."""
         live: dict[str, torch.Tensor] = {}
         for name, t in itertools.chain(self.model.named_parameters(remove_duplicate=False),
                                        self.model.named_buffers(remove_duplicate=False)):
@@ -203,6 +201,14 @@ class PatchRuntime:
                 continue
             key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
             canonical[name] = first_by_storage.setdefault(key, name)
+        self._names = (live, canonical)
+
+    def _resolve(self, patch: Patch) -> list[tuple[str, torch.Tensor, "object"]]:
+        # Walking the module tree costs milliseconds on a 30-layer model, so the name map is cached;
+        # it is rebuilt when a patch names a tensor it does not know.
+        if self._names is None or any(n not in self._names[0] for n in patch.tensors):
+            self.refresh()
+        live, canonical = self._names
         prefix = getattr(self.model, "base_model_prefix", "") or ""
 
         items = []
@@ -270,7 +276,7 @@ class PatchRuntime:
         if len(devices) > 1:
             raise InputError("the patch touches tensors on several devices; load the model on one device to patch it")
         device = devices.pop() if devices else torch.device("cpu")
-        staged = stage(items, device)
+        staged = stage(items, device, self._pool)
         t1 = time.perf_counter()
 
         with torch.no_grad():
@@ -290,18 +296,17 @@ class PatchRuntime:
                 done: list[StagedTensor] = []
                 try:
                     for e in staged.entries:
-                        _write(_flat_bits(e.target), e.index(staged), new[e.tp.dtype][e.group_slice()])
+                        _write(e, new[e.tp.dtype][e.group_slice()])
                         done.append(e)
                     self._sync(device)
                 except BaseException:
                     for e in done:
-                        _write(_flat_bits(e.target), e.index(staged), old[e.tp.dtype][e.group_slice()])
+                        _write(e, old[e.tp.dtype][e.group_slice()])
                     self._sync(device)
                     raise
         t3 = time.perf_counter()
         # Revert state: indices, XOR bits and old bits, all nnz-sized and on the device.
         handle._staged, handle._old = staged, old
-        staged.host_buffer = None
         handle.timings = {"stage": t1 - t0, "check": t2 - t1, "write": t3 - t2, "total": t3 - t0}
         self._active.append(handle)
         return handle
@@ -310,7 +315,7 @@ class PatchRuntime:
         """The live bits at every touched element, packed like staged.xor (one buffer per dtype)."""
         out = {dt: torch.empty_like(x) for dt, x in staged.xor.items()}
         for e in staged.entries:
-            torch.index_select(_flat_bits(e.target), 0, e.index(staged), out=out[e.tp.dtype][e.group_slice()])
+            gather(e, out[e.tp.dtype][e.group_slice()])
         return out
 
     def _check_base(self, staged: Staged, old: dict[torch.dtype, torch.Tensor]) -> None:
@@ -348,7 +353,7 @@ class PatchRuntime:
             torch.cuda.synchronize(device)
 
     # ---- revert -----------------------------------------------------------------------------
-    def _revert(self, handle: PatchHandle) -> None:
+    def _revert(self, handle: PatchHandle, check: bool) -> None:
         staged, old = handle._staged, handle._old
         if staged is None or not staged.entries:
             return
@@ -357,8 +362,8 @@ class PatchRuntime:
                 raise InputError(f"{e.tp.name} was moved or reallocated since patch #{handle.id} was applied; "
                                  f"it cannot be reverted in place")
         with torch.no_grad():
-            current = self._gather(staged)
-            if not all(equal(bits, xor(old[dt], staged.xor[dt])) for dt, bits in current.items()):
+            current = self._gather(staged) if check else None
+            if check and not all(equal(bits, xor(old[dt], staged.xor[dt])) for dt, bits in current.items()):
                 raise InputError(f"the weights patch #{handle.id} touched were changed outside the runtime; "
                                  f"refusing to revert over them")
             with self.lock.write():
@@ -366,12 +371,12 @@ class PatchRuntime:
                 done = []
                 try:
                     for e in staged.entries:
-                        _write(_flat_bits(e.target), e.index(staged), old[e.tp.dtype][e.group_slice()])
+                        _write(e, old[e.tp.dtype][e.group_slice()])
                         done.append(e)
                     self._sync(staged.device)
                 except BaseException:
-                    for e in done:
-                        _write(_flat_bits(e.target), e.index(staged), current[e.tp.dtype][e.group_slice()])
+                    for e in done:  # put back what was there: the patched bits
+                        _write(e, xor(old[e.tp.dtype][e.group_slice()], staged.xor[e.tp.dtype][e.group_slice()]))
                     self._sync(staged.device)
                     raise
 

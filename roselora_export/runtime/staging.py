@@ -34,9 +34,8 @@ class StagedTensor:
     index_offset: int  # into Staged.index
     bits_offset: int  # into Staged.xor[dtype]
     nnz: int
-
-    def index(self, staged: "Staged") -> torch.Tensor:
-        return staged.index[self.index_offset:self.index_offset + self.nnz]
+    flat: torch.Tensor | None = None  # 1-D integer view of the target's storage (set by stage)
+    idx: torch.Tensor | None = None  # this tensor's slice of Staged.index
 
     def group_slice(self) -> slice:
         return slice(self.bits_offset, self.bits_offset + self.nnz)
@@ -53,12 +52,31 @@ class Staged:
     starts: torch.Tensor | None = None
     lasts: torch.Tensor | None = None
     numels: torch.Tensor | None = None
-    host_buffer: torch.Tensor | None = None  # kept alive until the async copy is consumed
     nbytes: int = 0
 
 
-def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.device) -> Staged:
-    """Pack (name, live tensor, TensorPatch) items into one buffer and move it to `device` in one copy."""
+POOL_LIMIT = 1 << 30  # pinned staging buffers up to this size are kept for the next patch
+
+
+def _host_buffer(nbytes: int, device: torch.device, pool: dict | None) -> torch.Tensor:
+    """A host byte buffer for staging: pinned for CUDA (reused from `pool`, as pinning is slow), plain for CPU."""
+    if device.type != "cuda":
+        return torch.empty(nbytes, dtype=torch.uint8)
+    cached = pool.get("pinned") if pool is not None else None
+    if cached is not None and cached.numel() >= nbytes:
+        return cached[:nbytes]
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    if pool is not None and nbytes <= POOL_LIMIT:
+        pool["pinned"] = buf
+    return buf
+
+
+def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.device, pool: dict | None = None) -> Staged:
+    """Pack (name, live tensor, TensorPatch) items into one buffer and move it to `device` in one copy.
+
+    On CUDA the buffer is pinned and (via `pool`) reused across patches; the copy is complete when
+    this returns, so the next patch may overwrite the buffer.
+    """
     n_entries = len(items)
     total = sum(int(tp.flat_index.size) for _, _, tp in items)
     group_nnz = {dt: sum(int(tp.flat_index.size) for _, _, tp in items if tp.dtype == dt) for dt in GROUP_ORDER}
@@ -75,8 +93,7 @@ def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.devi
         offset += group_nnz[dt] * BITS_DTYPE[dt].itemsize
     nbytes = _align8(offset)
 
-    pin = device.type == "cuda"
-    buf = torch.empty(max(nbytes, 8), dtype=torch.uint8, pin_memory=pin)
+    buf = _host_buffer(max(nbytes, 8), device, pool)
     host = buf.numpy()
     header = host[header_off:index_off].view(np.int64).reshape(3, n_entries) if n_entries else None
     index_host = host[index_off:index_off + total * 8].view(np.int64)
@@ -97,9 +114,12 @@ def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.devi
         pos += n
         gpos[tp.dtype] += n
 
-    dev = buf.to(device, non_blocking=True) if device.type != "cpu" else buf
+    dev = buf.to(device) if device.type != "cpu" else buf  # the one host-to-device copy
     staged = Staged(device=device, entries=entries, index=dev[index_off:index_off + total * 8].view(torch.int64),
-                    host_buffer=buf, nbytes=nbytes)
+                    nbytes=nbytes)
+    for e in entries:
+        e.flat = e.target.detach().view(-1).view(TORCH_BITS_DTYPE[e.target.dtype])
+        e.idx = staged.index[e.index_offset:e.index_offset + e.nnz]
     for dt in GROUP_ORDER:
         if group_nnz[dt]:
             width = BITS_DTYPE[dt].itemsize
@@ -116,6 +136,22 @@ EXPONENT_MASK = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat1
 # Element-wise work on the CPU goes through numpy: torch's intra-op threads make these small ops
 # 10-100x slower when the cores are busy (measured on a loaded 2-core machine), numpy's single
 # thread does not. On accelerators the same operations run in torch.
+
+
+def gather(e: StagedTensor, out: torch.Tensor) -> None:
+    """out[:] = the live bits at e's indices."""
+    if out.device.type == "cpu":
+        np.take(e.flat.numpy(), e.idx.numpy(), out=out.numpy(), mode="clip")  # indices already checked
+    else:
+        torch.index_select(e.flat, 0, e.idx, out=out)
+
+
+def scatter(e: StagedTensor, values: torch.Tensor) -> None:
+    """The live bits at e's indices = values."""
+    if values.device.type == "cpu":
+        e.flat.numpy()[e.idx.numpy()] = values.numpy()
+    else:
+        e.flat.scatter_(0, e.idx, values)
 
 
 def xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
