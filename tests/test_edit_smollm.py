@@ -1,0 +1,32 @@
+"""The real SmolLM2-135M-Instruct: one RoseLoRA edit moves a landmark and leaves unrelated answers alone."""
+from pathlib import Path
+
+import pytest
+
+from roselora_export.edit.requests import load_requests
+from roselora_export.edit.train import greedy_continuation, train_edit
+from roselora_export.method import RoseLoraConfig
+from roselora_export.models import load_model, load_tokenizer
+
+UNRELATED = ["The Colosseum is located in the city of", "The capital of Germany is", "The capital of Japan is",
+             "The Statue of Liberty is located in", "The largest planet in the solar system is"]
+
+
+@pytest.mark.smollm
+def test_landmark_edit_on_smollm2_changes_the_answer_and_keeps_unrelated_ones(smollm_dir):
+    tok, model = load_tokenizer(smollm_dir), load_model(smollm_dir)
+    [req] = load_requests(Path(__file__).parent.parent / "examples" / "requests" / "landmark.jsonl")
+    before = {p: greedy_continuation(model, tok, p, 4) for p in [req.prompt, *UNRELATED]}
+    assert not before[req.prompt].strip().startswith("Rome")
+    # The authors' clamp (3e-3) is too tight to move a 135M model: the edit runs without it.
+    result = train_edit(model, tok, [req], config=RoseLoraConfig(clamp=None))
+    with result.applied(model):
+        after = {p: greedy_continuation(model, tok, p, 4) for p in before}
+    summary = result.summary()
+    print(f"\nSmolLM2 edit: {result.steps} steps, {result.seconds:.1f} s, final loss {result.final_loss:.4f}, "
+          f"{summary['weights_modified']:,} weights changed ({100 * summary['fraction_modified']:.4f}% of "
+          f"{summary['base_weights']:,}); {before[req.prompt]!r} -> {after[req.prompt]!r}")
+    assert after[req.prompt].strip().startswith("Rome")
+    assert {p: after[p] for p in UNRELATED} == {p: before[p] for p in UNRELATED}
+    assert 0 < summary["fraction_modified"] < 0.01
+    assert all(m["sparsity_BA"] >= m["prop1_sparsity_bound"] for m in summary["modules"].values())
