@@ -240,6 +240,21 @@ def bench_throughput(gib: float, densities: list[float], device: torch.device, r
     return "\n".join(table), figures
 
 
+def summary_table(device_name: str, edit: dict, throughput: dict) -> str:
+    """One table of the headline figures (what bench/gpu.sh writes)."""
+    rt = edit["apply_revert_s"]
+    rows = [f"| edit patch apply + revert ({edit['nnz']} weights) | {rt * 1e3:.2f} ms | |",
+            f"| reload weights from safetensors | {edit['reload_s'] * 1e3:.1f} ms | {edit['reload_s'] / rt:.0f}x slower (goal >= 100x) |",
+            f"| PEFT merge_and_unload | {edit['merge_and_unload_s'] * 1e3:.1f} ms | {edit['merge_and_unload_s'] / rt:.0f}x slower (goal >= 50x) |"]
+    for density, f in throughput.items():
+        copy_gbs = f["touched_bytes"] / f["copy_s"] / 1e9
+        for label, key in (("apply", "apply_s"), ("apply, no sha256", "apply_unverified_s"), ("revert", "revert_s")):
+            gbs = f["touched_bytes"] / f[key] / 1e9
+            rows.append(f"| {label}, {float(density):.0%} of 1 GiB | {gbs:.2f} GB/s | {gbs / copy_gbs:.0%} of copy "
+                        f"({copy_gbs:.1f} GB/s; goal >= 50%) |")
+    return "\n".join([f"Device: {device_name}", "", "| measure | value | vs baseline |", "|---|---:|---|", *rows])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -250,7 +265,11 @@ def main(argv=None) -> int:
     ap.add_argument("--section", default="runtime", help="section of docs/benchmarks.md to write (default runtime)")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     ap.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--summary", action="store_true", help="write one headline table (gpu.sh) instead of the full tables")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
@@ -262,10 +281,15 @@ def main(argv=None) -> int:
     tp_table, tp_figs = bench_throughput(args.gib, [float(d) for d in args.densities.split(",")], device,
                                          max(3, args.repeats // 5))
     cmd = "python bench/runtime.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    body = "\n".join([f"Machine: {machine_line()}" + (f"; device: {name}" if device.type == "cuda" else ""),
-                      f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
-                      edit_table, "", tp_table])
-    print(body)
+    head = [f"Machine: {machine_line()}, {torch.get_num_threads()} torch threads, load average "
+            f"{open('/proc/loadavg').read().split()[0]} at the end" + (f"; device: {name}" if device.type == "cuda" else ""),
+            f"Command: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", ""]
+    full = "\n".join(head + [edit_table, "", tp_table])
+    print(full)
+    if args.summary:
+        print("\n" + summary_table(name if device.type == "cuda" else "cpu", edit_figs, tp_figs))
+    body = "\n".join(head + [summary_table(name if device.type == "cuda" else "cpu", edit_figs, tp_figs)]) \
+        if args.summary else full
     if args.json:
         Path(args.json).write_text(json.dumps({"edit": edit_figs, "throughput": tp_figs}, indent=2, default=str))
     if not args.no_write:

@@ -9,7 +9,8 @@ import torch
 
 from roselora_export.patch.model import Patch, sha256_tensor, tensor_patch_from_pair
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# "cpu-torch": the CPU with the accelerator code path (torch ops instead of numpy), so CI covers it.
+DEVICES = ["cpu", "cpu-torch"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Tied in the tiny Llama: both names are one tensor.
 TIED = ("model.embed_tokens.weight", "lm_head.weight")
@@ -47,7 +48,12 @@ def random_patch(model: torch.nn.Module, names: list[str], rng: np.random.Genera
 
 
 @pytest.fixture(params=DEVICES)
-def device(request) -> str:
+def device(request, monkeypatch) -> str:
+    if request.param == "cpu-torch":
+        from roselora_export.runtime import staging
+
+        monkeypatch.setattr(staging, "NUMPY_ON_CPU", False)
+        return "cpu"
     return request.param
 
 

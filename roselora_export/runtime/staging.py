@@ -135,12 +135,18 @@ EXPONENT_MASK = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat1
 
 # Element-wise work on the CPU goes through numpy: torch's intra-op threads make these small ops
 # 10-100x slower when the cores are busy (measured on a loaded 2-core machine), numpy's single
-# thread does not. On accelerators the same operations run in torch.
+# thread does not. On accelerators the same operations run in torch. Tests switch NUMPY_ON_CPU
+# off to run the accelerator code path on the CPU.
+NUMPY_ON_CPU = True
+
+
+def _numpy(t: torch.Tensor) -> bool:
+    return NUMPY_ON_CPU and t.device.type == "cpu"
 
 
 def gather(e: StagedTensor, out: torch.Tensor) -> None:
     """out[:] = the live bits at e's indices."""
-    if out.device.type == "cpu":
+    if _numpy(out):
         np.take(e.flat.numpy(), e.idx.numpy(), out=out.numpy(), mode="clip")  # indices already checked
     else:
         torch.index_select(e.flat, 0, e.idx, out=out)
@@ -148,14 +154,14 @@ def gather(e: StagedTensor, out: torch.Tensor) -> None:
 
 def scatter(e: StagedTensor, values: torch.Tensor) -> None:
     """The live bits at e's indices = values."""
-    if values.device.type == "cpu":
+    if _numpy(values):
         e.flat.numpy()[e.idx.numpy()] = values.numpy()
     else:
         e.flat.scatter_(0, e.idx, values)
 
 
 def xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.device.type == "cpu":
+    if _numpy(a):
         return torch.from_numpy(np.bitwise_xor(a.numpy(), b.numpy()))
     return a ^ b
 
@@ -163,7 +169,7 @@ def xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def all_finite(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | bool:
     """Whether no bit pattern in `bits` (an integer view of `dtype` values) is Inf or NaN."""
     mask = EXPONENT_MASK[dtype]
-    if bits.device.type == "cpu":
+    if _numpy(bits):
         b = bits.numpy().view(BITS_DTYPE[dtype])
         return not bool(np.any((b & b.dtype.type(mask)) == mask))
     b = bits.view(TORCH_BITS_DTYPE[dtype])
@@ -171,7 +177,7 @@ def all_finite(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | bool:
 
 
 def equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.device.type == "cpu":
+    if _numpy(a):
         return bool(np.array_equal(a.numpy(), b.numpy()))
     return torch.equal(a, b)
 
@@ -188,7 +194,7 @@ def indices_valid(staged: Staged) -> bool:
     """
     if not staged.entries:
         return True
-    if staged.device.type == "cpu":
+    if _numpy(staged.index):
         idx, starts = staged.index.numpy(), staged.starts.numpy()
         if idx[starts].min() < 0 or np.any(idx[staged.lasts.numpy()] >= staged.numels.numpy()):
             return False

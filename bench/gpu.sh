@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The runtime benchmark on CUDA, in under 5 minutes: one table naming the device, written into the
+# "runtime-gpu" section of docs/benchmarks.md (raw figures also to $OUT/runtime-gpu.json when $OUT is set).
+#
+#   bench/gpu.sh                       # on a machine with a CUDA GPU
+#   bench/gpu.sh --device cpu          # dry run on CPU: same code path, prints the table, writes nothing
+#   PYTHON=/path/to/python bench/gpu.sh --gib 2    # extra flags go to bench/runtime.py
+#
+# Needs torch (CUDA build), transformers, peft, safetensors and this repository. Without the converted
+# SmolLM2 directory it uses a random model of SmolLM2-135M's shape (timings depend on shapes only).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=cuda
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --device=*) DEVICE="${1#*=}"; shift ;;
+    *) EXTRA+=("$1"); shift ;;
+  esac
+done
+PY="${PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+if [ "$DEVICE" = cpu ]; then
+  WRITE=(--no-write)
+else
+  WRITE=(--section runtime-gpu)
+fi
+JSON=()
+if [ -n "${OUT:-}" ]; then JSON=(--json "$OUT/runtime-gpu.json"); fi
+"$PY" -c 'import torch, sys; d = sys.argv[1]; sys.exit(0 if not d.startswith("cuda") or torch.cuda.is_available() else "error: no CUDA device visible to torch; run with --device cpu for a dry run")' "$DEVICE"
+exec timeout 290 "$PY" bench/runtime.py --device "$DEVICE" --repeats 10 --gib 1 --densities 0.01,0.1 --summary \
+  "${WRITE[@]}" "${JSON[@]}" "${EXTRA[@]+"${EXTRA[@]}"}"
