@@ -196,3 +196,24 @@ def test_config_fingerprint_is_the_same_on_disk_and_on_the_loaded_model(tmp_path
 def test_config_fingerprint_ignores_dtype():
     cfg = {"model_type": "llama", "hidden_size": 8, "dtype": "float32"}
     assert config_fingerprint(cfg) == config_fingerprint({**cfg, "dtype": "bfloat16"})
+
+
+@pytest.mark.smollm
+def test_smollm2_roselora_patch_is_compact_and_exact_in_fp16(smollm_dir, tmp_path):
+    """A RoseLoRA-shaped edit of all 30 layers' q/v (synthetic until trained): size goal and bit-exact revert."""
+    from bench.synthetic_adapter import write_synthetic_adapter
+    from roselora_export.checkpoint import LazyStateDict, open_model_dir
+    from roselora_export.patch import build_patch_from_adapter
+
+    adapter = write_synthetic_adapter(smollm_dir, tmp_path / "adapter")
+    base = LazyStateDict(open_model_dir(smollm_dir))
+    patch = build_patch_from_adapter(adapter, base, dtype=torch.float16)
+    path = save_patch(patch, tmp_path / "p.safetensors")
+    assert len(patch.tensors) == 60
+    assert path.stat().st_size <= 1.25 * patch.total_nnz * 2
+    loaded = load_patch(path)
+    name = "model.layers.7.self_attn.v_proj.weight"
+    b = base[name].half()
+    sub = Patch(tensors={name: loaded.tensors[name]})
+    applied = apply_to_state_dict(sub, {name: b})[name]
+    assert sha256_tensor(apply_to_state_dict(sub, {name: applied}, revert=True)[name]) == sha256_tensor(b)
