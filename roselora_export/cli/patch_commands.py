@@ -31,7 +31,8 @@ def _progress(total: int, desc: str):
 
 
 def _is_onnx_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "names.json").is_file() and any(path.glob("*.onnx"))
+    # Either marker is enough, so an ONNX dir missing names.json gets the ONNX error that names it.
+    return path.is_dir() and ((path / "names.json").is_file() or any(path.glob("*.onnx")))
 
 
 def _onnx_apply(base: Path, patches, out: Path | None, *, revert: bool = False, in_place: bool = False) -> dict:
