@@ -1,0 +1,102 @@
+"""The CLI on ONNX artifacts: `apply --base ONNX_DIR` and `merge --onnx`; bad input exits 2 with nothing modified."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from roselora_export.cli import main
+from roselora_export.onnx.export import export_onnx
+from roselora_export.onnx.session import create_session
+from roselora_export.patch import save_patch
+from test_onnx_support import (
+    MAX_LOGIT_DIFF, PATCH_KEYS, base_state, dir_fingerprint, example_inputs, make_patch, masked_max_diff,
+    reference_logits, run,
+)
+
+
+@pytest.fixture(scope="module")
+def llama_onnx(tiny_model_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx-cli") / "llama"
+    export_onnx(tiny_model_dirs["llama"], out, check_runtime=False)
+    return out
+
+
+@pytest.fixture
+def art_and_patch(llama_onnx, tiny_model_dirs, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(llama_onnx, art)
+    patch, _ = make_patch(base_state(tiny_model_dirs["llama"]), PATCH_KEYS["llama"])
+    save_patch(patch, tmp_path / "edit.patch.safetensors")
+    return art, tmp_path / "edit.patch.safetensors"
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_apply_in_place_and_revert_through_the_cli(art_and_patch):
+    art, patch_file = art_and_patch
+    before = dir_fingerprint(art)
+    assert cli("apply", "--base", art, "--patch", patch_file, "--in-place").exit_code == 0
+    assert dir_fingerprint(art) != before
+    assert cli("apply", "--base", art, "--patch", patch_file, "--in-place", "--revert").exit_code == 0
+    assert dir_fingerprint(art) == before
+
+
+def _refused(art, patch_file, message):
+    before = dir_fingerprint(art)
+    result = cli("apply", "--base", art, "--patch", patch_file, "--in-place")
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and result.output.startswith("error:") and message in result.output
+    assert dir_fingerprint(art) == before
+
+
+def test_cli_refuses_an_onnx_dir_without_names_json(art_and_patch):
+    art, patch_file = art_and_patch
+    (art / "names.json").unlink()
+    _refused(art, patch_file, "no names.json")
+
+
+def test_cli_refuses_a_patch_naming_a_tensor_the_model_lacks(art_and_patch, tiny_model_dirs, tmp_path):
+    art, _ = art_and_patch
+    state = base_state(tiny_model_dirs["llama"])
+    wide = {"model.layers.5.mlp.up_proj.weight": state["model.layers.0.mlp.up_proj.weight"]}
+    save_patch(make_patch(wide, list(wide))[0], tmp_path / "other.patch.safetensors")
+    _refused(art, tmp_path / "other.patch.safetensors", "lacks")
+
+
+def test_cli_refuses_truncated_external_data(art_and_patch):
+    art, patch_file = art_and_patch
+    with open(art / "model.onnx.data", "r+b") as f:
+        f.truncate(4096)
+    _refused(art, patch_file, "truncated")
+
+
+def test_cli_refuses_missing_external_data(art_and_patch):
+    art, patch_file = art_and_patch
+    (art / "model.onnx.data").unlink()
+    _refused(art, patch_file, "missing")
+
+
+def test_cli_refuses_a_model_file_that_is_not_onnx(art_and_patch):
+    art, patch_file = art_and_patch
+    (art / "model.onnx").write_text("not a graph\n")
+    _refused(art, patch_file, "not an ONNX model")
+
+
+def test_merge_with_onnx_writes_a_patched_artifact_matching_the_merged_checkpoint(llama_onnx, tiny_model_dirs, tmp_path):
+    from test_patch_fixtures import make_adapter
+
+    adapter = make_adapter(tiny_model_dirs["llama"], tmp_path / "adapter", tau=0.25, scale=0.05)
+    result = cli("merge", "--base", tiny_model_dirs["llama"], "--adapter", adapter, "--out", tmp_path / "merged",
+                 "--onnx", llama_onnx)
+    assert result.exit_code == 0, result.output
+    inputs = example_inputs(128)
+    got = run(create_session(tmp_path / "merged" / "onnx"), inputs)
+    want = reference_logits(tmp_path / "merged", {}, inputs)
+    base = reference_logits(tiny_model_dirs["llama"], {}, inputs)
+    diff = masked_max_diff(got, want, inputs["attention_mask"])
+    assert diff <= MAX_LOGIT_DIFF
+    assert masked_max_diff(want, base, inputs["attention_mask"]) > 100 * diff
