@@ -212,3 +212,14 @@ def test_fuzzed_metadata_with_valid_checksum_raises_only_input_error(tmp_path, f
         load_patch(_crafted(tmp_path, lambda e: e.update({field: value})))
     except InputError:
         pass
+
+
+def test_unbacked_huge_claims_are_refused_before_allocating(tmp_path):
+    """A header claiming a huge rect tensor with no mask and all-zero value planes: refused, not allocated."""
+    def lie(e):
+        e["shape"] = [1 << 20, 1 << 20]
+        e["nnz"] = 1 << 39
+        e["planes"] = "zz"
+        e["encoding"] = "rect"
+    with pytest.raises(InputError, match="planes"):
+        load_patch(_crafted(tmp_path, lie))

@@ -387,6 +387,19 @@ def decode_tensor(entry, arrays: dict[str, np.ndarray], used: set[str]) -> Tenso
         raise _Bad(f"tensor {name}: {err}") from None
 
 
+def _check_planes_backed(arrays, key: str, planes, n: int, width: int) -> None:
+    """Before allocating anything of size n: some value plane must physically hold n bytes (or n bits)."""
+    _need(isinstance(planes, str) and len(planes) == width and set(planes) <= set("zds"),
+          f"'planes' must be {width} characters of z/d/s")
+    _need(planes != "z" * width, "all value planes are empty (a patch changes every element it stores)")
+    for b, mode in enumerate(planes):
+        if mode == "d":
+            _need(f"{key}.v{b}" in arrays and arrays[f"{key}.v{b}"].size == n, f"value plane {b} does not hold {n} values")
+        if mode == "s":
+            _need(f"{key}.m{b}" in arrays and arrays[f"{key}.m{b}"].size == _packed_size(n),
+                  f"value plane {b} mask does not cover {n} values")
+
+
 def _decode_tensor(entry: dict, arrays, used) -> TensorPatch:
     key, shape, dtype_name, nnz = entry.get("key"), entry.get("shape"), entry.get("dtype"), entry.get("nnz")
     _need(isinstance(key, str) and key.isdigit(), "bad 'key'")
@@ -404,15 +417,7 @@ def _decode_tensor(entry: dict, arrays, used) -> TensorPatch:
           "fingerprints missing or not sha256 hex")
     enc = entry.get("encoding")
     width = BITS_DTYPE[dtype].itemsize
-    if enc == "dense":
-        # Dense values are physically numel bytes per plane: check before allocating.
-        for b, mode in enumerate(str(entry.get("planes", ""))[:width]):
-            if mode == "d":
-                _need(f"{key}.v{b}" in arrays and arrays[f"{key}.v{b}"].size == numel, "dense plane size != numel")
-            if mode == "s":
-                _need(f"{key}.m{b}" in arrays and arrays[f"{key}.m{b}"].size == _packed_size(numel),
-                      "dense plane mask size != numel")
-        _need(any(m != "z" for m in str(entry.get("planes", ""))), "dense tensor with all-zero planes")
+    _check_planes_backed(arrays, key, entry.get("planes"), numel if enc == "dense" else nnz, width)
     flat = _decode_positions(arrays, key, enc, tuple(shape), nnz, used)
     n = numel if flat is None else nnz
     xor = _decode_planes(arrays, key, entry.get("planes"), n, width, used)
