@@ -30,10 +30,12 @@ class RoseLoraConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "Adam weight decay."})
     clamp: float | None = field(
         default=3e-3,
-        metadata={"help": "Norm constraint: clamp every A and B entry to +-clamp after each prune (ft-l: |W - W0| <= clamp); None = off."},
+        metadata={"help": "Norm constraint: clamp every A and B entry to +-clamp after each prune (ft-l: |W - W0| <= clamp; "
+                         "the dense lora baseline has none); None = off."},
     )
     early_stop_loss: float | None = field(
-        default=0.1, metadata={"help": "Stop once past t_f and the loss is below this; None = off."}
+        default=0.1,
+        metadata={"help": "Stop once the loss is below this (roselora: only once past t_f, so pruning is complete); None = off."},
     )
     seed: int = field(default=0, metadata={"help": "Seed for the adapter initialisation, dropout and data order."})
 
