@@ -198,3 +198,30 @@ def test_out_dir_that_is_not_empty_is_refused(base_onnx, tiny_model_dirs, tmp_pa
     with pytest.raises(InputError, match="not an empty directory"):
         apply_to_onnx_dir(base_onnx / "llama", [patch_for(tiny_model_dirs, "llama")[0]], tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["x"]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_checkpoint_exports_in_its_dtype_and_patches_bit_exact(tmp_path, dtype):
+    import torch
+    from tiny_models import save_model_dir, tiny_llama
+
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    model_dir = save_model_dir(tiny_llama(seed=5).to(torch_dtype), tmp_path / "model")
+    report = export_onnx(model_dir, tmp_path / "onnx")
+    assert report["dtype"] == {"fp16": "F16", "bf16": "BF16"}[dtype]
+    state = base_state(model_dir)
+    patch, patched = make_patch(state, PATCH_KEYS["llama"][:2], scale=0.05)
+    apply_to_onnx_dir(tmp_path / "onnx", [patch], None, in_place=True)
+    from roselora_export.onnx.names import open_artifact
+    from roselora_export.patch.model import tensor_bits
+
+    art = open_artifact(tmp_path / "onnx")
+    data = (tmp_path / "onnx" / "model.onnx.data").read_bytes()
+    for key, value in patched.items():
+        loc = art.target(key).location
+        assert data[loc.offset: loc.offset + loc.length] == tensor_bits(value).tobytes()
+    apply_to_onnx_dir(tmp_path / "onnx", [patch], None, in_place=True, revert=True)
+    for key in patched:
+        loc = art.target(key).location
+        data = (tmp_path / "onnx" / "model.onnx.data").read_bytes()
+        assert data[loc.offset: loc.offset + loc.length] == tensor_bits(state[key]).tobytes()

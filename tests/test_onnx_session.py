@@ -89,3 +89,19 @@ def test_patch_for_another_base_is_rejected(base_onnx, tiny_model_dirs):
     other = {k: v * 2 for k, v in base_state(tiny_model_dirs["bert"]).items()}
     with pytest.raises(InputError, match="sha256 mismatch"):
         create_session(base_onnx / "bert", [make_patch(other, PATCH_KEYS["bert"])[0]])
+
+
+def test_fp16_session_overrides_equal_the_patched_file(tiny_model_dirs, tmp_path):
+    import torch
+    from tiny_models import save_model_dir, tiny_llama
+
+    from roselora_export.onnx.patching import apply_to_onnx_dir
+
+    model_dir = save_model_dir(tiny_llama(seed=6).to(torch.float16), tmp_path / "model")
+    export_onnx(model_dir, tmp_path / "onnx", check_runtime=False)
+    patch, _ = make_patch(base_state(model_dir), PATCH_KEYS["llama"][:2], scale=0.05)
+    apply_to_onnx_dir(tmp_path / "onnx", [patch], tmp_path / "patched")
+    inputs = example_inputs(128)
+    by_session = run(create_session(tmp_path / "onnx", [patch]), inputs)
+    by_file = run(create_session(tmp_path / "patched"), inputs)
+    assert by_session.dtype == by_file.dtype and (by_session == by_file).all()

@@ -42,5 +42,5 @@ def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, che
         click.echo(f"tied: {', '.join(report['tied'])}")
     if report["unmapped"]:
         click.echo(f"not in the graph (cannot be patched): {', '.join(report['unmapped'])}")
-    click.echo(f"onnxruntime vs PyTorch max |logit diff|: {'not checked' if diff is None else f'{diff:.3g}'}; "
+    click.echo(f"onnxruntime vs PyTorch max |logit diff|: {report['runtime_check'] if diff is None else f'{diff:.3g}'}; "
                f"{report['total_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB")

@@ -41,7 +41,9 @@ def default_providers() -> list[str]:
     """CUDA when this onnxruntime build has it and a GPU is present, else CPU."""
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+    # A CPU-only torch cannot see the GPU, so then look for the NVIDIA driver's device node instead.
+    gpu = torch.cuda.is_available() or (torch.version.cuda is None and Path("/dev/nvidiactl").exists())
+    if "CUDAExecutionProvider" in ort.get_available_providers() and gpu:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
