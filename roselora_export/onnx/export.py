@@ -263,8 +263,10 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
         tensors[key] = entry
     # A parameter with no initializer is unused by the graph (or inlined, which do_constant_folding=False
     # avoids): names.json says so, and a patch naming it is refused rather than silently dropped.
-    taken = {t.name for t in onnx_model.graph.initializer} | {o for n in onnx_model.graph.node for o in n.output}
-    clashes = [new for old, new in renames.items() if new in taken and new not in renames.values()]
+    new_names = set(renames.values())
+    others = ({t.name for t in onnx_model.graph.initializer if t.name not in new_names}
+              | {o for n in onnx_model.graph.node for o in n.output} | {i.name for i in onnx_model.graph.input})
+    clashes = sorted(new_names & others)
     if clashes:
         raise RuntimeError(f"cannot rename initializers to state-dict keys, names taken: {clashes[:5]}")
     _rename_inputs(onnx_model.graph, renames)
