@@ -56,7 +56,7 @@ def _ort_value(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]):
     return ort.OrtValue.ortvalue_from_numpy(bits.view({torch.float32: np.float32, torch.float16: np.float16}[dtype]).reshape(shape))
 
 
-def _session_options(level, disabled_optimizers: Sequence[str], threads: int | None):
+def _session_options(level, threads: int | None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -98,7 +98,7 @@ def check_overrides_take_effect(providers: Sequence[str], level, disabled_optimi
     with tempfile.TemporaryDirectory(prefix="roselora-canary-") as tmp:
         path = os.path.join(tmp, "canary.onnx")
         onnx.save_model(model, path, save_as_external_data=True, location="canary.data", size_threshold=0)
-        so = _session_options(level, disabled_optimizers, 1)
+        so = _session_options(level, 1)
         value = ort.OrtValue.ortvalue_from_numpy(new_w)
         _add_overrides(so, ["w"], [value], api)
         sess = ort.InferenceSession(path, so, providers=list(providers), disabled_optimizers=list(disabled_optimizers))
@@ -137,7 +137,7 @@ def create_session(onnx_dir: str | os.PathLike, patches: Sequence[Patch] = (), *
         values.append(_ort_value(t.bits, loc.dtype, loc.shape))
     if verify and names:
         check_overrides_take_effect(providers, level, disabled_optimizers, override_api)
-    so = _session_options(level, disabled_optimizers, threads)
+    so = _session_options(level, threads)
     if names:
         _add_overrides(so, names, values, override_api)
     session = ort.InferenceSession(str(Path(onnx_dir) / artifact.names.get("model_file", MODEL_FILE)), so,
