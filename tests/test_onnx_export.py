@@ -110,3 +110,28 @@ def test_cli_json_report(tiny_model_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["task"] == "causal-lm" and report["max_abs_logit_diff"] is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_kv_cache_graph_decodes_incrementally_like_pytorch(tiny_model_dirs, tmp_path, arch):
+    report = export_onnx(tiny_model_dirs[arch], tmp_path / "kv", kv_cache=True)
+    assert report["max_abs_logit_diff"] <= MAX_LOGIT_DIFF
+    names = json.loads((tmp_path / "kv" / "names.json").read_text())
+    past_names = names["inputs"][2:]
+    geo = names["kv_cache"]
+    assert len(past_names) == 2 * geo["layers"]
+    sess = ort.InferenceSession(str(tmp_path / "kv" / "model.onnx"), providers=["CPUExecutionProvider"])
+    full = example_inputs(128, batch=1, seq=9)["input_ids"]
+    empty = np.zeros((1, geo["kv_heads"], 0, geo["head_dim"]), np.float32)
+    first = sess.run(None, {"input_ids": full[:, :6], "attention_mask": np.ones((1, 6), np.int64),
+                            **{n: empty for n in past_names}})
+    second = sess.run(None, {"input_ids": full[:, 6:], "attention_mask": np.ones((1, 9), np.int64),
+                             **dict(zip(past_names, first[1:]))})
+    want = reference_logits(tiny_model_dirs[arch], {}, {"input_ids": full, "attention_mask": np.ones_like(full)})
+    assert np.abs(np.concatenate([first[0], second[0]], axis=1) - want).max() <= MAX_LOGIT_DIFF
+
+
+def test_kv_cache_is_refused_for_sequence_classification(tiny_model_dirs, tmp_path):
+    result = CliRunner().invoke(main, ["export-onnx", "--model", str(tiny_model_dirs["bert"]), "--out",
+                                       str(tmp_path / "o"), "--kv-cache"])
+    assert result.exit_code == 2 and "causal LM" in result.output

@@ -105,3 +105,20 @@ def test_fp16_session_overrides_equal_the_patched_file(tiny_model_dirs, tmp_path
     by_session = run(create_session(tmp_path / "onnx", [patch]), inputs)
     by_file = run(create_session(tmp_path / "patched"), inputs)
     assert by_session.dtype == by_file.dtype and (by_session == by_file).all()
+
+
+def test_kv_cache_session_with_patch_matches_the_pytorch_merged_model(tiny_model_dirs, tmp_path):
+    import json
+
+    import numpy as np
+
+    export_onnx(tiny_model_dirs["llama"], tmp_path / "kv", kv_cache=True, check_runtime=False)
+    names = json.loads((tmp_path / "kv" / "names.json").read_text())
+    geo = names["kv_cache"]
+    patch, patched = make_patch(base_state(tiny_model_dirs["llama"]), PATCH_KEYS["llama"])
+    inputs = example_inputs(128)
+    empty = np.zeros((inputs["input_ids"].shape[0], geo["kv_heads"], 0, geo["head_dim"]), np.float32)
+    session = create_session(tmp_path / "kv", [patch])
+    got = session.run(["logits"], {**inputs, **{n: empty for n in names["inputs"][2:]}})[0]
+    want = reference_logits(tiny_model_dirs["llama"], patched, inputs)
+    assert masked_max_diff(got, want, inputs["attention_mask"]) <= MAX_LOGIT_DIFF

@@ -17,10 +17,14 @@ from . import main
               help="Graph interface: causal-lm gives logits per token, sequence-classification per sequence; "
                    "auto reads config.json's architectures.")
 @click.option("--opset", type=int, default=17, help="ONNX opset version.")
+@click.option("--kv-cache", is_flag=True,
+              help="Causal LMs: also take past_key_values.{i}.key/value and return present.{i}.key/value, "
+                   "for incremental decoding (attention_mask then spans past + new tokens).")
 @click.option("--check/--no-check", default=True,
               help="Run the exported graph in onnxruntime on a new shape and compare logits with PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, check: bool, as_json: bool) -> None:
+def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, kv_cache: bool, check: bool,
+                        as_json: bool) -> None:
     """Export a model to ONNX once, so patches can later be applied to it without re-exporting.
 
     The graph takes input_ids and attention_mask (dynamic batch and sequence) and returns logits.
@@ -31,7 +35,7 @@ def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, che
     from ..onnx.export import export_onnx
 
     click.echo(f"exporting {model_dir} (legacy exporter, about 12 s for a 135M model) ...", err=True)
-    report = export_onnx(model_dir, out_dir, task=task, opset=opset, check_runtime=check)
+    report = export_onnx(model_dir, out_dir, task=task, opset=opset, kv_cache=kv_cache, check_runtime=check)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

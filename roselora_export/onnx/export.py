@@ -55,6 +55,62 @@ class _LogitsOnly(torch.nn.Module):
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
 
+class _WithCache(torch.nn.Module):
+    """(input_ids, attention_mask over past+new, past key/value per layer) -> logits, present key/values.
+
+    The cache travels as plain tensors, [batch, kv_heads, past, head_dim] each, so the legacy exporter
+    can trace it; inside, a DynamicCache is rebuilt from them (an empty past works: length 0).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        setattr(self, _PREFIX, model)
+        self.layers = int(model.config.num_hidden_layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+        from transformers import DynamicCache
+
+        model = getattr(self, _PREFIX)
+        cache = DynamicCache(config=model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers[: self.layers]:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def _cache_geometry(config) -> dict:
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return {"layers": int(config.num_hidden_layers), "kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def _graph_io(config, kv_cache: bool) -> tuple[list[str], list[str], dict]:
+    """Input names, output names and dynamic axes of the exported graph."""
+    inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch", 1: "sequence"}}
+    if kv_cache:
+        axes["attention_mask"] = {0: "batch", 1: "total_sequence"}
+        for i in range(int(config.num_hidden_layers)):
+            for kind in ("key", "value"):
+                inputs.append(f"past_key_values.{i}.{kind}")
+                outputs.append(f"present.{i}.{kind}")
+                axes[inputs[-1]] = {0: "batch", 2: "past_sequence"}
+                axes[outputs[-1]] = {0: "batch", 2: "total_sequence"}
+    return inputs, outputs, axes
+
+
+def _empty_past(config, batch: int, past: int, dtype: torch.dtype, gen: torch.Generator | None = None) -> list[torch.Tensor]:
+    g = _cache_geometry(config)
+    shape = (batch, g["kv_heads"], past, g["head_dim"])
+    return [torch.randn(shape, generator=gen).to(dtype) if gen is not None else torch.zeros(shape, dtype=dtype)
+            for _ in range(2 * g["layers"])]
+
+
 def _is_causal(model) -> bool:
     return not type(model).__name__.endswith("ForSequenceClassification")
 
@@ -141,23 +197,28 @@ def _verify_from_files(out: Path, names: dict, state: dict[str, torch.Tensor]) -
     return checked
 
 
-def _runtime_check(out: Path, inputs: tuple[torch.Tensor, torch.Tensor], expected: torch.Tensor) -> float:
+def _runtime_check(out: Path, inputs: tuple[torch.Tensor, torch.Tensor], expected: torch.Tensor,
+                   past: list[torch.Tensor], past_names: list[str]) -> float:
     """Max abs difference between onnxruntime's logits and PyTorch's on the same inputs (another shape than traced)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(out / MODEL_FILE), so, providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"input_ids": inputs[0].numpy(), "attention_mask": inputs[1].numpy()})[0]
+    feeds = {"input_ids": inputs[0].numpy(), "attention_mask": inputs[1].numpy()}
+    feeds.update({name: t.numpy() for name, t in zip(past_names, past)})
+    got = sess.run(["logits"], feeds)[0]
     return float(np.abs(got.astype(np.float64) - expected.float().numpy()).max())
 
 
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, task: str = "auto", opset: int = 17,
-                check_runtime: bool = True, seed: int = 0) -> dict:
+                kv_cache: bool = False, check_runtime: bool = True, seed: int = 0) -> dict:
     """Export a local HF model to `out_dir` (model.onnx + aligned model.onnx.data + names.json); returns a report.
 
-    Inputs input_ids and attention_mask (int64, dynamic batch and sequence), output logits. Nothing is
-    written at `out_dir` unless the whole export and its checks succeed.
+    Inputs input_ids and attention_mask (int64, dynamic batch and sequence), output logits. With
+    kv_cache (causal LMs), also past_key_values.{i}.key/value in and present.{i}.key/value out, and
+    attention_mask spans past + new tokens. Nothing is written at `out_dir` unless the whole export
+    and its checks succeed.
     """
     t0 = time.perf_counter()
     model_dir, out = check_model_dir(model_dir), Path(out_dir)
@@ -166,6 +227,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out}: exists and is not an empty directory; choose a new path")
     task = detect_task(model_dir) if task == "auto" else task
+    if kv_cache and task != "causal-lm":
+        raise InputError(f"--kv-cache needs a causal LM; {model_dir} is exported as {task}")
     dtype = _checkpoint_dtype(model_dir)
     model = load_model(model_dir, task=task, dtype=dtype)
     phases = {"load_s": time.perf_counter() - t0}
@@ -173,6 +236,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
         model.set_attn_implementation("eager")  # plain ops: exports everywhere, runs on every provider
     model.config.use_cache = False
     wrapper = _LogitsOnly(model).eval()
+    traced = _WithCache(model).eval() if kv_cache else wrapper
+    input_names, output_names, dynamic_axes = _graph_io(model.config, kv_cache)
 
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     # Keys sharing storage are one tensor (tied weights): the first key in state-dict order is canonical,
@@ -203,11 +268,13 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                ids, mask = _example_inputs(model.config, 2, 8, seed)
+                past = _empty_past(model.config, 2, 3, dtype, gen) if kv_cache else []
+                if kv_cache:  # the mask covers the 3 past positions too
+                    mask = torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], dim=1)
                 torch.onnx.export(
-                    wrapper, _example_inputs(model.config, 2, 8, seed), buf, dynamo=False,
-                    do_constant_folding=False, opset_version=opset,
-                    input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                    dynamic_axes={n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask", "logits")},
+                    traced, (ids, mask, *past), buf, dynamo=False, do_constant_folding=False, opset_version=opset,
+                    input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
                 )
         finally:
             for name, p in params.items():
@@ -273,7 +340,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
 
     names = {
         "format": NAMES_FORMAT, "model_file": MODEL_FILE, "data_file": DATA_FILE, "task": task,
-        "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"], "opset": opset,
+        "inputs": input_names, "outputs": output_names, "opset": opset,
+        "kv_cache": _cache_geometry(model.config) if kv_cache else None,
         "exporter": f"torch {torch.__version__} legacy, do_constant_folding=False",
         "source": str(model_dir), "dtype": DTYPE_NAMES.get(dtype), "tensors": tensors,
     }
@@ -295,7 +363,9 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
         # onnxruntime's CPU provider has no bf16 kernels for several ops (Where, ...): such graphs are
         # written and verified by value, but not run here.
         ran = check_runtime and dtype != torch.bfloat16
-        diff = _runtime_check(tmp, check_inputs, expected) if ran else None
+        past_names = input_names[2:]
+        empty = _empty_past(model.config, check_inputs[0].shape[0], 0, dtype) if kv_cache else []
+        diff = _runtime_check(tmp, check_inputs, expected, empty, past_names) if ran else None
         if diff is not None and dtype == torch.float32 and diff > 1e-3:
             raise RuntimeError(f"export check failed: onnxruntime logits differ from PyTorch by {diff:.3g}")
         phases["ort_check_s"] = time.perf_counter() - t_check
@@ -305,7 +375,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
-        "out": str(out), "task": task, "dtype": DTYPE_NAMES.get(dtype), "opset": opset,
+        "out": str(out), "task": task, "kv_cache": kv_cache, "dtype": DTYPE_NAMES.get(dtype), "opset": opset,
         "initializers": len(found), "state_dict_keys": len(tensors), "verified_by_value": verified,
         "tied": sorted(k for k, e in tensors.items() if "tied_to" in e),
         "unmapped": sorted(k for k, e in tensors.items() if e["initializer"] is None),
