@@ -33,15 +33,13 @@ def _sparse(rows: int, cols: int, keep: int, along_rows: bool, gen: torch.Genera
 
 def write_synthetic_adapter(model_dir: Path, out: Path, *, r: int = 8, tau: float = 0.05, alpha: int = 32,
                             targets=("q_proj", "v_proj"), seed: int = 0) -> Path:
-    from safetensors import safe_open
+    from roselora_export.checkpoint import open_model_dir
 
     gen = torch.Generator().manual_seed(seed)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    shapes = {}
-    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        for k in f.keys():
-            if k.endswith(".weight") and any(f".{t}." in k for t in targets):
-                shapes[k] = tuple(f.get_slice(k).get_shape())
+    model = open_model_dir(model_dir)
+    cfg = model.config
+    shapes = {k: model.locations[k][1].shape for k in model.keys()
+              if k.endswith(".weight") and any(f".{t}." in k for t in targets)}
     tensors = {}
     for key, (d_out, d_in) in sorted(shapes.items()):
         module = "base_model.model." + key[: -len(".weight")]

@@ -223,3 +223,27 @@ def test_unbacked_huge_claims_are_refused_before_allocating(tmp_path):
         e["encoding"] = "rect"
     with pytest.raises(InputError, match="planes"):
         load_patch(_crafted(tmp_path, lie))
+
+
+def _replace_plane(tmp_path, packed: bytes):
+    """Swap tensor 0's first value plane for a zlib stream (declared as U8 in the entry's 'zlib' map)."""
+    def arrays(a):
+        for k in [k for k in a if k.startswith("0.v0")]:
+            del a[k]
+        a["0.v0.z"] = np.frombuffer(packed, np.uint8)
+    def entry(e):
+        e["zlib"] = {**e.get("zlib", {}), "v0": "|u1"}
+        e["planes"] = "d" + e["planes"][1:]
+    return _crafted(tmp_path, entry, arrays)
+
+
+def test_zlib_bomb_is_refused_within_the_allocation_budget(tmp_path):
+    import zlib
+
+    with pytest.raises(InputError, match="budget|claims far more"):
+        load_patch(_replace_plane(tmp_path, zlib.compress(b"\0" * (100 << 20), 9)))
+
+
+def test_invalid_zlib_stream_is_refused(tmp_path):
+    with pytest.raises(InputError, match="zlib"):
+        load_patch(_replace_plane(tmp_path, b"\x78\x9c not zlib at all"))

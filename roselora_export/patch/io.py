@@ -16,6 +16,7 @@ import json
 import os
 import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,9 @@ MAX_HEADER_BYTES = 64 << 20  # a real header is kilobytes; anything beyond this 
 MAX_NUMEL = 1 << 40  # per tensor; larger shapes are not real model tensors
 MAX_NDIM = 8
 MAX_RECTS = 1 << 16
+ALLOC_FACTOR = 256  # the reader allocates at most this many times the file size, plus ALLOC_SLACK
+ALLOC_SLACK = 64 << 20
+ELEMENT_COST, CANDIDATE_COST = 24, 16  # bytes the reader charges per stored element / rectangle candidate
 UINTS = (np.dtype("<u1"), np.dtype("<u2"), np.dtype("<u4"), np.dtype("<u8"))
 _HEX = set("0123456789abcdef")
 
@@ -90,6 +94,24 @@ def _encode_planes(xor: np.ndarray, key: str) -> tuple[str, dict[str, np.ndarray
             modes.append("d")
             arrays[f"{key}.v{b}"] = plane
     return "".join(modes), arrays
+
+
+def _deflate(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Store each array raw, or zlib-compressed under `name.z` when that saves bytes.
+
+    zlib (stdlib) rather than own entropy coding: the byte planes of XOR values and the index
+    streams have skewed byte statistics that deflate's Huffman stage captures well.
+    """
+    stored, dtypes = {}, {}
+    for k, a in arrays.items():
+        raw = np.ascontiguousarray(a).tobytes()
+        packed = zlib.compress(raw, 9)
+        if len(packed) + 16 < len(raw):
+            stored[k + ".z"] = np.frombuffer(packed, np.uint8)
+            dtypes[k.split(".", 1)[1]] = a.dtype.str
+        else:
+            stored[k] = a
+    return stored, dtypes
 
 
 def _nbytes(arrays: dict[str, np.ndarray]) -> int:
@@ -159,7 +181,19 @@ def encode_tensor(tp: TensorPatch, key: str) -> tuple[dict, dict[str, np.ndarray
         full[tp.flat_index] = tp.xor_bits
         dplanes, dvalues = _encode_planes(full, key)
         options.append(("dense", {}, dplanes, dvalues))
-    enc, pos, planes, values = min(options, key=lambda o: _nbytes(o[1]) + _nbytes(o[3]))
+    packed = []
+    for enc, pos, planes, vals in options:
+        arrays = {**pos, **vals}
+        # What the reader will charge to its allocation budget for this tensor; compression must not
+        # shrink the tensor below its share of that budget (only pathological, constant data would).
+        charge = ELEMENT_COST * (tp.numel if enc == "dense" else tp.nnz)
+        if enc == "rect":
+            charge += CANDIDATE_COST * int(pos[f"{key}.rsz"].astype(np.int64).reshape(-1, 2).prod(axis=1).sum())
+        stored, zdtypes = _deflate(arrays)
+        if _nbytes(stored) * ALLOC_FACTOR < charge:
+            stored, zdtypes = arrays, {}
+        packed.append((enc, stored, zdtypes, planes))
+    enc, stored, zdtypes, planes = min(packed, key=lambda o: _nbytes(o[1]))
     entry = {
         "key": key,
         "name": tp.name,
@@ -175,7 +209,9 @@ def encode_tensor(tp: TensorPatch, key: str) -> tuple[dict, dict[str, np.ndarray
             "patched_touched": tp.patched_touched_sha256,
         },
     }
-    return entry, {**pos, **values}
+    if zdtypes:
+        entry["zlib"] = zdtypes
+    return entry, stored
 
 
 def _checksum(tensors_json: str, provenance_json: str, arrays: dict[str, np.ndarray]) -> str:
@@ -243,8 +279,58 @@ def _need(cond: bool, msg: str) -> None:
         raise _Bad(msg)
 
 
-def _uint_array(arrays: dict[str, np.ndarray], key: str, length: int | None = None) -> np.ndarray:
-    _need(key in arrays, f"array {key!r} is missing")
+class _Store:
+    """The file's arrays, decompressing `name.z` on first use, within one allocation budget.
+
+    The budget (ALLOC_FACTOR x the file size, plus ALLOC_SLACK) bounds every byte the decoder allocates:
+    decompressed arrays and the per-element work of each tensor are charged to it before they are
+    made, so no header claim and no zlib stream can make the reader allocate much more than the
+    file's own size.
+    """
+
+    def __init__(self, raw: dict[str, np.ndarray], file_bytes: int):
+        self.raw = raw
+        self.budget = ALLOC_FACTOR * file_bytes + ALLOC_SLACK
+        self.used: set[str] = set()
+        self.cache: dict[str, np.ndarray] = {}
+        self.zdtypes: dict[str, str] = {}  # of the tensor being decoded
+
+    def charge(self, nbytes: int, what: str) -> None:
+        _need(nbytes <= self.budget, f"{what} claims far more data than the file holds (corrupt or hostile header)")
+        self.budget -= nbytes
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.raw or key + ".z" in self.raw
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key in self.cache:
+            return self.cache[key]
+        if key in self.raw:
+            self.used.add(key)
+            a = self.raw[key]
+        else:
+            _need(key + ".z" in self.raw, f"array {key!r} is missing")
+            self.used.add(key + ".z")
+            packed = self.raw[key + ".z"]
+            field = key.split(".", 1)[1]
+            dt = self.zdtypes.get(field)
+            _need(packed.dtype == np.uint8 and packed.ndim == 1, f"array {key}.z must be 1-D U8")
+            _need(dt in {u.str for u in UINTS}, f"array {key}.z has no valid dtype in the entry's 'zlib' map")
+            d = zlib.decompressobj()
+            try:
+                out = d.decompress(packed.tobytes(), self.budget + 1)
+            except zlib.error as err:
+                raise _Bad(f"array {key}.z is not valid zlib data ({err})") from None
+            _need(len(out) <= self.budget and d.eof and not d.unconsumed_tail and not d.unused_data,
+                  f"array {key}.z is truncated, has trailing data, or decompresses past its budget")
+            self.charge(len(out), f"array {key}.z")
+            _need(len(out) % np.dtype(dt).itemsize == 0, f"array {key}.z does not hold whole {dt} values")
+            a = np.frombuffer(out, np.dtype(dt))
+        self.cache[key] = a
+        return a
+
+
+def _uint_array(arrays: _Store, key: str, length: int | None = None) -> np.ndarray:
     a = arrays[key]
     _need(a.dtype in UINTS and a.ndim == 1, f"array {key!r} must be a 1-D unsigned integer array")
     if length is not None:
@@ -252,7 +338,7 @@ def _uint_array(arrays: dict[str, np.ndarray], key: str, length: int | None = No
     return a
 
 
-def _unpack_mask(arrays: dict[str, np.ndarray], key: str, n: int) -> np.ndarray:
+def _unpack_mask(arrays: _Store, key: str, n: int) -> np.ndarray:
     m = _uint_array(arrays, key, _packed_size(n))
     _need(m.dtype == np.uint8, f"array {key!r} must be U8")
     bits = np.unpackbits(m, bitorder="little", count=n).astype(bool)
@@ -260,9 +346,7 @@ def _unpack_mask(arrays: dict[str, np.ndarray], key: str, n: int) -> np.ndarray:
     return bits
 
 
-def _decode_planes(arrays, key: str, planes: str, n: int, width: int, used: set[str]) -> np.ndarray:
-    _need(isinstance(planes, str) and len(planes) == width and set(planes) <= set("zds"),
-          f"'planes' must be {width} characters of z/d/s")
+def _decode_planes(arrays: _Store, key: str, planes: str, n: int, width: int) -> np.ndarray:
     out = np.zeros(n, np.dtype(f"<u{width}"))
     for b, mode in enumerate(planes):
         if mode == "z":
@@ -271,13 +355,11 @@ def _decode_planes(arrays, key: str, planes: str, n: int, width: int, used: set[
             plane = _uint_array(arrays, f"{key}.v{b}", n)
         else:
             nz = _unpack_mask(arrays, f"{key}.m{b}", n)
-            used.add(f"{key}.m{b}")
             vals = _uint_array(arrays, f"{key}.v{b}", int(nz.sum()))
             _need(bool(np.all(vals != 0)), f"sparse plane {key}.v{b} stores a zero byte")
             plane = np.zeros(n, np.uint8)
             plane[nz] = vals
         _need(plane.dtype == np.uint8, f"array {key}.v{b} must be U8")
-        used.add(f"{key}.v{b}")
         out |= plane.astype(out.dtype) << np.array(8 * b, out.dtype)
     return out
 
@@ -286,7 +368,12 @@ def _check_increasing(idx: np.ndarray, what: str) -> None:
     _need(idx.size < 2 or bool(np.all(idx[1:] > idx[:-1])), f"{what}: indices are not strictly increasing")
 
 
-def _decode_positions(arrays, key: str, enc: str, shape, nnz: int, used: set[str]) -> np.ndarray | None:
+def _split(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    offsets = np.concatenate(([0], np.cumsum(sizes)))
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(sizes.size)]
+
+
+def _decode_positions(arrays: _Store, key: str, enc: str, shape, nnz: int) -> np.ndarray | None:
     """Flat indices of the stored values (None for dense: every element)."""
     nrows, ncols = matrix_shape(shape)
     if enc == "dense":
@@ -294,7 +381,6 @@ def _decode_positions(arrays, key: str, enc: str, shape, nnz: int, used: set[str
     if enc == "csr":
         rows = _uint_array(arrays, f"{key}.rows").astype(np.int64)
         cnt = _uint_array(arrays, f"{key}.cnt", rows.size).astype(np.int64)
-        used.update({f"{key}.rows", f"{key}.cnt"})
         _need(rows.size == 0 or int(rows.max()) < nrows, f"row index out of range (rows={nrows})")
         _check_increasing(rows, "touched rows")
         _need(bool(np.all(cnt >= 1)) and bool(np.all(cnt <= ncols)) and int(cnt.sum()) == nnz,
@@ -304,7 +390,6 @@ def _decode_positions(arrays, key: str, enc: str, shape, nnz: int, used: set[str
         starts[np.concatenate(([0], np.cumsum(cnt)[:-1]))] = True
         if f"{key}.gap" in arrays:
             gaps = _uint_array(arrays, f"{key}.gap", nnz).astype(np.int64)
-            used.add(f"{key}.gap")
             _need(bool(np.all(gaps[~starts] >= 1)), "column gaps must be positive within a row")
             seg = np.cumsum(starts) - 1
             csum = np.cumsum(gaps)
@@ -312,7 +397,6 @@ def _decode_positions(arrays, key: str, enc: str, shape, nnz: int, used: set[str
             cols = csum - before[seg]
         else:
             cols = _uint_array(arrays, f"{key}.col", nnz).astype(np.int64)
-            used.add(f"{key}.col")
         _need(nnz == 0 or int(cols.max()) < ncols, f"column index out of range (columns={ncols})")
         flat = row_of * ncols + cols
         _check_increasing(flat, "columns within a row")
@@ -323,34 +407,19 @@ def _decode_positions(arrays, key: str, enc: str, shape, nnz: int, used: set[str
         sizes = sizes.reshape(-1, 2)
         rr = _uint_array(arrays, f"{key}.rr", int(sizes[:, 0].sum())).astype(np.int64)
         rc = _uint_array(arrays, f"{key}.rc", int(sizes[:, 1].sum())).astype(np.int64)
-        used.update({f"{key}.rsz", f"{key}.rr", f"{key}.rc"})
         _need(rr.size == 0 or int(rr.max()) < nrows, f"rectangle row out of range (rows={nrows})")
         _need(rc.size == 0 or int(rc.max()) < ncols, f"rectangle column out of range (columns={ncols})")
-        # Bound the candidate count by bytes physically in the file before enumerating anything.
-        if f"{key}.mask" in arrays:
-            bound = 8 * arrays[f"{key}.mask"].size
-        elif f"{key}.hole" in arrays:
-            bound = nnz + arrays[f"{key}.hole"].size
-        else:
-            bound = nnz
         total = int((sizes[:, 0] * sizes[:, 1]).sum())
-        _need(total <= 16 * bound + 1024 and total <= MAX_NUMEL, "rectangles claim far more elements than the file holds")
-        ro = np.concatenate(([0], np.cumsum(sizes[:, 0])))
-        co = np.concatenate(([0], np.cumsum(sizes[:, 1])))
-        rects = []
-        for i in range(sizes.shape[0]):
-            r, c = rr[ro[i]:ro[i + 1]], rc[co[i]:co[i + 1]]
+        arrays.charge(CANDIDATE_COST * total, "rectangles")  # enumerating candidates: int64 indices, sorted
+        rects = list(zip(_split(rr, sizes[:, 0]), _split(rc, sizes[:, 1])))
+        for i, (r, c) in enumerate(rects):
             _check_increasing(r, f"rectangle {i} rows")
             _check_increasing(c, f"rectangle {i} columns")
-            rects.append((r, c))
         cand = rect_candidates(rects, ncols)
         if f"{key}.mask" in arrays:
-            keep = _unpack_mask(arrays, f"{key}.mask", cand.size)
-            used.add(f"{key}.mask")
-            flat = cand[keep]
+            flat = cand[_unpack_mask(arrays, f"{key}.mask", cand.size)]
         elif f"{key}.hole" in arrays:
             holes = _uint_array(arrays, f"{key}.hole").astype(np.int64)
-            used.add(f"{key}.hole")
             _check_increasing(holes, "holes")
             _need(holes.size == 0 or int(holes.max()) < cand.size, "hole index out of range")
             keep = np.ones(cand.size, bool)
@@ -363,44 +432,21 @@ def _decode_positions(arrays, key: str, enc: str, shape, nnz: int, used: set[str
     raise _Bad(f"unknown encoding {enc!r}")
 
 
-def _rects_of(arrays, key: str) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    if f"{key}.rsz" not in arrays:
-        return None
-    sizes = arrays[f"{key}.rsz"].astype(np.int64).reshape(-1, 2)
-    rr, rc = arrays[f"{key}.rr"].astype(np.int64), arrays[f"{key}.rc"].astype(np.int64)
-    ro = np.concatenate(([0], np.cumsum(sizes[:, 0])))
-    co = np.concatenate(([0], np.cumsum(sizes[:, 1])))
-    return [(rr[ro[i]:ro[i + 1]], rc[co[i]:co[i + 1]]) for i in range(sizes.shape[0])]
-
-
 def _is_hex(s, n: int = 64) -> bool:
     return isinstance(s, str) and len(s) == n and set(s) <= _HEX
 
 
-def decode_tensor(entry, arrays: dict[str, np.ndarray], used: set[str]) -> TensorPatch:
+def decode_tensor(entry, arrays: _Store) -> TensorPatch:
     _need(isinstance(entry, dict), "tensor entry is not an object")
     name = entry.get("name")
     _need(isinstance(name, str) and name != "", "tensor entry without a name")
     try:
-        return _decode_tensor(entry, arrays, used)
+        return _decode_tensor(entry, arrays)
     except _Bad as err:
         raise _Bad(f"tensor {name}: {err}") from None
 
 
-def _check_planes_backed(arrays, key: str, planes, n: int, width: int) -> None:
-    """Before allocating anything of size n: some value plane must physically hold n bytes (or n bits)."""
-    _need(isinstance(planes, str) and len(planes) == width and set(planes) <= set("zds"),
-          f"'planes' must be {width} characters of z/d/s")
-    _need(planes != "z" * width, "all value planes are empty (a patch changes every element it stores)")
-    for b, mode in enumerate(planes):
-        if mode == "d":
-            _need(f"{key}.v{b}" in arrays and arrays[f"{key}.v{b}"].size == n, f"value plane {b} does not hold {n} values")
-        if mode == "s":
-            _need(f"{key}.m{b}" in arrays and arrays[f"{key}.m{b}"].size == _packed_size(n),
-                  f"value plane {b} mask does not cover {n} values")
-
-
-def _decode_tensor(entry: dict, arrays, used) -> TensorPatch:
+def _decode_tensor(entry: dict, arrays: _Store) -> TensorPatch:
     key, shape, dtype_name, nnz = entry.get("key"), entry.get("shape"), entry.get("dtype"), entry.get("nnz")
     _need(isinstance(key, str) and key.isdigit(), "bad 'key'")
     _need(isinstance(shape, list) and len(shape) <= MAX_NDIM
@@ -415,18 +461,29 @@ def _decode_tensor(entry: dict, arrays, used) -> TensorPatch:
     sha = entry.get("sha256")
     _need(isinstance(sha, dict) and all(_is_hex(sha.get(k)) for k in ("base", "patched", "base_touched", "patched_touched")),
           "fingerprints missing or not sha256 hex")
-    enc = entry.get("encoding")
+    zmap = entry.get("zlib", {})
+    _need(isinstance(zmap, dict) and all(isinstance(v, str) for v in zmap.values()), "bad 'zlib' map")
+    arrays.zdtypes = zmap
+    enc, planes = entry.get("encoding"), entry.get("planes")
     width = BITS_DTYPE[dtype].itemsize
-    _check_planes_backed(arrays, key, entry.get("planes"), numel if enc == "dense" else nnz, width)
-    flat = _decode_positions(arrays, key, enc, tuple(shape), nnz, used)
-    n = numel if flat is None else nnz
-    xor = _decode_planes(arrays, key, entry.get("planes"), n, width, used)
+    _need(isinstance(planes, str) and len(planes) == width and set(planes) <= set("zds"),
+          f"'planes' must be {width} characters of z/d/s")
+    _need(planes != "z" * width, "all value planes are empty (a patch changes every element it stores)")
+    n = numel if enc == "dense" else nnz
+    arrays.charge(ELEMENT_COST * n, "the tensor's element count")  # flat indices, values and temporaries
+    flat = _decode_positions(arrays, key, enc, tuple(shape), nnz)
+    xor = _decode_planes(arrays, key, planes, n, width)
     if flat is None:
         flat = np.flatnonzero(xor).astype(np.int64)
         xor = xor[flat]
         _need(flat.size == nnz, f"dense values change {flat.size} elements, metadata says nnz={nnz}")
     else:
         _need(bool(np.all(xor != 0)), "a stored element does not change (zero XOR)")
+    rects = None
+    if enc == "rect":
+        sizes = arrays[f"{key}.rsz"].astype(np.int64).reshape(-1, 2)
+        rr, rc = arrays[f"{key}.rr"].astype(np.int64), arrays[f"{key}.rc"].astype(np.int64)
+        rects = list(zip(_split(rr, sizes[:, 0]), _split(rc, sizes[:, 1])))
     return TensorPatch(
         name=entry["name"],
         shape=tuple(shape),
@@ -437,7 +494,7 @@ def _decode_tensor(entry: dict, arrays, used) -> TensorPatch:
         patched_sha256=sha["patched"],
         base_touched_sha256=sha["base_touched"],
         patched_touched_sha256=sha["patched_touched"],
-        rectangles=_rects_of(arrays, key) if enc == "rect" else None,
+        rectangles=rects,
     )
 
 
@@ -471,16 +528,16 @@ def load_patch(path: str | os.PathLike) -> Patch:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(f"{path}: not a readable safetensors patch ({first}); the file is truncated or corrupt") from None
     try:
-        return _decode(metadata, arrays)
+        return _decode(metadata, arrays, path.stat().st_size)
     except _Bad as err:
         raise InputError(f"{path}: {err}") from None
+    except InputError:
+        raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, MemoryError) as err:
-        if isinstance(err, InputError):
-            raise
         raise InputError(f"{path}: malformed patch ({type(err).__name__}: {err})") from None
 
 
-def _decode(metadata: dict, arrays: dict[str, np.ndarray]) -> Patch:
+def _decode(metadata: dict, arrays: dict[str, np.ndarray], file_bytes: int) -> Patch:
     _need(metadata.get("format") == FORMAT_NAME, f"not a {FORMAT_NAME} file (no format marker in the metadata)")
     version = metadata.get("format_version")
     _need(version == str(FORMAT_VERSION), f"format version {version!r} is not supported (this tool reads {FORMAT_VERSION})")
@@ -496,12 +553,15 @@ def _decode(metadata: dict, arrays: dict[str, np.ndarray]) -> Patch:
         raise _Bad(f"metadata is not valid JSON ({err})") from None
     _need(isinstance(entries, list) and isinstance(provenance, dict), "metadata has the wrong shape")
     patch = Patch(provenance=provenance, format_version=FORMAT_VERSION)
-    used: set[str] = set()
+    store = _Store(arrays, file_bytes)
+    keys = set()
     for entry in entries:
-        tp = decode_tensor(entry, arrays, used)
+        tp = decode_tensor(entry, store)
         _need(tp.name not in patch.tensors, f"tensor {tp.name} appears twice")
+        _need(entry["key"] not in keys, f"array key {entry['key']} is used twice")
+        keys.add(entry["key"])
         patch.tensors[tp.name] = tp
-    extra = set(arrays) - used
+    extra = set(arrays) - store.used
     _need(not extra, f"unexpected arrays {sorted(extra)[:3]}")
     return patch
 
