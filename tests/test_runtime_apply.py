@@ -301,3 +301,17 @@ def test_revert_without_the_check_restores_the_base_bits(device):
     rt.apply(random_patch(model, [Q0, TIED[1]], np.random.default_rng(32)))
     rt.revert(check=False)
     assert state_hash(model) == base
+
+
+def test_large_patches_pack_and_hash_on_threads_with_the_same_result(device, monkeypatch):
+    from roselora_export.runtime import staging
+
+    monkeypatch.setattr(staging, "PARALLEL_BYTES", 0)  # every patch counts as large
+    model = _model(device)
+    base = state_hash(model)
+    rt = PatchRuntime(model)
+    rt.apply(random_patch(model, [Q0, V1, DOWN1], np.random.default_rng(33)))
+    with pytest.raises(InputError, match=DOWN1):
+        rt.apply(random_patch(_model(device, seed=9), [DOWN1], np.random.default_rng(34)))
+    rt.revert()
+    assert state_hash(model) == base

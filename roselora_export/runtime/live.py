@@ -51,9 +51,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..patch.model import BITS_DTYPE, DTYPE_NAMES, FORMAT_VERSION, TORCH_BITS_DTYPE, Patch
+from ..patch.model import BITS_DTYPE, DTYPE_NAMES, FORMAT_VERSION, Patch
 from .lock import ServingLock
-from .staging import Staged, StagedTensor, all_finite, equal, gather, indices_valid, scatter, stage, xor
+from .staging import Staged, StagedTensor, all_finite, equal, gather, indices_valid, parallel_map, scatter, stage, xor
 
 
 @dataclass(eq=False)
@@ -320,9 +320,13 @@ class PatchRuntime:
 
     def _check_base(self, staged: Staged, old: dict[torch.dtype, torch.Tensor]) -> None:
         host = {dt: bits.cpu().numpy() for dt, bits in old.items()}  # nnz-sized, one copy per dtype
-        for e in staged.entries:
-            digest = hashlib.sha256(host[e.tp.dtype][e.group_slice()]).hexdigest()
-            if digest != e.tp.base_touched_sha256:
+
+        def digest(e: StagedTensor) -> str:
+            return hashlib.sha256(host[e.tp.dtype][e.group_slice()]).hexdigest()
+
+        digests = parallel_map(digest, staged.entries, sum(e.nnz for e in staged.entries) * 4)
+        for e, d in zip(staged.entries, digests):
+            if d != e.tp.base_touched_sha256:
                 raise InputError(self._mismatch_message(e))
 
     def _mismatch_message(self, e: StagedTensor) -> str:

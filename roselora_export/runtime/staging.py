@@ -10,6 +10,8 @@ tensor's indices in a constant number of vectorised operations, before anything 
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,6 +58,16 @@ class Staged:
 
 
 POOL_LIMIT = 1 << 30  # pinned staging buffers up to this size are kept for the next patch
+PARALLEL_BYTES = 32 << 20  # host work on larger patches is spread over threads, one tensor each
+
+
+def parallel_map(fn, entries: list, nbytes: int) -> list:
+    """fn over entries, on a thread pool when the work is large (numpy copies and sha256 release the GIL)."""
+    workers = min(8, os.cpu_count() or 1, len(entries))
+    if nbytes < PARALLEL_BYTES or workers < 2:
+        return [fn(e) for e in entries]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, entries))
 
 
 def _host_buffer(nbytes: int, device: torch.device, pool: dict | None) -> torch.Tensor:
@@ -105,14 +117,18 @@ def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.devi
     gpos = dict.fromkeys(GROUP_ORDER, 0)
     for k, (name, target, tp) in enumerate(items):
         n = int(tp.flat_index.size)
-        index_host[pos:pos + n] = tp.flat_index
-        group_host[tp.dtype][gpos[tp.dtype]:gpos[tp.dtype] + n] = tp.xor_bits
         header[0, k] = pos
         header[1, k] = pos + n - 1
         header[2, k] = tp.numel
         entries.append(StagedTensor(name, target, tp, pos, gpos[tp.dtype], n))
         pos += n
         gpos[tp.dtype] += n
+
+    def pack(e: StagedTensor) -> None:
+        index_host[e.index_offset:e.index_offset + e.nnz] = e.tp.flat_index
+        group_host[e.tp.dtype][e.group_slice()] = e.tp.xor_bits
+
+    parallel_map(pack, entries, nbytes)
 
     dev = buf.to(device) if device.type != "cpu" else buf  # the one host-to-device copy
     staged = Staged(device=device, entries=entries, index=dev[index_off:index_off + total * 8].view(torch.int64),
