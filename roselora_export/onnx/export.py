@@ -164,6 +164,13 @@ def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
                 _rename_inputs(sub, renames)
 
 
+def _names_json(names: dict) -> str:
+    """names.json with one line per state-dict key: readable and diffable."""
+    head = json.dumps({k: v for k, v in names.items() if k != "tensors"}, indent=1)[:-2]
+    body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in names["tensors"].items())
+    return f"{head},\n \"tensors\": {{\n{body}\n }}\n}}\n"
+
+
 def _write_artifact(model: onnx.ModelProto, out: Path) -> None:
     """Save `model` with every initializer in one external data file, each start aligned (see names.py)."""
     offset = 0
@@ -352,7 +359,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     try:
         _write_artifact(onnx_model, tmp)
         del onnx_model
-        (tmp / NAMES_FILE).write_text(json.dumps(names, indent=1) + "\n")
+        (tmp / NAMES_FILE).write_text(_names_json(names))
         for name in _SIDE_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, tmp / name)
