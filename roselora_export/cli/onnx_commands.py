@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -32,10 +33,18 @@ def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, kv_
     file can be memory-mapped. names.json maps every state-dict key to the initializer holding it
     (tied weights such as lm_head/embed_tokens map to one), verified by value at export.
     """
-    from ..onnx.export import export_onnx
+    from tqdm import tqdm
 
-    click.echo(f"exporting {model_dir} (legacy exporter, about 12 s for a 135M model) ...", err=True)
-    report = export_onnx(model_dir, out_dir, task=task, opset=opset, kv_cache=kv_cache, check_runtime=check)
+    from ..onnx.export import EXPORT_PHASES, export_onnx
+
+    # One step per phase: loading and tracing dominate (SmolLM2-135M: about a minute on 2 busy cores).
+    with tqdm(total=len(EXPORT_PHASES), desc=f"export {model_dir}", unit="phase", file=sys.stderr, leave=False) as bar:
+        def step(phase: str) -> None:
+            bar.set_postfix_str(f"{phase} done")
+            bar.update()
+
+        report = export_onnx(model_dir, out_dir, task=task, opset=opset, kv_cache=kv_cache, check_runtime=check,
+                             progress=step)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

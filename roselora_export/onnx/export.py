@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from .names import (
 )
 
 TASKS = ("auto", "causal-lm", "sequence-classification")
+EXPORT_PHASES = ("load", "trace", "map", "write", "check")
 # Files copied beside the graph so the artifact can be served on its own (no weights: those are in the graph).
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
@@ -219,14 +221,17 @@ def _runtime_check(out: Path, inputs: tuple[torch.Tensor, torch.Tensor], expecte
 
 
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, task: str = "auto", opset: int = 17,
-                kv_cache: bool = False, check_runtime: bool = True, seed: int = 0) -> dict:
+                kv_cache: bool = False, check_runtime: bool = True, seed: int = 0,
+                progress: Callable[[str], None] | None = None) -> dict:
     """Export a local HF model to `out_dir` (model.onnx + aligned model.onnx.data + names.json); returns a report.
 
     Inputs input_ids and attention_mask (int64, dynamic batch and sequence), output logits. With
     kv_cache (causal LMs), also past_key_values.{i}.key/value in and present.{i}.key/value out, and
     attention_mask spans past + new tokens. Nothing is written at `out_dir` unless the whole export
-    and its checks succeed.
+    and its checks succeed. `progress`, if given, is called with the name of each finished phase
+    (EXPORT_PHASES, in order).
     """
+    done = progress or (lambda phase: None)
     t0 = time.perf_counter()
     model_dir, out = check_model_dir(model_dir), Path(out_dir)
     if task not in TASKS:
@@ -239,6 +244,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     dtype = _checkpoint_dtype(model_dir)
     model = load_model(model_dir, task=task, dtype=dtype)
     phases = {"load_s": time.perf_counter() - t0}
+    done("load")
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # plain ops: exports everywhere, runs on every provider
     model.config.use_cache = False
@@ -289,6 +295,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
                 if key in tags:
                     p.copy_(state[key])
     phases["trace_s"] = time.perf_counter() - t_trace
+    done("trace")
     t_map = time.perf_counter()
     onnx_model = onnx.load_from_string(buf.getvalue())
     del buf
@@ -353,6 +360,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
         "source": str(model_dir), "dtype": DTYPE_NAMES.get(dtype), "tensors": tensors,
     }
     phases["map_s"] = time.perf_counter() - t_map
+    done("map")
     t_write = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -366,6 +374,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
         onnx.checker.check_model(str(tmp / MODEL_FILE))  # by path: the checker then reads external data too
         verified = _verify_from_files(tmp, names, state)
         phases["write_verify_s"] = time.perf_counter() - t_write
+        done("write")
         t_check = time.perf_counter()
         # onnxruntime's CPU provider has no bf16 kernels for several ops (Where, ...): such graphs are
         # written and verified by value, but not run here.
@@ -376,6 +385,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
         if diff is not None and dtype == torch.float32 and diff > 1e-3:
             raise RuntimeError(f"export check failed: onnxruntime logits differ from PyTorch by {diff:.3g}")
         phases["ort_check_s"] = time.perf_counter() - t_check
+        done("check")
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
