@@ -144,3 +144,19 @@ def test_a_prompt_longer_than_the_model_accepts_names_the_line(llama):
     long = EditRequest(prompt="word " * 80, subject="word", target_new="Rome", line=4)
     with pytest.raises(InputError, match=r"line 4: field 'prompt' is too long: \d+ tokens .* at most 64"):
         train_edit(model, tok, [long])
+
+
+def test_gpt2_conv1d_deltas_are_in_the_base_layout_and_match_the_peft_model(tiny_model_dirs):
+    path = tiny_model_dirs["gpt2"]
+    tok, base, wrapped = load_tokenizer(path), load_model(path), load_model(path)
+    cfg = RoseLoraConfig(**{**FAST, "targets": ("c_attn",)})
+    result = train_edit(wrapped, tok, [REQ], config=cfg, keep_peft=True)
+    ids = torch.tensor([tok(REQ.prompt)["input_ids"]])
+    deltas = result.deltas()
+    assert set(deltas) == {"transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_attn.weight"}
+    assert all(d.shape == base.get_parameter(k).shape == (32, 96) for k, d in deltas.items())
+    with torch.no_grad():
+        expected = result.model.eval()(input_ids=ids).logits
+        with result.applied(base):
+            merged = base(input_ids=ids).logits
+    assert torch.allclose(merged, expected, atol=1e-5) and not torch.allclose(merged, base(input_ids=ids).logits, atol=1e-4)

@@ -116,3 +116,21 @@ def test_two_process_ddp_training_gives_identical_masks_and_weights_on_every_ran
     assert torch.equal(saved[a_key], r0["model.layers.0.self_attn.q_proj.weight.A"])
     assert json.loads((out / "roselora.json").read_text())["world_size"] == 2
     assert proc.stdout.count("saved:") == 1  # only rank 0 prints
+
+
+def test_train_with_bad_data_exits_2_and_writes_nothing(tiny_model_dirs, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "Q?", "completion": "A."}\n{"prompt": "Q?"}\n')
+    out = tmp_path / "ft"
+    result = CliRunner().invoke(main, ["train", "--model", str(tiny_model_dirs["llama"]), "--data", str(data),
+                                       "--out", str(out), *FAST])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: bad.jsonl line 2: missing field 'completion' (use {\"prompt\", \"completion\"} or {\"text\"})"
+    assert not out.exists()
+
+
+def test_train_lora_baseline_is_dense(tiny_model_dirs, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--model", str(tiny_model_dirs["llama"]), "--data", str(_data(tmp_path)),
+                                       "--out", str(tmp_path / "l"), "--method", "lora", "--json", *FAST])
+    assert result.exit_code == 0, result.output
+    assert all(m["sparsity_BA"] < 0.01 for m in json.loads(result.stdout)["modules"].values())
