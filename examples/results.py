@@ -1,0 +1,367 @@
+"""Regenerate the results on SmolLM2-135M: knowledge edits, deployment survival, fine-tuning and forgetting.
+
+Writes docs/results.md, docs/results.json (raw figures), docs/finetune_datasize.png, and the README
+block between <!-- results:start --> and <!-- results:end -->. CPU only.
+
+    .venv/bin/python examples/results.py            # everything (about 30 minutes on 2 free cores)
+    .venv/bin/python examples/results.py --quick    # a few requests, small fine-tuning (a few minutes)
+    .venv/bin/python examples/results.py --only finetune   # rerun one stage; the others come from docs/results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from roselora_export.edit.benchmark import benchmark_edits  # noqa: E402
+from roselora_export.edit.evaluate import EditEvaluator, count_base_params  # noqa: E402
+from roselora_export.edit.finetune_task import exact_match, finetune, finetune_config, make_task  # noqa: E402
+from roselora_export.edit.metrics import mean, torch_forward  # noqa: E402
+from roselora_export.edit.requests import load_requests  # noqa: E402
+from roselora_export.edit.train import save_edit, train_edit  # noqa: E402
+from roselora_export.method.config import RoseLoraConfig  # noqa: E402
+from roselora_export.models import demo_model_dir, load_model, load_tokenizer  # noqa: E402
+
+EDITS = ROOT / "examples" / "edits" / "counterfact_dev.jsonl"
+PROBES = ROOT / "examples" / "probes" / "facts.jsonl"
+DOCS = ROOT / "docs"
+RESULTS_JSON = DOCS / "results.json"
+RESULTS_MD = DOCS / "results.md"
+PLOT = DOCS / "finetune_datasize.png"
+README = ROOT / "README.md"
+METHODS = ["roselora", "lora", "ft-l"]
+STAGES = ("edits", "deploy", "finetune")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> str:
+    from bench.report import machine_line
+
+    return machine_line()
+
+
+# ------------------------------------------------------------------------------------------ stage 1
+
+def stage_edits(model, tok, requests, quick: bool) -> dict:
+    out = {}
+    for mass in (False, True):
+        log(f"edits: {'mass' if mass else 'single'}, {len(requests)} requests, {', '.join(METHODS)}")
+        rep = benchmark_edits(model, tok, requests, METHODS, RoseLoraConfig(), mass=mass,
+                              on_edit=lambda m, i: log(f"  {m} #{i} done") if i % 10 == 9 else None)
+        for m in rep["methods"].values():
+            m.pop("per_request_rows", None)
+        out["mass" if mass else "single"] = rep
+    return out
+
+
+# ------------------------------------------------------------------------------------------ stage 2
+
+def onnx_forward(session):
+    import numpy as np
+
+    def forward(input_ids, attention_mask):
+        (logits,) = session.run(["logits"], {"input_ids": input_ids.numpy().astype(np.int64),
+                                             "attention_mask": attention_mask.numpy().astype(np.int64)})
+        return torch.from_numpy(logits)
+
+    return forward
+
+
+def ensure_onnx(model_dir: Path) -> Path | None:
+    """The fp32 ONNX artifact of the base model (exported once, cached beside the converted model)."""
+    try:
+        from roselora_export.onnx import export_onnx
+    except ImportError as err:
+        log(f"deploy: ONNX export not available ({err})")
+        return None
+    out = model_dir.parent / f"{model_dir.name}-onnx"
+    if (out / "names.json").is_file():
+        return out
+    log(f"deploy: exporting {model_dir.name} to ONNX at {out} (once)")
+    export_onnx(model_dir, out)
+    return out
+
+
+def stage_deploy(model, tok, model_dir: Path, requests, n: int) -> dict:
+    """Single edits on the first n requests, each measured as it ships: PEFT, merged fp32, merged bf16, ONNX fp32."""
+    from peft import PeftModel
+
+    from roselora_export.patch import SurvivalReport, build_patch_from_adapter
+    from roselora_export.runtime import PatchRuntime
+
+    requests = requests[:n]
+    ev32 = EditEvaluator(tok, requests, torch_forward(model))
+    rt32 = PatchRuntime(model)
+    sd32 = model.state_dict()
+    log("deploy: loading the bf16 base")
+    model16 = load_model(model_dir, dtype=torch.bfloat16)
+    ev16 = EditEvaluator(tok, requests, torch_forward(model16))
+    rt16 = PatchRuntime(model16)
+    sd16 = model16.state_dict()
+    onnx_dir, ev_onnx, onnx_note = None, None, None
+    try:
+        onnx_dir = ensure_onnx(model_dir)
+        if onnx_dir is not None:
+            from roselora_export.onnx.session import create_session
+
+            ev_onnx = EditEvaluator(tok, requests, onnx_forward(create_session(onnx_dir)))
+    except Exception as err:  # report, don't fake: the column is marked unavailable
+        onnx_note = f"{type(err).__name__}: {err}"
+        log(f"deploy: ONNX unavailable ({onnx_note})")
+        onnx_dir = None
+    rows: dict[str, dict[str, list]] = {m: {} for m in METHODS}
+    survival: dict[str, list] = {m: [] for m in METHODS}
+    with tempfile.TemporaryDirectory(prefix="roselora-results-") as tmp:
+        for i, req in enumerate(requests):
+            for method in METHODS:
+                result = train_edit(model, tok, [req], method=method, config=RoseLoraConfig())
+                adir = Path(tmp) / f"{method}-{i}"
+                save_edit(result, adir)
+                got = rows[method]
+                # In-memory (what training produced, applied as an fp32 merge by the runtime).
+                p32 = build_patch_from_adapter(adir, sd32)
+                with rt32.applied(p32):
+                    got.setdefault("merged fp32 safetensors", []).extend(ev32.measure(torch_forward(model), [i]))
+                if method != "ft-l":
+                    peft_model = PeftModel.from_pretrained(model, str(adir)).eval()
+                    try:
+                        got.setdefault("PEFT adapter", []).extend(ev32.measure(torch_forward(peft_model), [i]))
+                    finally:
+                        peft_model.unload()
+                report = SurvivalReport()
+                p16 = build_patch_from_adapter(adir, sd16, dtype=torch.bfloat16, report=report)
+                survival[method].append(report.lost_fraction)
+                if p16.tensors:
+                    with rt16.applied(p16):
+                        got.setdefault("merged bf16 safetensors", []).extend(ev16.measure(torch_forward(model16), [i]))
+                else:  # every change rounded away: the bf16 checkpoint is the base
+                    got.setdefault("merged bf16 safetensors", []).extend(ev16.measure(torch_forward(model16), [i]))
+                if onnx_dir is not None:
+                    from roselora_export.onnx.session import create_session
+
+                    sess = create_session(onnx_dir, [p32])
+                    got.setdefault("patch on fp32 ONNX (onnxruntime)", []).extend(ev_onnx.measure(onnx_forward(sess), [i]))
+                    del sess
+            log(f"deploy: request {i + 1}/{len(requests)} done")
+    table = {}
+    for method in METHODS:
+        table[method] = {}
+        for where, rs in rows[method].items():
+            table[method][where] = {k: mean([r[k] for r in rs]) for k in ("reliability", "generalization", "locality")}
+        table[method]["bf16_lost_fraction"] = mean(survival[method])
+    return {"requests": len(requests), "table": table, "onnx": str(onnx_dir) if onnx_dir else None,
+            "onnx_note": onnx_note}
+
+
+# ------------------------------------------------------------------------------------------ stage 3
+
+def stage_finetune(model, tok, quick: bool) -> dict:
+    n_train, n_test, steps = (128, 64, 12) if quick else (512, 200, 48)
+    train, test = make_task(n_train, n_test, seed=0)
+    probes_all = [json.loads(x) for x in PROBES.read_text().splitlines() if x.strip()]
+    base_ok = exact_match(model, tok, probes_all, answer_key="answer")
+    probes = [p for p, ok in zip(probes_all, base_ok) if ok]
+    base_acc = sum(exact_match(model, tok, test)) / len(test)
+    log(f"finetune: base accuracy {base_acc:.3f}; {len(probes)}/{len(probes_all)} probes answered by the base")
+    runs = []
+    for frac in (0.125, 0.25, 0.5, 1.0):
+        subset = train[: max(1, round(frac * len(train)))]
+        for method in ("lora", "roselora"):
+            cfg = finetune_config(steps=steps)
+            run = finetune(model, tok, subset, test, method, cfg, epochs=steps * 16 / len(subset), probes=probes)
+            d = run.to_dict()
+            d["fraction"] = frac
+            runs.append(d)
+            log(f"finetune: {method} {frac:.3f} ({len(subset)} ex, {run.steps} steps): acc {run.accuracy:.3f}, "
+                f"probes kept {run.probes_kept:.3f}, modified {run.params_modified_fraction:.5f}, {run.seconds:.0f}s")
+    return {"n_train": n_train, "n_test": n_test, "steps": steps, "batch": 16, "base_accuracy": base_acc,
+            "probes": len(probes), "probes_total": len(probes_all), "config": finetune_config(steps=steps).to_dict(),
+            "runs": runs}
+
+
+def plot_finetune(ft: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for method, style in (("lora", "o--"), ("roselora", "s-")):
+        rs = sorted((r for r in ft["runs"] if r["method"] == method), key=lambda r: r["fraction"])
+        ax.plot([100 * r["fraction"] for r in rs], [100 * r["accuracy"] for r in rs], style,
+                label=f"{method} ({100 * rs[-1]['params_modified_fraction']:.3f}% of weights)")
+    ax.axhline(100 * ft["base_accuracy"], color="grey", lw=0.8, ls=":", label="base model")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([12.5, 25, 50, 100], ["12.5%", "25%", "50%", "100%"])
+    ax.set_xlabel(f"training data (100% = {ft['n_train']} examples), {ft['steps']} steps each")
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_title("SmolLM2-135M, date to ISO 8601")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(PLOT)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def pct(x, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def edits_table(rep: dict) -> str:
+    lines = ["| method | reliability | generalization | locality | efficacy | params modified | s/edit |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in rep["methods"].items():
+        lines.append(f"| {name} | {pct(m['reliability'])} | {pct(m['generalization'])} | {pct(m['locality'])} | "
+                     f"{pct(m['efficacy'])} | {m['params_modified']:,.0f} ({pct(m['params_modified_fraction'], 4)}) | "
+                     f"{m['seconds_per_edit']:.2f} |")
+    return "\n".join(lines)
+
+
+DEPLOY_COLS = ["PEFT adapter", "merged fp32 safetensors", "merged bf16 safetensors", "patch on fp32 ONNX (onnxruntime)"]
+
+
+def deploy_table(dep: dict) -> str:
+    lines = ["| method | " + " | ".join(DEPLOY_COLS) + " | bf16: changes rounded away |",
+             "|---|" + "---|" * (len(DEPLOY_COLS) + 1)]
+    for method, cols in dep["table"].items():
+        cells = []
+        for c in DEPLOY_COLS:
+            v = cols.get(c)
+            if v is None:
+                cells.append("not available" if not (c.startswith("PEFT") and method == "ft-l") else "(no adapter)")
+            else:
+                cells.append(f"{pct(v['reliability'])} / {pct(v['generalization'])} / {pct(v['locality'])}")
+        cells.append(pct(cols.get("bf16_lost_fraction")))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def finetune_table(ft: dict) -> str:
+    lines = ["| data | method | accuracy | probes kept | params modified | steps | s |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(ft["runs"], key=lambda r: (r["fraction"], r["method"])):
+        lines.append(f"| {pct(r['fraction'])} ({r['n_train']}) | {r['method']} | {pct(r['accuracy'])} | "
+                     f"{pct(r['probes_kept'])} | {r['params_modified']:,} ({pct(r['params_modified_fraction'], 3)}) | "
+                     f"{r['steps']} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def render(res: dict) -> tuple[str, str]:
+    """(docs/results.md, README block)."""
+    meta = res.get("meta", {})
+    cmd = meta.get("command", "examples/results.py")
+    head = [f"Measured on {meta.get('machine', '?')}, {meta.get('date', '?')}, with `{cmd}`"
+            f" ({meta.get('minutes', 0):.0f} min). Model: SmolLM2-135M-Instruct, fp32."]
+    md = ["# Results on SmolLM2-135M", "", "Regenerate with `.venv/bin/python examples/results.py` "
+          "(`--quick` for a smaller run). Raw figures: `docs/results.json`.", "", *head, ""]
+    readme = [*head, ""]
+    if "edits" in res:
+        e = res["edits"]
+        shared = e["single"]["shared_config"]
+        note = (f"{e['single']['requests']} counterfactual requests (`examples/edits/`), EasyEdit metrics: reliability and "
+                f"generalization = token accuracy of the new target given the prompt / rephrases (teacher forcing); "
+                f"locality = unchanged argmax on unrelated prompts; efficacy = P(new) > P(true). Shared settings: "
+                f"{shared['steps']} steps, Adam lr {shared['lr']}, early stop at loss {shared['early_stop_loss']}; "
+                f"RoseLoRA and LoRA: rank {shared['rank']}, alpha {shared['alpha']}, {'/'.join(shared['targets'])}; "
+                f"RoseLoRA tau {shared['tau']}, clamp {shared['clamp']}; FT-L: {e['single'].get('ft_l_target', 'mlp.down_proj')}, "
+                f"|W-W0| <= {shared['clamp']}. Every single edit was reverted through the runtime and the whole "
+                f"model's sha256 checked against the unedited model before the next.")
+        for out in (md, readme):
+            out += ["### Knowledge editing: single edits (each from the unedited model)", "", edits_table(e["single"]), "",
+                    "### Mass editing (all requests in one edit)", "", edits_table(e["mass"]), "", note, ""]
+    if "deploy" in res:
+        d = res["deploy"]
+        text = (f"Single edits on the first {d['requests']} requests; each cell is reliability / generalization / "
+                f"locality of the edited model as shipped. Merged checkpoints are the runtime applying the patch "
+                f"`merge` writes (same `merge_tensor` arithmetic: (base + delta) rounded to the stored dtype); bf16 "
+                f"is measured against the bf16 base. Last column: fraction of the intended nonzero deltas that "
+                f"change no stored bf16 value.")
+        if d.get("onnx_note"):
+            text += f" ONNX: not available ({d['onnx_note']})."
+        for out in (md, readme):
+            out += ["### Does the edit survive deployment?", "", deploy_table(d), "", text, ""]
+    if "finetune" in res:
+        f = res["finetune"]
+        cfg = f["config"]
+        text = (f"Task: rewrite a date as ISO 8601 (`roselora_export/edit/finetune_task.py`), {f['n_train']} training "
+                f"examples at 100%, {f['n_test']} held out; exact match. Base model: {pct(f['base_accuracy'])}. "
+                f"Each run: {f['steps']} steps of batch {f['batch']} whatever the data size; rank {cfg['rank']}, alpha "
+                f"{cfg['alpha']}, {'/'.join(cfg['targets'])}, lr {cfg['lr']}; RoseLoRA tau {cfg['tau']}, t_i/t_f = "
+                f"{cfg['t_init']}/{cfg['t_final']} of the steps, no clamp. Probes kept: of the {f['probes']} probe facts "
+                f"(`examples/probes/`) the base model answers, the fraction still answered after fine-tuning.")
+        for out in (md, readme):
+            out += ["### Fine-tuning, forgetting and data size", "", finetune_table(f), "", text, "",
+                    f"![accuracy against data size](docs/{PLOT.name})" if out is readme else f"![accuracy against data size]({PLOT.name})", ""]
+    readme.append("Details and raw figures: [docs/results.md](docs/results.md).")
+    return "\n".join(md).rstrip() + "\n", "\n".join(readme).rstrip()
+
+
+def write_readme(block: str) -> None:
+    text = README.read_text()
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit("README.md has no results markers")
+    README.write_text(pattern.sub(lambda _: f"{start}\n{block}\n{end}", text))
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4 requests, 2 for deployment, small fine-tuning")
+    ap.add_argument("--only", default=",".join(STAGES), help=f"stages to run ({','.join(STAGES)}); others are kept")
+    ap.add_argument("--deploy-requests", type=int, default=8, help="requests measured in each deployment form")
+    ap.add_argument("--render", action="store_true", help="only rewrite the docs from docs/results.json")
+    args = ap.parse_args()
+    stages = [s.strip() for s in args.only.split(",") if s.strip()]
+    res = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else {}
+    if not args.render:
+        torch.manual_seed(0)
+        t0 = time.time()
+        model_dir = demo_model_dir()
+        tok, model = load_tokenizer(model_dir), load_model(model_dir)
+        requests = load_requests(EDITS)
+        if args.quick:
+            requests = requests[:4]
+        if "edits" in stages:
+            res["edits"] = stage_edits(model, tok, requests, args.quick)
+            atomic_write(RESULTS_JSON, json.dumps(res, indent=1))
+        if "deploy" in stages:
+            res["deploy"] = stage_deploy(model, tok, model_dir, requests, 2 if args.quick else args.deploy_requests)
+            atomic_write(RESULTS_JSON, json.dumps(res, indent=1))
+        if "finetune" in stages:
+            res["finetune"] = stage_finetune(model, tok, args.quick)
+        res["meta"] = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                       "command": "examples/results.py" + (" --quick" if args.quick else "")
+                       + (f" --only {args.only}" if args.only != ",".join(STAGES) else ""),
+                       "minutes": (time.time() - t0) / 60 + (res.get("meta", {}).get("minutes", 0)
+                                                           if args.only != ",".join(STAGES) else 0)}
+        atomic_write(RESULTS_JSON, json.dumps(res, indent=1))
+    if "finetune" in res:
+        plot_finetune(res["finetune"])
+    md, block = render(res)
+    atomic_write(RESULTS_MD, md)
+    write_readme(block)
+    log(f"wrote {RESULTS_MD}, {README} and {PLOT}")
+
+
+if __name__ == "__main__":
+    main()
