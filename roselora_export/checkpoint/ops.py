@@ -60,9 +60,14 @@ def _copy_side_files(model: ModelDir, tmp: Path, dtype: torch.dtype | None, *, l
 
 
 def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.Tensor | None], changed: set[str], *,
-                     dtype: torch.dtype | None = None, link_unchanged: bool = False,
+                     dtype: torch.dtype | None = None, link_unchanged: bool = False, durable: bool = False,
                      progress: Progress | None = None) -> None:
-    """Write `model` into `tmp` with the same sharding and index; `produce(name)` gives new values for `changed`."""
+    """Write `model` into `tmp` with the same sharding and index; `produce(name)` gives new values for `changed`.
+
+    durable=True fsyncs every new shard: in-place updates need it, so that even a power loss after the
+    directory swap cannot leave the user's only copy with unwritten data. New output directories skip
+    it (like cp or save_pretrained); a kill still leaves them absent or whole, thanks to the rename.
+    """
     _copy_side_files(model, tmp, dtype, link=link_unchanged)
     for header in model.shards:
         dst = tmp / header.path.name
@@ -92,7 +97,7 @@ def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.
                     writer.copy_from(i.name, src_fd, i.start, i.nbytes)
                 if progress:
                     progress(i.nbytes)
-            writer.close()
+            writer.close(durable=durable)
         except BaseException:
             writer.abort()
             raise
@@ -225,7 +230,7 @@ def apply_to_checkpoint(base_dir: str | os.PathLike, patches: list[Patch], out_d
     dest = model.path if in_place else Path(out_dir)
     with atomic_dir(dest, replace=in_place) as tmp:
         write_checkpoint(model, tmp, lambda n: _chain(patches, n, model.read(n), revert, check=False), set(names),
-                         link_unchanged=in_place, progress=progress)
+                         link_unchanged=in_place, durable=in_place, progress=progress)
     return {"out": str(dest), "tensors": len(names), "patches": len(patches), "revert": revert, "in_place": in_place,
             "nnz": sum(p.total_nnz for p in patches)}
 

@@ -176,11 +176,13 @@ class ShardWriter:
                 self.f.write(chunk)
                 done += len(chunk)
 
-    def close(self) -> None:
+    def close(self, *, durable: bool = True) -> None:
+        """Finish the file; durable=True also fsyncs it (needed before replacing a user's existing files)."""
         if self.i != len(self.expected):
             raise RuntimeError(f"{self.path}: {len(self.expected) - self.i} declared tensors were not written")
         self.f.flush()
-        os.fsync(self.f.fileno())
+        if durable:
+            os.fsync(self.f.fileno())
         self.f.close()
 
     def abort(self) -> None:

@@ -23,18 +23,38 @@ PEFT_PREFIX = "base_model.model."
 
 @dataclass
 class AdapterEdit:
-    """The edit to one base tensor: an additive delta (LoRA) or a replacement value (ft-l, modules_to_save)."""
+    """The edit to one base tensor: a LoRA delta (kept as its factors) or a replacement value (ft-l, modules_to_save).
+
+    The dense delta is computed on demand from the factors, so reading an adapter costs the size of
+    the adapter, not of the weights it changes (a streaming merge holds one delta at a time).
+    """
 
     key: str  # the module path as the adapter names it, plus ".weight"/".bias"
-    delta: torch.Tensor | None = None  # fp32, same shape as the base tensor
+    a: torch.Tensor | None = None  # fp32 (r, in) lora_A
+    b: torch.Tensor | None = None  # fp32 (out, r) lora_B
+    scaling: float = 1.0
+    transposed: bool = False  # the weight is stored (in, out): Embedding, or GPT-2 Conv1D (fan_in_fan_out)
     replacement: torch.Tensor | None = None
     rectangles: list[tuple[np.ndarray, np.ndarray]] | None = None  # candidate support of delta (rows, cols)
 
-    def target(self, base: torch.Tensor) -> torch.Tensor:
-        """The intended new value in fp32 (before rounding into any stored dtype)."""
+    @property
+    def is_delta(self) -> bool:
+        return self.a is not None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
         if self.replacement is not None:
-            return self.replacement.float()
-        return base.float() + self.delta
+            return tuple(self.replacement.shape)
+        out, inp = self.b.shape[0], self.a.shape[1]
+        return (inp, out) if self.transposed else (out, inp)
+
+    @property
+    def delta(self) -> torch.Tensor | None:
+        """scaling * B @ A in the weight's layout, fp32 (PEFT's get_delta_weight); None for replacements."""
+        if self.a is None:
+            return None
+        d = (self.b @ self.a) * self.scaling
+        return d.T.contiguous() if self.transposed else d
 
 
 @dataclass
@@ -130,14 +150,14 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
         a32, b32 = a.float(), b.float()
         if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
             raise InputError(f"--adapter {path}: {module} has NaN or Inf in its LoRA factors")
-        delta = (b32 @ a32) * scaling  # (out, in) for Linear; (dim, num_embeddings) for Embedding
         rects = [(np.flatnonzero(b32[:, i].numpy()), np.flatnonzero(a32[i].numpy())) for i in range(rank)]
-        if embedding or cfg.get("fan_in_fan_out"):
-            # Embedding weights are (num_embeddings, dim) and GPT-2 Conv1D weights are (in, out): transposed.
-            delta = delta.T.contiguous()
+        # Embedding weights are (num_embeddings, dim) and GPT-2 Conv1D weights are (in, out): transposed.
+        transposed = bool(embedding or cfg.get("fan_in_fan_out"))
+        if transposed:
             rects = [(c, r) for r, c in rects]
         rects = [(r, c) for r, c in rects if r.size and c.size]
-        edits[module + ".weight"] = AdapterEdit(key=module + ".weight", delta=delta, rectangles=rects)
+        edits[module + ".weight"] = AdapterEdit(key=module + ".weight", a=a32, b=b32, scaling=scaling,
+                                                transposed=transposed, rectangles=rects)
     return Adapter(method=method, path=path, settings=settings, peft_config=cfg, edits=edits)
 
 

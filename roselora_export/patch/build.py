@@ -92,13 +92,12 @@ def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.
     dtype = dtype or base.dtype
     if dtype not in BITS_DTYPE or not base.is_floating_point():
         raise InputError(f"{name}: dtype {base.dtype} cannot be edited (fp32, fp16, bf16 only)")
-    if edit.delta is not None and tuple(edit.delta.shape) != tuple(base.shape):
-        raise InputError(f"{name}: the adapter's delta has shape {tuple(edit.delta.shape)}, the base {tuple(base.shape)}")
-    if edit.replacement is not None and tuple(edit.replacement.shape) != tuple(base.shape):
-        raise InputError(f"{name}: the new value has shape {tuple(edit.replacement.shape)}, the base {tuple(base.shape)}")
+    if edit.shape != tuple(base.shape):
+        raise InputError(f"{name}: the adapter's {'delta' if edit.is_delta else 'new value'} has shape {edit.shape}, "
+                         f"the base {tuple(base.shape)}; is this adapter for this base model?")
     base_d = base.to(dtype)
-    if edit.delta is not None:
-        intended = edit.delta.float()
+    if edit.is_delta:
+        intended = edit.delta
         merged = (base_d.float() + intended).to(dtype)
     else:
         merged = edit.replacement.to(dtype)

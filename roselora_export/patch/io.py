@@ -182,16 +182,20 @@ def encode_tensor(tp: TensorPatch, key: str) -> tuple[dict, dict[str, np.ndarray
         dplanes, dvalues = _encode_planes(full, key)
         options.append(("dense", {}, dplanes, dvalues))
     packed = []
+    deflated: dict[int, tuple[dict, dict]] = {}  # values are shared by rect and csr: deflate them once
     for enc, pos, planes, vals in options:
-        arrays = {**pos, **vals}
         # What the reader will charge to its allocation budget for this tensor; compression must not
         # shrink the tensor below its share of that budget (only pathological, constant data would).
         charge = ELEMENT_COST * (tp.numel if enc == "dense" else tp.nnz)
         if enc == "rect":
             charge += CANDIDATE_COST * int(pos[f"{key}.rsz"].astype(np.int64).reshape(-1, 2).prod(axis=1).sum())
-        stored, zdtypes = _deflate(arrays)
+        if id(vals) not in deflated:
+            deflated[id(vals)] = _deflate(vals)
+        zpos, zpos_dt = _deflate(pos)
+        zvals, zvals_dt = deflated[id(vals)]
+        stored, zdtypes = {**zpos, **zvals}, {**zpos_dt, **zvals_dt}
         if _nbytes(stored) * ALLOC_FACTOR < charge:
-            stored, zdtypes = arrays, {}
+            stored, zdtypes = {**pos, **vals}, {}
         packed.append((enc, stored, zdtypes, planes))
     enc, stored, zdtypes, planes = min(packed, key=lambda o: _nbytes(o[1]))
     entry = {
