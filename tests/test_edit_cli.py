@@ -43,9 +43,10 @@ def test_edit_writes_an_adapter_and_prints_a_json_summary(tiny_model_dirs, tmp_p
 
 def test_edit_prints_a_readable_summary(tiny_model_dirs, tmp_path):
     result = _run(["edit", "--model", tiny_model_dirs["gpt2"], "--requests", _requests(tmp_path, GOOD),
-                   "--out", tmp_path / "o", "--targets", "c_attn", *FAST])
+                   "--out", tmp_path / "o", "--targets", "c_attn", "--per-module", *FAST])
     assert result.exit_code == 0, result.output
     assert "weights changed:" in result.stdout and "bound holds on every module: yes" in result.stdout
+    assert "transformer.h.1.attn.c_attn.weight" in result.stdout  # the per-module table
 
 
 def test_ft_l_through_the_cli_writes_ft_l_safetensors(tiny_model_dirs, tmp_path):

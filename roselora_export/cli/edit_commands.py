@@ -90,7 +90,15 @@ def _check_lengths(requests, tokenizer, path: Path, source: str) -> None:
     encode_requests(requests, tokenizer, model_max_length(SimpleNamespace(config=config), tokenizer), source=source)
 
 
-def _print_summary(summary: dict, out: Path, answers: list[dict]) -> None:
+def _print_modules(modules: dict) -> None:
+    """One line per adapted module: the figures roselora.json records."""
+    click.echo(f"  {'module':<48} {'nnz(A)':>7} {'nnz(B)':>7} {'nnz(BA)':>9} {'s(BA)':>8} {'Prop.1':>8}")
+    for key, m in modules.items():
+        click.echo(f"  {key:<48} {m['nnz_A']:>7,} {m['nnz_B']:>7,} {m['nnz_BA']:>9,} "
+                   f"{m['sparsity_BA']:>8.5f} {m['prop1_sparsity_bound']:>8.5f}")
+
+
+def _print_summary(summary: dict, out: Path, answers: list[dict], per_module: bool = False) -> None:
     s = summary
     loss = f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "n/a"
     n_req = len(s.get("requests", [])) or s.get("examples", 0)
@@ -107,6 +115,8 @@ def _print_summary(summary: dict, out: Path, answers: list[dict]) -> None:
         click.echo(f"  {len(mods)} adapted modules; nnz(BA) per module {min(nnz):,}..{max(nnz):,}; "
                    f"lowest sparsity of BA {worst['sparsity_BA']:.4f} (Prop.1 bound {worst['prop1_sparsity_bound']:.4f}); "
                    f"bound holds on every module: {'yes' if ok else 'NO'}")
+        if per_module:
+            _print_modules(mods)
     click.echo(f"  weights changed: {s['weights_modified']:,} of {s['base_weights']:,} ({100 * s['fraction_modified']:.4f}%)")
     for a in answers:
         click.echo(f"  prompt: {a['prompt']}")
@@ -130,8 +140,9 @@ def _print_summary(summary: dict, out: Path, answers: list[dict]) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 @click.option("--answers/--no-answers", default=True, help="Print each request's greedy answer before and after the edit.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+@click.option("--per-module", is_flag=True, help="Also print nnz(A), nnz(B), nnz(BA), sparsity and Prop.1 bound per module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (roselora.json plus answers) as JSON.")
-def edit(model_dir, requests_path, out, method, layer, overwrite, answers, progress, as_json, **hyper):
+def edit(model_dir, requests_path, out, method, layer, overwrite, answers, progress, per_module, as_json, **hyper):
     """Train one edit carrying every request in --requests, and save it to --out.
 
     The loss covers the target tokens only (the target continues the prompt after one space).
@@ -161,7 +172,7 @@ def edit(model_dir, requests_path, out, method, layer, overwrite, answers, progr
     if as_json:
         click.echo(json.dumps({**summary, "out": str(out), "answers": qa}, indent=2))
     else:
-        _print_summary(summary, out, qa)
+        _print_summary(summary, out, qa, per_module)
 
 
 _FT_DEFAULTS = RoseLoraConfig(t_init=0.1, t_final=0.7, steps=100, clamp=None, early_stop_loss=None)
@@ -179,8 +190,9 @@ _FT_DEFAULTS = RoseLoraConfig(t_init=0.1, t_final=0.7, steps=100, clamp=None, ea
 @click.option("--max-length", type=int, default=256, help="Longer examples are truncated to this many tokens.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr (rank 0).")
+@click.option("--per-module", is_flag=True, help="Also print nnz(A), nnz(B), nnz(BA), sparsity and Prop.1 bound per module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (roselora.json) as JSON.")
-def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, progress, as_json, **hyper):
+def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, progress, per_module, as_json, **hyper):
     """Fine-tune a RoseLoRA (or LoRA) adapter on --data; runs unchanged under torchrun (DDP, gloo on CPU).
 
     --t-init / --t-final below 1 are fractions of --steps. Under torchrun each process takes
@@ -213,7 +225,7 @@ def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, 
             if as_json:
                 click.echo(json.dumps({**summary, "out": str(out)}, indent=2))
             else:
-                _print_summary(summary, out, [])
+                _print_summary(summary, out, [], per_module)
     finally:
         shutdown_distributed()
 
