@@ -95,27 +95,31 @@ for s in shards:
 """
 
 STREAM = r"""
-import sys, torch
+import sys, time, torch
 torch.set_num_threads(1)
 from roselora_export.checkpoint import merge_checkpoint
 dtype = {"keep": None, "bf16": torch.bfloat16}[sys.argv[4]]
+t0 = time.perf_counter()
 merge_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], dtype=dtype)
+print(f"work_s={time.perf_counter() - t0:.3f}")
 """
 
 IMPORT_ONLY = "import torch, roselora_export.checkpoint, roselora_export.patch"
 
 
-def measure(args: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one fresh process.
+def measure(args: list[str]) -> tuple[float, float, float | None]:
+    """(wall seconds, peak RSS in MiB, the work time it reports itself, if any) of one fresh process.
 
     Through /usr/bin/time: Linux keeps a process's RSS high-water mark across fork+exec, so a child
     started straight from this (large) Python process would report at least our own RSS.
     """
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as f:
         t0 = time.perf_counter()
-        subprocess.run(["/usr/bin/time", "-f", "%M", "-o", f.name, *args], cwd=ROOT, check=True)
+        out = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", f.name, *args], cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout
         wall = time.perf_counter() - t0
-        return wall, int(f.read().strip().splitlines()[-1]) / 1024
+        work = [float(line.split("=")[1]) for line in out.splitlines() if line.startswith("work_s=")]
+        return wall, int(f.read().strip().splitlines()[-1]) / 1024, (work[0] if work else None)
 
 
 def main() -> None:
@@ -139,7 +143,7 @@ def main() -> None:
 
         measure(["cp", "-r", str(base), str(fresh("warm"))])  # warm the page cache once
         shutil.rmtree(tmp / "warm")
-        _, import_rss = measure([py, "-c", IMPORT_ONLY])
+        import_s, import_rss, _ = measure([py, "-c", IMPORT_ONLY])
         results = {}
         for rep in range(2):  # two rounds, interleaved; the table keeps each method's faster run
             for label, cmd in [
@@ -151,26 +155,29 @@ def main() -> None:
                  lambda o: [py, "-c", STREAM, str(base), str(adapter), str(o), "bf16"]),
             ]:
                 out = fresh("out")
-                wall, rss = measure(cmd(out))
+                wall, rss, work = measure(cmd(out))
                 if label not in results or wall < results[label][0]:
-                    results[label] = (wall, rss)
+                    results[label] = (wall, rss, work)
                 shutil.rmtree(out, ignore_errors=True)
                 Path(str(out) + ".patch.safetensors").unlink(missing_ok=True)
                 print(rep, label, f"{wall:.2f}s {rss:.0f}MiB", flush=True)
         cp_time = results["cp -r (plain copy)"][0]
-        for label, (wall, rss) in results.items():
-            rows.append(f"| {label} | {wall:.2f} | {wall / cp_time:.2f} | {rss:.0f} | {rss - largest / 2**20:+.0f} |")
+        for label, (wall, rss, work) in results.items():
+            w = f"{work:.2f} ({work / cp_time:.2f}x)" if work is not None else "-"
+            rows.append(f"| {label} | {wall:.2f} | {wall / cp_time:.2f} | {w} | {rss:.0f} | {rss - largest / 2**20:+.0f} |")
         body = [
             f"Machine: {machine_line()}. Command: `.venv/bin/python bench/streaming_merge.py --layers {args.layers}`.",
             "",
             f"Synthetic Llama-shaped fp32 checkpoint: {args.layers} layers, hidden {HIDDEN}, {len(shard_sizes)} shards, "
             f"{total / 2**30:.2f} GiB in all, largest shard {largest / 2**20:.0f} MiB; synthetic RoseLoRA-shaped adapter "
             "(r=8, tau=0.05) on q_proj and v_proj of every layer. Each command runs in a fresh process (wall time includes "
-            f"Python and torch start-up; a process that only imports them peaks at {import_rss:.0f} MiB). Page cache warm; "
+            f"Python and torch start-up: a process that only imports them takes {import_s:.1f} s and peaks at "
+            f"{import_rss:.0f} MiB). Page cache warm; "
             "best of two interleaved rounds.",
             "",
-            "| method | wall s | x cp -r | peak RSS MiB | RSS - largest shard MiB (goal <= +300) |",
-            "|---|---|---|---|---|",
+            "| method | wall s | x cp -r | merge work s, excl. start-up (x cp -r) | peak RSS MiB | "
+            "RSS - largest shard MiB (goal <= +300) |",
+            "|---|---|---|---|---|---|",
             *rows,
             "",
             "Goal: streaming merge time <= 2 x cp -r, peak RSS <= largest shard + 300 MB. The streaming merge reads one "

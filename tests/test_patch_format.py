@@ -217,3 +217,17 @@ def test_smollm2_roselora_patch_is_compact_and_exact_in_fp16(smollm_dir, tmp_pat
     sub = Patch(tensors={name: loaded.tensors[name]})
     applied = apply_to_state_dict(sub, {name: b})[name]
     assert sha256_tensor(apply_to_state_dict(sub, {name: applied}, revert=True)[name]) == sha256_tensor(b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+def test_fast_pair_patch_equals_the_contract_function(dtype):
+    from roselora_export.patch.build import pair_patch
+
+    base, merged, _ = _rose_pair(dtype=dtype)
+    base = base.clone()
+    base[0, :3] = -0.0  # -0.0 + 0.0 = +0.0: a change outside the delta's support
+    merged = (base.float() + (merged.float() - base.float()) * 1).to(dtype)
+    a, b = pair_patch("w", base, merged), tensor_patch_from_pair("w", base, merged)
+    assert np.array_equal(a.flat_index, b.flat_index) and np.array_equal(a.xor_bits, b.xor_bits)
+    assert (a.base_sha256, a.patched_sha256, a.base_touched_sha256, a.patched_touched_sha256) == (
+        b.base_sha256, b.patched_sha256, b.base_touched_sha256, b.patched_touched_sha256)

@@ -8,6 +8,7 @@ remains after that rounding.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from ..errors import InputError
 from .adapter import AdapterEdit, read_adapter, resolve_keys
-from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, tensor_patch_from_pair
+from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, sha256_bits, tensor_bits, tensor_patch_from_pair
 
 LOST_WARNING = 0.5  # warn when more than this fraction of an edit's nonzeros change no stored value
 
@@ -77,6 +78,25 @@ class SurvivalReport:
         }
 
 
+def pair_patch(name: str, base: torch.Tensor, patched: torch.Tensor) -> TensorPatch | None:
+    """Same result as model.tensor_patch_from_pair (tested equal), with fewer full-tensor passes and copies.
+
+    The merge hot path: one comparison pass, XOR only at the changed elements, and hashing the bit
+    arrays in place instead of through bytes copies.
+    """
+    base_bits, new_bits = tensor_bits(base.cpu()), tensor_bits(patched.cpu())
+    flat = np.flatnonzero(base_bits != new_bits).astype(np.int64)
+    if flat.size == 0:
+        return None
+    old, new = base_bits[flat], new_bits[flat]
+    return TensorPatch(
+        name=name, shape=tuple(base.shape), dtype=base.dtype, flat_index=flat, xor_bits=old ^ new,
+        base_sha256=hashlib.sha256(memoryview(base_bits)).hexdigest(),
+        patched_sha256=hashlib.sha256(memoryview(new_bits)).hexdigest(),
+        base_touched_sha256=sha256_bits(old), patched_touched_sha256=sha256_bits(new),
+    )
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
@@ -111,7 +131,7 @@ def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.
     err = float(((got - want) ** 2).sum())
     surv = Survival(name=name, intended_nnz=int(idx.numel()), lost_nnz=int((got == 0).sum()), realised_nnz=0,
                     rel_l2_error=float(np.sqrt(err / norm2)) if norm2 > 0 else 0.0, norm2=norm2)
-    tp = tensor_patch_from_pair(name, base_d, merged)
+    tp = pair_patch(name, base_d, merged)
     if tp is not None:
         check_finite(name, merged.reshape(-1)[torch.from_numpy(tp.flat_index)], "the merged tensor")
         tp.rectangles = edit.rectangles
@@ -181,7 +201,7 @@ def diff_tensor(name: str, base: torch.Tensor, target: torch.Tensor) -> TensorPa
         if not torch.equal(base, target):
             raise InputError(f"{name}: dtype {base.dtype} differs between base and target; only fp32/fp16/bf16 can be patched")
         return None
-    tp = tensor_patch_from_pair(name, base, target)
+    tp = pair_patch(name, base, target)
     if tp is not None:
         check_finite(name, target.reshape(-1)[torch.from_numpy(tp.flat_index)], "the target")
     return tp
