@@ -113,3 +113,17 @@ def test_apply_on_an_onnx_directory_dispatches_to_onnx_patching(dirs, tmp_path, 
     r = run("apply", "--base", onnx_dir, "--patch", tmp_path / "m.patch.safetensors", "--out", tmp_path / "o", "--revert")
     assert r.exit_code == 0, r.output
     assert calls == [(onnx_dir, 1, tmp_path / "o", True, False)]
+
+
+def test_merge_with_onnx_patches_the_artifact_into_out_onnx(dirs, tmp_path, monkeypatch):
+    import roselora_export.onnx.patching as patching
+
+    _, base, adapter = dirs
+    calls = []
+    monkeypatch.setattr(patching, "apply_to_onnx_dir",
+                        lambda base_dir, patches, out_dir, revert=False, in_place=False:
+                        calls.append((base_dir, [len(p.tensors) for p in patches], out_dir, revert, in_place))
+                        or {"out": str(out_dir), "elements": 1})
+    r = run("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "m", "--onnx", tmp_path / "art")
+    assert r.exit_code == 0, r.output
+    assert calls == [(tmp_path / "art", [4], tmp_path / "m" / "onnx", False, False)]
