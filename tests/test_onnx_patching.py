@@ -242,3 +242,27 @@ def test_failure_mid_write_in_place_leaves_the_old_files_whole(work_copy, tiny_m
     with pytest.raises(KeyboardInterrupt):
         apply_to_onnx_dir(art, [patch_for(tiny_model_dirs, "llama")[0]], None, in_place=True)
     assert dir_fingerprint(art) == before  # no temp file left beside, data file untouched
+
+
+def test_concurrent_in_place_applies_both_land(work_copy, tiny_model_dirs):
+    import threading
+
+    art = work_copy("llama")
+    state = base_state(tiny_model_dirs["llama"])
+    patches = [make_patch(state, [key], seed=i)[0] for i, key in enumerate(PATCH_KEYS["llama"])]
+    errors = []
+
+    def worker(p):
+        try:
+            apply_to_onnx_dir(art, [p], None, in_place=True)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(p,)) for p in patches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for p in patches:  # every patch is in: reverting each one succeeds only if it was applied
+        apply_to_onnx_dir(art, [p], None, in_place=True, revert=True)

@@ -14,6 +14,7 @@ crash mid-write would leave a torn file that onnxruntime loads without complaint
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -27,7 +28,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..patch.model import BITS_DTYPE, Patch, TensorPatch
-from .names import Location, OnnxArtifact, Target, open_artifact
+from .names import NAMES_FILE, Location, OnnxArtifact, Target, open_artifact
 
 _FICLONE = 0x40049409  # linux/fs.h: share the source's blocks copy-on-write (btrfs, xfs, bcachefs)
 
@@ -165,6 +166,26 @@ def apply_to_onnx_dir(base_dir: Path, patches: list[Patch], out_dir: Path | None
             raise InputError(f"--out {out_dir} is the base directory; use --in-place to patch it in place")
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
             raise InputError(f"--out {out_dir}: exists and is not an empty directory; choose a new path")
+    with _exclusive(base_dir if in_place else None):
+        return _apply(base_dir, patches, out_dir, revert=revert, in_place=in_place, t0=t0)
+
+
+@contextlib.contextmanager
+def _exclusive(root: Path | None):
+    """Serialise in-place writers of one artifact (flock on names.json), so two applies cannot lose one."""
+    if root is None or not (root / NAMES_FILE).is_file():
+        yield
+        return
+    with open(root / NAMES_FILE, "rb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _apply(base_dir: Path, patches: list[Patch], out_dir: Path | None, *, revert: bool, in_place: bool,
+           t0: float) -> dict:
     artifact = open_artifact(base_dir)
     touched = plan_patches(artifact, patches, revert=revert)
     by_file: dict[str, list[TouchedTensor]] = {}
