@@ -226,14 +226,13 @@ def test_unbacked_huge_claims_are_refused_before_allocating(tmp_path):
 
 
 def _replace_plane(tmp_path, packed: bytes):
-    """Swap tensor 0's first value plane for a zlib stream (declared as U8 in the entry's 'zlib' map)."""
+    """Swap tensor 0's value array for a zlib stream (declared as U8 in the entry's 'zlib' map)."""
     def arrays(a):
-        for k in [k for k in a if k.startswith("0.v0")]:
+        for k in [k for k in a if k in ("0.v", "0.v.z")]:
             del a[k]
-        a["0.v0.z"] = np.frombuffer(packed, np.uint8)
+        a["0.v.z"] = np.frombuffer(packed, np.uint8)
     def entry(e):
-        e["zlib"] = {**e.get("zlib", {}), "v0": "|u1"}
-        e["planes"] = "d" + e["planes"][1:]
+        e["zlib"] = {**e.get("zlib", {}), "v": "|u1"}
     return _crafted(tmp_path, entry, arrays)
 
 

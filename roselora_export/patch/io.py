@@ -76,9 +76,10 @@ def _packed_size(n: int) -> int:
 
 # ----------------------------------------------------------------------------- encoding
 
-def _encode_planes(xor: np.ndarray, key: str) -> tuple[str, dict[str, np.ndarray]]:
-    """Split XOR values into little-endian byte planes; each plane dense ('d'), sparse ('s') or zero ('z')."""
-    modes, arrays = [], {}
+def _encode_planes(xor: np.ndarray, key: str) -> tuple[str, dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    """Split XOR values into little-endian byte planes, each dense ('d'), sparse ('s') or zero ('z'),
+    concatenated into one U8 array `{key}.v` (one array, not one per plane: each costs header bytes)."""
+    modes, parts = [], []
     n = xor.size
     for b in range(xor.dtype.itemsize):
         plane = ((xor >> np.array(8 * b, xor.dtype)) & np.array(0xFF, xor.dtype)).astype(np.uint8)
@@ -88,15 +89,29 @@ def _encode_planes(xor: np.ndarray, key: str) -> tuple[str, dict[str, np.ndarray
             modes.append("z")
         elif _packed_size(n) + count < n:
             modes.append("s")
-            arrays[f"{key}.m{b}"] = np.packbits(nz, bitorder="little")
-            arrays[f"{key}.v{b}"] = plane[nz]
+            parts += [np.packbits(nz, bitorder="little"), plane[nz]]
         else:
             modes.append("d")
-            arrays[f"{key}.v{b}"] = plane
-    return "".join(modes), arrays
+            parts.append(plane)
+    values = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    bounds = tuple(int(x) for x in np.cumsum([p.size for p in parts])[:-1])  # where each plane part starts
+    return "".join(modes), {f"{key}.v": values}, {f"{key}.v": bounds}
 
 
-def _deflate(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _zlib_parts(raw: bytes, bounds: tuple[int, ...]) -> bytes:
+    """One zlib stream, with a full flush at each plane boundary so every plane gets its own Huffman
+    tables (byte planes have very different statistics). Level 6: level 9 is slower and no smaller here."""
+    c = zlib.compressobj(6)
+    out, start = [], 0
+    for end in (*bounds, len(raw)):
+        out.append(c.compress(raw[start:end]))
+        out.append(c.flush(zlib.Z_FULL_FLUSH if end < len(raw) else zlib.Z_FINISH))
+        start = end
+    return b"".join(out)
+
+
+def _deflate(arrays: dict[str, np.ndarray], bounds: dict[str, tuple[int, ...]] | None = None
+             ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Store each array raw, or zlib-compressed under `name.z` when that saves bytes.
 
     zlib (stdlib) rather than own entropy coding: the byte planes of XOR values and the index
@@ -105,7 +120,7 @@ def _deflate(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict
     stored, dtypes = {}, {}
     for k, a in arrays.items():
         raw = np.ascontiguousarray(a).tobytes()
-        packed = zlib.compress(raw, 6)  # level 9 is slower and no smaller on these streams
+        packed = _zlib_parts(raw, (bounds or {}).get(k, ()))
         if len(packed) + 16 < len(raw):
             stored[k + ".z"] = np.frombuffer(packed, np.uint8)
             dtypes[k.split(".", 1)[1]] = a.dtype.str
@@ -151,11 +166,8 @@ def _positions_rect(tp: TensorPatch, key: str) -> dict[str, np.ndarray] | None:
     if pos.size and (pos.max() >= cand.size or np.any(cand[np.minimum(pos, cand.size - 1)] != tp.flat_index)):
         return None  # some change lies outside the rectangles
     sizes = np.array([[r.size, c.size] for r, c in rects], dtype=np.int64).ravel()
-    out = {
-        f"{key}.rsz": sizes.astype(narrow_uint(max(nrows, ncols) + 1)),
-        f"{key}.rr": np.concatenate([np.sort(r) for r, _ in rects]).astype(narrow_uint(nrows)),
-        f"{key}.rc": np.concatenate([np.sort(c) for _, c in rects]).astype(narrow_uint(ncols)),
-    }
+    rect = np.concatenate([[len(rects)], sizes, *[np.sort(r) for r, _ in rects], *[np.sort(c) for _, c in rects]])
+    out = {f"{key}.rect": rect.astype(narrow_uint(max(nrows, ncols, len(rects)) + 1))}
     if cand.size != tp.nnz:
         changed = np.zeros(cand.size, bool)
         changed[pos] = True
@@ -170,29 +182,27 @@ def _positions_rect(tp: TensorPatch, key: str) -> dict[str, np.ndarray] | None:
 
 def encode_tensor(tp: TensorPatch, key: str) -> tuple[dict, dict[str, np.ndarray]]:
     """The metadata entry and the arrays for one tensor, in the smallest position encoding."""
-    planes, values = _encode_planes(tp.xor_bits, key)
-    options: list[tuple[str, dict[str, np.ndarray], str, dict[str, np.ndarray]]] = []
+    planes, values, bounds = _encode_planes(tp.xor_bits, key)
+    sparse_values = (planes, values, _deflate(values, bounds))  # shared by rect and csr: deflated once
+    options = []
     rect = _positions_rect(tp, key)
     if rect is not None:
-        options.append(("rect", rect, planes, values))
-    options.append(("csr", _positions_csr(tp, key), planes, values))
+        options.append(("rect", rect, sparse_values))
+    options.append(("csr", _positions_csr(tp, key), sparse_values))
     if tp.nnz * 4 >= tp.numel:  # dense can only win at high density; skip building it otherwise
         full = np.zeros(tp.numel, BITS_DTYPE[tp.dtype])
         full[tp.flat_index] = tp.xor_bits
-        dplanes, dvalues = _encode_planes(full, key)
-        options.append(("dense", {}, dplanes, dvalues))
+        dplanes, dvalues, dbounds = _encode_planes(full, key)
+        options.append(("dense", {}, (dplanes, dvalues, _deflate(dvalues, dbounds))))
     packed = []
-    deflated: dict[int, tuple[dict, dict]] = {}  # values are shared by rect and csr: deflate them once
-    for enc, pos, planes, vals in options:
+    for enc, pos, (planes, vals, (zvals, zvals_dt)) in options:
         # What the reader will charge to its allocation budget for this tensor; compression must not
         # shrink the tensor below its share of that budget (only pathological, constant data would).
         charge = ELEMENT_COST * (tp.numel if enc == "dense" else tp.nnz)
         if enc == "rect":
-            charge += CANDIDATE_COST * int(pos[f"{key}.rsz"].astype(np.int64).reshape(-1, 2).prod(axis=1).sum())
-        if id(vals) not in deflated:
-            deflated[id(vals)] = _deflate(vals)
+            m = int(pos[f"{key}.rect"][0])
+            charge += CANDIDATE_COST * int(pos[f"{key}.rect"][1:1 + 2 * m].astype(np.int64).reshape(-1, 2).prod(axis=1).sum())
         zpos, zpos_dt = _deflate(pos)
-        zvals, zvals_dt = deflated[id(vals)]
         stored, zdtypes = {**zpos, **zvals}, {**zpos_dt, **zvals_dt}
         if _nbytes(stored) * ALLOC_FACTOR < charge:
             stored, zdtypes = {**pos, **vals}, {}
@@ -351,21 +361,51 @@ def _unpack_mask(arrays: _Store, key: str, n: int) -> np.ndarray:
 
 
 def _decode_planes(arrays: _Store, key: str, planes: str, n: int, width: int) -> np.ndarray:
+    data = _uint_array(arrays, f"{key}.v")
+    _need(data.dtype == np.uint8, f"array {key}.v must be U8")
     out = np.zeros(n, np.dtype(f"<u{width}"))
+    pos = 0
+
+    def take(count: int) -> np.ndarray:
+        nonlocal pos
+        _need(pos + count <= data.size, f"array {key}.v is shorter than its planes need")
+        part = data[pos:pos + count]
+        pos += count
+        return part
+
     for b, mode in enumerate(planes):
         if mode == "z":
             continue
         if mode == "d":
-            plane = _uint_array(arrays, f"{key}.v{b}", n)
+            plane = take(n)
         else:
-            nz = _unpack_mask(arrays, f"{key}.m{b}", n)
-            vals = _uint_array(arrays, f"{key}.v{b}", int(nz.sum()))
-            _need(bool(np.all(vals != 0)), f"sparse plane {key}.v{b} stores a zero byte")
+            packed = take(_packed_size(n))
+            nz = np.unpackbits(packed, bitorder="little", count=n).astype(bool)
+            _need(int(np.unpackbits(packed, bitorder="little").sum()) == int(nz.sum()), f"plane {b} mask has bits past its end")
+            vals = take(int(nz.sum()))
+            _need(bool(np.all(vals != 0)), f"sparse plane {b} stores a zero byte")
             plane = np.zeros(n, np.uint8)
             plane[nz] = vals
-        _need(plane.dtype == np.uint8, f"array {key}.v{b} must be U8")
         out |= plane.astype(out.dtype) << np.array(8 * b, out.dtype)
+    _need(pos == data.size, f"array {key}.v is longer than its planes need")
     return out
+
+
+def _read_rects(arrays: _Store, key: str, nrows: int, ncols: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rect = _uint_array(arrays, f"{key}.rect").astype(np.int64)
+    _need(rect.size >= 1 and 0 < int(rect[0]) <= MAX_RECTS and rect.size >= 1 + 2 * int(rect[0]), "bad rectangle header")
+    m = int(rect[0])
+    sizes = rect[1:1 + 2 * m].reshape(-1, 2)
+    _need(rect.size == 1 + 2 * m + int(sizes.sum()), "rectangle array length does not match its sizes")
+    rr = rect[1 + 2 * m:1 + 2 * m + int(sizes[:, 0].sum())]
+    rc = rect[1 + 2 * m + int(sizes[:, 0].sum()):]
+    _need(rr.size == 0 or int(rr.max()) < nrows, f"rectangle row out of range (rows={nrows})")
+    _need(rc.size == 0 or int(rc.max()) < ncols, f"rectangle column out of range (columns={ncols})")
+    rects = list(zip(_split(rr, sizes[:, 0]), _split(rc, sizes[:, 1])))
+    for i, (r, c) in enumerate(rects):
+        _check_increasing(r, f"rectangle {i} rows")
+        _check_increasing(c, f"rectangle {i} columns")
+    return rects
 
 
 def _check_increasing(idx: np.ndarray, what: str) -> None:
@@ -406,19 +446,9 @@ def _decode_positions(arrays: _Store, key: str, enc: str, shape, nnz: int) -> np
         _check_increasing(flat, "columns within a row")
         return flat
     if enc == "rect":
-        sizes = _uint_array(arrays, f"{key}.rsz").astype(np.int64)
-        _need(sizes.size % 2 == 0 and 0 < sizes.size // 2 <= MAX_RECTS, "bad rectangle sizes")
-        sizes = sizes.reshape(-1, 2)
-        rr = _uint_array(arrays, f"{key}.rr", int(sizes[:, 0].sum())).astype(np.int64)
-        rc = _uint_array(arrays, f"{key}.rc", int(sizes[:, 1].sum())).astype(np.int64)
-        _need(rr.size == 0 or int(rr.max()) < nrows, f"rectangle row out of range (rows={nrows})")
-        _need(rc.size == 0 or int(rc.max()) < ncols, f"rectangle column out of range (columns={ncols})")
-        total = int((sizes[:, 0] * sizes[:, 1]).sum())
+        rects = _read_rects(arrays, key, nrows, ncols)
+        total = sum(r.size * c.size for r, c in rects)
         arrays.charge(CANDIDATE_COST * total, "rectangles")  # enumerating candidates: int64 indices, sorted
-        rects = list(zip(_split(rr, sizes[:, 0]), _split(rc, sizes[:, 1])))
-        for i, (r, c) in enumerate(rects):
-            _check_increasing(r, f"rectangle {i} rows")
-            _check_increasing(c, f"rectangle {i} columns")
         cand = rect_candidates(rects, ncols)
         if f"{key}.mask" in arrays:
             flat = cand[_unpack_mask(arrays, f"{key}.mask", cand.size)]
@@ -483,11 +513,7 @@ def _decode_tensor(entry: dict, arrays: _Store) -> TensorPatch:
         _need(flat.size == nnz, f"dense values change {flat.size} elements, metadata says nnz={nnz}")
     else:
         _need(bool(np.all(xor != 0)), "a stored element does not change (zero XOR)")
-    rects = None
-    if enc == "rect":
-        sizes = arrays[f"{key}.rsz"].astype(np.int64).reshape(-1, 2)
-        rr, rc = arrays[f"{key}.rr"].astype(np.int64), arrays[f"{key}.rc"].astype(np.int64)
-        rects = list(zip(_split(rr, sizes[:, 0]), _split(rc, sizes[:, 1])))
+    rects = _read_rects(arrays, key, *matrix_shape(tuple(shape))) if enc == "rect" else None
     return TensorPatch(
         name=entry["name"],
         shape=tuple(shape),
