@@ -144,3 +144,26 @@ def test_adapter_for_another_model_is_refused(sharded, tmp_path):
     with pytest.raises(InputError, match="c_attn"):
         merge_checkpoint(base, adapter, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_sequence_classification_adapter_with_modules_to_save_merges_like_peft(tmp_path):
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from tiny_models import save_model_dir, tiny_bert
+
+    save_model_dir(tiny_bert(), tmp_path / "base")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base"))
+    peft_model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "classifier" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    peft_model.save_pretrained(str(tmp_path / "ad"))
+    res = merge_checkpoint(tmp_path / "base", tmp_path / "ad", tmp_path / "out")
+    fresh = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base"))
+    want = PeftModel.from_pretrained(fresh, str(tmp_path / "ad")).merge_and_unload().state_dict()
+    got = load_state_dict(tmp_path / "out")
+    assert all(torch.equal(got[k], want[k]) for k in got if k in want)
+    assert {"classifier.weight", "classifier.bias"} <= set(res.patch.tensors)
+    assert res.patch.provenance["method"] == "lora"
