@@ -18,7 +18,7 @@ import torch
 
 from ..errors import InputError
 from .adapter import AdapterEdit, read_adapter, resolve_keys
-from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, sha256_bits, tensor_bits, tensor_patch_from_pair
+from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, sha256_bits, tensor_bits
 
 LOST_WARNING = 0.5  # warn when more than this fraction of an edit's nonzeros change no stored value
 

@@ -2,12 +2,12 @@
 
 The layout is specified byte for byte in docs/format.md; the constants below are its single source.
 Every array is plain safetensors (readable with `safetensors.safe_open`); the metadata is JSON
-strings in `__metadata__`. Positions are encoded per tensor in whichever of three encodings is
-smallest (`rect`, `csr`, `dense`), and the XOR values are split into byte planes, each stored
-dense, sparse (bitmask + nonzero bytes) or omitted when all zero. Only structure known to the
-writer is used (no general-purpose compressor), so every decoded size is bounded by bytes that
-are physically in the file: a hostile header cannot make the reader allocate more than a small
-multiple of the file size.
+strings in `__metadata__`. Positions are encoded per tensor in whichever of three encodings gives
+the smallest file (`rect`: the union of RoseLoRA's row x column rectangles plus a changed-mask;
+`csr`: touched rows only; `dense`), the XOR values are split into byte planes (dense, sparse or
+omitted), and any array may be stored zlib-deflated. The reader charges everything it allocates to
+one budget proportional to the file size, so no hostile header or zlib stream can make it allocate
+gigabytes.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import InputError
 from .model import (
