@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from roselora_export.edit.requests import load_requests
 from roselora_export.edit.train import greedy_continuation, train_edit
@@ -12,8 +13,17 @@ UNRELATED = ["The Colosseum is located in the city of", "The capital of Germany 
              "The Statue of Liberty is located in", "The largest planet in the solar system is"]
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine, 2 OpenMP threads under load run ~10x slower (measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.smollm
-def test_landmark_edit_on_smollm2_changes_the_answer_and_keeps_unrelated_ones(smollm_dir):
+def test_landmark_edit_on_smollm2_changes_the_answer_and_keeps_unrelated_ones(smollm_dir, one_thread):
     tok, model = load_tokenizer(smollm_dir), load_model(smollm_dir)
     [req] = load_requests(Path(__file__).parent.parent / "examples" / "requests" / "landmark.jsonl")
     before = {p: greedy_continuation(model, tok, p, 4) for p in [req.prompt, *UNRELATED]}

@@ -1,4 +1,5 @@
 """RoseLoRA as a transformers.TrainerCallback inside an ordinary HF Trainer run."""
+import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
@@ -6,6 +7,16 @@ from roselora_export.method import RoseLoraConfig, lora_pairs, prop1_sparsity_bo
 from roselora_export.method.callback import RoseLoraCallback
 
 from tiny_models import tiny_bert
+
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread: on a shared 2-core machine two OpenMP threads under load run many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 class _Random(torch.utils.data.Dataset):
