@@ -173,6 +173,18 @@ def edit(model_dir, requests_path, out, method, layer, overwrite, answers, progr
         click.echo(json.dumps({**summary, "out": str(out), "answers": qa}, indent=2))
     else:
         _print_summary(summary, out, qa, per_module)
+    _warn_if_not_taken(qa, summary, config)
+
+
+def _warn_if_not_taken(answers: list[dict], summary: dict, config: RoseLoraConfig) -> None:
+    """Say so when the greedy answer did not move to the target: a silent no-op edit is the worst outcome."""
+    missed = [a for a in answers if not a["after"].strip().startswith(a["target_new"].strip())]
+    if not missed:
+        return
+    hint = (f" The clamp (--clamp {config.clamp:g}) limits every A and B entry; on small models try --clamp none."
+            if config.clamp is not None else " Try more --steps or a higher --lr.")
+    click.echo(f"warning: the edit did not take for {len(missed)} of {len(answers)} shown request(s) "
+               f"(final loss {summary['final_loss']:.3g}).{hint}", err=True)
 
 
 _FT_DEFAULTS = RoseLoraConfig(t_init=0.1, t_final=0.7, steps=100, clamp=None, early_stop_loss=None)
