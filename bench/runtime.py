@@ -232,7 +232,7 @@ def bench_throughput(gib: float, densities: list[float], device: torch.device, r
                     f"| {gbs(a_n):.2f} ({gbs(a_n) / gbs(t_copy):.0%}) | {gbs(device_part):.2f} ({gbs(device_part) / gbs(t_copy):.0%}) "
                     f"| {gbs(r_v):.2f} ({gbs(r_v) / gbs(t_copy):.0%}) "
                     f"| {ph_v['stage']:.3f} / {ph_v['check']:.3f} / {ph_v['write']:.3f} |")
-        figures[density] = {"touched_bytes": touched, "copy_s": t_copy, "apply_s": a_v, "apply_unverified_s": a_n,
+        figures[density] = {"model_bytes": total_bytes, "touched_bytes": touched, "copy_s": t_copy, "apply_s": a_v, "apply_unverified_s": a_n,
                             "revert_s": r_v, "phases_verified": ph_v, "phases_unverified": ph_n}
         del patch
     table = [f"Throughput on a synthetic {total_bytes / 2**30:.2f} GiB fp32 model ({len(model.weights)} matrices of "
@@ -257,7 +257,7 @@ def summary_table(device_name: str, edit: dict, throughput: dict) -> str:
         copy_gbs = f["touched_bytes"] / f["copy_s"] / 1e9
         for label, key in (("apply", "apply_s"), ("apply, no sha256", "apply_unverified_s"), ("revert", "revert_s")):
             gbs = f["touched_bytes"] / f[key] / 1e9
-            rows.append(f"| {label}, {float(density):.0%} of 1 GiB | {gbs:.2f} GB/s | {gbs / copy_gbs:.0%} of copy "
+            rows.append(f"| {label}, {float(density):.0%} of {f['model_bytes'] / 2**30:.2g} GiB | {gbs:.2f} GB/s | {gbs / copy_gbs:.0%} of copy "
                         f"({copy_gbs:.1f} GB/s; goal >= 50%) |")
     return "\n".join([f"Device: {device_name}", "", "| measure | value | vs baseline |", "|---|---:|---|", *rows])
 
