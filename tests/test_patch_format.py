@@ -231,3 +231,19 @@ def test_fast_pair_patch_equals_the_contract_function(dtype):
     assert np.array_equal(a.flat_index, b.flat_index) and np.array_equal(a.xor_bits, b.xor_bits)
     assert (a.base_sha256, a.patched_sha256, a.base_touched_sha256, a.patched_touched_sha256) == (
         b.base_sha256, b.patched_sha256, b.base_touched_sha256, b.patched_touched_sha256)
+
+
+def test_patch_built_from_an_adapter_records_the_base_config_fingerprint(tmp_path):
+    from roselora_export.checkpoint import load_state_dict
+    from roselora_export.patch import build_patch_from_adapter
+    from test_patch_fixtures import make_adapter, reference_merge, tiny_llama_dir
+
+    base = tiny_llama_dir(tmp_path / "base")
+    adapter = make_adapter(base, tmp_path / "ad")
+    sd = load_state_dict(base)
+    config = json.loads((base / "config.json").read_text())
+    patch = build_patch_from_adapter(adapter, sd, base_config=config, base_name="base")
+    assert patch.provenance["base_config_sha256"] == config_fingerprint(config)
+    out = apply_to_state_dict(patch, sd)
+    want = reference_merge(sd, adapter)
+    assert all(torch.equal(out[k], want[k]) for k in sd)

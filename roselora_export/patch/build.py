@@ -18,6 +18,7 @@ import torch
 
 from ..errors import InputError
 from .adapter import AdapterEdit, read_adapter, resolve_keys
+from .fingerprint import config_fingerprint
 from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, sha256_bits, tensor_bits
 
 LOST_WARNING = 0.5  # warn when more than this fraction of an edit's nonzeros change no stored value
@@ -157,15 +158,18 @@ def adapter_provenance(adapter, base_name: str, base_config_fp: str | None, dtyp
 
 def build_patch_from_adapter(adapter_dir: str | Path, base: Mapping[str, torch.Tensor], *,
                              dtype: torch.dtype | None = None, provenance: dict | None = None,
+                             base_config: dict | None = None, base_name: str = "",
                              tied: dict[str, str] | None = None, report: SurvivalReport | None = None) -> Patch:
     """The patch that merging `adapter_dir` into `base` (a state dict, in its stored dtypes or `dtype`) makes.
 
-    Accepts a PEFT LoRA adapter (RoseLoRA or dense) or an ft-l directory. Pass a SurvivalReport
-    to receive the edit-survival figures. `tied` maps an adapter key onto the stored key of a tied weight.
+    Accepts a PEFT LoRA adapter (RoseLoRA or dense) or an ft-l directory. `base_config` (config.json,
+    or `model.config.to_dict()`) records the base's config fingerprint so `apply` can refuse other
+    bases. Pass a SurvivalReport to receive the edit-survival figures. `tied` maps an adapter key
+    onto the stored key of a tied weight.
     """
     adapter = read_adapter(adapter_dir)
     edits = resolve_keys(adapter.edits, base.keys(), tied=tied)
-    prov = adapter_provenance(adapter, "", None, dtype)
+    prov = adapter_provenance(adapter, base_name, config_fingerprint(base_config) if base_config else None, dtype)
     prov.update(provenance or {})
     patch = Patch(provenance=prov)
     for name in [k for k in base.keys() if k in edits]:
