@@ -315,3 +315,13 @@ def test_large_patches_pack_and_hash_on_threads_with_the_same_result(device, mon
         rt.apply(random_patch(_model(device, seed=9), [DOWN1], np.random.default_rng(34)))
     rt.revert()
     assert state_hash(model) == base
+
+
+def test_a_second_runtime_on_a_model_with_applied_patches_is_refused(device):
+    model = _model(device)
+    rt = PatchRuntime(model)
+    rt.apply(random_patch(model, [Q0], np.random.default_rng(35)))
+    with pytest.raises(InputError, match="already has a PatchRuntime"):
+        PatchRuntime(model)
+    rt.revert()
+    PatchRuntime(model)  # fine once nothing is applied

@@ -118,14 +118,16 @@ def _check_config(patch: Patch, model: torch.nn.Module) -> None:
 class PatchRuntime:
     """Applies and reverts patches on one live model, in place, on the model's own device(s)."""
 
-    _by_model: "weakref.WeakKeyDictionary[torch.nn.Module, PatchRuntime]" = weakref.WeakKeyDictionary()
+    # model -> weak reference to its runtime (weak both ways, so neither keeps the other alive)
+    _by_model: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
     def __init__(self, model: torch.nn.Module) -> None:
-        other = PatchRuntime._by_model.get(model)
+        ref = PatchRuntime._by_model.get(model)
+        other = ref() if ref is not None else None
         if other is not None and other.active:
             raise InputError("this model already has a PatchRuntime with applied patches; use that one "
                              "(two runtimes on one model could not see each other's patches)")
-        PatchRuntime._by_model[model] = self
+        PatchRuntime._by_model[model] = weakref.ref(self)
         self.model = model
         self.lock = ServingLock()
         self._mutate = threading.RLock()
