@@ -34,6 +34,10 @@ check indices on the device (in range, strictly increasing); gather the touched 
 base fingerprint and that the new values are finite, for every tensor; only then write. The old
 bits (nnz-sized) stay on the device for revert. If a write fails, the tensors already written are
 restored, so the model is as before.
+
+Cost: bound by scattered memory access to the touched elements (each apply and each revert reads
+and writes them once). The first patch written into weights that transformers loaded as a private
+memory map of the safetensors file also pays one copy-on-write page fault per touched 4 KiB page.
 """
 from __future__ import annotations
 
