@@ -203,6 +203,22 @@ PROBE_CANDIDATES = [
     ("The inventor of the steam engine was James", "Watt"), ("The telescope was improved by Galileo", "Galilei"),
     ("The Olympic Games originated in", "Greece"), ("The Statue of David was sculpted by", "Michelangelo"),
     ("Water is made of hydrogen and", "oxygen"), ("The Sun is a", "star"), ("The Moon orbits the", "Earth"),
+    ("The capital of the Czech Republic is", "Prague"), ("The capital of Scotland is", "Edinburgh"),
+    ("The capital of Vietnam is", "Hanoi"), ("The capital of the Philippines is", "Manila"),
+    ("The capital of Indonesia is", "Jakarta"), ("The capital of Chile is", "Santiago"),
+    ("The capital of Ukraine is", "Kyiv"), ("The capital of Romania is", "Bucharest"),
+    ("The capital of Saudi Arabia is", "Riyadh"), ("The capital of New Zealand is", "Wellington"),
+    ("The official language of Germany is", "German"), ("The official language of Italy is", "Italian"),
+    ("The official language of Japan is", "Japanese"), ("The currency of India is the", "rupee"),
+    ("The currency of Russia is the", "ruble"), ("The chemical symbol for zinc is", "Zn"),
+    ("The chemical symbol for mercury is", "Hg"), ("The chemical symbol for tin is", "Sn"),
+    ("The chemical symbol for chlorine is", "Cl"), ("The chemical symbol for magnesium is", "Mg"),
+    ("The chemical formula for methane is", "CH4"), ("The chemical formula for ammonia is", "NH3"),
+    ("The largest continent is", "Asia"), ("The opposite of black is", "white"),
+    ("The opposite of day is", "night"), ("The opposite of big is", "small"),
+    ("5 times 5 equals", "25"), ("The square root of 81 is", "9"),
+    ("The author of Don Quixote is", "Miguel de Cervantes"), ("The Ford Motor Company was founded by Henry", "Ford"),
+    ("The headquarters of the United Nations is in", "New York"),
 ]
 
 LOCALITY_POOL = [
@@ -237,6 +253,11 @@ def greedy(model, tok, prompt: str, n: int = 8) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def answer_len(tok, answer: str) -> int:
+    """Tokens to generate to check an answer: its own length plus one (for the word boundary)."""
+    return len(tok(" " + answer, add_special_tokens=False)["input_ids"]) + 1
+
+
 def answers(continuation: str, answer: str) -> bool:
     """True if the greedy continuation starts with the answer as a whole word (case-insensitive)."""
     text = continuation.strip().lower()
@@ -251,11 +272,11 @@ def locality_answer(model, tok, prompt: str) -> str:
     return text or greedy(model, tok, prompt, n=1).strip() or "."
 
 
-def build(model_dir: str) -> None:
+def build(model_dir: str, probes_only: bool = False) -> None:
     model, tok = load(model_dir)
     edits = []
-    for cat, prompt, subject, truth, new, rephrases in EDIT_CANDIDATES:
-        got = greedy(model, tok, prompt)
+    for cat, prompt, subject, truth, new, rephrases in ([] if probes_only else EDIT_CANDIDATES):
+        got = greedy(model, tok, prompt, answer_len(tok, truth))
         ok = answers(got, truth)
         print(f"{'KEEP' if ok else 'drop'} {prompt!r} -> {got!r} (want {truth!r})", file=sys.stderr)
         if ok:
@@ -263,11 +284,15 @@ def build(model_dir: str) -> None:
                               rephrase_prompts=rephrases))
     probes = []
     for prompt, answer in PROBE_CANDIDATES:
-        got = greedy(model, tok, prompt)
+        got = greedy(model, tok, prompt, answer_len(tok, answer))
         ok = answers(got, answer)
         print(f"{'KEEP' if ok else 'drop'} probe {prompt!r} -> {got!r} (want {answer!r})", file=sys.stderr)
         if ok:
             probes.append(dict(prompt=prompt, answer=answer))
+    if probes_only:
+        PROBES.write_text("".join(json.dumps(r) + "\n" for r in probes))
+        print(f"{len(probes)} probes -> {PROBES}", file=sys.stderr)
+        return
     loc_answers = {p: locality_answer(model, tok, p) for p in LOCALITY_POOL}
     for i, e in enumerate(edits):
         picks = [LOCALITY_POOL[(3 * i + k) % len(LOCALITY_POOL)] for k in range(3)]
@@ -283,7 +308,7 @@ def check(model_dir: str) -> int:
     bad = 0
     for line in EDITS.read_text().splitlines():
         r = json.loads(line)
-        if not answers(greedy(model, tok, r["prompt"]), r["ground_truth"]):
+        if not answers(greedy(model, tok, r["prompt"], answer_len(tok, r["ground_truth"])), r["ground_truth"]):
             print(f"edit no longer answered: {r['prompt']!r}", file=sys.stderr)
             bad += 1
         for loc in r["locality"]:
@@ -292,7 +317,7 @@ def check(model_dir: str) -> int:
                 bad += 1
     for line in PROBES.read_text().splitlines():
         r = json.loads(line)
-        if not answers(greedy(model, tok, r["prompt"]), r["answer"]):
+        if not answers(greedy(model, tok, r["prompt"], answer_len(tok, r["answer"])), r["answer"]):
             print(f"probe no longer answered: {r['prompt']!r}", file=sys.stderr)
             bad += 1
     print(f"{bad} problems", file=sys.stderr)
@@ -305,7 +330,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model directory (default: the converted SmolLM2-135M-Instruct)")
     ap.add_argument("--check", action="store_true", help="re-verify the existing files instead of rebuilding them")
+    ap.add_argument("--probes-only", action="store_true", help="rebuild only the probe file")
     args = ap.parse_args()
     torch.manual_seed(0)
     model_dir = args.model or str(demo_model_dir())
-    sys.exit(check(model_dir) if args.check else build(model_dir))
+    sys.exit(check(model_dir) if args.check else build(model_dir, args.probes_only))

@@ -60,7 +60,7 @@ def stage_edits(model, tok, requests, quick: bool) -> dict:
     for mass in (False, True):
         log(f"edits: {'mass' if mass else 'single'}, {len(requests)} requests, {', '.join(METHODS)}")
         rep = benchmark_edits(model, tok, requests, METHODS, RoseLoraConfig(), mass=mass,
-                              on_edit=lambda m, i: log(f"  {m} #{i} done") if i % 10 == 9 else None)
+                              on_edit=lambda m, i: log(f"  {m} #{i} done"))
         for m in rep["methods"].values():
             m.pop("per_request_rows", None)
         out["mass" if mass else "single"] = rep
@@ -168,8 +168,10 @@ def stage_deploy(model, tok, model_dir: Path, requests, n: int) -> dict:
 
 # ------------------------------------------------------------------------------------------ stage 3
 
-def stage_finetune(model, tok, quick: bool) -> dict:
-    n_train, n_test, steps = (128, 64, 12) if quick else (512, 200, 48)
+def stage_finetune(model, tok, quick: bool, n_train: int = 512, n_test: int = 200, steps: int = 48,
+                   batch: int = 16) -> dict:
+    if quick:
+        n_train, n_test, steps, batch = 128, 64, 12, 8
     train, test = make_task(n_train, n_test, seed=0)
     probes_all = [json.loads(x) for x in PROBES.read_text().splitlines() if x.strip()]
     base_ok = exact_match(model, tok, probes_all, answer_key="answer")
@@ -181,13 +183,14 @@ def stage_finetune(model, tok, quick: bool) -> dict:
         subset = train[: max(1, round(frac * len(train)))]
         for method in ("lora", "roselora"):
             cfg = finetune_config(steps=steps)
-            run = finetune(model, tok, subset, test, method, cfg, epochs=steps * 16 / len(subset), probes=probes)
+            run = finetune(model, tok, subset, test, method, cfg, epochs=steps * batch / len(subset), batch=batch,
+                           probes=probes)
             d = run.to_dict()
             d["fraction"] = frac
             runs.append(d)
             log(f"finetune: {method} {frac:.3f} ({len(subset)} ex, {run.steps} steps): acc {run.accuracy:.3f}, "
                 f"probes kept {run.probes_kept:.3f}, modified {run.params_modified_fraction:.5f}, {run.seconds:.0f}s")
-    return {"n_train": n_train, "n_test": n_test, "steps": steps, "batch": 16, "base_accuracy": base_acc,
+    return {"n_train": n_train, "n_test": n_test, "steps": steps, "batch": batch, "base_accuracy": base_acc,
             "probes": len(probes), "probes_total": len(probes_all), "config": finetune_config(steps=steps).to_dict(),
             "runs": runs}
 
@@ -329,10 +332,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 requests, 2 for deployment, small fine-tuning")
     ap.add_argument("--only", default=",".join(STAGES), help=f"stages to run ({','.join(STAGES)}); others are kept")
     ap.add_argument("--deploy-requests", type=int, default=8, help="requests measured in each deployment form")
+    ap.add_argument("--requests", type=int, default=None, help="use N requests spread evenly over the dev set")
+    ap.add_argument("--ft", default="512,200,48,16", help="fine-tuning: train examples, test examples, steps, batch")
     ap.add_argument("--render", action="store_true", help="only rewrite the docs from docs/results.json")
+    ap.add_argument("--json", default=str(RESULTS_JSON), help="where the raw figures are kept")
+    ap.add_argument("--no-docs", action="store_true", help="only write the JSON (docs, README and plot untouched)")
     args = ap.parse_args()
+    results_json = Path(args.json)
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
-    res = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.is_file() else {}
+    res = json.loads(results_json.read_text()) if results_json.is_file() else {}
     if not args.render:
         torch.manual_seed(0)
         t0 = time.time()
@@ -341,20 +349,26 @@ def main() -> None:
         requests = load_requests(EDITS)
         if args.quick:
             requests = requests[:4]
+        elif args.requests:
+            n = len(requests)
+            requests = [requests[round(i * n / args.requests)] for i in range(min(args.requests, n))]
         if "edits" in stages:
             res["edits"] = stage_edits(model, tok, requests, args.quick)
-            atomic_write(RESULTS_JSON, json.dumps(res, indent=1))
+            atomic_write(results_json, json.dumps(res, indent=1))
         if "deploy" in stages:
             res["deploy"] = stage_deploy(model, tok, model_dir, requests, 2 if args.quick else args.deploy_requests)
-            atomic_write(RESULTS_JSON, json.dumps(res, indent=1))
+            atomic_write(results_json, json.dumps(res, indent=1))
         if "finetune" in stages:
-            res["finetune"] = stage_finetune(model, tok, args.quick)
+            n_train, n_test, steps, batch = (int(x) for x in args.ft.split(","))
+            res["finetune"] = stage_finetune(model, tok, args.quick, n_train, n_test, steps, batch)
         res["meta"] = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
                        "command": "examples/results.py" + (" --quick" if args.quick else "")
                        + (f" --only {args.only}" if args.only != ",".join(STAGES) else ""),
                        "minutes": (time.time() - t0) / 60 + (res.get("meta", {}).get("minutes", 0)
                                                            if args.only != ",".join(STAGES) else 0)}
-        atomic_write(RESULTS_JSON, json.dumps(res, indent=1))
+        atomic_write(results_json, json.dumps(res, indent=1))
+    if args.no_docs:
+        return
     if "finetune" in res:
         plot_finetune(res["finetune"])
     md, block = render(res)
