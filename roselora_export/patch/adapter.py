@@ -53,7 +53,7 @@ class AdapterEdit:
         """scaling * B @ A in the weight's layout, fp32 (PEFT's get_delta_weight); None for replacements."""
         if self.a is None:
             return None
-        d = (self.b @ self.a) * self.scaling
+        d = (self.b @ self.a).mul_(self.scaling)  # same values as PEFT's (B @ A) * scaling, one pass fewer
         return d.T.contiguous() if self.transposed else d
 
 

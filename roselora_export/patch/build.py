@@ -19,6 +19,7 @@ import torch
 from ..errors import InputError
 from .adapter import AdapterEdit, read_adapter, resolve_keys
 from .fingerprint import config_fingerprint
+from .io import rect_candidates
 from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, sha256_bits, tensor_bits
 
 LOST_WARNING = 0.5  # warn when more than this fraction of an edit's nonzeros change no stored value
@@ -124,7 +125,13 @@ def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.
         merged = edit.replacement.to(dtype)
         intended = (edit.replacement.double() - base.double()).float()
     # Survival is measured on the intended support only (the delta is sparse; this keeps merge fast).
-    idx = torch.from_numpy(np.flatnonzero(intended.reshape(-1).numpy() != 0))
+    # A LoRA delta is zero outside its rectangles (B[i,k] A[k,j] != 0 puts (i,j) in rectangle k).
+    flat_intended = intended.reshape(-1).numpy()
+    if edit.rectangles is not None and tuple(base.shape) == tuple(intended.shape) and intended.ndim == 2:
+        cand = rect_candidates(edit.rectangles, intended.shape[1])
+        idx = torch.from_numpy(cand[flat_intended[cand] != 0])
+    else:
+        idx = torch.from_numpy(np.flatnonzero(flat_intended != 0))
     want = intended.reshape(-1)[idx].double()
     got = merged.reshape(-1)[idx].double() - base_d.reshape(-1)[idx].double()
     check_finite(name, merged.reshape(-1)[idx], "the merged tensor")

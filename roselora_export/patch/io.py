@@ -66,7 +66,8 @@ def rect_candidates(rects: list[tuple[np.ndarray, np.ndarray]], ncols: int) -> n
     parts = [np.add.outer(r.astype(np.int64) * ncols, c.astype(np.int64)).ravel() for r, c in rects if r.size and c.size]
     if not parts:
         return np.zeros(0, np.int64)
-    return np.unique(np.concatenate(parts))
+    flat = np.sort(np.concatenate(parts))  # sort + drop repeats: faster than np.unique's hashing here
+    return flat[np.concatenate(([True], flat[1:] != flat[:-1]))]
 
 
 def _packed_size(n: int) -> int:
@@ -137,7 +138,8 @@ def _positions_csr(tp: TensorPatch, key: str) -> dict[str, np.ndarray]:
     nrows, ncols = matrix_shape(tp.shape)
     rows = tp.flat_index // max(ncols, 1)
     cols = tp.flat_index - rows * ncols
-    touched, counts = np.unique(rows, return_counts=True)
+    starts_at = np.flatnonzero(np.concatenate(([True], rows[1:] != rows[:-1])))  # rows are sorted
+    touched, counts = rows[starts_at], np.diff(np.append(starts_at, rows.size))
     out = {f"{key}.rows": touched.astype(narrow_uint(nrows)), f"{key}.cnt": counts.astype(narrow_uint(ncols + 1))}
     # Column gaps within a row (the first relative to column 0) are narrower than columns on wide rows.
     starts = np.zeros(rows.size, bool)
