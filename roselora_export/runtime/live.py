@@ -191,6 +191,7 @@ class PatchRuntime:
                                      f"overlaps it; revert #{later.id} first")
             self._revert(handle, check)
             self._active.remove(handle)
+            handle._staged, handle._old = None, {}  # free the nnz-sized device buffers now
 
     # ---- apply ------------------------------------------------------------------------------
     def refresh(self) -> None:
