@@ -325,3 +325,12 @@ def test_a_second_runtime_on_a_model_with_applied_patches_is_refused(device):
         PatchRuntime(model)
     rt.revert()
     PatchRuntime(model)  # fine once nothing is applied
+
+
+def test_reverting_the_same_handle_twice_is_refused(device):
+    model = _model(device)
+    rt = PatchRuntime(model)
+    handle = rt.apply(random_patch(model, [Q0], np.random.default_rng(36)))
+    rt.revert(handle)
+    with pytest.raises(InputError, match="not applied"):
+        rt.revert(handle)
