@@ -247,3 +247,15 @@ def test_patch_built_from_an_adapter_records_the_base_config_fingerprint(tmp_pat
     out = apply_to_state_dict(patch, sd)
     want = reference_merge(sd, adapter)
     assert all(torch.equal(out[k], want[k]) for k in sd)
+
+
+def test_patch_verbs_round_trip_a_state_dict(tmp_path):
+    import roselora_export.patch as patch_api
+
+    base, merged, _ = _rose_pair(dtype=torch.bfloat16)
+    Patch(tensors={"w": tensor_patch_from_pair("w", base, merged)}).save(tmp_path / "p.safetensors")
+    patch = Patch.load(tmp_path / "p.safetensors")
+    applied = patch.apply_to({"w": base})
+    assert torch.equal(applied["w"], merged)
+    assert torch.equal(patch.revert_from(applied)["w"], base)
+    assert callable(patch_api.apply_to_checkpoint) and callable(patch_api.merge_checkpoint)
