@@ -80,7 +80,7 @@ def exact_match(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, prom
 def finetune_config(**overrides) -> RoseLoraConfig:
     """Fine-tuning settings (not the editing ones): no clamp, no early stop, schedule as fractions of the steps."""
     base = dict(rank=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"), tau=0.1, t_init=0.1, t_final=0.6,
-                steps=64, lr=1e-3, clamp=None, early_stop_loss=None, seed=0)
+                steps=64, lr=2e-3, clamp=None, early_stop_loss=None, seed=0)
     base.update(overrides)
     return RoseLoraConfig(**base)
 
