@@ -100,3 +100,24 @@ def test_merge_with_onnx_writes_a_patched_artifact_matching_the_merged_checkpoin
     diff = masked_max_diff(got, want, inputs["attention_mask"])
     assert diff <= MAX_LOGIT_DIFF
     assert masked_max_diff(want, base, inputs["attention_mask"]) > 100 * diff
+
+
+def test_onnx_generate_runs_a_patch_file_without_changing_the_artifact(art_and_patch, tmp_path):
+    import json
+
+    from roselora_export.onnx.patching import apply_to_onnx_dir
+    from roselora_export.onnx.session import generate_greedy
+    from roselora_export.patch import load_patch
+
+    art, patch_file = art_and_patch
+    before = dir_fingerprint(art)
+    result = cli("onnx-generate", "--onnx", art, "--patch", patch_file, "--prompt", "The capital of France is",
+                 "--max-new-tokens", "5", "--json")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout[result.stdout.index("{"):])["new_token_ids"]
+    assert dir_fingerprint(art) == before
+    apply_to_onnx_dir(art, [load_patch(patch_file)], tmp_path / "patched")
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(art))("The capital of France is")["input_ids"]
+    assert got == generate_greedy(create_session(tmp_path / "patched"), ids, 5)[: len(got)]

@@ -122,3 +122,19 @@ def test_kv_cache_session_with_patch_matches_the_pytorch_merged_model(tiny_model
     got = session.run(["logits"], {**inputs, **{n: empty for n in names["inputs"][2:]}})[0]
     want = reference_logits(tiny_model_dirs["llama"], patched, inputs)
     assert masked_max_diff(got, want, inputs["attention_mask"]) <= MAX_LOGIT_DIFF
+
+
+def test_greedy_generation_with_and_without_kv_cache_matches_pytorch(base_onnx, tiny_model_dirs, tmp_path):
+    import torch
+
+    from roselora_export.models import load_model
+    from roselora_export.onnx.session import generate_greedy
+
+    export_onnx(tiny_model_dirs["llama"], tmp_path / "kv", kv_cache=True, check_runtime=False)
+    prompt = [5, 17, 99, 3, 42]
+    model = load_model(tiny_model_dirs["llama"])
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+    assert generate_greedy(create_session(base_onnx / "llama"), prompt, 6) == want
+    assert generate_greedy(create_session(tmp_path / "kv"), prompt, 6) == want

@@ -57,3 +57,39 @@ def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, kv_
         click.echo(f"not in the graph (cannot be patched): {', '.join(report['unmapped'])}")
     click.echo(f"onnxruntime vs PyTorch max |logit diff|: {report['runtime_check'] if diff is None else f'{diff:.3g}'}; "
                f"{report['total_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB")
+
+
+@main.command("onnx-generate")
+@click.option("--onnx", "onnx_dir", required=True, type=click.Path(file_okay=False),
+              help="ONNX artifact directory from export-onnx (a causal LM, with its tokenizer files).")
+@click.option("--patch", "patch_files", multiple=True, type=click.Path(dir_okay=False),
+              help="Patch to run with, as initializer overrides (the files on disk are not changed); repeatable.")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=int, default=8, help="Tokens to generate (greedy).")
+@click.option("--json", "as_json", is_flag=True, help="Print prompt, continuation and token ids as JSON.")
+def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompt: str, max_new_tokens: int,
+                          as_json: bool) -> None:
+    """Greedy continuation of a prompt by onnxruntime, with or without patches.
+
+    A quick check that an ONNX artifact carries an edit: run it with --patch (overrides in memory)
+    and without, or on a directory patched by `apply --base ONNX_DIR`.
+    """
+    from ..errors import InputError
+    from ..onnx.session import create_session, generate_greedy
+
+    session = create_session(onnx_dir, list(patch_files))
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(onnx_dir, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise InputError(f"--onnx {onnx_dir}: no usable tokenizer files ({str(err).splitlines()[0]}); "
+                         "re-export from a model directory that has them") from None
+    ids = tok(prompt)["input_ids"]
+    new = generate_greedy(session, ids, max_new_tokens, tok.eos_token_id)
+    text = tok.decode(new)
+    if as_json:
+        click.echo(json.dumps({"prompt": prompt, "continuation": text, "new_token_ids": new,
+                               "patches": list(patch_files), "providers": session.get_providers()}, indent=2))
+    else:
+        click.echo(prompt + text)

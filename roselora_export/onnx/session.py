@@ -135,12 +135,13 @@ def check_overrides_take_effect(providers: Sequence[str], level, disabled_optimi
     _canary_ok[key] = True
 
 
-def create_session(onnx_dir: str | os.PathLike, patches: Sequence[Patch] = (), *, providers: Sequence[str] | None = None,
+def create_session(onnx_dir: str | os.PathLike, patches: Sequence[Patch | str | os.PathLike] = (), *, providers: Sequence[str] | None = None,
                    optimization_level=None, disabled_optimizers: Sequence[str] = (), threads: int | None = None,
                    override_api: str = "external", verify: bool = True):
     """An onnxruntime.InferenceSession on the base artifact with `patches` applied as initializer overrides.
 
-    The base files are only read. Fingerprints are checked as for `apply`; raises InputError on bad
+    `patches` are Patch objects or patch files. The base files are only read. Fingerprints are
+    checked as for `apply` (patches apply in order); raises InputError on bad
     input and OverrideIgnoredError if onnxruntime would not use the overrides. The session keeps the
     override buffers alive (`session.roselora_overrides`).
     """
@@ -151,7 +152,8 @@ def create_session(onnx_dir: str | os.PathLike, patches: Sequence[Patch] = (), *
     level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimization_level is None else optimization_level
     providers = list(providers) if providers else default_providers()
     artifact = open_artifact(onnx_dir)
-    touched = plan_patches(artifact, list(patches))
+    patches = [p if isinstance(p, Patch) else _load_patch(p) for p in patches]
+    touched = plan_patches(artifact, patches)
     names, values = [], []
     for name, t in touched.items():
         loc = t.location
@@ -169,3 +171,38 @@ def create_session(onnx_dir: str | os.PathLike, patches: Sequence[Patch] = (), *
     session.roselora_overrides = dict(zip(names, values))  # onnxruntime reads these buffers for the session's life
     session.roselora_names = artifact.names
     return session
+
+
+def _load_patch(path: str | os.PathLike) -> Patch:
+    from ..patch import load_patch
+
+    return load_patch(path)
+
+
+def generate_greedy(session, input_ids: Sequence[int], max_new_tokens: int = 8, eos_token_id: int | None = None
+                    ) -> list[int]:
+    """Greedy continuation of one sequence with a causal-LM session (plain or --kv-cache graph); new token ids."""
+    names = getattr(session, "roselora_names", {}) or {}
+    if names.get("task", "causal-lm") != "causal-lm":
+        raise InputError("generation needs a causal-LM export; this ONNX model is " + str(names.get("task")))
+    geo = names.get("kv_cache")
+    past_names = [n for n in names.get("inputs", []) if n.startswith("past_key_values.")]
+    float_type = np.float16 if names.get("dtype") == "F16" else np.float32
+    ids = np.asarray([list(input_ids)], dtype=np.int64)
+    past = {n: np.zeros((1, geo["kv_heads"], 0, geo["head_dim"]), float_type) for n in past_names} if geo else {}
+    new: list[int] = []
+    step_ids = ids
+    for _ in range(max_new_tokens):
+        feeds = {"input_ids": step_ids, "attention_mask": np.ones((1, ids.shape[1]), np.int64), **past}
+        outputs = session.run(None, feeds)
+        token = int(outputs[0][0, -1].argmax())
+        new.append(token)
+        if eos_token_id is not None and token == eos_token_id:
+            break
+        ids = np.concatenate([ids, [[token]]], axis=1)
+        if geo:  # feed only the new token; the cache carries the rest
+            past = dict(zip(past_names, outputs[1:]))
+            step_ids = ids[:, -1:]
+        else:
+            step_ids = ids
+    return new
