@@ -278,26 +278,25 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
                 tags[param_key[name]] = _fingerprints(p.detach())
         buf = io.BytesIO()
         t_trace = time.perf_counter()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ids, mask = _example_inputs(model.config, 2, 8, seed)
-                past = _empty_past(model.config, 2, 3, dtype, gen) if kv_cache else []
-                if kv_cache:  # the mask covers the 3 past positions too
-                    mask = torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], dim=1)
-                torch.onnx.export(
-                    traced, (ids, mask, *past), buf, dynamo=False, do_constant_folding=False, opset_version=opset,
-                    input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
-                )
-        finally:
-            for name, p in params.items():
-                key = param_key[name]
-                if key in tags:
-                    p.copy_(state[key])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ids, mask = _example_inputs(model.config, 2, 8, seed)
+            past = _empty_past(model.config, 2, 3, dtype, gen) if kv_cache else []
+            if kv_cache:  # the mask covers the 3 past positions too
+                mask = torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], dim=1)
+            torch.onnx.export(
+                traced, (ids, mask, *past), buf, dynamo=False, do_constant_folding=False, opset_version=opset,
+                input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+            )
     phases["trace_s"] = time.perf_counter() - t_trace
     done("trace")
     t_map = time.perf_counter()
-    onnx_model = onnx.load_from_string(buf.getvalue())
+    # The model now holds tags, not weights, and is not needed again: free it before parsing the graph
+    # (and parse from the buffer without copying it) to keep the peak RSS down.
+    config = model.config
+    del model, wrapper, traced, params, past
+    onnx_model = onnx.ModelProto()
+    onnx_model.ParseFromString(buf.getbuffer())
     del buf
 
     # Find each tag by value among the initializers: as stored, or transposed.
@@ -355,7 +354,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     names = {
         "format": NAMES_FORMAT, "model_file": MODEL_FILE, "data_file": DATA_FILE, "task": task,
         "inputs": input_names, "outputs": output_names, "opset": opset,
-        "kv_cache": _cache_geometry(model.config) if kv_cache else None,
+        "kv_cache": _cache_geometry(config) if kv_cache else None,
         "exporter": f"torch {torch.__version__} legacy, do_constant_folding=False",
         "source": str(model_dir), "dtype": DTYPE_NAMES.get(dtype), "tensors": tensors,
     }
@@ -380,7 +379,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
         # written and verified by value, but not run here.
         ran = check_runtime and dtype != torch.bfloat16
         past_names = input_names[2:]
-        empty = _empty_past(model.config, check_inputs[0].shape[0], 0, dtype) if kv_cache else []
+        empty = _empty_past(config, check_inputs[0].shape[0], 0, dtype) if kv_cache else []
         diff = _runtime_check(tmp, check_inputs, expected, empty, past_names) if ran else None
         if diff is not None and dtype == torch.float32 and diff > 1e-3:
             raise RuntimeError(f"export check failed: onnxruntime logits differ from PyTorch by {diff:.3g}")
