@@ -135,6 +135,10 @@ def _write_touched(data_path: Path, touched: list[TouchedTensor]) -> tuple[int, 
             changed += pos.size * item
             pages.update(((t.location.offset + pos * item) // 4096).tolist())
         mm.flush()
+        for t in touched:  # read back what was written (cheap: the touched elements only)
+            view = mm[t.location.offset: t.location.offset + t.location.length].view(t.bits.dtype)
+            if not np.array_equal(view[t.positions], t.bits[t.positions]):
+                raise RuntimeError(f"{data_path}: read-back of {t.location.initializer!r} differs after writing")
     finally:
         del mm
     return changed, len(pages)
