@@ -41,7 +41,9 @@ RESULTS_MD = DOCS / "results.md"
 PLOT = DOCS / "finetune_datasize.png"
 README = ROOT / "README.md"
 METHODS = ["roselora", "lora", "ft-l"]
-STAGES = ("edits", "deploy", "finetune", "sweep")
+STAGES = ("edits", "variant", "deploy", "deploy-variant", "finetune", "sweep")
+# A RoseLoRA row beside the authors' defaults: the one setting the sweep (below) found that makes edits take here.
+VARIANT = ("roselora, clamp 3e-2", {"clamp": 3e-2})
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # What was tried when RoseLoRA with the authors' editing defaults did not take on this model.
 SWEEP = [
@@ -76,6 +78,16 @@ def stage_edits(model, tok, requests, quick: bool) -> dict:
             m.pop("per_request_rows", None)
         out["mass" if mass else "single"] = rep
     return out
+
+
+def stage_variant(model, tok, requests) -> dict:
+    label, overrides = VARIANT
+    out = {}
+    for mass in (False, True):
+        log(f"variant {label}: {'mass' if mass else 'single'}, {len(requests)} requests")
+        rep = benchmark_edits(model, tok, requests, ["roselora"], RoseLoraConfig(**overrides), mass=mass)
+        out["mass" if mass else "single"] = rep["methods"]["roselora"]
+    return {"label": label, **out}
 
 
 def stage_sweep(model, tok, requests, n: int) -> dict:
@@ -121,7 +133,7 @@ def ensure_onnx(model_dir: Path) -> Path | None:
     return out
 
 
-def stage_deploy(model, tok, model_dir: Path, requests, n: int) -> dict:
+def stage_deploy(model, tok, model_dir: Path, requests, n: int, runs=None) -> dict:
     """Single edits on the first n requests, each measured as it ships: PEFT, merged fp32, merged bf16, ONNX fp32."""
     from peft import PeftModel
 
@@ -148,15 +160,16 @@ def stage_deploy(model, tok, model_dir: Path, requests, n: int) -> dict:
         onnx_note = f"{type(err).__name__}: {err}"
         log(f"deploy: ONNX unavailable ({onnx_note})")
         onnx_dir = None
-    rows: dict[str, dict[str, list]] = {m: {} for m in METHODS}
-    survival: dict[str, list] = {m: [] for m in METHODS}
+    runs = runs or [(m, m, {}) for m in METHODS]  # (label, method, config overrides)
+    rows: dict[str, dict[str, list]] = {label: {} for label, _, _ in runs}
+    survival: dict[str, list] = {label: [] for label, _, _ in runs}
     with tempfile.TemporaryDirectory(prefix="roselora-results-") as tmp:
         for i, req in enumerate(requests):
-            for method in METHODS:
-                result = train_edit(model, tok, [req], method=method, config=RoseLoraConfig())
-                adir = Path(tmp) / f"{method}-{i}"
+            for label, method, overrides in runs:
+                result = train_edit(model, tok, [req], method=method, config=RoseLoraConfig(**overrides))
+                adir = Path(tmp) / f"{len(os.listdir(tmp))}-{method}-{i}"
                 save_edit(result, adir)
-                got = rows[method]
+                got = rows[label]
                 # In-memory (what training produced, applied as an fp32 merge by the runtime).
                 p32 = build_patch_from_adapter(adir, sd32)
                 with rt32.applied(p32):
@@ -169,7 +182,7 @@ def stage_deploy(model, tok, model_dir: Path, requests, n: int) -> dict:
                         peft_model.unload()
                 report = SurvivalReport()
                 p16 = build_patch_from_adapter(adir, sd16, dtype=torch.bfloat16, report=report)
-                survival[method].append(report.lost_fraction)
+                survival[label].append(report.lost_fraction)
                 if p16.tensors:
                     with rt16.applied(p16):
                         got.setdefault("merged bf16 safetensors", []).extend(ev16.measure(torch_forward(model16), [i]))
@@ -183,11 +196,11 @@ def stage_deploy(model, tok, model_dir: Path, requests, n: int) -> dict:
                     del sess
             log(f"deploy: request {i + 1}/{len(requests)} done")
     table = {}
-    for method in METHODS:
-        table[method] = {}
-        for where, rs in rows[method].items():
-            table[method][where] = {k: mean([r[k] for r in rs]) for k in ("reliability", "generalization", "locality")}
-        table[method]["bf16_lost_fraction"] = mean(survival[method])
+    for label, _, _ in runs:
+        table[label] = {}
+        for where, rs in rows[label].items():
+            table[label][where] = {k: mean([r[k] for r in rs]) for k in ("reliability", "generalization", "locality")}
+        table[label]["bf16_lost_fraction"] = mean(survival[label])
     return {"requests": len(requests), "table": table, "onnx": str(onnx_dir) if onnx_dir else None,
             "onnx_note": onnx_note}
 
@@ -298,9 +311,13 @@ def render(res: dict) -> tuple[str, str]:
           "(`--quick` for a smaller run). Raw figures: `docs/results.json`.", "", *head, ""]
     readme = [*head, ""]
     if "edits" in res:
-        e = res["edits"]
+        e = json.loads(json.dumps(res["edits"]))
+        if "variant" in res:
+            for mode in ("single", "mass"):
+                e[mode]["methods"][res["variant"]["label"]] = res["variant"][mode]
         shared = e["single"]["shared_config"]
-        note = (f"{e['single']['requests']} counterfactual requests (`examples/edits/`), EasyEdit metrics: reliability and "
+        note = (f"{e['single']['requests']} counterfactual requests, evenly spaced over the 34 of "
+                f"`examples/edits/counterfact_dev.jsonl` (places, people, companies, inventions, chemistry); EasyEdit metrics: reliability and "
                 f"generalization = token accuracy of the new target given the prompt / rephrases (teacher forcing); "
                 f"locality = unchanged argmax on unrelated prompts; efficacy = P(new) > P(true). Shared settings: "
                 f"{shared['steps']} steps, Adam lr {shared['lr']}, early stop at loss {shared['early_stop_loss']}; "
@@ -312,7 +329,9 @@ def render(res: dict) -> tuple[str, str]:
             out += ["### Knowledge editing: single edits (each from the unedited model)", "", edits_table(e["single"]), "",
                     "### Mass editing (all requests in one edit)", "", edits_table(e["mass"]), "", note, ""]
     if "deploy" in res:
-        d = res["deploy"]
+        d = json.loads(json.dumps(res["deploy"]))
+        if "deploy_variant" in res:
+            d["table"].update(res["deploy_variant"]["table"])
         text = (f"Single edits on the first {d['requests']} requests; each cell is reliability / generalization / "
                 f"locality of the edited model as shipped. Merged checkpoints are the runtime applying the patch "
                 f"`merge` writes (same `merge_tensor` arithmetic: (base + delta) rounded to the stored dtype); bf16 "
@@ -396,6 +415,13 @@ def main() -> None:
             atomic_write(results_json, json.dumps(res, indent=1))
         if "deploy" in stages:
             res["deploy"] = stage_deploy(model, tok, model_dir, requests, 2 if args.quick else args.deploy_requests)
+            atomic_write(results_json, json.dumps(res, indent=1))
+        if "deploy-variant" in stages:
+            res["deploy_variant"] = stage_deploy(model, tok, model_dir, requests, 2 if args.quick else args.deploy_requests,
+                                                 runs=[(VARIANT[0], "roselora", VARIANT[1])])
+            atomic_write(results_json, json.dumps(res, indent=1))
+        if "variant" in stages:
+            res["variant"] = stage_variant(model, tok, requests)
             atomic_write(results_json, json.dumps(res, indent=1))
         if "sweep" in stages:
             res["sweep"] = stage_sweep(model, tok, requests, 2 if args.quick else args.sweep_requests)
