@@ -15,6 +15,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import BUILDERS, save_model_dir  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread per test: on a shared 2-core machine two OpenMP threads under load run many
+    times slower (measured up to 13x), and the DDP test runs two processes at once anyway."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smollm_dir() -> Path:
     """The converted SmolLM2-135M-Instruct directory (converted once per machine, then cached)."""

@@ -2,19 +2,10 @@
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from roselora_export.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP threads under load run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 GOOD = {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome"}

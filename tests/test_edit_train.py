@@ -13,14 +13,6 @@ from roselora_export.method import RoseLoraConfig
 from roselora_export.models import load_model, load_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP threads under load run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 REQ = EditRequest(prompt="The Eiffel Tower is located in the city of", subject="Eiffel Tower", target_new="Rome", line=1)
 # Strong settings so a tiny random model moves visibly in a few steps.

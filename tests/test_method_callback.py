@@ -10,14 +10,6 @@ from tiny_models import tiny_bert
 
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP threads under load run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class _Random(torch.utils.data.Dataset):
     def __init__(self, n=32):

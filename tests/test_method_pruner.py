@@ -11,14 +11,6 @@ from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP threads under load run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_prune_keeps_top_k_of_every_row_at_once():
     p = torch.arange(1.0, 13.0).reshape(3, 4)

@@ -17,14 +17,6 @@ from roselora_export.errors import InputError
 from roselora_export.models import load_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a shared 2-core machine two OpenMP threads under load run many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 FAST = ["--steps", "8", "--t-init", "0.25", "--t-final", "0.75", "--rank", "4", "--tau", "0.1",
         "--batch-size", "2", "--lr", "1e-2", "--no-progress"]

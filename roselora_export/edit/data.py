@@ -5,14 +5,13 @@ or {"text"} (loss on every token).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from .jsonl import read_jsonl_objects
 
 IGNORE = -100  # label value the loss skips (the torch / transformers convention)
 
@@ -99,20 +98,8 @@ def load_train_data(path: str | os.PathLike, tokenizer, max_len: int | None, *, 
 
     Lines longer than max_len are truncated (truncate=True) or rejected.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--data {path}: no such file")
     out = []
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path.name} line {n}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(obj, dict):
-            raise InputError(f"{where}: expected a JSON object")
+    for obj, where, _ in read_jsonl_objects(path, "--data"):
         if "text" in obj:
             if not isinstance(obj["text"], str) or not obj["text"].strip():
                 raise InputError(f"{where}: field 'text' must be a non-empty string")

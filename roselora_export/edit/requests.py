@@ -8,12 +8,11 @@ Every error names the file, the line and the field.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import InputError
+from .jsonl import read_jsonl_objects
 
 REQUIRED = ("prompt", "subject", "target_new")
 
@@ -63,23 +62,7 @@ def _request_from(obj, where: str, line: int) -> EditRequest:
 
 def load_requests(path: str | os.PathLike) -> list[EditRequest]:
     """Parse a requests .jsonl file (blank lines skipped); InputError names the line and field of any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--requests {path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"--requests {path}: not UTF-8 text") from None
-    requests = []
-    for n, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{path.name} line {n}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not JSON ({err.msg} at column {err.colno})") from None
-        requests.append(_request_from(obj, where, n))
+    requests = [_request_from(obj, where, n) for obj, where, n in read_jsonl_objects(path, "--requests")]
     if not requests:
         raise InputError(f"--requests {path}: no requests in the file (one JSON object per line)")
     return requests
