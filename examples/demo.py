@@ -5,6 +5,8 @@ out/demo/ (recreated each run).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import shlex
 import shutil
 import subprocess
@@ -28,11 +30,26 @@ def run(*args: str, capture: bool = False) -> str:
     return ""
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check(what: str, a: Path, b: Path) -> None:
+    same = _sha256(a) == _sha256(b)
+    print(f"{what}: {'yes' if same else 'NO'}", flush=True)
+    if not same:
+        sys.exit(f"demo failed: {what}: no")
+
+
 def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     model = run("demo-model", capture=True).strip().splitlines()[-1]
-    prompt = __import__("json").loads(REQUESTS.read_text().splitlines()[0])["prompt"]
+    prompt = json.loads(REQUESTS.read_text().splitlines()[0])["prompt"]
     # 1. Train one RoseLoRA edit (prints the answer before/after and how many weights changed).
     #    The authors' clamp (3e-3) is too tight to move a 135M model's answer (docs/benchmarks.md,
     #    train-overhead section), so the demo runs without it.
@@ -41,7 +58,13 @@ def main() -> None:
     run("merge", "--base", model, "--adapter", OUT / "adapter", "--out", OUT / "merged",
         "--patch", OUT / "edit.patch.safetensors")
     run("inspect", OUT / "edit.patch.safetensors")
-    # 3. Deploy: apply the patch to a live model, answer, revert, check the bits.
+    # 3. Ship only the patch: apply it to a copy of the base checkpoint, then take it back exactly.
+    applied = OUT / "applied" / "model.safetensors"
+    run("apply", "--base", model, "--patch", OUT / "edit.patch.safetensors", "--out", OUT / "applied")
+    _check("applied checkpoint bit-identical to the merged one", applied, OUT / "merged" / "model.safetensors")
+    run("apply", "--base", OUT / "applied", "--patch", OUT / "edit.patch.safetensors", "--revert", "--in-place")
+    _check("reverted checkpoint bit-identical to the base", applied, Path(model) / "model.safetensors")
+    # 4. Deploy: apply the patch to a live model, answer, revert, check the bits.
     run("try", "--model", model, "--patch", OUT / "edit.patch.safetensors", "--prompt", prompt)
 
 

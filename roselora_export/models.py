@@ -37,18 +37,39 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
     if not (path / "config.json").is_file():
         raise InputError(f"--model {path}: not a model directory (no config.json)")
     try:
-        json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise InputError(f"--model {path}: config.json is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise InputError(f"--model {path}: config.json has no model_type; not a Hugging Face model directory")
     if not any(path.glob("*.safetensors")):
         raise InputError(f"--model {path}: no *.safetensors weights (only safetensors checkpoints are read, never pickle)")
     return path
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_tokenizer(model_dir: str | os.PathLike):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(check_model_dir(model_dir)), local_files_only=True)
+    path = check_model_dir(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:  # any failure here means the directory is not a usable model
+        raise InputError(f"--model {path}: cannot load its tokenizer ({_first_line(err)})") from None
+
+
+def load_config(model_dir: str | os.PathLike):
+    from transformers import AutoConfig
+
+    path = check_model_dir(model_dir)
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:
+        raise InputError(f"--model {path}: cannot read config.json ({_first_line(err)})") from None
 
 
 def load_model(model_dir: str | os.PathLike, *, task: str = "causal-lm", dtype=None):
@@ -64,9 +85,8 @@ def load_model(model_dir: str | os.PathLike, *, task: str = "causal-lm", dtype=N
     }[task]
     try:
         model = auto.from_pretrained(str(path), local_files_only=True, use_safetensors=True, dtype=dtype or torch.float32)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"--model {path}: cannot load as a {task} model ({first})") from None
+    except Exception as err:  # corrupt weights (SafetensorError), wrong architecture, missing keys…
+        raise InputError(f"--model {path}: cannot load as a {task} model ({_first_line(err)})") from None
     return model.eval()
 
 

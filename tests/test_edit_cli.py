@@ -93,6 +93,20 @@ def test_a_model_directory_that_is_not_a_model(tmp_path):
     _assert_input_error(result, r"--model .*empty: not a model directory", out)
 
 
+@pytest.mark.parametrize("config, weights, pattern", [
+    ('{"model_type": "llama"}', b"not safetensors", r"--model .*junk: cannot load its tokenizer|cannot load as a causal-lm model"),
+    ("{}", b"", r"--model .*junk: config.json has no model_type"),
+])
+def test_a_model_directory_with_junk_files_is_an_input_error(tmp_path, config, weights, pattern):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "config.json").write_text(config)
+    (junk / "model.safetensors").write_bytes(weights)
+    out = tmp_path / "o"
+    result = _run(["edit", "--model", junk, "--requests", _requests(tmp_path, GOOD), "--out", out])
+    _assert_input_error(result, pattern, out)
+
+
 def test_an_existing_out_without_overwrite_is_left_alone(tiny_model_dirs, tmp_path):
     out = tmp_path / "o"
     out.mkdir()

@@ -33,9 +33,8 @@ class _OptionalFloat(click.ParamType):
 OPTIONAL_FLOAT = _OptionalFloat()
 
 
-def _hyper_options(d: RoseLoraConfig, *, fraction_note: bool = False):
+def _hyper_options(d: RoseLoraConfig):
     """The RoseLoRA knobs as click options, with the given defaults."""
-    frac = " Below 1 = fraction of --steps." if fraction_note else ""
     opts = [
         click.option("--rank", type=int, default=d.rank, help=_HELP["rank"]),
         click.option("--alpha", type=float, default=d.alpha, help=_HELP["alpha"]),
@@ -43,8 +42,8 @@ def _hyper_options(d: RoseLoraConfig, *, fraction_note: bool = False):
         click.option("--targets", default=",".join(d.targets), help=_HELP["targets"] + " Comma-separated."),
         click.option("--tau", type=float, default=d.tau, help=_HELP["tau"]),
         click.option("--beta", type=float, default=d.beta, help=_HELP["beta"]),
-        click.option("--t-init", type=float, default=d.t_init, help=_HELP["t_init"] + frac),
-        click.option("--t-final", type=float, default=d.t_final, help=_HELP["t_final"] + frac),
+        click.option("--t-init", type=float, default=d.t_init, help=_HELP["t_init"]),
+        click.option("--t-final", type=float, default=d.t_final, help=_HELP["t_final"]),
         click.option("--steps", type=int, default=d.steps, help=_HELP["steps"]),
         click.option("--lr", type=float, default=d.lr, help=_HELP["lr"]),
         click.option("--weight-decay", type=float, default=d.weight_decay, help=_HELP["weight_decay"]),
@@ -82,11 +81,10 @@ def _check_lengths(requests, tokenizer, path: Path, source: str) -> None:
     """Reject a too-long prompt from config.json alone, before loading the weights."""
     from types import SimpleNamespace
 
-    from transformers import AutoConfig
-
     from ..edit.data import encode_requests, model_max_length
+    from ..models import load_config
 
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    config = load_config(path)
     encode_requests(requests, tokenizer, model_max_length(SimpleNamespace(config=config), tokenizer), source=source)
 
 
@@ -197,7 +195,7 @@ _FT_DEFAULTS = RoseLoraConfig(t_init=0.1, t_final=0.7, steps=100, clamp=None, ea
               help='Training data, one JSON object per line: {"prompt", "completion"} (loss on the completion) or {"text"}.')
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output PEFT adapter directory (plus roselora.json).")
 @click.option("--method", type=click.Choice(("roselora", "lora")), default="roselora", help="roselora, or dense PEFT LoRA.")
-@_hyper_options(_FT_DEFAULTS, fraction_note=True)
+@_hyper_options(_FT_DEFAULTS)
 @click.option("--batch-size", type=int, default=8, help="Examples per optimizer step and process.")
 @click.option("--max-length", type=int, default=256, help="Longer examples are truncated to this many tokens.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")

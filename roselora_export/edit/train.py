@@ -14,9 +14,7 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -385,19 +383,17 @@ def greedy_continuation(model: torch.nn.Module, tokenizer, prompt: str, max_new_
 
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """A temp dir beside out_dir, renamed onto it when the block succeeds; removed if it fails."""
+    """A temp dir beside out_dir that becomes out_dir when the block succeeds (an existing one is
+    swapped atomically with --overwrite, so a crash keeps the old adapter whole); removed if it fails."""
+    from ..checkpoint.atomic import atomic_dir as _atomic_dir
+
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise InputError(f"--out {out}: already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    with _atomic_dir(out, replace=True) as tmp:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_edit(result: EditResult, out_dir: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:

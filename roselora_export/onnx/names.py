@@ -112,6 +112,8 @@ def read_names(root: Path) -> dict:
         raise InputError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(names, dict) or not isinstance(names.get("tensors"), dict):
         raise InputError(f"{path}: no 'tensors' map; re-run export-onnx")
+    if not isinstance(names.get("format", NAMES_FORMAT), int):
+        raise InputError(f"{path}: 'format' must be an integer; re-run export-onnx")
     if names.get("format", NAMES_FORMAT) > NAMES_FORMAT:
         raise InputError(f"{path}: names format {names['format']} is newer than this tool reads ({NAMES_FORMAT}); upgrade")
     return names
