@@ -102,6 +102,31 @@ def test_merge_with_onnx_writes_a_patched_artifact_matching_the_merged_checkpoin
     assert masked_max_diff(want, base, inputs["attention_mask"]) > 100 * diff
 
 
+def test_merge_with_a_bad_onnx_dir_writes_nothing(tiny_model_dirs, tmp_path):
+    from test_patch_fixtures import make_adapter
+
+    adapter = make_adapter(tiny_model_dirs["llama"], tmp_path / "adapter", tau=0.25, scale=0.05)
+    (tmp_path / "not-onnx").mkdir()
+    result = cli("merge", "--base", tiny_model_dirs["llama"], "--adapter", adapter, "--out", tmp_path / "merged",
+                 "--patch", tmp_path / "p.patch.safetensors", "--onnx", tmp_path / "not-onnx")
+    assert result.exit_code == 2 and "names.json" in result.output
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "p.patch.safetensors").exists()
+
+
+def test_merge_with_an_onnx_artifact_of_another_base_takes_back_the_merge(llama_onnx, tiny_model_dirs, tmp_path):
+    from test_patch_fixtures import make_adapter
+
+    other = tmp_path / "other"
+    shutil.copytree(llama_onnx, other)
+    data = next(p for p in other.iterdir() if p.suffix not in (".onnx", ".json") and p.stat().st_size > 100_000)
+    data.write_bytes(bytes(b ^ 0x55 for b in data.read_bytes()))  # same layout, other weights
+    adapter = make_adapter(tiny_model_dirs["llama"], tmp_path / "adapter", tau=0.25, scale=0.05)
+    result = cli("merge", "--base", tiny_model_dirs["llama"], "--adapter", adapter, "--out", tmp_path / "merged",
+                 "--patch", tmp_path / "p.patch.safetensors", "--onnx", other)
+    assert result.exit_code == 2, result.output
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "p.patch.safetensors").exists()
+
+
 def test_onnx_generate_runs_a_patch_file_without_changing_the_artifact(art_and_patch, tmp_path):
     import json
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import click
@@ -73,11 +74,21 @@ def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, a
     from ..checkpoint import merge_checkpoint, open_model_dir
     from ..patch.inspect import summarize
 
+    if onnx_dir:  # fail on a bad ONNX directory before writing anything
+        from ..onnx.names import open_artifact
+
+        open_artifact(onnx_dir)
     total = open_model_dir(base_dir).total_bytes
     with _progress(total, "merge") as update:
         res = merge_checkpoint(base_dir, adapter_dir, out_dir, dtype=_torch_dtype(dtype), patch_path=patch_path,
                                progress=update)
-    onnx_report = _onnx_apply(Path(onnx_dir), [res.patch], Path(out_dir) / "onnx") if onnx_dir else None
+    try:
+        onnx_report = _onnx_apply(Path(onnx_dir), [res.patch], Path(out_dir) / "onnx") if onnx_dir else None
+    except InputError:
+        # All or nothing: the ONNX step failed (e.g. an artifact of another base), so take back what merge wrote.
+        shutil.rmtree(res.out_dir, ignore_errors=True)
+        Path(res.patch_path).unlink(missing_ok=True)
+        raise
     summary = summarize(res.patch_path, res.patch)
     surv = res.survival
     if as_json:
