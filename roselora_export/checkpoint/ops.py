@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import torch
 from ..errors import InputError
 from ..patch.adapter import read_adapter, resolve_keys
 from ..patch.apply import xor_tensor
-from ..patch.build import SurvivalReport, adapter_provenance, diff_tensor, merge_tensor, now_iso
-from ..patch.io import save_patch
+from ..patch.build import SurvivalReport, adapter_provenance, diff_tensor, fill_sha256, merge_tensor, now_iso
+from ..patch.io import encode_tensor, save_patch
 from ..patch.model import DTYPE_NAMES, Patch, tensor_bits
 from .atomic import atomic_dir, link_or_copy
 from .model_dir import INDEX_NAME, ModelDir, open_model_dir
@@ -69,40 +70,92 @@ def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.
     it (like cp or save_pretrained); a kill still leaves them absent or whole, thanks to the rename.
     """
     _copy_side_files(model, tmp, dtype, link=link_unchanged)
-    for header in model.shards:
-        dst = tmp / header.path.name
-        infos = list(header.tensors.values())
-        converts = dtype is not None and any(_out_dtype(i, dtype) != i.dtype for i in infos)
-        if not converts and not any(i.name in changed for i in infos):
-            (link_or_copy if link_unchanged else shutil.copy2)(header.path, dst)
+    # Unchanged bytes are copied by one background thread (kernel copies, GIL released) while this
+    # thread computes and writes the changed tensors: every write is positional, so order is free.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-copy")
+    jobs: list[tuple[Future, int]] = []  # (copy job, bytes) not yet reported to `progress`
+    shards: list[tuple[ShardWriter, int, list[Future]]] = []  # open output shards, their source fd and copy jobs
+
+    def report(block: bool = False) -> None:
+        while jobs and (block or jobs[0][0].done()):
+            fut, nbytes = jobs.pop(0)
+            fut.result()
             if progress:
-                progress(sum(i.nbytes for i in infos))
-            continue
-        outs = []
-        for i in infos:
-            od = _out_dtype(i, dtype)
-            outs.append(OutTensor(i.name, od, i.shape, i.nbytes // ITEMSIZE[i.dtype] * ITEMSIZE[od]))
-        writer = ShardWriter(dst, outs, header.metadata)
-        src_fd = os.open(header.path, os.O_RDONLY)
-        try:
+                progress(nbytes)
+
+    def close_finished(block: bool = False) -> None:
+        while shards and (block or all(f.done() for f in shards[0][2])):
+            writer, src_fd, futs = shards[0]
+            for f in futs:
+                f.result()
+            writer.close(durable=durable)
+            os.close(src_fd)
+            shards.pop(0)
+
+    try:
+        for header in model.shards:
+            dst = tmp / header.path.name
+            infos = list(header.tensors.values())
+            converts = dtype is not None and any(_out_dtype(i, dtype) != i.dtype for i in infos)
+            if not converts and not any(i.name in changed for i in infos):
+                copy = link_or_copy if link_unchanged else shutil.copy2
+                jobs.append((pool.submit(copy, header.path, dst), sum(i.nbytes for i in infos)))
+                continue
+            outs = []
+            for i in infos:
+                od = _out_dtype(i, dtype)
+                outs.append(OutTensor(i.name, od, i.shape, i.nbytes // ITEMSIZE[i.dtype] * ITEMSIZE[od]))
+            writer = ShardWriter(dst, outs, header.metadata)
+            try:
+                src_fd = os.open(header.path, os.O_RDONLY)
+            except BaseException:
+                writer.abort()
+                raise
+            futs: list[Future] = []
+            shards.append((writer, src_fd, futs))
+            run: list[TensorInfo] = []  # unchanged tensors, contiguous in the source, copied as one range
+
+            def flush_run() -> None:
+                if run:
+                    nbytes = sum(r.nbytes for r in run)
+                    fut = pool.submit(writer.copy_run, [r.name for r in run], src_fd, run[0].start, nbytes)
+                    futs.append(fut)
+                    jobs.append((fut, nbytes))
+                    run.clear()
+
             for i, o in zip(infos, outs):
-                new = produce(i.name) if i.name in changed else None
+                new = None
+                if i.name in changed:
+                    flush_run()
+                    report()
+                    new = produce(i.name)
                 if new is not None:
                     if ST_DTYPES.get(new.dtype) != o.dtype or tuple(new.shape) != i.shape:
                         raise RuntimeError(f"{i.name}: produced {new.dtype} {tuple(new.shape)}, declared {o.dtype} {i.shape}")
-                    writer.write(i.name, new)
+                    writer.write_at(i.name, new)
+                    del new
                 elif o.dtype != i.dtype:
-                    writer.write(i.name, model.read(i.name).to(TORCH_DTYPES[o.dtype]))
+                    flush_run()
+                    writer.write_at(i.name, model.read(i.name).to(TORCH_DTYPES[o.dtype]))
                 else:
-                    writer.copy_from(i.name, src_fd, i.start, i.nbytes)
+                    if run and run[-1].start + run[-1].nbytes != i.start:
+                        flush_run()
+                    run.append(i)
+                    continue
                 if progress:
                     progress(i.nbytes)
-            writer.close(durable=durable)
-        except BaseException:
+            flush_run()
+            close_finished()
+        report(block=True)
+        close_finished(block=True)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for writer, src_fd, _ in shards:
             writer.abort()
-            raise
-        finally:
             os.close(src_fd)
+        raise
+    finally:
+        pool.shutdown(wait=True)
     if model.index is not None:
         index = json.loads(json.dumps(model.index))
         total = sum(o for o in (os.path.getsize(tmp / h.path.name) for h in model.shards))
@@ -140,19 +193,38 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     prov["base_numel"] = model.numel
     patch = Patch(provenance=prov)
     survival = SurvivalReport()
+    # Each changed tensor's two whole-tensor sha256 and its file encoding run in a worker thread
+    # (hashlib and zlib release the GIL) while this thread merges and writes the next tensor. One job
+    # at a time: it holds one tensor's base and merged bits, so memory stays bounded.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-encode")
+    encoded: dict[str, tuple[dict, dict]] = {}
+    last: list[Future] = []
+
+    def finish(tp, base_bits, new_bits) -> None:
+        fill_sha256(tp, base_bits, new_bits)
+        encoded[tp.name] = encode_tensor(tp, "t")
 
     def produce(name: str) -> torch.Tensor:
-        merged, tp, surv = merge_tensor(name, model.read(name), edits[name], dtype)
+        later: list = []
+        merged, tp, surv = merge_tensor(name, model.read(name), edits[name], dtype, deferred=later)
         survival.tensors.append(surv)
+        while last:
+            last.pop().result()
         if tp is not None:
             patch.tensors[name] = tp
+            last.append(worker.submit(finish, *later[0]))
         return merged
 
-    with atomic_dir(out_dir) as tmp:
-        write_checkpoint(model, tmp, produce, set(edits), dtype=dtype, progress=progress)
+    try:
+        with atomic_dir(out_dir) as tmp:
+            write_checkpoint(model, tmp, produce, set(edits), dtype=dtype, progress=progress)
+            while last:
+                last.pop().result()
+    finally:
+        worker.shutdown(wait=True, cancel_futures=True)
     # Keep the patch's tensor order the checkpoint's order (it is built shard by shard).
     patch.tensors = {k: patch.tensors[k] for k in model.keys() if k in patch.tensors}
-    save_patch(patch, patch_path)
+    save_patch(patch, patch_path, encoded)
     return MergeResult(out_dir=out_dir, patch_path=patch_path, patch=patch, survival=survival)
 
 

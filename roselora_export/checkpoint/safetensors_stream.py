@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,55 +136,110 @@ def header_bytes(tensors: list[OutTensor], metadata: dict[str, str] | None) -> b
 
 
 class ShardWriter:
-    """Write a safetensors file tensor by tensor, in the order given to the constructor."""
+    """Write a safetensors file: header first, then each declared tensor at its own offset.
+
+    Every write is positional (pwrite / copy_file_range with explicit offsets), so tensors may be
+    written in any order and from several threads at once (a background thread copying unchanged
+    runs while the caller computes and writes changed tensors). `close` checks that every declared
+    tensor was written exactly once.
+    """
 
     def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None):
         self.path, self.expected = path, list(tensors)
-        self.f = open(path, "wb")
-        self.f.write(header_bytes(self.expected, metadata))
-        self.i = 0
+        head = header_bytes(self.expected, metadata)
+        self.offsets: dict[str, tuple[int, int]] = {}
+        pos = len(head)
+        for t in self.expected:
+            self.offsets[t.name] = (pos, t.nbytes)
+            pos += t.nbytes
+        self.size = pos
+        self.order = [t.name for t in self.expected]
+        self.rank = {n: k for k, n in enumerate(self.order)}
+        self.written: set[str] = set()
+        self.lock = threading.Lock()
+        self.i = 0  # next tensor for the sequential API (write / copy_from)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _pwrite_all(self.fd, memoryview(head), 0)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
-    def _next(self, name: str, nbytes: int) -> None:
-        t = self.expected[self.i]
-        if t.name != name or t.nbytes != nbytes:
-            raise RuntimeError(f"writing {name} ({nbytes} B) where {t.name} ({t.nbytes} B) was declared")
-        self.i += 1
+    def _claim(self, names: list[str], nbytes: int) -> int:
+        """Mark `names` (consecutive in the declared order) as written; their total size must be `nbytes`."""
+        if not names:
+            raise RuntimeError("nothing to write")
+        k = self.rank.get(names[0], -1)
+        if k < 0 or self.order[k:k + len(names)] != names:
+            raise RuntimeError(f"writing {names[0]} ({nbytes} B), which is not declared in this order")
+        total = sum(self.offsets[n][1] for n in names)
+        if total != nbytes:
+            raise RuntimeError(f"writing {names[0]} ({nbytes} B) where {total} B were declared")
+        with self.lock:
+            again = self.written.intersection(names)
+            if again:
+                raise RuntimeError(f"{sorted(again)[0]} written twice")
+            self.written.update(names)
+        return self.offsets[names[0]][0]
 
-    def write(self, name: str, t: torch.Tensor) -> None:
+    def write_at(self, name: str, t: torch.Tensor) -> None:
+        """Write one tensor's bytes at its declared offset (thread-safe: positional write)."""
         data = tensor_bytes(t)
-        self._next(name, data.nbytes)
-        self.f.write(data)
+        _pwrite_all(self.fd, data, self._claim([name], data.nbytes))
+
+    def copy_run(self, names: list[str], src_fd: int, start: int, nbytes: int) -> None:
+        """Copy consecutive declared tensors, stored contiguously in `src_fd` at `start`, in one kernel copy."""
+        pos = self._claim(list(names), nbytes)
+        copy_range(src_fd, self.fd, start, pos, nbytes, names[0])
+
+    # Sequential API: tensors in declared order.
+    def write(self, name: str, t: torch.Tensor) -> None:
+        self.write_at(name, t)
+        self.i += 1
 
     def copy_from(self, name: str, src_fd: int, start: int, nbytes: int) -> None:
         """Copy bytes from another file without passing them through user space when the kernel can."""
-        self._next(name, nbytes)
-        self.f.flush()
-        out_fd, done = self.f.fileno(), 0
-        pos = self.f.tell()
-        try:
-            while done < nbytes:
-                n = os.copy_file_range(src_fd, out_fd, nbytes - done, start + done, pos + done)
-                if n <= 0:
-                    raise OSError("copy_file_range made no progress")
-                done += n
-            self.f.seek(pos + nbytes)
-        except OSError:
-            self.f.seek(pos + done)
-            while done < nbytes:
-                chunk = os.pread(src_fd, min(64 << 20, nbytes - done), start + done)
-                if not chunk:
-                    raise InputError(f"source truncated while copying {name}")
-                self.f.write(chunk)
-                done += len(chunk)
+        self.copy_run([name], src_fd, start, nbytes)
+        self.i += 1
 
     def close(self, *, durable: bool = True) -> None:
         """Finish the file; durable=True also fsyncs it (needed before replacing a user's existing files)."""
-        if self.i != len(self.expected):
-            raise RuntimeError(f"{self.path}: {len(self.expected) - self.i} declared tensors were not written")
-        self.f.flush()
-        if durable:
-            os.fsync(self.f.fileno())
-        self.f.close()
+        missing = len(self.expected) - len(self.written)
+        if missing:
+            raise RuntimeError(f"{self.path}: {missing} declared tensors were not written")
+        try:
+            if durable:
+                os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
 
     def abort(self) -> None:
-        self.f.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    done = 0
+    while done < data.nbytes:
+        done += os.pwrite(fd, data[done:], pos + done)
+
+
+def copy_range(src_fd: int, dst_fd: int, src_pos: int, dst_pos: int, nbytes: int, what: str = "") -> None:
+    """Copy a byte range file to file in the kernel (copy_file_range), falling back to pread/pwrite."""
+    done = 0
+    try:
+        while done < nbytes:
+            n = os.copy_file_range(src_fd, dst_fd, nbytes - done, src_pos + done, dst_pos + done)
+            if n <= 0:
+                break
+            done += n
+    except OSError:
+        pass
+    while done < nbytes:
+        chunk = os.pread(src_fd, min(64 << 20, nbytes - done), src_pos + done)
+        if not chunk:
+            raise InputError(f"source truncated while copying {what}")
+        _pwrite_all(dst_fd, memoryview(chunk), dst_pos + done)
+        done += len(chunk)

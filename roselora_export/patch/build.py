@@ -80,23 +80,46 @@ class SurvivalReport:
         }
 
 
-def pair_patch(name: str, base: torch.Tensor, patched: torch.Tensor) -> TensorPatch | None:
+def pair_patch(name: str, base: torch.Tensor, patched: torch.Tensor, *, deferred: list | None = None
+               ) -> TensorPatch | None:
     """Same result as model.tensor_patch_from_pair (tested equal), with fewer full-tensor passes and copies.
 
     The merge hot path: one comparison pass, XOR only at the changed elements, and hashing the bit
-    arrays in place instead of through bytes copies.
+    arrays in place instead of through bytes copies. With `deferred` (a list), the two whole-tensor
+    sha256 are left empty and `(tp, base_bits, new_bits)` is appended instead: the caller computes
+    them later with `fill_sha256`, e.g. in a worker thread while it goes on with the next tensor.
     """
     base_bits, new_bits = tensor_bits(base.cpu()), tensor_bits(patched.cpu())
     flat = np.flatnonzero(base_bits != new_bits).astype(np.int64)
     if flat.size == 0:
         return None
     old, new = base_bits[flat], new_bits[flat]
-    return TensorPatch(
+    tp = TensorPatch(
         name=name, shape=tuple(base.shape), dtype=base.dtype, flat_index=flat, xor_bits=old ^ new,
-        base_sha256=hashlib.sha256(memoryview(base_bits)).hexdigest(),
-        patched_sha256=hashlib.sha256(memoryview(new_bits)).hexdigest(),
+        base_sha256="", patched_sha256="",
         base_touched_sha256=sha256_bits(old), patched_touched_sha256=sha256_bits(new),
     )
+    if deferred is not None:
+        deferred.append((tp, base_bits, new_bits))
+    else:
+        fill_sha256(tp, base_bits, new_bits)
+    return tp
+
+
+def fill_sha256(tp: TensorPatch, base_bits: np.ndarray, new_bits: np.ndarray) -> TensorPatch:
+    """Set tp's whole-tensor sha256 of base and patched bits, hashing their common prefix once.
+
+    Both arrays are equal before the first changed element, so that prefix is hashed once and the
+    hash state copied. hashlib releases the GIL, so this can run in a thread beside other work.
+    """
+    cut = int(tp.flat_index[0]) * base_bits.itemsize if tp.nnz else 0
+    b, n = memoryview(base_bits.view(np.uint8)), memoryview(new_bits.view(np.uint8))
+    h = hashlib.sha256(b[:cut])
+    hn = h.copy()
+    h.update(b[cut:])
+    hn.update(n[cut:])
+    tp.base_sha256, tp.patched_sha256 = h.hexdigest(), hn.hexdigest()
+    return tp
 
 
 def now_iso() -> str:
@@ -108,9 +131,12 @@ def check_finite(name: str, t: torch.Tensor, what: str) -> None:
         raise InputError(f"{name}: {what} contains NaN or Inf; refusing to write it")
 
 
-def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.dtype | None = None
-                 ) -> tuple[torch.Tensor, TensorPatch | None, Survival]:
-    """Merge one edit into one base tensor in the stored dtype; the merged tensor, its patch and survival."""
+def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.dtype | None = None, *,
+                 deferred: list | None = None) -> tuple[torch.Tensor, TensorPatch | None, Survival]:
+    """Merge one edit into one base tensor in the stored dtype; the merged tensor, its patch and survival.
+
+    `deferred`: as in pair_patch (the whole-tensor sha256 are left to the caller's `fill_sha256`).
+    """
     dtype = dtype or base.dtype
     if dtype not in BITS_DTYPE or not base.is_floating_point():
         raise InputError(f"{name}: dtype {base.dtype} cannot be edited (fp32, fp16, bf16 only)")
@@ -118,28 +144,30 @@ def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.
         raise InputError(f"{name}: the adapter's {'delta' if edit.is_delta else 'new value'} has shape {edit.shape}, "
                          f"the base {tuple(base.shape)}; is this adapter for this base model?")
     base_d = base.to(dtype)
-    if edit.is_delta:
-        intended = edit.delta
-        merged = (base_d.float() + intended).to(dtype)
-    else:
-        merged = edit.replacement.to(dtype)
-        intended = (edit.replacement.double() - base.double()).float()
+    intended = edit.delta if edit.is_delta else (edit.replacement.double() - base.double()).float()
     # Survival is measured on the intended support only (the delta is sparse; this keeps merge fast).
     # A LoRA delta is zero outside its rectangles (B[i,k] A[k,j] != 0 puts (i,j) in rectangle k).
     flat_intended = intended.reshape(-1).numpy()
     if edit.rectangles is not None and tuple(base.shape) == tuple(intended.shape) and intended.ndim == 2:
-        cand = rect_candidates(edit.rectangles, intended.shape[1])
+        cand = rect_candidates(edit.rectangles, intended.shape[1], mask_ok=True)
         idx = torch.from_numpy(cand[flat_intended[cand] != 0])
     else:
         idx = torch.from_numpy(np.flatnonzero(flat_intended != 0))
     want = intended.reshape(-1)[idx].double()
+    if edit.is_delta:
+        # (base.float() + delta) computed into the fresh delta tensor (same IEEE sums, one 4-byte-per-element
+        # buffer fewer to allocate and fault in); `want` was gathered above.
+        merged = intended.add_(base_d).to(dtype)
+        del intended
+    else:
+        merged = edit.replacement.to(dtype)
     got = merged.reshape(-1)[idx].double() - base_d.reshape(-1)[idx].double()
     check_finite(name, merged.reshape(-1)[idx], "the merged tensor")
     norm2 = float((want ** 2).sum())
     err = float(((got - want) ** 2).sum())
     surv = Survival(name=name, intended_nnz=int(idx.numel()), lost_nnz=int((got == 0).sum()), realised_nnz=0,
                     rel_l2_error=float(np.sqrt(err / norm2)) if norm2 > 0 else 0.0, norm2=norm2)
-    tp = pair_patch(name, base_d, merged)
+    tp = pair_patch(name, base_d, merged, deferred=deferred)
     if tp is not None:
         check_finite(name, merged.reshape(-1)[torch.from_numpy(tp.flat_index)], "the merged tensor")
         tp.rectangles = edit.rectangles

@@ -61,11 +61,27 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return 1, numel
 
 
-def rect_candidates(rects: list[tuple[np.ndarray, np.ndarray]], ncols: int) -> np.ndarray:
-    """Sorted flat indices of the union of row-set x column-set rectangles."""
-    parts = [np.add.outer(r.astype(np.int64) * ncols, c.astype(np.int64)).ravel() for r, c in rects if r.size and c.size]
-    if not parts:
+def rect_candidates(rects: list[tuple[np.ndarray, np.ndarray]], ncols: int, *, mask_ok: bool = False) -> np.ndarray:
+    """Sorted flat indices of the union of row-set x column-set rectangles.
+
+    mask_ok: the caller holds the whole tensor anyway (merge, encode), so a boolean mask over the rows
+    spanned (at most 64 bytes per candidate) may be used instead of sorting; the reader leaves it off
+    so that its allocations stay within what it charged per candidate.
+    """
+    rects = [(r, c) for r, c in rects if r.size and c.size]
+    if not rects:
         return np.zeros(0, np.int64)
+    total = sum(r.size * c.size for r, c in rects)
+    span = (max(int(r.max()) for r, _ in rects) + 1) * ncols
+    if (mask_ok and span <= 64 * total and all(int(c.max()) < ncols for _, c in rects)
+            and all(int(r.min()) >= 0 and int(c.min()) >= 0 for r, c in rects)):
+        # Dense enough: mark a boolean mask and read it back (sorted, no repeats), faster than sorting.
+        mask = np.zeros(span, bool)
+        grid = mask.reshape(-1, ncols)
+        for r, c in rects:
+            grid[np.ix_(r, c)] = True
+        return np.flatnonzero(mask)
+    parts = [np.add.outer(r.astype(np.int64) * ncols, c.astype(np.int64)).ravel() for r, c in rects]
     flat = np.sort(np.concatenate(parts))  # sort + drop repeats: faster than np.unique's hashing here
     return flat[np.concatenate(([True], flat[1:] != flat[:-1]))]
 
@@ -162,7 +178,7 @@ def _positions_rect(tp: TensorPatch, key: str) -> dict[str, np.ndarray] | None:
     nrows, ncols = matrix_shape(tp.shape)
     if sum(r.size * c.size for r, c in rects) > 16 * tp.nnz + 1024:
         return None  # far more candidates than changes: a mask would not pay for itself
-    cand = rect_candidates(rects, ncols)
+    cand = rect_candidates(rects, ncols, mask_ok=True)
     pos = np.searchsorted(cand, tp.flat_index)
     if pos.size and (pos.max() >= cand.size or np.any(cand[np.minimum(pos, cand.size - 1)] != tp.flat_index)):
         return None  # some change lies outside the rectangles
@@ -241,13 +257,28 @@ def _checksum(tensors_json: str, provenance_json: str, arrays: dict[str, np.ndar
     return "sha256:" + h.hexdigest()
 
 
-def encode_patch(patch: Patch) -> tuple[dict[str, str], dict[str, np.ndarray]]:
-    """The __metadata__ and arrays of a patch file (see docs/format.md)."""
+def rekey(encoded: tuple[dict, dict[str, np.ndarray]], key: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """An `encode_tensor` result made under another key, renamed to `key` (the bytes do not depend on it)."""
+    entry, arrs = encoded
+    old = entry["key"]
+    if old == key:
+        return entry, arrs
+    return {**entry, "key": key}, {key + k[len(old):]: a for k, a in arrs.items()}
+
+
+def encode_patch(patch: Patch, encoded: dict[str, tuple[dict, dict[str, np.ndarray]]] | None = None
+                 ) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """The __metadata__ and arrays of a patch file (see docs/format.md).
+
+    `encoded`: tensor name -> `encode_tensor(tp, any_key)`, done ahead (merge encodes each tensor in a
+    worker thread as soon as it is built); those are renamed to their key here instead of re-encoded.
+    """
     entries, arrays = [], {}
     for i, tp in enumerate(patch.tensors.values()):
         if tp.nnz == 0:
             continue
-        entry, arrs = encode_tensor(tp, str(i))
+        pre = (encoded or {}).get(tp.name)
+        entry, arrs = rekey(pre, str(i)) if pre is not None else encode_tensor(tp, str(i))
         entries.append(entry)
         arrays.update(arrs)
     tensors_json = json.dumps(entries, separators=(",", ":"))
@@ -262,12 +293,15 @@ def encode_patch(patch: Patch) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     return metadata, arrays
 
 
-def save_patch(patch: Patch, path: str | os.PathLike) -> Path:
-    """Write `patch` to `path` atomically (a temp file beside it, then rename). Returns the path."""
+def save_patch(patch: Patch, path: str | os.PathLike,
+               encoded: dict[str, tuple[dict, dict[str, np.ndarray]]] | None = None) -> Path:
+    """Write `patch` to `path` atomically (a temp file beside it, then rename). Returns the path.
+
+    `encoded`: tensors already encoded, as for `encode_patch`."""
     from safetensors.numpy import save
 
     path = Path(path)
-    metadata, arrays = encode_patch(patch)
+    metadata, arrays = encode_patch(patch, encoded)
     data = save(arrays, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
