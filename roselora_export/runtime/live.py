@@ -32,8 +32,18 @@ Each step, in order: resolve names (parameters and buffers; tied names share sto
 shapes and dtypes; stage indices and XOR bits (one packed buffer, pinned and copied once on CUDA);
 check indices on the device (in range, strictly increasing); gather the touched bits, check the
 base fingerprint and that the new values are finite, for every tensor; only then write. The old
-bits (nnz-sized) stay on the device for revert. If a write fails, the tensors already written are
-restored, so the model is as before.
+bits and the new bits (nnz-sized) stay on the device for revert, whose check compares the live bits
+with the kept new bits. If a write fails, the tensors already written are restored, so the model is as
+before.
+
+Re-applying the same loaded Patch object (the serving pattern: edit on, edit off, edit on) reuses its
+staging: the patch is read and staged once, and the staging is kept while the Patch object lives
+(up to STAGE_CACHE_BYTES in all) and every touched live tensor is still the one staged. Its indices
+were checked once (the staged buffer is never written). When the gathered live bits equal, bit for
+bit, the base bits that passed the sha256 check on an earlier apply of this staging, that equality
+stands in for the hash and for the finiteness check (it implies both); otherwise both run again.
+A loaded patch is read once: arrays changed in place after its first apply are not re-read
+(replacing a TensorPatch or an array, or building a new Patch, is noticed).
 
 Cost: bound by scattered memory access to the touched elements (each apply and each revert reads
 and writes them once). The first patch written into weights that transformers loaded as a private
@@ -57,7 +67,21 @@ import torch
 from ..errors import InputError
 from ..patch.model import BITS_DTYPE, DTYPE_NAMES, FORMAT_VERSION, Patch
 from .lock import ServingLock
-from .staging import Staged, StagedTensor, all_finite, equal, gather, indices_valid, parallel_map, scatter, stage, xor
+from .staging import (Bits, Staged, StagedTensor, all_equal, all_finite, gather, indices_valid, parallel_map, scatter,
+                      stage, xor)
+
+# Stagings kept for re-applying the same Patch object, in bytes (indices, XOR bits, base/new/scratch bits).
+STAGE_CACHE_BYTES = 256 << 20
+
+
+@dataclass(eq=False)
+class _CacheEntry:
+    ref: "weakref.ref[Patch]"
+    names: tuple  # PatchRuntime._names when staged (refresh() invalidates)
+    tensors: list  # (name, TensorPatch, flat_index, xor_bits, base_touched_sha256, dtype, shape), by identity
+    items: list  # resolved (canonical name, live tensor, TensorPatch)
+    staged: Staged
+    size: int
 
 
 @dataclass(eq=False)
@@ -71,7 +95,8 @@ class PatchHandle:
     nnz: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds: stage, check, write, total
     _staged: Staged | None = field(default=None, repr=False)
-    _old: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)  # device bits before apply
+    _old: Bits | None = field(default=None, repr=False)  # device bits before apply
+    _new: Bits | None = field(default=None, repr=False)  # device bits apply wrote
     _host_index: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # for overlap checks
     _overlaps: set[int] = field(default_factory=set, repr=False)  # ids of earlier handles it overlaps
     _data_ptrs: dict[str, int] = field(default_factory=dict, repr=False)
@@ -139,6 +164,7 @@ class PatchRuntime:
         self._ids = itertools.count(1)
         self._names: tuple[dict[str, torch.Tensor], dict[str, str]] | None = None
         self._pool: dict = {}  # the reusable pinned staging buffer (CUDA)
+        self._stage_cache: dict[int, _CacheEntry] = {}  # id(patch) -> its staging, oldest first
 
     # ---- public API -------------------------------------------------------------------------
     @property
@@ -191,7 +217,7 @@ class PatchRuntime:
                                      f"overlaps it; revert #{later.id} first")
             self._revert(handle, check)
             self._active.remove(handle)
-            handle._staged, handle._old = None, {}  # free the nnz-sized device buffers now
+            handle._staged = handle._old = handle._new = None  # free the nnz-sized device buffers (unless cached)
 
     # ---- apply ------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -272,7 +298,8 @@ class PatchRuntime:
             raise InputError(f"patch format version {patch.format_version} is not supported (this tool reads "
                              f"version {FORMAT_VERSION})")
         _check_config(patch, self.model)
-        items = self._resolve(patch)
+        cached = self._staged_for(patch)
+        items = cached[0] if cached else self._resolve(patch)
         handle = PatchHandle(id=next(self._ids), provenance=dict(patch.provenance or {}), source=source,
                              names=tuple(name for name, _, _ in items), nnz=sum(tp.nnz for _, _, tp in items))
         handle._host_index = {name: np.asarray(tp.flat_index) for name, _, tp in items}
@@ -283,50 +310,109 @@ class PatchRuntime:
         if len(devices) > 1:
             raise InputError("the patch touches tensors on several devices; load the model on one device to patch it")
         device = devices.pop() if devices else torch.device("cpu")
-        staged = stage(items, device, self._pool)
+        staged = cached[1] if cached else stage(items, device, self._pool)
         t1 = time.perf_counter()
 
         with torch.no_grad():
-            if not indices_valid(staged):
-                raise InputError(self._bad_index_message(staged))
-            old = self._gather(staged)
-            new = {dt: xor(old[dt], staged.xor[dt]) for dt in old}
-            finite = [all_finite(bits, dt) for dt, bits in new.items()]
-            if not all(bool(f) for f in finite):
-                raise InputError(self._nonfinite_message(staged, new))
-            if verify:
-                self._check_base(staged, old)
+            if not staged.indices_checked:
+                if not indices_valid(staged):
+                    raise InputError(self._bad_index_message(staged))
+                staged.indices_checked = True
+            current = staged.take_scratch()
+            self._gather(staged, current)
+            if staged.verified is not None and all_equal(current, staged.verified[0]):
+                # The live bits equal bits that already passed the sha256 check (and whose patched values
+                # passed the finiteness check) for this very staging: the same checks hold, bit for bit.
+                old, new = staged.verified
+                staged.scratch = current
+            else:
+                old = current
+                new = staged.bits({dt: xor(bits, staged.xor[dt]) for dt, bits in old.groups.items()})
+                if not all(bool(all_finite(bits, dt)) for dt, bits in new.groups.items()):
+                    raise InputError(self._nonfinite_message(staged, new))
+                if verify:
+                    self._check_base(staged, old)
+                    staged.verified = (old, new)
             t2 = time.perf_counter()
 
             with self.lock.write():
                 self._sync(device)
-                done: list[StagedTensor] = []
+                done: list[tuple[StagedTensor, torch.Tensor]] = []
                 try:
-                    for e in staged.entries:
-                        _write(e, new[e.tp.dtype][e.group_slice()])
-                        done.append(e)
+                    for e, new_part, old_part in zip(staged.entries, new.parts, old.parts):
+                        _write(e, new_part)
+                        done.append((e, old_part))
                     self._sync(device)
                 except BaseException:
-                    for e in done:
-                        _write(e, old[e.tp.dtype][e.group_slice()])
+                    for e, old_part in done:
+                        _write(e, old_part)
                     self._sync(device)
                     raise
         t3 = time.perf_counter()
-        # Revert state: indices, XOR bits and old bits, all nnz-sized and on the device.
-        handle._staged, handle._old = staged, old
+        # Revert state: indices, XOR bits, old and new bits, all nnz-sized and on the device.
+        handle._staged, handle._old, handle._new = staged, old, new
         handle.timings = {"stage": t1 - t0, "check": t2 - t1, "write": t3 - t2, "total": t3 - t0}
         self._active.append(handle)
+        self._remember(patch, staged)
         return handle
 
-    def _gather(self, staged: Staged) -> dict[torch.dtype, torch.Tensor]:
-        """The live bits at every touched element, packed like staged.xor (one buffer per dtype)."""
-        out = {dt: torch.empty_like(x) for dt, x in staged.xor.items()}
-        for e in staged.entries:
-            gather(e, out[e.tp.dtype][e.group_slice()])
+    # ---- staging cache ----------------------------------------------------------------------
+    def _staged_for(self, patch: Patch) -> tuple[list, Staged] | None:
+        """The cached staging of this very Patch object, if it is still valid for the live model.
+
+        Valid while the Patch holds the same TensorPatch objects and arrays (a loaded patch is read
+        once: arrays changed in place after the first apply are not re-read) and every touched live
+        tensor is still the one staged (same name map, address, dtype, shape, contiguity).
+        """
+        entry = self._stage_cache.get(id(patch))
+        if entry is None or entry.ref() is not patch or entry.names is not self._names:
+            return None
+        tensors = patch.tensors
+        if len(tensors) != len(entry.tensors):
+            return None
+        for (name, tp, idx, bits, sha, dtype, shape), (cur_name, cur) in zip(entry.tensors, tensors.items()):
+            if (cur is not tp or cur_name != name or cur.flat_index is not idx or cur.xor_bits is not bits
+                    or cur.base_touched_sha256 != sha or cur.dtype != dtype or cur.shape != shape):
+                return None
+        for e in entry.staged.entries:
+            t = e.target
+            if (t.data_ptr() != e.data_ptr or t.dtype != e.tp.dtype or t.device != entry.staged.device
+                    or t.shape != e.flat_shape or not t.is_contiguous()):
+                return None
+        return entry.items, entry.staged
+
+    def _remember(self, patch: Patch, staged: Staged) -> None:
+        """Cache a staging for the next apply of the same Patch object (while it lives, within a byte budget)."""
+        key = id(patch)
+        entry = self._stage_cache.get(key)
+        if entry is not None and entry.staged is staged:
+            return
+        size = staged.nbytes + 3 * sum(x.numel() * x.element_size() for x in staged.xor.values())
+        if size > STAGE_CACHE_BYTES:
+            return
+        self._stage_cache.pop(key, None)
+        while self._stage_cache and size + sum(e.size for e in self._stage_cache.values()) > STAGE_CACHE_BYTES:
+            self._stage_cache.pop(next(iter(self._stage_cache)))  # the oldest
+
+        cache = self._stage_cache
+
+        def forget(ref, key=key, cache=cache):  # the patch was garbage-collected
+            if key in cache and cache[key].ref is ref:
+                del cache[key]
+
+        items = [(e.name, e.target, e.tp) for e in staged.entries]
+        tensors = [(name, tp, tp.flat_index, tp.xor_bits, tp.base_touched_sha256, tp.dtype, tp.shape)
+                   for name, tp in patch.tensors.items()]
+        cache[key] = _CacheEntry(weakref.ref(patch, forget), self._names, tensors, items, staged, size)
+
+    def _gather(self, staged: Staged, out: Bits) -> Bits:
+        """The live bits at every touched element into `out` (laid out like staged.xor)."""
+        for e, part in zip(staged.entries, out.parts):
+            gather(e, part)
         return out
 
-    def _check_base(self, staged: Staged, old: dict[torch.dtype, torch.Tensor]) -> None:
-        host = {dt: bits.cpu().numpy() for dt, bits in old.items()}  # nnz-sized, one copy per dtype
+    def _check_base(self, staged: Staged, old: Bits) -> None:
+        host = {dt: bits.cpu().numpy() for dt, bits in old.groups.items()}  # nnz-sized, one copy per dtype
 
         def digest(e: StagedTensor) -> str:
             return hashlib.sha256(host[e.tp.dtype][e.group_slice()]).hexdigest()
@@ -342,9 +428,9 @@ class PatchRuntime:
                 if over else "; the patch is for another model or another version of it")
         return f"{e.tp.name}: the live values at the patch's elements do not match the patch's base fingerprint{hint}"
 
-    def _nonfinite_message(self, staged: Staged, new: dict[torch.dtype, torch.Tensor]) -> str:
-        for e in staged.entries:
-            if not bool(all_finite(new[e.tp.dtype][e.group_slice()], e.tp.dtype)):
+    def _nonfinite_message(self, staged: Staged, new: Bits) -> str:
+        for e, part in zip(staged.entries, new.parts):
+            if not bool(all_finite(part, e.tp.dtype)):
                 return f"{e.tp.name}: the patch would write NaN or Inf; the patch is corrupt or for another base"
         return "the patch would write NaN or Inf"
 
@@ -365,7 +451,7 @@ class PatchRuntime:
 
     # ---- revert -----------------------------------------------------------------------------
     def _revert(self, handle: PatchHandle, check: bool) -> None:
-        staged, old = handle._staged, handle._old
+        staged, old, new = handle._staged, handle._old, handle._new
         if staged is None or not staged.entries:
             return
         for e in staged.entries:
@@ -373,21 +459,24 @@ class PatchRuntime:
                 raise InputError(f"{e.tp.name} was moved or reallocated since patch #{handle.id} was applied; "
                                  f"it cannot be reverted in place")
         with torch.no_grad():
-            current = self._gather(staged) if check else None
-            if check and not all(equal(bits, xor(old[dt], staged.xor[dt])) for dt, bits in current.items()):
-                raise InputError(f"the weights patch #{handle.id} touched were changed outside the runtime; "
-                                 f"refusing to revert over them")
+            if check:  # the touched elements must still hold what apply wrote (kept as `new`, no XOR here)
+                current = staged.take_scratch()
+                unchanged = all_equal(self._gather(staged, current), new)
+                staged.scratch = current
+                if not unchanged:
+                    raise InputError(f"the weights patch #{handle.id} touched were changed outside the runtime; "
+                                     f"refusing to revert over them")
             with self.lock.write():
                 self._sync(staged.device)
                 done = []
                 try:
-                    for e in staged.entries:
-                        _write(e, old[e.tp.dtype][e.group_slice()])
-                        done.append(e)
+                    for e, old_part, new_part in zip(staged.entries, old.parts, new.parts):
+                        _write(e, old_part)
+                        done.append((e, new_part))
                     self._sync(staged.device)
                 except BaseException:
-                    for e in done:  # put back what was there: the patched bits
-                        _write(e, xor(old[e.tp.dtype][e.group_slice()], staged.xor[e.tp.dtype][e.group_slice()]))
+                    for e, new_part in done:  # put back what was there: the patched bits
+                        _write(e, new_part)
                     self._sync(staged.device)
                     raise
 

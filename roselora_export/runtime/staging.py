@@ -38,6 +38,8 @@ class StagedTensor:
     nnz: int
     flat: torch.Tensor | None = None  # 1-D integer view of the target's storage (set by stage)
     idx: torch.Tensor | None = None  # this tensor's slice of Staged.index
+    data_ptr: int = 0  # the target's address and shape when staged: a cached staging is reused only while
+    flat_shape: tuple = ()  # they hold (see PatchRuntime._staged_for)
 
     def group_slice(self) -> slice:
         return slice(self.bits_offset, self.bits_offset + self.nnz)
@@ -55,6 +57,31 @@ class Staged:
     lasts: torch.Tensor | None = None
     numels: torch.Tensor | None = None
     nbytes: int = 0
+    # Kept between applies of the same loaded patch (PatchRuntime caches the staging):
+    indices_checked: bool = False  # indices_valid passed (the staged index buffer is never written again)
+    verified: "tuple[Bits, Bits] | None" = None  # base bits that passed sha256, and base ^ xor (checked finite)
+    scratch: "Bits | None" = None  # a free nnz-sized buffer to gather into
+
+    def bits(self, groups: dict[torch.dtype, torch.Tensor] | None = None) -> "Bits":
+        """Bits laid out like `xor` (a new buffer, or `groups`), with each tensor's slice as a ready view."""
+        if groups is None:
+            groups = {dt: torch.empty_like(x) for dt, x in self.xor.items()}
+        return Bits(groups, [groups[e.tp.dtype][e.group_slice()] for e in self.entries])
+
+    def take_scratch(self) -> "Bits":
+        out, self.scratch = self.scratch, None
+        return out if out is not None else self.bits()
+
+
+@dataclass
+class Bits:
+    """nnz-sized bit patterns of a staged patch: one buffer per dtype, and each tensor's slice of it.
+
+    The per-tensor slices are made once (not per apply/revert): slicing costs a microsecond each.
+    """
+
+    groups: dict[torch.dtype, torch.Tensor]
+    parts: list[torch.Tensor]
 
 
 POOL_LIMIT = 1 << 30  # pinned staging buffers up to this size are kept for the next patch
@@ -128,7 +155,14 @@ def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.devi
         index_host[e.index_offset:e.index_offset + e.nnz] = e.tp.flat_index
         group_host[e.tp.dtype][e.group_slice()] = e.tp.xor_bits
 
-    parallel_map(pack, entries, nbytes)
+    if nbytes >= PARALLEL_BYTES:
+        parallel_map(pack, entries, nbytes)
+    elif entries:  # one numpy call per section: per-tensor calls cost more than the copying on small patches
+        np.concatenate([e.tp.flat_index for e in entries], out=index_host, casting="unsafe")
+        for dt in GROUP_ORDER:
+            if group_nnz[dt]:
+                np.concatenate([e.tp.xor_bits for e in entries if e.tp.dtype == dt], out=group_host[dt],
+                               casting="unsafe")
 
     dev = buf.to(device) if device.type != "cpu" else buf  # the one host-to-device copy
     staged = Staged(device=device, entries=entries, index=dev[index_off:index_off + total * 8].view(torch.int64),
@@ -136,6 +170,7 @@ def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.devi
     for e in entries:
         e.flat = e.target.detach().view(-1).view(TORCH_BITS_DTYPE[e.target.dtype])
         e.idx = staged.index[e.index_offset:e.index_offset + e.nnz]
+        e.data_ptr, e.flat_shape = e.target.data_ptr(), e.target.shape
     for dt in GROUP_ORDER:
         if group_nnz[dt]:
             width = BITS_DTYPE[dt].itemsize
@@ -191,6 +226,11 @@ def equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if _numpy(a):
         return bool(np.array_equal(a.numpy(), b.numpy()))
     return torch.equal(a, b)
+
+
+def all_equal(a: Bits, b: Bits) -> bool:
+    """Whether two Bits of one staged patch hold the same bit patterns (one comparison per dtype)."""
+    return all(equal(x, b.groups[dt]) for dt, x in a.groups.items())
 
 
 def _signed(mask: int, dtype: torch.dtype) -> int:
