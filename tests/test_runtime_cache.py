@@ -100,3 +100,28 @@ def test_an_unverified_apply_of_a_cached_patch_still_refuses_nan(device):
     with pytest.raises(InputError, match="NaN or Inf"):
         rt.apply(patch, verify=False)
     assert state_hash(model) == changed
+
+
+def test_the_staging_of_a_garbage_collected_patch_is_dropped(device):
+    import gc
+    import weakref
+
+    model = tiny_llama().to(device)
+    patch = random_patch(model, [Q0], np.random.default_rng(5))
+    rt = PatchRuntime(model)
+    rt.revert(rt.apply(patch))
+    staged = weakref.ref(rt._stage_cache[id(patch)].staged)
+    del patch
+    gc.collect()
+    assert rt._stage_cache == {} and staged() is None
+
+
+def test_a_patch_over_the_cache_budget_is_staged_at_every_apply(device, stage_calls, monkeypatch):
+    monkeypatch.setattr(runtime_live, "STAGE_CACHE_BYTES", 0)
+    model = tiny_llama().to(device)
+    base = state_hash(model)
+    patch = random_patch(model, [Q0], np.random.default_rng(6))
+    rt = PatchRuntime(model)
+    for _ in range(2):
+        rt.revert(rt.apply(patch))
+    assert len(stage_calls) == 2 and state_hash(model) == base

@@ -365,21 +365,27 @@ class PatchRuntime:
         tensor is still the one staged (same name map, address, dtype, shape, contiguity).
         """
         entry = self._stage_cache.get(id(patch))
-        if entry is None or entry.ref() is not patch or entry.names is not self._names:
+        if entry is None or entry.ref() is not patch:
             return None
+        if self._cache_entry_valid(entry, patch):
+            return entry.items, entry.staged
+        self._stage_cache.pop(id(patch), None)  # stale: drop it (it holds views of the old storages)
+        return None
+
+    def _cache_entry_valid(self, entry: "_CacheEntry", patch: Patch) -> bool:
         tensors = patch.tensors
-        if len(tensors) != len(entry.tensors):
-            return None
+        if entry.names is not self._names or len(tensors) != len(entry.tensors):
+            return False
         for (name, tp, idx, bits, sha, dtype, shape), (cur_name, cur) in zip(entry.tensors, tensors.items()):
             if (cur is not tp or cur_name != name or cur.flat_index is not idx or cur.xor_bits is not bits
                     or cur.base_touched_sha256 != sha or cur.dtype != dtype or cur.shape != shape):
-                return None
+                return False
         for e in entry.staged.entries:
             t = e.target
             if (t.data_ptr() != e.data_ptr or t.dtype != e.tp.dtype or t.device != entry.staged.device
                     or t.shape != e.flat_shape or not t.is_contiguous()):
-                return None
-        return entry.items, entry.staged
+                return False
+        return True
 
     def _remember(self, patch: Patch, staged: Staged) -> None:
         """Cache a staging for the next apply of the same Patch object (while it lives, within a byte budget)."""
@@ -391,14 +397,21 @@ class PatchRuntime:
         if size > STAGE_CACHE_BYTES:
             return
         self._stage_cache.pop(key, None)
-        while self._stage_cache and size + sum(e.size for e in self._stage_cache.values()) > STAGE_CACHE_BYTES:
-            self._stage_cache.pop(next(iter(self._stage_cache)))  # the oldest
+        # Snapshots (list(...)): `forget` below may remove entries from any thread, at garbage collection.
+        entries = list(self._stage_cache.items())  # oldest first
+        held = sum(e.size for _, e in entries)
+        for old_key, old_entry in entries:
+            if size + held <= STAGE_CACHE_BYTES:
+                break
+            self._stage_cache.pop(old_key, None)
+            held -= old_entry.size
 
         cache = self._stage_cache
 
         def forget(ref, key=key, cache=cache):  # the patch was garbage-collected
-            if key in cache and cache[key].ref is ref:
-                del cache[key]
+            entry = cache.get(key)
+            if entry is not None and entry.ref is ref:
+                cache.pop(key, None)
 
         items = [(e.name, e.target, e.tp) for e in staged.entries]
         tensors = [(name, tp, tp.flat_index, tp.xor_bits, tp.base_touched_sha256, tp.dtype, tp.shape)
