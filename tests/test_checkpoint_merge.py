@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from roselora_export.checkpoint import fingerprints, load_state_dict, merge_checkpoint, open_model_dir
 from roselora_export.errors import InputError
@@ -135,6 +137,31 @@ def test_merge_refuses_an_existing_nonempty_out_and_writes_nothing(sharded, tmp_
     with pytest.raises(InputError, match="not empty"):
         merge_checkpoint(base, adapter, tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_patch_file_from_merge_equals_a_fresh_encoding_of_its_patch(sharded, tmp_path):
+    from roselora_export.patch.io import encode_patch
+
+    _, base, adapter = sharded
+    res = merge_checkpoint(base, adapter, tmp_path / "out")
+    metadata, arrays = encode_patch(res.patch)  # what save_patch gives without merge's ahead-of-time encoding
+    with safe_open(str(res.patch_path), "np") as f:
+        assert f.metadata() == metadata
+        assert sorted(f.keys()) == sorted(arrays)
+        assert all(np.array_equal(f.get_tensor(k), a) for k, a in arrays.items())
+
+
+def test_a_failing_background_copy_leaves_no_output(sharded, tmp_path, monkeypatch):
+    from roselora_export.checkpoint import safetensors_stream
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors_stream.ShardWriter, "copy_run", broken)
+    _, base, adapter = sharded
+    with pytest.raises(OSError, match="disk full"):
+        merge_checkpoint(base, adapter, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_adapter_for_another_model_is_refused(sharded, tmp_path):

@@ -5,7 +5,6 @@ import hashlib
 from collections.abc import Mapping
 
 import numpy as np
-import scipy.sparse
 import torch
 
 from ..errors import InputError
@@ -80,7 +79,7 @@ def touched_fingerprint(tp: TensorPatch, t: torch.Tensor) -> str:
     return sha256_bits(tensor_bits(t.detach().cpu())[tp.flat_index])
 
 
-def delta_csr(patch: Patch, name: str, base_tensor: torch.Tensor) -> scipy.sparse.csr_array:
+def delta_csr(patch: Patch, name: str, base_tensor: torch.Tensor) -> scipy.sparse.csr_array:  # noqa: F821
     """The arithmetic delta (patched - base, float64) of one tensor as a CSR matrix in its 2-D view.
 
     The file stores XOR bit patterns, so the numeric delta needs the base values. 1-D tensors are one row.
@@ -103,4 +102,6 @@ def delta_csr(patch: Patch, name: str, base_tensor: torch.Tensor) -> scipy.spars
         new_v = torch.from_numpy(new.view(np.int16)).view(tdt).double().numpy()
     nrows, ncols = matrix_shape(tp.shape)
     rows, cols = np.divmod(tp.flat_index, max(ncols, 1))
+    import scipy.sparse  # here, not at module level: it costs ~0.2 s of start-up that merge/apply never use
+
     return scipy.sparse.csr_array((new_v - old_v, (rows, cols)), shape=(nrows, ncols))
