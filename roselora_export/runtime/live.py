@@ -46,7 +46,10 @@ A loaded patch is read once: arrays changed in place after its first apply are n
 (replacing a TensorPatch or an array, or building a new Patch, is noticed).
 
 Cost: bound by scattered memory access to the touched elements (each apply and each revert reads
-and writes them once). The first patch written into weights that transformers loaded as a private
+them once, to check, then writes them once: an index_select and a scatter_ per tensor). On the
+SmolLM2 edit patch (268k elements on 173k cache lines) each such pass takes about 0.5 ms on the
+2-core EPYC, so a checked apply + revert costs four passes, two bit comparisons and ~0.3 ms of
+Python; the first apply of a Patch adds staging and the sha256 (~1.5 ms). The first patch written into weights that transformers loaded as a private
 memory map of the safetensors file also pays one copy-on-write page fault per touched 4 KiB page.
 """
 from __future__ import annotations
