@@ -1,7 +1,7 @@
 """Streaming merge: time and peak RSS on a synthetic sharded checkpoint (>= 2 GB), side by side with a naive
 load-everything merge and a plain `cp -r` of the checkpoint.
 
-    .venv/bin/python bench/streaming_merge.py [--layers 10] [--keep]
+    .venv/bin/python bench/streaming_merge.py [--layers 10] [--rounds 3] [--keep]
 
 Every measured command runs in its own fresh process; peak RSS is its maximum resident set (GNU time %M).
 The checkpoint and all outputs live under /tmp and are deleted at the end (unless --keep).
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,25 +108,30 @@ print(f"work_s={time.perf_counter() - t0:.3f}")
 IMPORT_ONLY = "import torch, roselora_export.checkpoint, roselora_export.patch"
 
 
-def measure(args: list[str]) -> tuple[float, float, float | None]:
-    """(wall seconds, peak RSS in MiB, the work time it reports itself, if any) of one fresh process.
+def measure(args: list[str]) -> tuple[float, float, float | None, float]:
+    """(wall seconds, peak RSS in MiB, the work time it reports itself if any, CPU seconds user+sys) of one
+    fresh process.
 
     Through /usr/bin/time: Linux keeps a process's RSS high-water mark across fork+exec, so a child
-    started straight from this (large) Python process would report at least our own RSS.
+    started straight from this (large) Python process would report at least our own RSS. CPU time is
+    shown because the machine is shared: wall time swings with other users' load, CPU time much less.
     """
+    subprocess.run(["sync"], check=True)  # no dirty pages from the previous command to write back meanwhile
     with tempfile.NamedTemporaryFile("r", suffix=".rss") as f:
         t0 = time.perf_counter()
-        out = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", f.name, *args], cwd=ROOT, check=True,
+        out = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", f.name, *args], cwd=ROOT, check=True,
                              capture_output=True, text=True).stdout
         wall = time.perf_counter() - t0
         work = [float(line.split("=")[1]) for line in out.splitlines() if line.startswith("work_s=")]
-        return wall, int(f.read().strip().splitlines()[-1]) / 1024, (work[0] if work else None)
+        rss, user, sys_ = f.read().strip().splitlines()[-1].split()
+        return wall, int(rss) / 1024, (work[0] if work else None), float(user) + float(sys_)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     py = sys.executable
     tmp = Path(tempfile.mkdtemp(prefix="streaming_merge_", dir="/tmp"))
@@ -143,9 +149,9 @@ def main() -> None:
 
         measure(["cp", "-r", str(base), str(fresh("warm"))])  # warm the page cache once
         shutil.rmtree(tmp / "warm")
-        import_s, import_rss, _ = measure([py, "-c", IMPORT_ONLY])
-        results = {}
-        for rep in range(2):  # two rounds, interleaved; the table keeps each method's faster run
+        import_s, import_rss, _, _ = measure([py, "-c", IMPORT_ONLY])
+        results: dict[str, list[tuple]] = {}
+        for rep in range(args.rounds):  # rounds interleaved; the table shows each method's median run
             for label, cmd in [
                 ("cp -r (plain copy)", lambda o: ["cp", "-r", str(base), str(o)]),
                 ("streaming merge (roselora-export merge)", lambda o: [py, "-c", STREAM, str(base), str(adapter), str(o), "keep"]),
@@ -155,35 +161,47 @@ def main() -> None:
                  lambda o: [py, "-c", STREAM, str(base), str(adapter), str(o), "bf16"]),
             ]:
                 out = fresh("out")
-                wall, rss, work = measure(cmd(out))
-                if label not in results or wall < results[label][0]:
-                    results[label] = (wall, rss, work)
+                wall, rss, work, cpu = measure(cmd(out))
+                results.setdefault(label, []).append((wall, rss, work, cpu))
                 shutil.rmtree(out, ignore_errors=True)
                 Path(str(out) + ".patch.safetensors").unlink(missing_ok=True)
-                print(rep, label, f"{wall:.2f}s {rss:.0f}MiB", flush=True)
-        cp_time = results["cp -r (plain copy)"][0]
-        for label, (wall, rss, work) in results.items():
+                print(rep, label, f"{wall:.2f}s cpu {cpu:.2f}s {rss:.0f}MiB", flush=True)
+
+        def median(xs):
+            return statistics.median(xs) if None not in xs else None
+
+        med = {label: tuple(median([r[j] for r in runs]) for j in range(3)) + (median([r[3] for r in runs]),)
+               for label, runs in results.items()}
+        peak = {label: max(r[1] for r in runs) for label, runs in results.items()}
+        cp_time = med["cp -r (plain copy)"][0]
+        for label, (wall, _, work, cpu) in med.items():
             w = f"{work:.2f} ({work / cp_time:.2f}x)" if work is not None else "-"
-            rows.append(f"| {label} | {wall:.2f} | {wall / cp_time:.2f} | {w} | {rss:.0f} | {rss - largest / 2**20:+.0f} |")
+            rss = peak[label]
+            rows.append(f"| {label} | {wall:.2f} | {wall / cp_time:.2f} | {w} | {cpu:.2f} | {rss:.0f} | "
+                        f"{rss - largest / 2**20:+.0f} |")
         body = [
-            f"Machine: {machine_line()}. Command: `.venv/bin/python bench/streaming_merge.py --layers {args.layers}`.",
+            f"Machine: {machine_line()}. Command: `.venv/bin/python bench/streaming_merge.py --layers {args.layers} --rounds {args.rounds}`.",
             "",
             f"Synthetic Llama-shaped fp32 checkpoint: {args.layers} layers, hidden {HIDDEN}, {len(shard_sizes)} shards, "
             f"{total / 2**30:.2f} GiB in all, largest shard {largest / 2**20:.0f} MiB; synthetic RoseLoRA-shaped adapter "
             "(r=8, tau=0.05) on q_proj and v_proj of every layer. Each command runs in a fresh process (wall time includes "
             f"Python and torch start-up: a process that only imports them takes {import_s:.1f} s and peaks at "
-            f"{import_rss:.0f} MiB). Page cache warm; "
-            "best of two interleaved rounds.",
+            f"{import_rss:.0f} MiB). Page cache warm, `sync` before each command; median of {args.rounds} interleaved "
+            "rounds (peak RSS: the highest of them). The machine is shared (2 cores, other users' jobs running): wall "
+            "times swing with their load; CPU s (user + sys, start-up included) much less.",
             "",
-            "| method | wall s | x cp -r | merge work s, excl. start-up (x cp -r) | peak RSS MiB | "
+            "| method | wall s | x cp -r | merge work s, excl. start-up (x cp -r) | CPU s | peak RSS MiB | "
             "RSS - largest shard MiB (goal <= +300) |",
-            "|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|",
             *rows,
             "",
             "Goal: streaming merge time <= 2 x cp -r, peak RSS <= largest shard + 300 MB. The streaming merge reads one "
-            "tensor at a time with pread and writes shards tensor by tensor (unchanged tensors are copied file to file "
-            "with copy_file_range), so its memory does not grow with the shard or the model. Like cp and save_pretrained "
-            "it does not fsync a new output directory (apply --in-place does, before its atomic swap).",
+            "changed tensor at a time with pread and writes each output shard's header first, then every tensor at its "
+            "own offset: runs of unchanged tensors are copied file to file in one copy_file_range each by a background "
+            "thread, while the main thread merges and writes the changed tensors and a worker thread computes their two "
+            "whole-tensor sha256 (the common prefix hashed once) and their patch encoding (zlib). So its memory does not "
+            "grow with the shard or the model, and with two free cores copying, merging and hashing overlap. Like cp and "
+            "save_pretrained it does not fsync a new output directory (apply --in-place does, before its atomic swap).",
         ]
         write_section("streaming-merge", "\n".join(body))
         print("\n".join(body))

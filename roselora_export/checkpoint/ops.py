@@ -27,6 +27,7 @@ from .safetensors_stream import ITEMSIZE, ST_DTYPES, TORCH_DTYPES, OutTensor, Sh
 
 Progress = Callable[[int], None]
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+OVERLAP_BYTES = 256 << 20  # merge does not hash one tensor while merging the next when both hold more than this
 CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -195,31 +196,37 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     survival = SurvivalReport()
     # Each changed tensor's two whole-tensor sha256 and its file encoding run in a worker thread
     # (hashlib and zlib release the GIL) while this thread merges and writes the next tensor. One job
-    # at a time: it holds one tensor's base and merged bits, so memory stays bounded.
+    # at a time, and none beside a large tensor's merge: the job holds one tensor's base and merged
+    # bits, so memory stays about that of the old serial merge plus OVERLAP_BYTES.
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-encode")
     encoded: dict[str, tuple[dict, dict]] = {}
-    last: list[Future] = []
+    last: list[tuple[Future, int]] = []  # the job in flight and the bytes it holds
 
     def finish(tp, base_bits, new_bits) -> None:
         fill_sha256(tp, base_bits, new_bits)
         encoded[tp.name] = encode_tensor(tp, "t")
 
+    def wait() -> None:
+        while last:
+            last.pop()[0].result()
+
     def produce(name: str) -> torch.Tensor:
+        nbytes = model.locations[name][1].nbytes
+        if last and last[0][1] + nbytes > OVERLAP_BYTES:
+            wait()
         later: list = []
         merged, tp, surv = merge_tensor(name, model.read(name), edits[name], dtype, deferred=later)
         survival.tensors.append(surv)
-        while last:
-            last.pop().result()
+        wait()
         if tp is not None:
             patch.tensors[name] = tp
-            last.append(worker.submit(finish, *later[0]))
+            last.append((worker.submit(finish, *later[0]), 2 * later[0][1].nbytes))
         return merged
 
     try:
         with atomic_dir(out_dir) as tmp:
             write_checkpoint(model, tmp, produce, set(edits), dtype=dtype, progress=progress)
-            while last:
-                last.pop().result()
+            wait()
     finally:
         worker.shutdown(wait=True, cancel_futures=True)
     # Keep the patch's tensor order the checkpoint's order (it is built shard by shard).
