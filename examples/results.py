@@ -337,7 +337,7 @@ def render(res: dict) -> tuple[str, str]:
     meta = res.get("meta", {})
     cmd = meta.get("command", "examples/results.py")
     head = [f"Measured on {meta.get('machine', '?')}, {meta.get('date', '?')}, with `{cmd}`"
-            f" ({meta.get('minutes', 0):.0f} min). Model: SmolLM2-135M-Instruct, fp32."]
+            f" ({meta.get('minutes', 0):.0f} min wall). {meta.get('note', '')} Model: SmolLM2-135M-Instruct, fp32."]
     md = ["# Results on SmolLM2-135M", "", "Regenerate with `.venv/bin/python examples/results.py` "
           "(`--quick` for a smaller run). Raw figures: `docs/results.json`.", "", *head, ""]
     readme = [*head, ""]
