@@ -220,10 +220,16 @@ class ShardWriter:
             self.fd = -1
 
 
+WRITE_CHUNK = 1 << 20
+
+
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
+    # 1 MiB per call: one 16 MiB pwrite, once the kernel holds many dirty pages, was measured ~8x slower
+    # in CPU time (dirty-page throttling done in one large batch) than the same bytes in 1 MiB writes.
+    data = data.cast("B") if data.format != "B" else data
     done = 0
     while done < data.nbytes:
-        done += os.pwrite(fd, data[done:], pos + done)
+        done += os.pwrite(fd, data[done:done + WRITE_CHUNK], pos + done)
 
 
 def copy_range(src_fd: int, dst_fd: int, src_pos: int, dst_pos: int, nbytes: int, what: str = "") -> None:
