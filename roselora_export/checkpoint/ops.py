@@ -1,7 +1,8 @@
 """merge / diff / apply / revert on checkpoint directories, streaming shard by shard, written atomically.
 
-Memory stays about one tensor (plus the adapter's deltas) whatever the model size: tensors are read
-one at a time, shards are written tensor by tensor, and unchanged bytes are copied file to file.
+Memory stays a few tensors (plus the adapter's deltas) whatever the model size: tensors are read one at a
+time, each output shard is written header first and then tensor by tensor at fixed offsets, and unchanged
+bytes are copied file to file in the kernel by a background thread while changed tensors are computed.
 """
 from __future__ import annotations
 
