@@ -116,10 +116,12 @@ def test_apply_on_an_onnx_directory_dispatches_to_onnx_patching(dirs, tmp_path, 
 
 
 def test_merge_with_onnx_patches_the_artifact_into_out_onnx(dirs, tmp_path, monkeypatch):
+    import roselora_export.onnx.names as names
     import roselora_export.onnx.patching as patching
 
     _, base, adapter = dirs
     calls = []
+    monkeypatch.setattr(names, "open_artifact", lambda root: None)  # the dispatch is under test, not the artifact
     monkeypatch.setattr(patching, "apply_to_onnx_dir",
                         lambda base_dir, patches, out_dir, revert=False, in_place=False:
                         calls.append((base_dir, [len(p.tensors) for p in patches], out_dir, revert, in_place))
