@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -134,21 +135,16 @@ def ensure_onnx(model_dir: Path) -> Path | None:
 
 
 def stage_deploy(model, tok, model_dir: Path, requests, n: int, runs=None) -> dict:
-    """Single edits on the first n requests, each measured as it ships: PEFT, merged fp32, merged bf16, ONNX fp32."""
+    """Single edits on the first n requests, each measured as it ships: the PEFT adapter; the merged fp32 and
+    bf16 checkpoints that `merge` writes, reloaded from disk; the fp32 ONNX artifact patched by `apply`."""
     from peft import PeftModel
 
-    from roselora_export.patch import SurvivalReport, build_patch_from_adapter
-    from roselora_export.runtime import PatchRuntime
+    from roselora_export.checkpoint import merge_checkpoint
 
     requests = requests[:n]
     ev32 = EditEvaluator(tok, requests, torch_forward(model))
-    rt32 = PatchRuntime(model)
-    sd32 = model.state_dict()
     log("deploy: loading the bf16 base")
-    model16 = load_model(model_dir, dtype=torch.bfloat16)
-    ev16 = EditEvaluator(tok, requests, torch_forward(model16))
-    rt16 = PatchRuntime(model16)
-    sd16 = model16.state_dict()
+    ev16 = EditEvaluator(tok, requests, torch_forward(load_model(model_dir, dtype=torch.bfloat16)))
     onnx_dir, ev_onnx, onnx_note = None, None, None
     try:
         onnx_dir = ensure_onnx(model_dir)
@@ -167,33 +163,36 @@ def stage_deploy(model, tok, model_dir: Path, requests, n: int, runs=None) -> di
         for i, req in enumerate(requests):
             for label, method, overrides in runs:
                 result = train_edit(model, tok, [req], method=method, config=RoseLoraConfig(**overrides))
-                adir = Path(tmp) / f"{len(os.listdir(tmp))}-{method}-{i}"
+                work = Path(tmp) / f"{method}-{i}-{len(os.listdir(tmp))}"
+                adir = work / "adapter"
                 save_edit(result, adir)
                 got = rows[label]
-                # In-memory (what training produced, applied as an fp32 merge by the runtime).
-                p32 = build_patch_from_adapter(adir, sd32)
-                with rt32.applied(p32):
-                    got.setdefault("merged fp32 safetensors", []).extend(ev32.measure(torch_forward(model), [i]))
                 if method != "ft-l":
                     peft_model = PeftModel.from_pretrained(model, str(adir)).eval()
                     try:
                         got.setdefault("PEFT adapter", []).extend(ev32.measure(torch_forward(peft_model), [i]))
                     finally:
                         peft_model.unload()
-                report = SurvivalReport()
-                p16 = build_patch_from_adapter(adir, sd16, dtype=torch.bfloat16, report=report)
-                survival[label].append(report.lost_fraction)
-                if p16.tensors:
-                    with rt16.applied(p16):
-                        got.setdefault("merged bf16 safetensors", []).extend(ev16.measure(torch_forward(model16), [i]))
-                else:  # every change rounded away: the bf16 checkpoint is the base
-                    got.setdefault("merged bf16 safetensors", []).extend(ev16.measure(torch_forward(model16), [i]))
+                # The merged checkpoints exactly as `merge` writes them, loaded back from disk.
+                m32 = merge_checkpoint(model_dir, adir, work / "merged-fp32")
+                shipped = load_model(m32.out_dir)
+                got.setdefault("merged fp32 safetensors", []).extend(ev32.measure(torch_forward(shipped), [i]))
+                del shipped
+                m16 = merge_checkpoint(model_dir, adir, work / "merged-bf16", dtype=torch.bfloat16)
+                survival[label].append(m16.survival.lost_fraction)
+                shipped = load_model(m16.out_dir, dtype=torch.bfloat16)
+                got.setdefault("merged bf16 safetensors", []).extend(ev16.measure(torch_forward(shipped), [i]))
+                del shipped
                 if onnx_dir is not None:
+                    # The fp32 ONNX artifact with merge's patch applied to its external data by `apply`.
+                    from roselora_export.onnx.patching import apply_to_onnx_dir
                     from roselora_export.onnx.session import create_session
 
-                    sess = create_session(onnx_dir, [p32])
+                    apply_to_onnx_dir(onnx_dir, [m32.patch], work / "onnx")
+                    sess = create_session(work / "onnx")
                     got.setdefault("patch on fp32 ONNX (onnxruntime)", []).extend(ev_onnx.measure(onnx_forward(sess), [i]))
                     del sess
+                shutil.rmtree(work)
             log(f"deploy: request {i + 1}/{len(requests)} done")
     table = {}
     for label, _, _ in runs:
@@ -202,7 +201,7 @@ def stage_deploy(model, tok, model_dir: Path, requests, n: int, runs=None) -> di
             table[label][where] = {k: mean([r[k] for r in rs]) for k in ("reliability", "generalization", "locality")}
         table[label]["bf16_lost_fraction"] = mean(survival[label])
     return {"requests": len(requests), "table": table, "onnx": str(onnx_dir) if onnx_dir else None,
-            "onnx_note": onnx_note}
+            "onnx_note": onnx_note, "shipped": "merged files reloaded from disk; ONNX patched by apply"}
 
 
 # ------------------------------------------------------------------------------------------ stage 3
@@ -369,10 +368,10 @@ def render(res: dict) -> tuple[str, str]:
         if "deploy_variant" in res:
             d["table"].update(res["deploy_variant"]["table"])
         text = (f"Single edits on the first {d['requests']} requests; each cell is reliability / generalization / "
-                f"locality of the edited model as shipped. Merged checkpoints are the runtime applying the patch "
-                f"`merge` writes (same `merge_tensor` arithmetic: (base + delta) rounded to the stored dtype); bf16 "
-                f"is measured against the bf16 base. Last column: fraction of the intended nonzero deltas that "
-                f"change no stored bf16 value.")
+                f"locality of the edited model as shipped: the merged checkpoints are the directories `merge` writes, "
+                f"loaded back from disk; the ONNX column is the fp32 artifact after `apply` patched its external data, "
+                f"run by onnxruntime. bf16 is measured against the bf16 base. Last column: fraction of the intended "
+                f"nonzero deltas that change no stored bf16 value.")
         if d.get("onnx_note"):
             text += f" ONNX: not available ({d['onnx_note']})."
         for out in (md, readme):
