@@ -46,8 +46,8 @@ def test_diff_stores_a_fully_changed_tensor_dense(pair, tmp_path):
 
     base, target = pair
     diff_checkpoints(base, target, tmp_path / "d.safetensors")
-    enc = {t["name"]: t["encoding"] for t in summarize(tmp_path / "d.safetensors")["tensors"]}
-    assert enc == {"a": "csr", "b": "dense"}
+    layout = {t["name"]: t["layout"] for t in summarize(tmp_path / "d.safetensors")["tensors"]}
+    assert layout == {"a": "sparse", "b": "dense"}
 
 
 def test_diff_of_identical_checkpoints_is_empty(pair, tmp_path):

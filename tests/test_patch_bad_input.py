@@ -27,24 +27,36 @@ def _patch(dtype=torch.float16) -> tuple[Patch, dict]:
     return Patch(tensors=tensors, provenance={"kind": "test"}), base
 
 
-def _write(path, metadata, arrays, *, rechecksum=True):
-    if rechecksum:
-        metadata = dict(metadata)
-        metadata["checksum"] = _checksum(metadata["tensors"], metadata["provenance"], arrays)
+def _write(path, metadata, arrays):
+    metadata = dict(metadata)
+    metadata["checksum"] = _checksum(metadata["tensors"], metadata["streams"], metadata["provenance"], arrays)
     save_file(arrays, str(path), metadata=metadata)
     return path
 
 
-def _crafted(tmp_path, edit_entry=None, edit_arrays=None):
-    """A valid patch file, then the metadata entry of 'w' and/or its arrays changed, with a valid checksum."""
+def _crafted(tmp_path, edit_entry=None, edit_streams=None):
+    """A valid patch file, then tensor 'w''s metadata and/or the raw streams changed, with a valid checksum.
+
+    edit_entry gets 'w''s columns as a dict; edit_streams gets {"positions": bytes, "values": bytes}
+    (uncompressed) and may change or replace them; they are stored uncompressed."""
+    import lzma
+    import zlib
+
     patch, _ = _patch()
     metadata, arrays = encode_patch(patch)
-    entries = json.loads(metadata["tensors"])
+    columns, streams = json.loads(metadata["tensors"]), json.loads(metadata["streams"])
     if edit_entry:
-        edit_entry(entries[0])
-    if edit_arrays:
-        edit_arrays(arrays)
-    metadata["tensors"] = json.dumps(entries)
+        row = {c: v[0] for c, v in columns.items()}
+        edit_entry(row)
+        for c in columns:
+            columns[c][0] = row.get(c)
+    unpack = {"none": bytes, "zlib": zlib.decompress, "xz": lzma.decompress}
+    raw = {k: unpack[streams[k]["codec"]](arrays[k].tobytes()) for k in arrays}
+    if edit_streams:
+        edit_streams(raw)
+        arrays = {k: np.frombuffer(v, np.uint8) for k, v in raw.items()}
+        streams = {k: {"codec": "none", "raw_bytes": len(v)} for k, v in raw.items()}
+    metadata["tensors"], metadata["streams"] = json.dumps(columns), json.dumps(streams)
     return _write(tmp_path / "bad.safetensors", metadata, arrays)
 
 
@@ -71,8 +83,8 @@ def test_flipped_byte_in_the_payload_fails_the_checksum(tmp_path):
 
 def test_flipped_byte_in_a_fingerprint_fails_the_checksum(tmp_path):
     data = _good_file(tmp_path).read_bytes()
-    i = data.index(b'base\\":\\"') + 12  # inside the hex of the first base fingerprint (JSON in JSON)
-    bad = data[:i] + (b"0" if data[i:i + 1] != b"0" else b"1") + data[i + 1:]
+    i = data.index(b"sha256_base") + 20  # inside the base64 of the first base fingerprint (JSON in JSON)
+    bad = data[:i] + (b"A" if data[i:i + 1] != b"A" else b"B") + data[i + 1:]
     (tmp_path / "f.safetensors").write_bytes(bad)
     with pytest.raises(InputError, match="checksum"):
         load_patch(tmp_path / "f.safetensors")
@@ -94,43 +106,54 @@ def test_absurd_shape_and_nnz_claims_are_refused(tmp_path):
 
 def test_absurd_dense_claim_is_refused_without_allocating(tmp_path):
     def dense(e):
-        e["encoding"] = "dense"
+        e["layout"] = "dense"
         e["shape"] = [1 << 19, 1 << 19]
-    with pytest.raises(InputError, match="dense"):
+    with pytest.raises(InputError, match="claims far more"):
         load_patch(_crafted(tmp_path, dense))
 
 
-def test_row_index_out_of_range_is_refused(tmp_path):
-    def rows(a):
-        a["0.rows"] = a["0.rows"].copy()
-        a["0.rows"][-1] = 200
-    with pytest.raises(InputError, match="out of range"):
-        load_patch(_crafted(tmp_path, edit_arrays=rows))
+def _positions(edit):
+    """A streams edit: replace the positions stream by `edit` (bytes), or by `edit(gaps)` re-encoded as varints."""
+    from roselora_export.patch.io import varint_decode, varint_encode
+
+    def streams(raw):
+        if callable(edit):
+            stream = np.frombuffer(raw["positions"], np.uint8)
+            gaps = varint_decode(stream, int((stream < 0x80).sum())).tolist()
+            raw["positions"] = varint_encode(np.array(edit(gaps), np.uint64)).tobytes()
+        else:
+            raw["positions"] = edit
+    return streams
 
 
-def test_column_index_out_of_range_is_refused(tmp_path):
-    def cols(a):
-        key = "0.col" if "0.col" in a else "0.gap"
-        a[key] = a[key].copy()
-        a[key][-1] = 250
-    with pytest.raises(InputError, match="out of range|increasing"):
-        load_patch(_crafted(tmp_path, edit_arrays=cols))
+def test_index_out_of_range_is_refused(tmp_path):
+    def last_too_far(gaps):  # 'w' (32 x 48) comes first: push its last change past the end
+        gaps[3] += 32 * 48
+        return gaps
+    with pytest.raises(InputError, match="w: index out of range"):
+        load_patch(_crafted(tmp_path, edit_streams=_positions(last_too_far)))
 
 
-def test_columns_not_increasing_within_a_row_are_refused(tmp_path):
-    def swap(a):
-        key = "0.col" if "0.col" in a else "0.gap"
-        a[key] = a[key].copy()
-        a[key][[0, 1]] = a[key][[1, 0]]
-    with pytest.raises(InputError, match="increasing|positive"):
-        load_patch(_crafted(tmp_path, edit_arrays=swap))
+def test_positions_that_disagree_with_nnz_are_refused(tmp_path):
+    with pytest.raises(InputError, match="holds 4 indices"):
+        load_patch(_crafted(tmp_path, edit_streams=_positions(lambda gaps: gaps[:4])))
+
+
+@pytest.mark.parametrize("stream, problem", [
+    (b"\x01\x01\x05\x00\x02\x81", "trailing"),  # five indices, then half a sixth
+    (b"\x80\x80\x80\x80\x80\x80\x01\x00\x00\x00\x00", "longer than"),  # a 7-byte index
+    (b"\x85\x00\x00\x00\x00\x00", "minimally"),  # 5 written in two bytes
+])
+def test_malformed_varints_are_refused(tmp_path, stream, problem):
+    with pytest.raises(InputError, match=problem):
+        load_patch(_crafted(tmp_path, edit_streams=_positions(stream)))
 
 
 def test_unknown_dtype_and_encoding_are_refused(tmp_path):
     with pytest.raises(InputError, match="dtype"):
         load_patch(_crafted(tmp_path, lambda e: e.update(dtype="F64")))
-    with pytest.raises(InputError, match="encoding"):
-        load_patch(_crafted(tmp_path, lambda e: e.update(encoding="zip")))
+    with pytest.raises(InputError, match="layout"):
+        load_patch(_crafted(tmp_path, lambda e: e.update(layout="zip")))
 
 
 def test_not_a_patch_file_is_refused(tmp_path):
@@ -203,7 +226,8 @@ def test_fuzzed_patch_files_raise_only_input_error(tmp_path, data):
 
 @pytest.mark.timeout(120)
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(field=st.sampled_from(["shape", "nnz", "dtype", "encoding", "planes", "key", "sha256", "name"]),
+@given(field=st.sampled_from(["shape", "nnz", "dtype", "layout", "sha256_base", "sha256_patched", "sha256_base_touched",
+                              "name"]),
        value=st.one_of(st.integers(-2, 1 << 62), st.text(max_size=8), st.lists(st.integers(-1, 1 << 40), max_size=4),
                        st.none(), st.booleans(), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2)))
 def test_fuzzed_metadata_with_valid_checksum_raises_only_input_error(tmp_path, field, value):
@@ -215,34 +239,51 @@ def test_fuzzed_metadata_with_valid_checksum_raises_only_input_error(tmp_path, f
 
 
 def test_unbacked_huge_claims_are_refused_before_allocating(tmp_path):
-    """A header claiming a huge rect tensor with no mask and all-zero value planes: refused, not allocated."""
+    """A header claiming a huge sparse tensor the streams cannot hold: refused, not allocated."""
     def lie(e):
         e["shape"] = [1 << 20, 1 << 20]
         e["nnz"] = 1 << 39
-        e["planes"] = "zz"
-        e["encoding"] = "rect"
-    with pytest.raises(InputError, match="planes"):
+    with pytest.raises(InputError, match="claims far more"):
         load_patch(_crafted(tmp_path, lie))
 
 
-def _replace_plane(tmp_path, packed: bytes):
-    """Swap tensor 0's value array for a zlib stream (declared as U8 in the entry's 'zlib' map)."""
-    def arrays(a):
-        for k in [k for k in a if k in ("0.v", "0.v.z")]:
-            del a[k]
-        a["0.v.z"] = np.frombuffer(packed, np.uint8)
-    def entry(e):
-        e["zlib"] = {**e.get("zlib", {}), "v": "|u1"}
-    return _crafted(tmp_path, entry, arrays)
+def _replace_stream(tmp_path, name: str, codec: str, packed: bytes, raw_bytes: int):
+    patch, _ = _patch()
+    metadata, arrays = encode_patch(patch)
+    streams = json.loads(metadata["streams"])
+    streams[name] = {"codec": codec, "raw_bytes": raw_bytes}
+    arrays[name] = np.frombuffer(packed, np.uint8)
+    metadata["streams"] = json.dumps(streams)
+    return _write(tmp_path / "bomb.safetensors", metadata, arrays)
 
 
-def test_zlib_bomb_is_refused_within_the_allocation_budget(tmp_path):
+@pytest.mark.parametrize("codec", ["zlib", "xz"])
+def test_compression_bomb_is_refused_within_the_allocation_budget(tmp_path, codec):
+    import lzma
     import zlib
 
-    with pytest.raises(InputError, match="budget|claims far more"):
-        load_patch(_replace_plane(tmp_path, zlib.compress(b"\0" * (100 << 20), 9)))
+    bomb = (zlib.compress if codec == "zlib" else lzma.compress)(b"\0" * (100 << 20))
+    with pytest.raises(InputError, match="claims far more"):  # declared honestly: over the budget
+        load_patch(_replace_stream(tmp_path, "positions", codec, bomb, 100 << 20))
+    with pytest.raises(InputError, match="does not decompress to its 7 bytes"):  # declared small: cut off
+        load_patch(_replace_stream(tmp_path, "positions", codec, bomb, 7))
 
 
-def test_invalid_zlib_stream_is_refused(tmp_path):
-    with pytest.raises(InputError, match="zlib"):
-        load_patch(_replace_plane(tmp_path, b"\x78\x9c not zlib at all"))
+@pytest.mark.parametrize("codec", ["zlib", "xz"])
+def test_invalid_compressed_stream_is_refused(tmp_path, codec):
+    with pytest.raises(InputError, match=f"not valid {codec} data"):
+        load_patch(_replace_stream(tmp_path, "positions", codec, b"\x78\x9c not compressed at all", 30))
+
+
+def test_values_stream_of_the_wrong_size_is_refused(tmp_path):
+    def shorter(raw):
+        raw["values"] = raw["values"][:-2]
+    with pytest.raises(InputError, match="values stream's size"):
+        load_patch(_crafted(tmp_path, edit_streams=shorter))
+
+
+def test_stored_zero_value_is_refused(tmp_path):
+    def zero(raw):
+        raw["values"] = b"\0" + raw["values"][1:5] + b"\0" + raw["values"][6:]  # first value: both planes 0
+    with pytest.raises(InputError, match="does not change"):
+        load_patch(_crafted(tmp_path, edit_streams=zero))

@@ -135,7 +135,7 @@ def diff_command(base_dir, target_dir, out_file, as_json) -> None:
         click.echo(json.dumps(summary, indent=2))
         return
     for t in summary["tensors"]:
-        note = "  (stored dense: smaller)" if t["encoding"] == "dense" else ""
+        note = "  (stored dense: smaller)" if t["layout"] == "dense" else ""
         click.echo(f"  {t['name']}: {t['nnz']} changed, density {t['density']:.3%}, {_fmt_bytes(t['bytes'])}{note}")
     click.echo(f"wrote {out_file}: {len(summary['tensors'])} tensors differ, {summary['total_nnz']} elements, "
                f"{_fmt_bytes(summary['file_bytes'])}")
@@ -197,10 +197,10 @@ def inspect_command(patch_file, as_json, plot_path, limit) -> None:
     prov = summary["provenance"]
     click.echo(f"{patch_file}: format {summary['format_version']}, {prov.get('kind', '?')} from "
                f"{prov.get('source', '?')} for {prov.get('base_model', '?')}, created {prov.get('created', '?')}")
-    click.echo(f"{'tensor':<48} {'shape':>14} {'dtype':>5} {'nnz':>9} {'density':>8} {'rows':>6} {'cols':>6} {'bytes':>9} enc")
+    click.echo(f"{'tensor':<48} {'shape':>14} {'dtype':>5} {'nnz':>9} {'density':>8} {'rows':>6} {'cols':>6} {'bytes':>9} layout")
     for t in summary["tensors"]:
         click.echo(f"{t['name'][:48]:<48} {'x'.join(map(str, t['shape'])):>14} {t['dtype']:>5} {t['nnz']:>9} "
-                   f"{t['density']:>8.3%} {t['rows_touched']:>6} {t['cols_touched']:>6} {t['bytes']:>9} {t['encoding']}")
+                   f"{t['density']:>8.3%} {t['rows_touched']:>6} {t['cols_touched']:>6} {t['bytes']:>9} {t['layout']}")
     frac = summary["touched_fraction"]
     click.echo(f"total: {summary['total_nnz']} nonzeros in {len(summary['tensors'])} tensors, {summary['file_bytes']} bytes "
                f"({summary['bytes_per_nnz']:.2f} B/nnz, {summary['bytes_over_value_bytes']:.2f}x value bytes)"

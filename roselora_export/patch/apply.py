@@ -75,7 +75,7 @@ def apply_patches_to_state_dict(patches: list[Patch], sd: Mapping[str, torch.Ten
 
 
 def touched_fingerprint(tp: TensorPatch, t: torch.Tensor) -> str:
-    """sha256 of the touched elements' bit patterns of `t` (compare with base/patched_touched_sha256)."""
+    """sha256 of the touched elements' bit patterns of `t` (compare with base_touched_sha256)."""
     return sha256_bits(tensor_bits(t.detach().cpu())[tp.flat_index])
 
 

@@ -19,7 +19,6 @@ import torch
 from ..errors import InputError
 from .adapter import AdapterEdit, read_adapter, resolve_keys
 from .fingerprint import config_fingerprint
-from .io import rect_candidates
 from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, sha256_bits, tensor_bits
 
 LOST_WARNING = 0.5  # warn when more than this fraction of an edit's nonzeros change no stored value
@@ -80,6 +79,31 @@ class SurvivalReport:
         }
 
 
+def rect_candidates(rects: list[tuple[np.ndarray, np.ndarray]], ncols: int, *, mask_ok: bool = False) -> np.ndarray:
+    """Sorted flat indices of the union of row-set x column-set rectangles.
+
+    mask_ok: the caller holds the whole tensor anyway (merge, encode), so a boolean mask over the rows
+    spanned (at most 64 bytes per candidate) may be used instead of sorting; the reader leaves it off
+    so that its allocations stay within what it charged per candidate.
+    """
+    rects = [(r, c) for r, c in rects if r.size and c.size]
+    if not rects:
+        return np.zeros(0, np.int64)
+    total = sum(r.size * c.size for r, c in rects)
+    span = (max(int(r.max()) for r, _ in rects) + 1) * ncols
+    if (mask_ok and span <= 64 * total and all(int(c.max()) < ncols for _, c in rects)
+            and all(int(r.min()) >= 0 and int(c.min()) >= 0 for r, c in rects)):
+        # Dense enough: mark a boolean mask and read it back (sorted, no repeats), faster than sorting.
+        mask = np.zeros(span, bool)
+        grid = mask.reshape(-1, ncols)
+        for r, c in rects:
+            grid[np.ix_(r, c)] = True
+        return np.flatnonzero(mask)
+    parts = [np.add.outer(r.astype(np.int64) * ncols, c.astype(np.int64)).ravel() for r, c in rects]
+    flat = np.sort(np.concatenate(parts))  # sort + drop repeats: faster than np.unique's hashing here
+    return flat[np.concatenate(([True], flat[1:] != flat[:-1]))]
+
+
 def pair_patch(name: str, base: torch.Tensor, patched: torch.Tensor, *, deferred: list | None = None
                ) -> TensorPatch | None:
     """Same result as model.tensor_patch_from_pair (tested equal), with fewer full-tensor passes and copies.
@@ -97,7 +121,7 @@ def pair_patch(name: str, base: torch.Tensor, patched: torch.Tensor, *, deferred
     tp = TensorPatch(
         name=name, shape=tuple(base.shape), dtype=base.dtype, flat_index=flat, xor_bits=old ^ new,
         base_sha256="", patched_sha256="",
-        base_touched_sha256=sha256_bits(old), patched_touched_sha256=sha256_bits(new),
+        base_touched_sha256=sha256_bits(old),
     )
     if deferred is not None:
         deferred.append((tp, base_bits, new_bits))
@@ -170,7 +194,6 @@ def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.
     tp = pair_patch(name, base_d, merged, deferred=deferred)
     if tp is not None:
         check_finite(name, merged.reshape(-1)[torch.from_numpy(tp.flat_index)], "the merged tensor")
-        tp.rectangles = edit.rectangles
         surv.realised_nnz = tp.nnz
     return merged, tp, surv
 

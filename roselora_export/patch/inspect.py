@@ -12,15 +12,9 @@ from .model import DTYPE_NAMES, Patch
 
 def summarize(path: str | os.PathLike, patch: Patch | None = None) -> dict:
     """The `inspect --json` object (schema in docs/format.md)."""
-    import json
-
-    from safetensors import safe_open
-
     path = Path(path)
     patch = patch or load_patch(path)
-    sizes = file_layout(path)
-    with safe_open(str(path), framework="numpy") as f:
-        entries = {e["name"]: e for e in json.loads((f.metadata() or {})["tensors"])}
+    layout = file_layout(path, patch)
     tensors = []
     for name, tp in patch.tensors.items():
         nrows, ncols = matrix_shape(tp.shape)
@@ -33,8 +27,8 @@ def summarize(path: str | os.PathLike, patch: Patch | None = None) -> dict:
             "density": tp.nnz / tp.numel if tp.numel else 0.0,
             "rows_touched": int(np.unique(rows).size),
             "cols_touched": int(np.unique(cols).size),
-            "bytes": sizes.get(name, 0),
-            "encoding": entries.get(name, {}).get("encoding"),
+            "bytes": layout[name]["bytes"],
+            "layout": layout[name]["layout"],
             "value_bytes": tp.nnz * tp.xor_bits.itemsize,
         })
     file_bytes = path.stat().st_size

@@ -1,300 +1,215 @@
 """The patch file: encode a Patch into one safetensors file, and read it back with full validation.
 
 The layout is specified byte for byte in docs/format.md; the constants below are its single source.
-Every array is plain safetensors (readable with `safetensors.safe_open`); the metadata is JSON
-strings in `__metadata__`. Positions are encoded per tensor in whichever of three encodings gives
-the smallest file (`rect`: the union of RoseLoRA's row x column rectangles plus a changed-mask;
-`csr`: touched rows only; `dense`), the XOR values are split into byte planes (dense, sparse or
-omitted), and any array may be stored zlib-deflated. The reader charges everything it allocates to
-one budget proportional to the file size, so no hostile header or zlib stream can make it allocate
-gigabytes.
+The file holds two U8 arrays, `positions` and `values`, each one stream for the whole patch (every
+tensor's part one after another), and JSON strings in `__metadata__` that say which tensor owns
+which part. Positions are varint gaps between changed elements, values the byte planes of the XOR
+bit patterns; each stream is stored xz- or zlib-compressed when that is smaller. Two streams rather
+than arrays per tensor: each array costs header bytes, and one stream compresses better than many
+small ones (a small edit's fixed costs were most of its file).
+
+The reader charges everything it allocates to one budget proportional to the file size, so no
+hostile header or compressed stream can make it allocate gigabytes.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
 import struct
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
-from .model import (
-    BITS_DTYPE,
-    DTYPE_NAMES,
-    DTYPES_BY_NAME,
-    FORMAT_VERSION,
-    Patch,
-    TensorPatch,
-)
+from .model import BITS_DTYPE, DTYPE_NAMES, DTYPES_BY_NAME, FORMAT_VERSION, Patch, TensorPatch
 
 FORMAT_NAME = "roselora-patch"
+STREAMS = ("positions", "values")
+COLUMNS = ("name", "shape", "dtype", "nnz", "layout", "sha256_base", "sha256_patched", "sha256_base_touched")
+LAYOUTS = ("sparse", "dense")
+CODECS = ("none", "zlib", "xz")
+XZ_MAX_RAW = 1 << 20  # xz (LZMA2, preset 6) runs at a few MB/s: used for streams up to this size only
+XZ_MEMLIMIT = 64 << 20  # decoder memory an xz stream may ask for (preset 6 needs about 9 MiB)
 MAX_HEADER_BYTES = 64 << 20  # a real header is kilobytes; anything beyond this is refused unread
 MAX_NUMEL = 1 << 40  # per tensor; larger shapes are not real model tensors
 MAX_NDIM = 8
-MAX_RECTS = 1 << 16
+MAX_VARINT_BYTES = 6  # 42 bits: enough for any index below MAX_NUMEL
 ALLOC_FACTOR = 256  # the reader allocates at most this many times the file size, plus ALLOC_SLACK
 ALLOC_SLACK = 64 << 20
-ELEMENT_COST, CANDIDATE_COST = 24, 16  # bytes the reader charges per stored element / rectangle candidate
-UINTS = (np.dtype("<u1"), np.dtype("<u2"), np.dtype("<u4"), np.dtype("<u8"))
-_HEX = set("0123456789abcdef")
+ELEMENT_COST = 24  # bytes the reader charges per stored element (indices, values and temporaries)
+DENSE_MIN_DENSITY = 0.25  # below this a tensor is always stored sparse (dense cannot be smaller)
 
 
 # ----------------------------------------------------------------------------- small helpers
 
-def narrow_uint(limit: int) -> np.dtype:
-    """The narrowest little-endian unsigned dtype holding every value in [0, limit)."""
-    for dt in UINTS:
-        if limit <= np.iinfo(dt).max + 1:
-            return dt
-    raise ValueError(f"{limit} does not fit in 64 bits")
-
-
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The 2-D view used for positions: (shape[0], rest) for N-D, one row for 1-D and 0-D tensors."""
+    """The 2-D view used by `inspect` and plots: (shape[0], rest) for N-D, one row for 1-D and 0-D tensors."""
     numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if len(shape) >= 2:
         return int(shape[0]), (numel // int(shape[0]) if shape[0] else 0)
     return 1, numel
 
 
-def rect_candidates(rects: list[tuple[np.ndarray, np.ndarray]], ncols: int, *, mask_ok: bool = False) -> np.ndarray:
-    """Sorted flat indices of the union of row-set x column-set rectangles.
-
-    mask_ok: the caller holds the whole tensor anyway (merge, encode), so a boolean mask over the rows
-    spanned (at most 64 bytes per candidate) may be used instead of sorting; the reader leaves it off
-    so that its allocations stay within what it charged per candidate.
-    """
-    rects = [(r, c) for r, c in rects if r.size and c.size]
-    if not rects:
-        return np.zeros(0, np.int64)
-    total = sum(r.size * c.size for r, c in rects)
-    span = (max(int(r.max()) for r, _ in rects) + 1) * ncols
-    if (mask_ok and span <= 64 * total and all(int(c.max()) < ncols for _, c in rects)
-            and all(int(r.min()) >= 0 and int(c.min()) >= 0 for r, c in rects)):
-        # Dense enough: mark a boolean mask and read it back (sorted, no repeats), faster than sorting.
-        mask = np.zeros(span, bool)
-        grid = mask.reshape(-1, ncols)
-        for r, c in rects:
-            grid[np.ix_(r, c)] = True
-        return np.flatnonzero(mask)
-    parts = [np.add.outer(r.astype(np.int64) * ncols, c.astype(np.int64)).ravel() for r, c in rects]
-    flat = np.sort(np.concatenate(parts))  # sort + drop repeats: faster than np.unique's hashing here
-    return flat[np.concatenate(([True], flat[1:] != flat[:-1]))]
+def varint_encode(values: np.ndarray) -> np.ndarray:
+    """Unsigned LEB128 of each value (7 bits per byte, low group first, high bit = more follows)."""
+    v = np.asarray(values, dtype=np.uint64)
+    nbytes = np.ones(v.size, np.int64)
+    for k in range(1, 10):  # 10 bytes hold any uint64
+        nbytes += v >= np.uint64(1 << (7 * k))
+    out = np.empty(int(nbytes.sum()), np.uint8)
+    start = np.cumsum(nbytes) - nbytes
+    for k in range(int(nbytes.max(initial=0))):
+        sel = np.flatnonzero(nbytes > k)
+        group = ((v[sel] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
+        out[start[sel] + k] = group | np.where(nbytes[sel] > k + 1, 0x80, 0).astype(np.uint8)
+    return out
 
 
-def _packed_size(n: int) -> int:
-    return (n + 7) // 8
+def varint_decode(stream: np.ndarray, count: int) -> np.ndarray:
+    """Exactly `count` varints filling `stream`, as uint64; _Bad on anything else (vectorised, no loop per value)."""
+    ends = np.flatnonzero(stream < 0x80)
+    _need(ends.size == count, f"the positions stream holds {ends.size} indices, the tensors' nnz add up to {count}")
+    _need(stream.size == (int(ends[-1]) + 1 if count else 0), "the positions stream has trailing bytes")
+    if count == 0:
+        return np.zeros(0, np.uint64)
+    lengths = np.diff(ends, prepend=-1)
+    _need(int(lengths.max()) <= MAX_VARINT_BYTES, f"an index in the positions stream is longer than {MAX_VARINT_BYTES} bytes")
+    _need(bool(np.all((stream[ends] != 0) | (lengths == 1))), "an index in the positions stream is not minimally encoded")
+    starts = ends - lengths + 1
+    shift = (np.arange(stream.size) - np.repeat(starts, lengths)).astype(np.uint64) * np.uint64(7)
+    return np.add.reduceat((stream & 0x7F).astype(np.uint64) << shift, starts)
+
+
+def _b64(hex_digest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+def _hex(b64: object, what: str) -> str:
+    _need(isinstance(b64, str) and len(b64) == 44, f"{what} is not a base64 sha256")
+    try:
+        raw = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise _Bad(f"{what} is not a base64 sha256") from None
+    _need(len(raw) == 32 and base64.b64encode(raw).decode() == b64, f"{what} is not a base64 sha256")
+    return raw.hex()
+
+
+def _planes(values: np.ndarray) -> list[np.ndarray]:
+    """Little-endian byte planes of unsigned values: plane b is byte b of every value."""
+    v = np.ascontiguousarray(values)
+    return list(v.view(np.uint8).reshape(-1, v.dtype.itemsize).T) if v.size else [np.zeros(0, np.uint8)] * v.dtype.itemsize
 
 
 # ----------------------------------------------------------------------------- encoding
 
-def _encode_planes(xor: np.ndarray, key: str) -> tuple[str, dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
-    """Split XOR values into little-endian byte planes, each dense ('d'), sparse ('s') or zero ('z'),
-    concatenated into one U8 array `{key}.v` (one array, not one per plane: each costs header bytes)."""
-    modes, parts = [], []
-    n = xor.size
-    for b in range(xor.dtype.itemsize):
-        plane = ((xor >> np.array(8 * b, xor.dtype)) & np.array(0xFF, xor.dtype)).astype(np.uint8)
-        nz = plane != 0
-        count = int(nz.sum())
-        if count == 0:
-            modes.append("z")
-        elif _packed_size(n) + count < n:
-            modes.append("s")
-            parts += [np.packbits(nz, bitorder="little"), plane[nz]]
-        else:
-            modes.append("d")
-            parts.append(plane)
-    values = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-    bounds = tuple(int(x) for x in np.cumsum([p.size for p in parts])[:-1])  # where each plane part starts
-    return "".join(modes), {f"{key}.v": values}, {f"{key}.v": bounds}
+@dataclass
+class EncodedTensor:
+    """One tensor's metadata columns and its parts of the two streams (raw, before compression)."""
+
+    entry: dict
+    positions: np.ndarray  # U8 varints; empty when dense
+    values: np.ndarray  # XOR bit patterns: nnz of them, or numel when dense
 
 
-def _zlib_parts(raw: bytes, bounds: tuple[int, ...]) -> bytes:
-    """One zlib stream, with a full flush at each plane boundary so every plane gets its own Huffman
-    tables (byte planes have very different statistics). Level 6: level 9 is slower and no smaller here."""
-    c = zlib.compressobj(6)
-    out, start = [], 0
-    for end in (*bounds, len(raw)):
-        out.append(c.compress(raw[start:end]))
-        out.append(c.flush(zlib.Z_FULL_FLUSH if end < len(raw) else zlib.Z_FINISH))
-        start = end
-    return b"".join(out)
+def _sparse_parts(tp: TensorPatch) -> tuple[np.ndarray, np.ndarray]:
+    gaps = np.diff(tp.flat_index, prepend=-1) - 1  # 0 for adjacent elements
+    return varint_encode(gaps), tp.xor_bits
 
 
-def _deflate(arrays: dict[str, np.ndarray], bounds: dict[str, tuple[int, ...]] | None = None
-             ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Store each array raw, or zlib-compressed under `name.z` when that saves bytes.
+def encode_tensor(tp: TensorPatch, key: str | None = None) -> EncodedTensor:
+    """The metadata entry and raw stream parts for one tensor, sparse or dense, whichever is smaller.
 
-    zlib (stdlib) rather than own entropy coding: the byte planes of XOR values and the index
-    streams have skewed byte statistics that deflate's Huffman stage captures well.
+    `key` is accepted for callers of the version-1 API and ignored (streams need no array names).
     """
-    stored, dtypes = {}, {}
-    for k, a in arrays.items():
-        raw = np.ascontiguousarray(a).tobytes()
-        packed = _zlib_parts(raw, (bounds or {}).get(k, ()))
-        if len(packed) + 16 < len(raw):
-            stored[k + ".z"] = np.frombuffer(packed, np.uint8)
-            dtypes[k.split(".", 1)[1]] = a.dtype.str
-        else:
-            stored[k] = a
-    return stored, dtypes
-
-
-def _nbytes(arrays: dict[str, np.ndarray]) -> int:
-    # Each array also costs about 64 bytes of safetensors header; counted so small tensors choose well.
-    return sum(a.nbytes + 64 for a in arrays.values())
-
-
-def _positions_csr(tp: TensorPatch, key: str) -> dict[str, np.ndarray]:
-    nrows, ncols = matrix_shape(tp.shape)
-    rows = tp.flat_index // max(ncols, 1)
-    cols = tp.flat_index - rows * ncols
-    starts_at = np.flatnonzero(np.concatenate(([True], rows[1:] != rows[:-1])))  # rows are sorted
-    touched, counts = rows[starts_at], np.diff(np.append(starts_at, rows.size))
-    out = {f"{key}.rows": touched.astype(narrow_uint(nrows)), f"{key}.cnt": counts.astype(narrow_uint(ncols + 1))}
-    # Column gaps within a row (the first relative to column 0) are narrower than columns on wide rows.
-    starts = np.zeros(rows.size, bool)
-    starts[0] = True
-    starts[1:] = rows[1:] != rows[:-1]
-    gaps = cols.copy()
-    gaps[~starts] = cols[~starts] - cols[np.flatnonzero(~starts) - 1]
-    abs_dt, gap_dt = narrow_uint(ncols), narrow_uint(int(gaps.max()) + 1)
-    if gap_dt.itemsize < abs_dt.itemsize:
-        out[f"{key}.gap"] = gaps.astype(gap_dt)
-    else:
-        out[f"{key}.col"] = cols.astype(abs_dt)
-    return out
-
-
-def _positions_rect(tp: TensorPatch, key: str) -> dict[str, np.ndarray] | None:
-    rects = [(np.asarray(r), np.asarray(c)) for r, c in (tp.rectangles or []) if len(r) and len(c)]
-    if not rects or len(rects) > MAX_RECTS:
-        return None
-    nrows, ncols = matrix_shape(tp.shape)
-    if sum(r.size * c.size for r, c in rects) > 16 * tp.nnz + 1024:
-        return None  # far more candidates than changes: a mask would not pay for itself
-    cand = rect_candidates(rects, ncols, mask_ok=True)
-    pos = np.searchsorted(cand, tp.flat_index)
-    if pos.size and (pos.max() >= cand.size or np.any(cand[np.minimum(pos, cand.size - 1)] != tp.flat_index)):
-        return None  # some change lies outside the rectangles
-    sizes = np.array([[r.size, c.size] for r, c in rects], dtype=np.int64).ravel()
-    rect = np.concatenate([[len(rects)], sizes, *[np.sort(r) for r, _ in rects], *[np.sort(c) for _, c in rects]])
-    out = {f"{key}.rect": rect.astype(narrow_uint(max(nrows, ncols, len(rects)) + 1))}
-    if cand.size != tp.nnz:
-        changed = np.zeros(cand.size, bool)
-        changed[pos] = True
-        holes = np.flatnonzero(~changed)
-        holes_arr = holes.astype(narrow_uint(cand.size))
-        if holes_arr.nbytes < _packed_size(cand.size):
-            out[f"{key}.hole"] = holes_arr
-        else:
-            out[f"{key}.mask"] = np.packbits(changed, bitorder="little")
-    return out
-
-
-def encode_tensor(tp: TensorPatch, key: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """The metadata entry and the arrays for one tensor, in the smallest position encoding."""
-    planes, values, bounds = _encode_planes(tp.xor_bits, key)
-    sparse_values = (planes, values, _deflate(values, bounds))  # shared by rect and csr: deflated once
-    options = []
-    rect = _positions_rect(tp, key)
-    if rect is not None:
-        options.append(("rect", rect, sparse_values))
-    options.append(("csr", _positions_csr(tp, key), sparse_values))
-    if tp.nnz * 4 >= tp.numel:  # dense can only win at high density; skip building it otherwise
-        full = np.zeros(tp.numel, BITS_DTYPE[tp.dtype])
-        full[tp.flat_index] = tp.xor_bits
-        dplanes, dvalues, dbounds = _encode_planes(full, key)
-        options.append(("dense", {}, (dplanes, dvalues, _deflate(dvalues, dbounds))))
-    packed = []
-    for enc, pos, (planes, vals, (zvals, zvals_dt)) in options:
-        # What the reader will charge to its allocation budget for this tensor; compression must not
-        # shrink the tensor below its share of that budget (only pathological, constant data would).
-        charge = ELEMENT_COST * (tp.numel if enc == "dense" else tp.nnz)
-        if enc == "rect":
-            m = int(pos[f"{key}.rect"][0])
-            charge += CANDIDATE_COST * int(pos[f"{key}.rect"][1:1 + 2 * m].astype(np.int64).reshape(-1, 2).prod(axis=1).sum())
-        zpos, zpos_dt = _deflate(pos)
-        stored, zdtypes = {**zpos, **zvals}, {**zpos_dt, **zvals_dt}
-        if _nbytes(stored) * ALLOC_FACTOR < charge:
-            stored, zdtypes = {**pos, **vals}, {}
-        packed.append((enc, stored, zdtypes, planes))
-    enc, stored, zdtypes, planes = min(packed, key=lambda o: _nbytes(o[1]))
+    positions, values = _sparse_parts(tp)
+    layout = "sparse"
+    if tp.nnz >= DENSE_MIN_DENSITY * tp.numel:
+        dense = np.zeros(tp.numel, BITS_DTYPE[tp.dtype])
+        dense[tp.flat_index] = tp.xor_bits
+        # Compare what each costs after (fast) deflating: a dense tensor's unchanged elements are zeros.
+        sparse_size = len(zlib.compress(positions.tobytes(), 1)) + len(zlib.compress(b"".join(p.tobytes() for p in _planes(values)), 1))
+        dense_size = len(zlib.compress(b"".join(p.tobytes() for p in _planes(dense)), 1))
+        if dense_size < sparse_size:
+            positions, values, layout = np.zeros(0, np.uint8), dense, "dense"
     entry = {
-        "key": key,
         "name": tp.name,
         "shape": list(tp.shape),
         "dtype": DTYPE_NAMES[tp.dtype],
         "nnz": tp.nnz,
-        "encoding": enc,
-        "planes": planes,
-        "sha256": {
-            "base": tp.base_sha256,
-            "patched": tp.patched_sha256,
-            "base_touched": tp.base_touched_sha256,
-            "patched_touched": tp.patched_touched_sha256,
-        },
+        "layout": layout,
+        "sha256_base": _b64(tp.base_sha256),
+        "sha256_patched": _b64(tp.patched_sha256),
+        "sha256_base_touched": _b64(tp.base_touched_sha256),
     }
-    if zdtypes:
-        entry["zlib"] = zdtypes
-    return entry, stored
+    return EncodedTensor(entry, positions, values)
 
 
-def _checksum(tensors_json: str, provenance_json: str, arrays: dict[str, np.ndarray]) -> str:
+def _compress(raw: bytes) -> tuple[str, bytes]:
+    """The smallest of: raw, zlib (level 6), and xz (preset 6, small streams only)."""
+    best = ("none", raw)
+    if raw:
+        options = [("zlib", zlib.compress(raw, 6))]
+        if len(raw) <= XZ_MAX_RAW:
+            import lzma
+
+            options.append(("xz", lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=6)))
+        best = min([best, *options], key=lambda o: len(o[1]))
+    return best
+
+
+def _checksum(tensors_json: str, streams_json: str, provenance_json: str, arrays: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
-    h.update(tensors_json.encode())
-    h.update(b"\n")
-    h.update(provenance_json.encode())
+    for text in (tensors_json, streams_json, provenance_json):
+        h.update(text.encode())
+        h.update(b"\n")
     for key in sorted(arrays):
         a = arrays[key]
-        h.update(b"\n" + key.encode() + b"\0" + a.dtype.str.encode() + b"\0")
+        h.update(key.encode() + b"\0" + a.dtype.str.encode() + b"\0")
         h.update(np.ascontiguousarray(a).tobytes())
+        h.update(b"\n")
     return "sha256:" + h.hexdigest()
 
 
-def rekey(encoded: tuple[dict, dict[str, np.ndarray]], key: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """An `encode_tensor` result made under another key, renamed to `key` (the bytes do not depend on it)."""
-    entry, arrs = encoded
-    old = entry["key"]
-    if old == key:
-        return entry, arrs
-    return {**entry, "key": key}, {key + k[len(old):]: a for k, a in arrs.items()}
-
-
-def encode_patch(patch: Patch, encoded: dict[str, tuple[dict, dict[str, np.ndarray]]] | None = None
+def encode_patch(patch: Patch, encoded: dict[str, EncodedTensor] | None = None
                  ) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """The __metadata__ and arrays of a patch file (see docs/format.md).
 
-    `encoded`: tensor name -> `encode_tensor(tp, any_key)`, done ahead (merge encodes each tensor in a
-    worker thread as soon as it is built); those are renamed to their key here instead of re-encoded.
+    `encoded`: tensor name -> `encode_tensor(tp)` done ahead (merge encodes each tensor in a worker
+    thread as soon as it is built); those are used instead of encoding again.
     """
-    entries, arrays = [], {}
-    for i, tp in enumerate(patch.tensors.values()):
-        if tp.nnz == 0:
-            continue
-        pre = (encoded or {}).get(tp.name)
-        entry, arrs = rekey(pre, str(i)) if pre is not None else encode_tensor(tp, str(i))
-        entries.append(entry)
-        arrays.update(arrs)
-    tensors_json = json.dumps(entries, separators=(",", ":"))
+    parts = [(encoded or {}).get(tp.name) or encode_tensor(tp) for tp in patch.tensors.values() if tp.nnz]
+    columns = {c: [p.entry[c] for p in parts] for c in COLUMNS}
+    positions = b"".join(p.positions.tobytes() for p in parts)
+    planes = [_planes(p.values) for p in parts]
+    values = b"".join(pl[b].tobytes() for b in range(4) for pl in planes if b < len(pl))
+    raw = {"positions": positions, "values": values}
+    stored = {name: _compress(data) for name, data in raw.items()}
+    elements = sum(p.values.size for p in parts)
+    if ALLOC_FACTOR * sum(len(b) for _, b in stored.values()) + ALLOC_SLACK < ELEMENT_COST * elements + len(positions) + len(values):
+        stored = {name: ("none", data) for name, data in raw.items()}  # only pathological data compresses this far
+    streams = {name: {"codec": codec, "raw_bytes": len(raw[name])} for name, (codec, _) in stored.items()}
+    arrays = {name: np.frombuffer(data, np.uint8) for name, (_, data) in stored.items()}
+    tensors_json = json.dumps(columns, separators=(",", ":"))
+    streams_json = json.dumps(streams, separators=(",", ":"), sort_keys=True)
     provenance_json = json.dumps(patch.provenance, separators=(",", ":"), sort_keys=True, default=str)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(patch.format_version),
         "tensors": tensors_json,
+        "streams": streams_json,
         "provenance": provenance_json,
-        "checksum": _checksum(tensors_json, provenance_json, arrays),
+        "checksum": _checksum(tensors_json, streams_json, provenance_json, arrays),
     }
     return metadata, arrays
 
 
-def save_patch(patch: Patch, path: str | os.PathLike,
-               encoded: dict[str, tuple[dict, dict[str, np.ndarray]]] | None = None) -> Path:
+def save_patch(patch: Patch, path: str | os.PathLike, encoded: dict[str, EncodedTensor] | None = None) -> Path:
     """Write `patch` to `path` atomically (a temp file beside it, then rename). Returns the path.
 
     `encoded`: tensors already encoded, as for `encode_patch`."""
@@ -328,239 +243,175 @@ def _need(cond: bool, msg: str) -> None:
         raise _Bad(msg)
 
 
-class _Store:
-    """The file's arrays, decompressing `name.z` on first use, within one allocation budget.
+class _Budget:
+    """Bytes the reader may still allocate: ALLOC_FACTOR x the file size, plus ALLOC_SLACK.
 
-    The budget (ALLOC_FACTOR x the file size, plus ALLOC_SLACK) bounds every byte the decoder allocates:
-    decompressed arrays and the per-element work of each tensor are charged to it before they are
-    made, so no header claim and no zlib stream can make the reader allocate much more than the
-    file's own size.
-    """
+    Element counts and decompressed bytes are charged before they are made, so no header claim and
+    no compressed stream can make the reader allocate much more than the file's own size."""
 
-    def __init__(self, raw: dict[str, np.ndarray], file_bytes: int):
-        self.raw = raw
-        self.budget = ALLOC_FACTOR * file_bytes + ALLOC_SLACK
-        self.used: set[str] = set()
-        self.cache: dict[str, np.ndarray] = {}
-        self.zdtypes: dict[str, str] = {}  # of the tensor being decoded
+    def __init__(self, file_bytes: int):
+        self.left = ALLOC_FACTOR * file_bytes + ALLOC_SLACK
 
     def charge(self, nbytes: int, what: str) -> None:
-        _need(nbytes <= self.budget, f"{what} claims far more data than the file holds (corrupt or hostile header)")
-        self.budget -= nbytes
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.raw or key + ".z" in self.raw
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        if key in self.cache:
-            return self.cache[key]
-        if key in self.raw:
-            self.used.add(key)
-            a = self.raw[key]
-        else:
-            _need(key + ".z" in self.raw, f"array {key!r} is missing")
-            self.used.add(key + ".z")
-            packed = self.raw[key + ".z"]
-            field = key.split(".", 1)[1]
-            dt = self.zdtypes.get(field)
-            _need(packed.dtype == np.uint8 and packed.ndim == 1, f"array {key}.z must be 1-D U8")
-            _need(dt in {u.str for u in UINTS}, f"array {key}.z has no valid dtype in the entry's 'zlib' map")
-            d = zlib.decompressobj()
-            try:
-                out = d.decompress(packed.tobytes(), self.budget + 1)
-            except zlib.error as err:
-                raise _Bad(f"array {key}.z is not valid zlib data ({err})") from None
-            _need(len(out) <= self.budget and d.eof and not d.unconsumed_tail and not d.unused_data,
-                  f"array {key}.z is truncated, has trailing data, or decompresses past its budget")
-            self.charge(len(out), f"array {key}.z")
-            _need(len(out) % np.dtype(dt).itemsize == 0, f"array {key}.z does not hold whole {dt} values")
-            a = np.frombuffer(out, np.dtype(dt))
-        self.cache[key] = a
-        return a
+        _need(nbytes <= self.left, f"{what} claims far more data than the file holds (corrupt or hostile header)")
+        self.left -= nbytes
 
 
-def _uint_array(arrays: _Store, key: str, length: int | None = None) -> np.ndarray:
-    a = arrays[key]
-    _need(a.dtype in UINTS and a.ndim == 1, f"array {key!r} must be a 1-D unsigned integer array")
-    if length is not None:
-        _need(a.size == length, f"array {key!r} has {a.size} elements, expected {length}")
-    return a
+def _decompress(name: str, packed: np.ndarray, codec: object, raw_bytes: object, budget: _Budget) -> np.ndarray:
+    _need(codec in CODECS, f"stream {name!r}: codec {codec!r} is not one of {list(CODECS)}")
+    _need(isinstance(raw_bytes, int) and not isinstance(raw_bytes, bool) and raw_bytes >= 0,
+          f"stream {name!r}: bad 'raw_bytes'")
+    if codec == "none":
+        _need(packed.size == raw_bytes, f"stream {name!r} has {packed.size} bytes, its metadata says {raw_bytes}")
+        return packed
+    budget.charge(raw_bytes, f"stream {name!r}")
+    data = packed.tobytes()
+    if codec == "zlib":
+        d = zlib.decompressobj()
+        try:
+            out = d.decompress(data, raw_bytes + 1)
+        except zlib.error as err:
+            raise _Bad(f"stream {name!r} is not valid zlib data ({err})") from None
+        done = d.eof and not d.unconsumed_tail and not d.unused_data
+    else:
+        import lzma
+
+        d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
+        try:
+            out = d.decompress(data, raw_bytes + 1)
+        except lzma.LZMAError as err:
+            raise _Bad(f"stream {name!r} is not valid xz data ({err})") from None
+        done = d.eof and not d.unused_data
+    _need(done and len(out) == raw_bytes,
+          f"stream {name!r} is truncated, has trailing data, or does not decompress to its {raw_bytes} bytes")
+    return np.frombuffer(out, np.uint8)
 
 
-def _unpack_mask(arrays: _Store, key: str, n: int) -> np.ndarray:
-    m = _uint_array(arrays, key, _packed_size(n))
-    _need(m.dtype == np.uint8, f"array {key!r} must be U8")
-    bits = np.unpackbits(m, bitorder="little", count=n).astype(bool)
-    _need(int(np.unpackbits(m, bitorder="little").sum()) == int(bits.sum()), f"array {key!r} has bits set past its end")
-    return bits
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _decode_planes(arrays: _Store, key: str, planes: str, n: int, width: int) -> np.ndarray:
-    data = _uint_array(arrays, f"{key}.v")
-    _need(data.dtype == np.uint8, f"array {key}.v must be U8")
-    out = np.zeros(n, np.dtype(f"<u{width}"))
-    pos = 0
+@dataclass
+class _Entry:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    dtype_name: str
+    nnz: int
+    dense: bool
+    fingerprints: tuple[str, str, str]
 
-    def take(count: int) -> np.ndarray:
-        nonlocal pos
-        _need(pos + count <= data.size, f"array {key}.v is shorter than its planes need")
-        part = data[pos:pos + count]
-        pos += count
-        return part
+    @property
+    def width(self) -> int:
+        return BITS_DTYPE[DTYPES_BY_NAME[self.dtype_name]].itemsize
 
-    for b, mode in enumerate(planes):
-        if mode == "z":
-            continue
-        if mode == "d":
-            plane = take(n)
-        else:
-            packed = take(_packed_size(n))
-            nz = np.unpackbits(packed, bitorder="little", count=n).astype(bool)
-            _need(int(np.unpackbits(packed, bitorder="little").sum()) == int(nz.sum()), f"plane {b} mask has bits past its end")
-            vals = take(int(nz.sum()))
-            _need(bool(np.all(vals != 0)), f"sparse plane {b} stores a zero byte")
-            plane = np.zeros(n, np.uint8)
-            plane[nz] = vals
-        out |= plane.astype(out.dtype) << np.array(8 * b, out.dtype)
-    _need(pos == data.size, f"array {key}.v is longer than its planes need")
+    @property
+    def stored(self) -> int:  # values in the values stream
+        return self.numel if self.dense else self.nnz
+
+
+def _read_entries(tensors: object) -> list[_Entry]:
+    _need(isinstance(tensors, dict) and set(tensors) == set(COLUMNS),
+          f"'tensors' must be an object with exactly the columns {list(COLUMNS)}")
+    cols = [tensors[c] for c in COLUMNS]
+    _need(all(isinstance(c, list) for c in cols) and len({len(c) for c in cols}) == 1,
+          "the 'tensors' columns must be lists of one length")
+    entries, names = [], set()
+    for name, shape, dtype_name, nnz, layout, *fps in zip(*cols):
+        _need(isinstance(name, str) and name != "", "a tensor without a name")
+        try:
+            _need(name not in names, "appears twice")
+            names.add(name)
+            _need(isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_int(d) and 0 <= d <= MAX_NUMEL for d in shape),
+                  "bad 'shape'")
+            numel = 1
+            for d in shape:
+                numel *= d
+            _need(numel <= MAX_NUMEL, f"shape {shape} is absurdly large")
+            _need(dtype_name in DTYPES_BY_NAME, f"dtype {dtype_name!r} is not one of {sorted(DTYPES_BY_NAME)}")
+            _need(_int(nnz) and 1 <= nnz <= numel, f"nnz {nnz!r} is not in [1, {numel}]")
+            _need(layout in LAYOUTS, f"layout {layout!r} is not one of {list(LAYOUTS)}")
+            hexes = tuple(_hex(fp, col) for fp, col in zip(fps, COLUMNS[5:]))
+        except _Bad as err:
+            raise _Bad(f"tensor {name}: {err}") from None
+        entries.append(_Entry(name, tuple(shape), numel, dtype_name, nnz, layout == "dense", hexes))
+    return entries
+
+
+def _split_positions(entries: list[_Entry], stream: np.ndarray) -> dict[str, np.ndarray]:
+    """Flat indices of each sparse tensor, from the one varint stream of gaps."""
+    sparse = [e for e in entries if not e.dense]
+    gaps = varint_decode(stream, sum(e.nnz for e in sparse)).astype(np.int64)  # < 2^42: no sign trouble
+    out, start = {}, 0
+    for e in sparse:
+        g = gaps[start:start + e.nnz]
+        start += e.nnz
+        # Every gap is below numel, so the float sum is exact enough to rule out int64 overflow first.
+        span = float(g.sum(dtype=np.float64)) + e.nnz
+        _need(span <= e.numel, f"tensor {e.name}: index out of range (it has {e.numel} elements)")
+        flat = np.cumsum(g + 1) - 1
+        _need(int(flat[-1]) < e.numel, f"tensor {e.name}: index out of range (it has {e.numel} elements)")
+        out[e.name] = flat
     return out
 
 
-def _read_rects(arrays: _Store, key: str, nrows: int, ncols: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    rect = _uint_array(arrays, f"{key}.rect").astype(np.int64)
-    _need(rect.size >= 1 and 0 < int(rect[0]) <= MAX_RECTS and rect.size >= 1 + 2 * int(rect[0]), "bad rectangle header")
-    m = int(rect[0])
-    sizes = rect[1:1 + 2 * m].reshape(-1, 2)
-    _need(rect.size == 1 + 2 * m + int(sizes.sum()), "rectangle array length does not match its sizes")
-    rr = rect[1 + 2 * m:1 + 2 * m + int(sizes[:, 0].sum())]
-    rc = rect[1 + 2 * m + int(sizes[:, 0].sum()):]
-    _need(rr.size == 0 or int(rr.max()) < nrows, f"rectangle row out of range (rows={nrows})")
-    _need(rc.size == 0 or int(rc.max()) < ncols, f"rectangle column out of range (columns={ncols})")
-    rects = list(zip(_split(rr, sizes[:, 0]), _split(rc, sizes[:, 1])))
-    for i, (r, c) in enumerate(rects):
-        _check_increasing(r, f"rectangle {i} rows")
-        _check_increasing(c, f"rectangle {i} columns")
-    return rects
+def _split_values(entries: list[_Entry], stream: np.ndarray) -> dict[str, np.ndarray]:
+    """Each tensor's XOR values, reassembled from the byte planes (plane 0 of all tensors, then plane 1, ...)."""
+    values = {e.name: np.zeros(e.stored, np.dtype(f"<u{e.width}")) for e in entries}
+    pos = 0
+    for b in range(4):
+        for e in entries:
+            if b < e.width:
+                plane = stream[pos:pos + e.stored]
+                pos += e.stored
+                values[e.name] |= plane.astype(values[e.name].dtype) << np.array(8 * b, values[e.name].dtype)
+    return values
 
 
-def _check_increasing(idx: np.ndarray, what: str) -> None:
-    _need(idx.size < 2 or bool(np.all(idx[1:] > idx[:-1])), f"{what}: indices are not strictly increasing")
-
-
-def _split(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
-    offsets = np.concatenate(([0], np.cumsum(sizes)))
-    return [flat[offsets[i]:offsets[i + 1]] for i in range(sizes.size)]
-
-
-def _decode_positions(arrays: _Store, key: str, enc: str, shape, nnz: int) -> np.ndarray | None:
-    """Flat indices of the stored values (None for dense: every element)."""
-    nrows, ncols = matrix_shape(shape)
-    if enc == "dense":
-        return None
-    if enc == "csr":
-        rows = _uint_array(arrays, f"{key}.rows").astype(np.int64)
-        cnt = _uint_array(arrays, f"{key}.cnt", rows.size).astype(np.int64)
-        _need(rows.size == 0 or int(rows.max()) < nrows, f"row index out of range (rows={nrows})")
-        _check_increasing(rows, "touched rows")
-        _need(bool(np.all(cnt >= 1)) and bool(np.all(cnt <= ncols)) and int(cnt.sum()) == nnz,
-              "row counts do not add up to nnz")
-        row_of = np.repeat(rows, cnt)
-        starts = np.zeros(nnz, bool)
-        starts[np.concatenate(([0], np.cumsum(cnt)[:-1]))] = True
-        if f"{key}.gap" in arrays:
-            gaps = _uint_array(arrays, f"{key}.gap", nnz).astype(np.int64)
-            _need(bool(np.all(gaps[~starts] >= 1)), "column gaps must be positive within a row")
-            seg = np.cumsum(starts) - 1
-            csum = np.cumsum(gaps)
-            before = np.concatenate(([0], csum))[np.flatnonzero(starts)]  # running sum before each row
-            cols = csum - before[seg]
-        else:
-            cols = _uint_array(arrays, f"{key}.col", nnz).astype(np.int64)
-        _need(nnz == 0 or int(cols.max()) < ncols, f"column index out of range (columns={ncols})")
-        flat = row_of * ncols + cols
-        _check_increasing(flat, "columns within a row")
-        return flat
-    if enc == "rect":
-        rects = _read_rects(arrays, key, nrows, ncols)
-        total = sum(r.size * c.size for r, c in rects)
-        arrays.charge(CANDIDATE_COST * total, "rectangles")  # enumerating candidates: int64 indices, sorted
-        cand = rect_candidates(rects, ncols)
-        if f"{key}.mask" in arrays:
-            flat = cand[_unpack_mask(arrays, f"{key}.mask", cand.size)]
-        elif f"{key}.hole" in arrays:
-            holes = _uint_array(arrays, f"{key}.hole").astype(np.int64)
-            _check_increasing(holes, "holes")
-            _need(holes.size == 0 or int(holes.max()) < cand.size, "hole index out of range")
-            keep = np.ones(cand.size, bool)
-            keep[holes] = False
-            flat = cand[keep]
-        else:
-            flat = cand
-        _need(flat.size == nnz, f"positions give {flat.size} elements, metadata says nnz={nnz}")
-        return flat
-    raise _Bad(f"unknown encoding {enc!r}")
-
-
-def _is_hex(s, n: int = 64) -> bool:
-    return isinstance(s, str) and len(s) == n and set(s) <= _HEX
-
-
-def decode_tensor(entry, arrays: _Store) -> TensorPatch:
-    _need(isinstance(entry, dict), "tensor entry is not an object")
-    name = entry.get("name")
-    _need(isinstance(name, str) and name != "", "tensor entry without a name")
+def _decode(metadata: dict, arrays: dict[str, np.ndarray], file_bytes: int) -> Patch:
+    _need(metadata.get("format") == FORMAT_NAME, f"not a {FORMAT_NAME} file (no format marker in the metadata)")
+    version = metadata.get("format_version")
+    _need(version == str(FORMAT_VERSION),
+          f"format version {version!r} is not supported (this tool reads {FORMAT_VERSION}); "
+          "re-create the patch with this version of roselora-export")
+    texts = [metadata.get(k) for k in ("tensors", "streams", "provenance")]
+    _need(all(isinstance(t, str) for t in texts), "metadata lacks 'tensors', 'streams' or 'provenance'")
+    _need(metadata.get("checksum") == _checksum(*texts, arrays),
+          "checksum mismatch: the file is corrupt (a flipped or truncated byte); re-download or re-create it")
     try:
-        return _decode_tensor(entry, arrays)
-    except _Bad as err:
-        raise _Bad(f"tensor {name}: {err}") from None
-
-
-def _decode_tensor(entry: dict, arrays: _Store) -> TensorPatch:
-    key, shape, dtype_name, nnz = entry.get("key"), entry.get("shape"), entry.get("dtype"), entry.get("nnz")
-    _need(isinstance(key, str) and key.isdigit(), "bad 'key'")
-    _need(isinstance(shape, list) and len(shape) <= MAX_NDIM
-          and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_NUMEL for d in shape), "bad 'shape'")
-    numel = 1
-    for d in shape:
-        numel *= d
-    _need(numel <= MAX_NUMEL, f"shape {shape} is absurdly large")
-    _need(dtype_name in DTYPES_BY_NAME, f"dtype {dtype_name!r} is not one of {sorted(DTYPES_BY_NAME)}")
-    dtype = DTYPES_BY_NAME[dtype_name]
-    _need(isinstance(nnz, int) and not isinstance(nnz, bool) and 1 <= nnz <= numel, f"nnz {nnz!r} is not in [1, {numel}]")
-    sha = entry.get("sha256")
-    _need(isinstance(sha, dict) and all(_is_hex(sha.get(k)) for k in ("base", "patched", "base_touched", "patched_touched")),
-          "fingerprints missing or not sha256 hex")
-    zmap = entry.get("zlib", {})
-    _need(isinstance(zmap, dict) and all(isinstance(v, str) for v in zmap.values()), "bad 'zlib' map")
-    arrays.zdtypes = zmap
-    enc, planes = entry.get("encoding"), entry.get("planes")
-    width = BITS_DTYPE[dtype].itemsize
-    _need(isinstance(planes, str) and len(planes) == width and set(planes) <= set("zds"),
-          f"'planes' must be {width} characters of z/d/s")
-    _need(planes != "z" * width, "all value planes are empty (a patch changes every element it stores)")
-    n = numel if enc == "dense" else nnz
-    arrays.charge(ELEMENT_COST * n, "the tensor's element count")  # flat indices, values and temporaries
-    flat = _decode_positions(arrays, key, enc, tuple(shape), nnz)
-    xor = _decode_planes(arrays, key, planes, n, width)
-    if flat is None:
-        flat = np.flatnonzero(xor).astype(np.int64)
-        xor = xor[flat]
-        _need(flat.size == nnz, f"dense values change {flat.size} elements, metadata says nnz={nnz}")
-    else:
-        _need(bool(np.all(xor != 0)), "a stored element does not change (zero XOR)")
-    rects = _read_rects(arrays, key, *matrix_shape(tuple(shape))) if enc == "rect" else None
-    return TensorPatch(
-        name=entry["name"],
-        shape=tuple(shape),
-        dtype=dtype,
-        flat_index=flat.astype(np.int64),
-        xor_bits=xor.astype(BITS_DTYPE[dtype]),
-        base_sha256=sha["base"],
-        patched_sha256=sha["patched"],
-        base_touched_sha256=sha["base_touched"],
-        patched_touched_sha256=sha["patched_touched"],
-        rectangles=rects,
-    )
+        tensors, streams, provenance = (json.loads(t) for t in texts)
+    except ValueError as err:
+        raise _Bad(f"metadata is not valid JSON ({err})") from None
+    _need(isinstance(provenance, dict), "'provenance' is not an object")
+    _need(isinstance(streams, dict) and set(streams) == set(STREAMS)
+          and all(isinstance(s, dict) and set(s) == {"codec", "raw_bytes"} for s in streams.values()),
+          f"'streams' must describe exactly {list(STREAMS)} by codec and raw_bytes")
+    _need(set(arrays) == set(STREAMS), f"the file must hold exactly the arrays {list(STREAMS)}, not {sorted(arrays)[:4]}")
+    _need(all(a.dtype == np.uint8 and a.ndim == 1 for a in arrays.values()), "arrays must be 1-D U8")
+    entries = _read_entries(tensors)
+    budget = _Budget(file_bytes)
+    budget.charge(ELEMENT_COST * sum(e.stored for e in entries), "the tensors' element counts")
+    _need(streams["values"]["raw_bytes"] == sum(e.stored * e.width for e in entries),
+          "the values stream's size does not match the tensors' element counts")
+    raw = {n: _decompress(n, arrays[n], streams[n]["codec"], streams[n]["raw_bytes"], budget) for n in STREAMS}
+    positions = _split_positions(entries, raw["positions"])
+    values = _split_values(entries, raw["values"])
+    patch = Patch(provenance=provenance, format_version=FORMAT_VERSION)
+    for e in entries:
+        xor = values[e.name]
+        if e.dense:
+            flat = np.flatnonzero(xor).astype(np.int64)
+            xor = xor[flat]
+            _need(flat.size == e.nnz, f"tensor {e.name}: dense values change {flat.size} elements, metadata says nnz={e.nnz}")
+        else:
+            flat = positions[e.name]
+            _need(bool(np.all(xor != 0)), f"tensor {e.name}: a stored element does not change (zero XOR)")
+        dtype = DTYPES_BY_NAME[e.dtype_name]
+        patch.tensors[e.name] = TensorPatch(
+            name=e.name, shape=e.shape, dtype=dtype, flat_index=flat, xor_bits=xor.astype(BITS_DTYPE[dtype], copy=False),
+            base_sha256=e.fingerprints[0], patched_sha256=e.fingerprints[1], base_touched_sha256=e.fingerprints[2],
+        )
+    return patch
 
 
 def _read_header_len(path: Path) -> int:
@@ -577,21 +428,24 @@ def _read_header_len(path: Path) -> int:
     return n
 
 
-def load_patch(path: str | os.PathLike) -> Patch:
-    """Read and validate a patch file; any defect raises InputError naming the file and the problem."""
+def _read_file(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     from safetensors import safe_open
 
-    path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such patch file")
     _read_header_len(path)
     try:
         with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
+            return (f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for every kind of malformed file
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(f"{path}: not a readable safetensors patch ({first}); the file is truncated or corrupt") from None
+
+
+def load_patch(path: str | os.PathLike) -> Patch:
+    """Read and validate a patch file; any defect raises InputError naming the file and the problem."""
+    path = Path(path)
+    metadata, arrays = _read_file(path)
     try:
         return _decode(metadata, arrays, path.stat().st_size)
     except _Bad as err:
@@ -602,47 +456,24 @@ def load_patch(path: str | os.PathLike) -> Patch:
         raise InputError(f"{path}: malformed patch ({type(err).__name__}: {err})") from None
 
 
-def _decode(metadata: dict, arrays: dict[str, np.ndarray], file_bytes: int) -> Patch:
-    _need(metadata.get("format") == FORMAT_NAME, f"not a {FORMAT_NAME} file (no format marker in the metadata)")
-    version = metadata.get("format_version")
-    _need(version == str(FORMAT_VERSION), f"format version {version!r} is not supported (this tool reads {FORMAT_VERSION})")
-    tensors_json, provenance_json = metadata.get("tensors"), metadata.get("provenance")
-    _need(isinstance(tensors_json, str) and isinstance(provenance_json, str), "metadata lacks 'tensors' or 'provenance'")
-    checksum = metadata.get("checksum")
-    _need(checksum == _checksum(tensors_json, provenance_json, arrays),
-          "checksum mismatch: the file is corrupt (a flipped or truncated byte); re-download or re-create it")
-    try:
-        entries = json.loads(tensors_json)
-        provenance = json.loads(provenance_json)
-    except ValueError as err:
-        raise _Bad(f"metadata is not valid JSON ({err})") from None
-    _need(isinstance(entries, list) and isinstance(provenance, dict), "metadata has the wrong shape")
-    patch = Patch(provenance=provenance, format_version=FORMAT_VERSION)
-    store = _Store(arrays, file_bytes)
-    keys = set()
-    for entry in entries:
-        tp = decode_tensor(entry, store)
-        _need(tp.name not in patch.tensors, f"tensor {tp.name} appears twice")
-        _need(entry["key"] not in keys, f"array key {entry['key']} is used twice")
-        keys.add(entry["key"])
-        patch.tensors[tp.name] = tp
-    extra = set(arrays) - store.used
-    _need(not extra, f"unexpected arrays {sorted(extra)[:3]}")
-    return patch
+def file_layout(path: str | os.PathLike, patch: Patch | None = None) -> dict[str, dict]:
+    """Per tensor: its layout and the file bytes attributed to it, for `inspect`.
 
-
-def file_layout(path: str | os.PathLike) -> dict[str, int]:
-    """Bytes per tensor name in a patch file (its arrays plus its share of the header), for `inspect`."""
-    from safetensors import safe_open
-
+    A tensor's bytes are its metadata columns plus its share of each compressed stream, in
+    proportion to its part of the raw stream (the streams are compressed as a whole)."""
     path = Path(path)
-    with safe_open(str(path), framework="numpy") as f:
-        metadata = f.metadata() or {}
-        sizes: dict[str, int] = {}
-        for k in f.keys():
-            sl = f.get_slice(k)
-            shape = sl.get_shape()
-            itemsize = {"U8": 1, "U16": 2, "U32": 4, "U64": 8}.get(sl.get_dtype(), 1)
-            sizes[k.split(".")[0]] = sizes.get(k.split(".")[0], 0) + int(np.prod(shape, dtype=np.int64)) * itemsize
-    entries = json.loads(metadata.get("tensors", "[]"))
-    return {e["name"]: sizes.get(e["key"], 0) + len(json.dumps(e, separators=(",", ":"))) for e in entries}
+    metadata, arrays = _read_file(path)
+    patch = patch or load_patch(path)
+    tensors = json.loads(metadata["tensors"])
+    streams = json.loads(metadata["streams"])
+    ratio = {n: arrays[n].size / streams[n]["raw_bytes"] if streams[n]["raw_bytes"] else 0.0 for n in STREAMS}
+    out = {}
+    for i, name in enumerate(tensors["name"]):
+        tp = patch.tensors[name]
+        dense = tensors["layout"][i] == "dense"
+        pos_raw = 0 if dense else int(varint_encode(np.diff(tp.flat_index, prepend=-1) - 1).size)
+        val_raw = (tp.numel if dense else tp.nnz) * tp.xor_bits.itemsize
+        meta = sum(len(json.dumps(tensors[c][i], separators=(",", ":"))) + 1 for c in COLUMNS)
+        out[name] = {"layout": tensors["layout"][i],
+                     "bytes": round(meta + pos_raw * ratio["positions"] + val_raw * ratio["values"])}
+    return out

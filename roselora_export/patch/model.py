@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # The dtypes a patch can carry, and the unsigned integer type that holds their bit patterns.
 DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -53,8 +53,9 @@ class TensorPatch:
     """The change to one tensor.
 
     flat_index: int64, strictly increasing, each < numel. xor_bits: BITS_DTYPE[dtype], same length,
-    base ^ patched at those elements. The four fingerprints let a reader check the base whole
-    (checkpoint files) or cheaply at the touched elements only (a live model on a GPU).
+    base ^ patched at those elements. The three fingerprints (sha256 hex) let a reader check the base
+    whole (checkpoint files) or cheaply at the touched elements only (a live model on a GPU). The
+    patched bits there are base_touched ^ xor_bits, so they need no fingerprint of their own.
     """
 
     name: str
@@ -65,11 +66,6 @@ class TensorPatch:
     base_sha256: str
     patched_sha256: str
     base_touched_sha256: str
-    patched_touched_sha256: str
-    # Optional, added after the contract: the candidate support as (row indices, column indices)
-    # rectangles in the 2-D view (shape[0], rest), known when built from a RoseLoRA adapter. Only the
-    # file encoder uses it (a compact `rect` encoding); apply/revert ignore it.
-    rectangles: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def nnz(self) -> int:
@@ -144,5 +140,4 @@ def tensor_patch_from_pair(name: str, base: torch.Tensor, patched: torch.Tensor)
         base_sha256=hashlib.sha256(base_bits.tobytes()).hexdigest(),
         patched_sha256=hashlib.sha256(new_bits.tobytes()).hexdigest(),
         base_touched_sha256=sha256_bits(base_bits[flat_index]),
-        patched_touched_sha256=sha256_bits(new_bits[flat_index]),
     )
