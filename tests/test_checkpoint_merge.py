@@ -151,17 +151,47 @@ def test_patch_file_from_merge_equals_a_fresh_encoding_of_its_patch(sharded, tmp
         assert all(np.array_equal(f.get_tensor(k), a) for k, a in arrays.items())
 
 
-def test_a_failing_background_copy_leaves_no_output(sharded, tmp_path, monkeypatch):
-    from roselora_export.checkpoint import safetensors_stream
+def test_a_failing_shard_copy_leaves_no_output(sharded, tmp_path, monkeypatch):
+    from roselora_export.checkpoint import copier
 
-    def broken(self, *args, **kwargs):
+    def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors_stream.ShardWriter, "copy_run", broken)
+    monkeypatch.setattr(copier, "copy_range", broken)
     _, base, adapter = sharded
     with pytest.raises(OSError, match="disk full"):
         merge_checkpoint(base, adapter, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_background_run_copy_in_apply_leaves_no_output(sharded, tmp_path, monkeypatch):
+    from roselora_export.checkpoint import apply_to_checkpoint, safetensors_stream
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    _, base, adapter = sharded
+    res = merge_checkpoint(base, adapter, tmp_path / "m")
+    monkeypatch.setattr(safetensors_stream.ShardWriter, "copy_run", broken)
+    with pytest.raises(OSError, match="disk full"):
+        apply_to_checkpoint(base, [res.patch], tmp_path / "applied")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.patch.safetensors"]
+
+
+def test_merged_shards_are_the_base_files_with_only_the_changed_tensors_rewritten(sharded, tmp_path):
+    _, base, adapter = sharded
+    res = merge_checkpoint(base, adapter, tmp_path / "out")
+    model = open_model_dir(base)
+    for header in model.shards:
+        old, new = header.path.read_bytes(), (tmp_path / "out" / header.path.name).read_bytes()
+        assert len(new) == len(old)
+        kept = bytearray(old)
+        for name, info in header.tensors.items():
+            if name in res.patch.tensors:
+                assert new[info.start:info.start + info.nbytes] != old[info.start:info.start + info.nbytes]
+                kept[info.start:info.start + info.nbytes] = new[info.start:info.start + info.nbytes]
+        assert bytes(kept) == new  # the header and every unchanged tensor are the base's bytes
+    assert (tmp_path / "out" / "model.safetensors.index.json").read_bytes() == (base / "model.safetensors.index.json").read_bytes()
 
 
 def test_adapter_for_another_model_is_refused(sharded, tmp_path):

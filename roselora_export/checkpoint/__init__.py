@@ -3,29 +3,39 @@
     merge_checkpoint(base_dir, adapter_dir, out_dir, dtype=torch.bfloat16)  # merged model + patch beside it
     diff_checkpoints(base_dir, target_dir, "edit.patch.safetensors")
     apply_to_checkpoint(base_dir, [patch], out_dir)             # or in_place=True; revert=True
-"""
-from .model_dir import LazyStateDict, ModelDir, open_model_dir
-from .ops import (
-    MergeResult,
-    apply_to_checkpoint,
-    default_patch_path,
-    diff_checkpoints,
-    fingerprints,
-    load_state_dict,
-    merge_checkpoint,
-    verify_patches,
-)
 
-__all__ = [
-    "LazyStateDict",
-    "MergeResult",
-    "ModelDir",
-    "apply_to_checkpoint",
-    "default_patch_path",
-    "diff_checkpoints",
-    "fingerprints",
-    "load_state_dict",
-    "merge_checkpoint",
-    "open_model_dir",
-    "verify_patches",
-]
+The verbs are imported on first use: `merge` opens the base and starts copying its shards before
+torch (which the merge arithmetic needs) has finished importing.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "LazyStateDict": "model_dir",
+    "ModelDir": "model_dir",
+    "open_model_dir": "model_dir",
+    "MergeResult": "merge",
+    "default_patch_path": "merge",
+    "merge_checkpoint": "merge",
+    "apply_to_checkpoint": "ops",
+    "diff_checkpoints": "ops",
+    "fingerprints": "ops",
+    "load_state_dict": "ops",
+    "verify_patches": "ops",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,4 +1,8 @@
-"""A Hugging Face safetensors checkpoint directory: its shards, index, config and tied weights."""
+"""A Hugging Face safetensors checkpoint directory: its shards, index, config and tied weights.
+
+Opening one imports neither torch nor the patch package (only reading a tensor does), so that
+`merge` can start copying shards while torch is still being imported.
+"""
 from __future__ import annotations
 
 import json
@@ -7,12 +11,13 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from ..patch.fingerprint import config_fingerprint
 from .safetensors_stream import Header, TensorInfo, read_header, read_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -33,6 +38,8 @@ class ModelDir:
 
     @property
     def fingerprint(self) -> str:
+        from ..patch.fingerprint import config_fingerprint
+
         return config_fingerprint(self.config)
 
     @property

@@ -1,4 +1,5 @@
-"""merge / diff / apply / revert on checkpoint directories, streaming shard by shard, written atomically.
+"""diff / apply / revert on checkpoint directories (merge: `checkpoint.merge`), streaming shard by shard,
+written atomically.
 
 Memory stays a few tensors (plus the adapter's deltas) whatever the model size: tensors are read one at a
 time, each output shard is written header first and then tensor by tensor at fixed offsets, and unchanged
@@ -11,55 +12,24 @@ import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
-from ..patch.adapter import read_adapter, resolve_keys
 from ..patch.apply import xor_tensor
-from ..patch.build import SurvivalReport, adapter_provenance, diff_tensor, fill_sha256, merge_tensor, now_iso
-from ..patch.io import encode_tensor, save_patch
+from ..patch.build import diff_tensor, now_iso
+from ..patch.io import save_patch
 from ..patch.model import DTYPE_NAMES, Patch, tensor_bits
 from .atomic import atomic_dir, link_or_copy
+from .copier import copy_side_files
+from .merge import FLOAT_DTYPES, MergeResult, Progress, default_patch_path, merge_checkpoint  # noqa: F401 (re-exported)
 from .model_dir import INDEX_NAME, ModelDir, open_model_dir
 from .safetensors_stream import ITEMSIZE, ST_DTYPES, TORCH_DTYPES, OutTensor, ShardWriter, TensorInfo
-
-Progress = Callable[[int], None]
-FLOAT_DTYPES = ("F32", "F16", "BF16")
-OVERLAP_BYTES = 256 << 20  # merge does not hash one tensor while merging the next when both hold more than this
-CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def default_patch_path(out_dir: str | os.PathLike) -> Path:
-    """Where `merge` writes the patch when --patch is not given: beside the output directory."""
-    out = Path(out_dir)
-    return out.with_name(out.name + ".patch.safetensors")
 
 
 def _out_dtype(info: TensorInfo, dtype: torch.dtype | None) -> str:
     return DTYPE_NAMES[dtype] if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
-
-
-def _copy_side_files(model: ModelDir, tmp: Path, dtype: torch.dtype | None, *, link: bool) -> None:
-    """Config, tokenizer and everything else that is not a weight shard or the index."""
-    shard_names = {h.path.name for h in model.shards} | {INDEX_NAME}
-    for p in model.path.iterdir():
-        if p.name in shard_names or p.name.startswith(".") and ".tmp-" in p.name:
-            continue
-        if p.is_dir():
-            shutil.copytree(p, tmp / p.name)
-        elif p.name == "config.json" and dtype is not None:
-            cfg = dict(model.config)
-            keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
-            for k in keys:
-                cfg[k] = CONFIG_DTYPE_NAMES[dtype]
-            (tmp / p.name).write_text(json.dumps(cfg, indent=2) + "\n")
-        elif link:
-            link_or_copy(p, tmp / p.name)
-        else:
-            shutil.copy2(p, tmp / p.name)
 
 
 def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.Tensor | None], changed: set[str], *,
@@ -71,7 +41,7 @@ def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.
     directory swap cannot leave the user's only copy with unwritten data. New output directories skip
     it (like cp or save_pretrained); a kill still leaves them absent or whole, thanks to the rename.
     """
-    _copy_side_files(model, tmp, dtype, link=link_unchanged)
+    copy_side_files(model, tmp, str(dtype).removeprefix("torch.") if dtype is not None else None, link=link_unchanged)
     # Unchanged bytes are copied by one background thread (kernel copies, GIL released) while this
     # thread computes and writes the changed tensors: every write is positional, so order is free.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-copy")
@@ -164,76 +134,6 @@ def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.
         index.setdefault("metadata", {})["total_size"] = total if dtype is not None else index.get("metadata", {}).get(
             "total_size", total)
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-# ----------------------------------------------------------------------------- merge
-
-@dataclass
-class MergeResult:
-    out_dir: Path
-    patch_path: Path
-    patch: Patch
-    survival: SurvivalReport
-    onnx: dict | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                     dtype: torch.dtype | None = None, patch_path: str | os.PathLike | None = None,
-                     progress: Progress | None = None) -> MergeResult:
-    """Merge an adapter into a checkpoint directory (streaming), writing the merged model and its patch."""
-    model = open_model_dir(base_dir)
-    out_dir = Path(out_dir)
-    patch_path = Path(patch_path) if patch_path else default_patch_path(out_dir)
-    adapter = read_adapter(adapter_dir)
-    edits = resolve_keys(adapter.edits, model.keys(), tied=model.tied_aliases())
-    for name in edits:
-        info = model.locations[name][1]
-        if info.dtype not in FLOAT_DTYPES:
-            raise InputError(f"{name}: stored as {info.dtype}; only fp32/fp16/bf16 tensors can be edited")
-    prov = adapter_provenance(adapter, model.name, model.fingerprint, dtype)
-    prov["base_numel"] = model.numel
-    patch = Patch(provenance=prov)
-    survival = SurvivalReport()
-    # Each changed tensor's two whole-tensor sha256 and its file encoding run in a worker thread
-    # (hashlib and zlib release the GIL) while this thread merges and writes the next tensor. One job
-    # at a time, and none beside a large tensor's merge: the job holds one tensor's base and merged
-    # bits, so memory stays about that of the old serial merge plus OVERLAP_BYTES.
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-encode")
-    encoded: dict[str, tuple[dict, dict]] = {}
-    last: list[tuple[Future, int]] = []  # the job in flight and the bytes it holds
-
-    def finish(tp, base_bits, new_bits) -> None:
-        fill_sha256(tp, base_bits, new_bits)
-        encoded[tp.name] = encode_tensor(tp, "t")
-
-    def wait() -> None:
-        while last:
-            last.pop()[0].result()
-
-    def produce(name: str) -> torch.Tensor:
-        nbytes = model.locations[name][1].nbytes
-        if last and last[0][1] + nbytes > OVERLAP_BYTES:
-            wait()
-        later: list = []
-        merged, tp, surv = merge_tensor(name, model.read(name), edits[name], dtype, deferred=later)
-        survival.tensors.append(surv)
-        wait()
-        if tp is not None:
-            patch.tensors[name] = tp
-            last.append((worker.submit(finish, *later[0]), 2 * later[0][1].nbytes))
-        return merged
-
-    try:
-        with atomic_dir(out_dir) as tmp:
-            write_checkpoint(model, tmp, produce, set(edits), dtype=dtype, progress=progress)
-            wait()
-    finally:
-        worker.shutdown(wait=True, cancel_futures=True)
-    # Keep the patch's tensor order the checkpoint's order (it is built shard by shard).
-    patch.tensors = {k: patch.tensors[k] for k in model.keys() if k in patch.tensors}
-    save_patch(patch, patch_path, encoded)
-    return MergeResult(out_dir=out_dir, patch_path=patch_path, patch=patch, survival=survival)
 
 
 # ----------------------------------------------------------------------------- diff

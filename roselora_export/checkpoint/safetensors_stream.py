@@ -5,29 +5,47 @@ reading through `safe_open` maps the whole file into the process (its pages coun
 tensor is read with one pread and a shard is written header first, then tensor by tensor (unchanged
 tensors copied file-to-file in the kernel), so peak memory is about one tensor, not one shard.
 The format is the public one: 8-byte little-endian header length, JSON header, raw data.
+
+Importing this module does not import torch (nor numpy): `merge` parses headers and starts copying
+shards while torch is still being imported. Only reading a tensor imports it.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 
-MAX_HEADER_BYTES = 100 << 20
+if TYPE_CHECKING:
+    import torch
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-ST_DTYPES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+MAX_HEADER_BYTES = 100 << 20
+_TORCH_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {k: getattr(torch, v) for k, v in _TORCH_DTYPE_NAMES.items()}
+
+
+def __getattr__(name: str):
+    # TORCH_DTYPES (safetensors name -> torch dtype) and ST_DTYPES (the reverse), built on first use so
+    # that importing this module does not import torch.
+    if name in ("TORCH_DTYPES", "ST_DTYPES"):
+        dtypes = _torch_dtypes()
+        globals().update(TORCH_DTYPES=dtypes, ST_DTYPES={v: k for k, v in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                             "BOOL": 1}
 
@@ -79,7 +97,7 @@ def read_header(path: str | os.PathLike) -> Header:
             raise InputError(f"{path}: bad header entry for {name}") from None
         if dtype not in ITEMSIZE:
             raise InputError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        numel = math.prod(shape)
         if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= data_size) or b - a != numel * ITEMSIZE[dtype]:
             raise InputError(f"{path}: tensor {name} has offsets outside the file; truncated or corrupt")
         infos.append(TensorInfo(name, dtype, shape, data_start + a, b - a))
@@ -103,11 +121,15 @@ def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = Non
     finally:
         if own:
             os.close(fd)
+    import torch
+
     t = torch.frombuffer(buf, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
-    return t.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+    return t.view(getattr(torch, _TORCH_DTYPE_NAMES[info.dtype])).reshape(info.shape)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
+    import torch
+
     t = t.detach().contiguous().cpu()
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
 

@@ -1,18 +1,48 @@
 """The `roselora-export` command: a click group whose verbs live in one module per area.
 
-Each area module defines its commands and is registered here; the modules stay thin
-(parse, call the library, print). InputError becomes one line on stderr and exit code 2.
+Each area module defines its commands with `@main.command()`; the modules stay thin (parse, call
+the library, print). They are imported on demand: running one command imports only its module, so
+`merge` starts copying shards before torch is imported, and `--help` of a command stays light.
+InputError becomes one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
 from ..errors import InputError
 
+# Every area module, and which one defines each command. A command missing from the map still works:
+# an unknown name imports every module before click looks it up (only slower).
+_MODULES = ("edit_commands", "patch_commands", "onnx_commands", "runtime_commands", "eval_commands")
+_COMMAND_MODULES = {
+    "edit": "edit_commands", "train": "edit_commands", "demo-model": "edit_commands",
+    "merge": "patch_commands", "diff": "patch_commands", "apply": "patch_commands", "inspect": "patch_commands",
+    "export-onnx": "onnx_commands", "onnx-generate": "onnx_commands",
+    "try": "runtime_commands",
+    "evaluate": "eval_commands", "benchmark-edits": "eval_commands",
+}
+
+
+def _load(*modules: str) -> None:
+    for m in modules:
+        importlib.import_module(f"{__name__}.{m}")  # registers its commands on `main`
+
 
 class _Group(click.Group):
+    def get_command(self, ctx: click.Context, cmd_name: str):
+        if cmd_name not in self.commands:
+            _load(_COMMAND_MODULES[cmd_name]) if cmd_name in _COMMAND_MODULES else _load(*_MODULES)
+        if cmd_name not in self.commands:
+            _load(*_MODULES)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        _load(*_MODULES)
+        return super().list_commands(ctx)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -25,11 +55,3 @@ class _Group(click.Group):
 @click.version_option(package_name="roselora-export")
 def main() -> None:
     """Train RoseLoRA edits, ship them as tiny sparse patches, apply and revert them exactly."""
-
-
-def _register() -> None:
-    # Imported for their side effect of adding commands to `main`.
-    from . import edit_commands, patch_commands, onnx_commands, runtime_commands, eval_commands  # noqa: F401
-
-
-_register()

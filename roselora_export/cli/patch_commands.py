@@ -15,9 +15,11 @@ DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 
 
 def _torch_dtype(name: str | None):
+    if not name:
+        return None  # without importing torch: merge starts copying shards before it imports torch
     import torch
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name] if name else None
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 @contextlib.contextmanager
@@ -71,8 +73,7 @@ def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, a
     index, config and tokenizer files, and keeps tied weights tied. Reports how much of the edit
     survives rounding into the stored dtype, and warns when most of it is rounded away.
     """
-    from ..checkpoint import merge_checkpoint, open_model_dir
-    from ..patch.inspect import summarize
+    from ..checkpoint import merge_checkpoint, open_model_dir  # neither imports torch: merge_checkpoint does, late
 
     if onnx_dir:  # fail on a bad ONNX directory before writing anything
         from ..onnx.names import open_artifact
@@ -89,6 +90,8 @@ def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, a
         shutil.rmtree(res.out_dir, ignore_errors=True)
         Path(res.patch_path).unlink(missing_ok=True)
         raise
+    from ..patch.inspect import summarize
+
     summary = summarize(res.patch_path, res.patch)
     surv = res.survival
     if as_json:

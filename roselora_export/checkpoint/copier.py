@@ -1,0 +1,111 @@
+"""Copy a checkpoint directory's files into a new one in a background thread, without importing torch.
+
+`merge` starts a ShardCopier before it imports torch: copying the shards whole is kernel work
+(copy_file_range, the GIL released), so it runs on the second core while the first one imports
+torch (~1 s of Python), and the merge then only overwrites the changed tensors in the copies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from .atomic import link_or_copy
+from .model_dir import INDEX_NAME, ModelDir
+from .safetensors_stream import Header, copy_range
+
+COPY_CHUNK = 256 << 20  # a cancel waits for at most one chunk; each chunk is one copy_file_range call
+
+
+def copy_side_files(model: ModelDir, dest: Path, dtype_name: str | None = None, *, link: bool = False) -> None:
+    """Config, tokenizer and everything else that is not a weight shard or the index.
+
+    dtype_name ("float32", "float16", "bfloat16"): the dtype the new checkpoint is stored in, written
+    into config.json; None copies config.json as it is.
+    """
+    shard_names = {h.path.name for h in model.shards} | {INDEX_NAME}
+    for p in model.path.iterdir():
+        if p.name in shard_names or (p.name.startswith(".") and ".tmp-" in p.name):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dest / p.name)
+        elif p.name == "config.json" and dtype_name is not None:
+            cfg = dict(model.config)
+            for k in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
+                cfg[k] = dtype_name
+            (dest / p.name).write_text(json.dumps(cfg, indent=2) + "\n")
+        elif link:
+            link_or_copy(p, dest / p.name)
+        else:
+            shutil.copy2(p, dest / p.name)
+
+
+class ShardCopier:
+    """Copy every shard of `model` whole into `dest` in one background thread, in shard order; then the
+    index (unchanged) and the side files.
+
+    The copies keep the base's bytes exactly (header included), so a tensor that the caller changes
+    (same dtype and shape) is overwritten in place at its offset, after `wait(shard)`. `poll` hands
+    back the tensor bytes of finished shards, for a progress bar. Errors surface in `wait`/`finish`.
+    """
+
+    def __init__(self, model: ModelDir, dest: Path, *, dtype_name: str | None = None):
+        self.model, self.dest = model, Path(dest)
+        self._cancel = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-copy")
+        self._shards: dict[str, Future] = {}
+        self._unreported: list[tuple[Future, int]] = []
+        for header in model.shards:
+            fut = self._pool.submit(self._copy_shard, header)
+            self._shards[header.path.name] = fut
+            self._unreported.append((fut, sum(t.nbytes for t in header.tensors.values())))
+        self._rest = self._pool.submit(self._copy_rest, dtype_name)
+
+    def _copy_shard(self, header: Header) -> None:
+        size = header.path.stat().st_size
+        src = os.open(header.path, os.O_RDONLY)
+        try:
+            dst = os.open(self.dest / header.path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                for pos in range(0, size, COPY_CHUNK):
+                    if self._cancel.is_set():
+                        return
+                    copy_range(src, dst, pos, pos, min(COPY_CHUNK, size - pos), header.path.name)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def _copy_rest(self, dtype_name: str | None) -> None:
+        if self._cancel.is_set():
+            return
+        if self.model.index is not None:
+            shutil.copy2(self.model.path / INDEX_NAME, self.dest / INDEX_NAME)
+        copy_side_files(self.model, self.dest, dtype_name)
+
+    def wait(self, header: Header) -> None:
+        """Block until this shard's copy is complete (re-raising its error)."""
+        self._shards[header.path.name].result()
+
+    def poll(self, block: bool = False) -> int:
+        """Tensor bytes of the shards finished since the last call (all of them when block=True)."""
+        done = 0
+        while self._unreported and (block or self._unreported[0][0].done()):
+            fut, nbytes = self._unreported.pop(0)
+            fut.result()
+            done += nbytes
+        return done
+
+    def finish(self) -> None:
+        """Wait for every copy; re-raise the first error."""
+        for fut in self._shards.values():
+            fut.result()
+        self._rest.result()
+
+    def close(self) -> None:
+        """Stop copying (after the chunk in flight) and wait for the thread; call on every exit path."""
+        self._cancel.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
