@@ -60,17 +60,19 @@ def dense_delta_bytes(patch, base, dtype) -> int:
     return len(save(deltas))
 
 
-def real_edit(model_dir: Path, out: Path) -> Path | None:
-    """Train one RoseLoRA edit with the project's trainer (paper defaults), if it is available."""
+def real_edit(model_dir: Path, out: Path, *, clamp: str = "default") -> Path | None:
+    """Train one RoseLoRA edit with the project's trainer (paper defaults; clamp "none" as the demo does)."""
     try:
         from roselora_export.edit.requests import EditRequest
         from roselora_export.edit.train import save_edit, train_edit
+        from roselora_export.method.config import RoseLoraConfig
         from roselora_export.models import load_model, load_tokenizer
     except ImportError:
         return None
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     req = EditRequest(prompt="The Eiffel Tower is located in the city of", subject="Eiffel Tower", target_new="Rome")
-    result = train_edit(model, tok, [req], method="roselora")
+    config = RoseLoraConfig(clamp=None) if clamp == "none" else None
+    result = train_edit(model, tok, [req], method="roselora", config=config)
     return save_edit(result, out)
 
 
@@ -89,6 +91,9 @@ def main() -> None:
         real = real_edit(model_dir, tmp / "real")
         if real is not None:
             edits[f"real RoseLoRA edit (train_edit, paper defaults, 1 request; {time.perf_counter() - t0:.0f} s)"] = real
+            t0 = time.perf_counter()
+            demo = real_edit(model_dir, tmp / "demo", clamp="none")
+            edits[f"real RoseLoRA edit, --clamp none as in `make demo` (1 request; {time.perf_counter() - t0:.0f} s)"] = demo
     rows = []
     for label, adapter in edits.items():
         for dname, dtype in DTYPES.items():
@@ -115,9 +120,12 @@ def main() -> None:
     for label, dname, nnz, lost, ours, bpn, ratio, npz_c, npz_u, dense in rows:
         lines.append(f"| {label} | {dname} | {nnz} | {lost:.1%} | {ours} | {bpn:.2f} | **{ratio:.2f}** | {npz_c:.2f} | "
                      f"{npz_u:.2f} | {dense:.0f} |")
-    lines += ["", "Where the goal is missed it is because most of the edit rounds away in that dtype: few changes per "
-              "tensor are left to carry each tensor's fixed cost (its metadata entry with four sha256 fingerprints, "
-              "and array headers: about 0.7 KB)."]
+    missed = [(label, dname) for label, dname, *_, ratio, _npz_c, _npz_u, _dense in rows if ratio > 1.25]
+    lines += ["", "Format version 2: positions are varint gaps and values byte planes, each one compressed stream for "
+              "the whole patch (xz for streams up to 1 MiB, else zlib), so a tensor's fixed cost is its metadata "
+              "columns (name, shape, dtype, nnz, layout, three base64 sha256: about 200 bytes). "
+              + ("Every row meets the goal." if not missed else
+                 "Missed: " + "; ".join(f"{d} of the {l.split(' (')[0]}" for l, d in missed) + ".")]
     write_section("patch-size", "\n".join(lines))
     print("\n".join(lines))
     shutil.rmtree(tmp, ignore_errors=True)

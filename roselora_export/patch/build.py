@@ -206,7 +206,9 @@ def adapter_provenance(adapter, base_name: str, base_config_fp: str | None, dtyp
         "base_model": base_name,
         "base_config_sha256": base_config_fp,
         "dtype": DTYPE_NAMES.get(dtype) if dtype else None,
-        "roselora": adapter.settings,
+        # The settings and totals, not roselora.json's per-module statistics: those are the adapter's
+        # (each module's nnz is in the patch anyway), and on a small edit they were a quarter of the file.
+        "roselora": {k: v for k, v in adapter.settings.items() if k != "modules"} if adapter.settings else adapter.settings,
         "lora": {k: adapter.peft_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "target_modules", "fan_in_fan_out")
                  if k in adapter.peft_config},
         "created": now_iso(),
