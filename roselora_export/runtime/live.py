@@ -300,20 +300,21 @@ class PatchRuntime:
         if patch.format_version != FORMAT_VERSION:
             raise InputError(f"patch format version {patch.format_version} is not supported (this tool reads "
                              f"version {FORMAT_VERSION})")
-        _check_config(patch, self.model)
         cached = self._staged_for(patch)
-        items = cached[0] if cached else self._resolve(patch)
+        if cached is not None:  # checked against this model's config, names, shapes and device when staged
+            staged = cached[1]
+        else:
+            _check_config(patch, self.model)
+            items = self._resolve(patch)
+            devices = {target.device for _, target, _ in items}
+            if len(devices) > 1:
+                raise InputError("the patch touches tensors on several devices; load the model on one device to patch it")
+            staged = stage(items, devices.pop() if devices else torch.device("cpu"), self._pool)
+        device = staged.device
         handle = PatchHandle(id=next(self._ids), provenance=dict(patch.provenance or {}), source=source,
-                             names=tuple(name for name, _, _ in items), nnz=sum(tp.nnz for _, _, tp in items))
-        handle._host_index = {name: np.asarray(tp.flat_index) for name, _, tp in items}
-        handle._data_ptrs = {name: target.data_ptr() for name, target, _ in items}
+                             names=staged.names, nnz=int(staged.index.numel()))
+        handle._host_index, handle._data_ptrs = staged.host_index, staged.data_ptrs  # shared, read-only
         handle._overlaps = self._overlapping(handle)
-
-        devices = {target.device for _, target, _ in items}
-        if len(devices) > 1:
-            raise InputError("the patch touches tensors on several devices; load the model on one device to patch it")
-        device = devices.pop() if devices else torch.device("cpu")
-        staged = cached[1] if cached else stage(items, device, self._pool)
         t1 = time.perf_counter()
 
         with torch.no_grad():
@@ -337,20 +338,7 @@ class PatchRuntime:
                     self._check_base(staged, old)
                     staged.verified = (old, new)
             t2 = time.perf_counter()
-
-            with self.lock.write():
-                self._sync(device)
-                done: list[tuple[StagedTensor, torch.Tensor]] = []
-                try:
-                    for e, new_part, old_part in zip(staged.entries, new.parts, old.parts):
-                        _write(e, new_part)
-                        done.append((e, old_part))
-                    self._sync(device)
-                except BaseException:
-                    for e, old_part in done:
-                        _write(e, old_part)
-                    self._sync(device)
-                    raise
+            self._write_all(staged, new.parts, old.parts)
         t3 = time.perf_counter()
         # Revert state: indices, XOR bits, old and new bits, all nnz-sized and on the device.
         handle._staged, handle._old, handle._new = staged, old, new
@@ -358,6 +346,27 @@ class PatchRuntime:
         self._active.append(handle)
         self._remember(patch, staged)
         return handle
+
+    def _write_all(self, staged: Staged, values: list[torch.Tensor], previous: list[torch.Tensor]) -> None:
+        """Write every entry's values under the exclusive lock; if any write fails, put `previous` back.
+
+        The writes run over the tensors in reverse order of the gathers that checked them, so the first
+        lines written are the last ones read (still in cache); the next gather runs forwards again.
+        """
+        entries = staged.entries
+        with self.lock.write():
+            self._sync(staged.device)
+            done: list[int] = []
+            try:
+                for k in range(len(entries) - 1, -1, -1):
+                    _write(entries[k], values[k])
+                    done.append(k)
+                self._sync(staged.device)
+            except BaseException:
+                for k in done:
+                    _write(entries[k], previous[k])
+                self._sync(staged.device)
+                raise
 
     # ---- staging cache ----------------------------------------------------------------------
     def _staged_for(self, patch: Patch) -> tuple[list, Staged] | None:
@@ -474,6 +483,7 @@ class PatchRuntime:
             if e.target.data_ptr() != handle._data_ptrs[e.name] or e.target.device != staged.device:
                 raise InputError(f"{e.tp.name} was moved or reallocated since patch #{handle.id} was applied; "
                                  f"it cannot be reverted in place")
+        t0 = time.perf_counter()
         with torch.no_grad():
             if check:  # the touched elements must still hold what apply wrote (kept as `new`, no XOR here)
                 current = staged.take_scratch()
@@ -482,19 +492,9 @@ class PatchRuntime:
                 if not unchanged:
                     raise InputError(f"the weights patch #{handle.id} touched were changed outside the runtime; "
                                      f"refusing to revert over them")
-            with self.lock.write():
-                self._sync(staged.device)
-                done = []
-                try:
-                    for e, old_part, new_part in zip(staged.entries, old.parts, new.parts):
-                        _write(e, old_part)
-                        done.append((e, new_part))
-                    self._sync(staged.device)
-                except BaseException:
-                    for e, new_part in done:  # put back what was there: the patched bits
-                        _write(e, new_part)
-                    self._sync(staged.device)
-                    raise
+            t1 = time.perf_counter()
+            self._write_all(staged, old.parts, new.parts)  # on failure, put back what was there: the patched bits
+        handle.timings.update({"revert_check": t1 - t0, "revert_write": time.perf_counter() - t1})
 
 
 def _intersects(a: np.ndarray, b: np.ndarray) -> bool:

@@ -57,6 +57,10 @@ class Staged:
     lasts: torch.Tensor | None = None
     numels: torch.Tensor | None = None
     nbytes: int = 0
+    # Host-side bookkeeping every apply needs (made once here, shared by the handles of cached re-applies):
+    names: tuple[str, ...] = ()  # canonical live names, in entry order
+    host_index: dict[str, np.ndarray] = field(default_factory=dict)  # name -> flat indices, for overlap checks
+    data_ptrs: dict[str, int] = field(default_factory=dict)  # name -> the live tensor's address when staged
     # Kept between applies of the same loaded patch (PatchRuntime caches the staging):
     indices_checked: bool = False  # indices_valid passed (the staged index buffer is never written again)
     verified: "tuple[Bits, Bits] | None" = None  # base bits that passed sha256, and base ^ xor (checked finite)
@@ -171,6 +175,9 @@ def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.devi
         e.flat = e.target.detach().view(-1).view(TORCH_BITS_DTYPE[e.target.dtype])
         e.idx = staged.index[e.index_offset:e.index_offset + e.nnz]
         e.data_ptr, e.flat_shape = e.target.data_ptr(), e.target.shape
+    staged.names = tuple(e.name for e in entries)
+    staged.host_index = {e.name: np.asarray(e.tp.flat_index) for e in entries}
+    staged.data_ptrs = {e.name: e.data_ptr for e in entries}
     for dt in GROUP_ORDER:
         if group_nnz[dt]:
             width = BITS_DTYPE[dt].itemsize
