@@ -121,9 +121,9 @@ def main() -> None:
         lines.append(f"| {label} | {dname} | {nnz} | {lost:.1%} | {ours} | {bpn:.2f} | **{ratio:.2f}** | {npz_c:.2f} | "
                      f"{npz_u:.2f} | {dense:.0f} |")
     missed = [(label, dname) for label, dname, *_, ratio, _npz_c, _npz_u, _dense in rows if ratio > 1.25]
-    lines += ["", "Format version 2: positions are varint gaps and values byte planes, each one compressed stream for "
+    lines += ["", "Format version 2: positions are delta-encoded CSR of the touched rows (varints) and values byte planes, each one compressed stream for "
               "the whole patch (xz for streams up to 1 MiB, else zlib), so a tensor's fixed cost is its metadata "
-              "columns (name, shape, dtype, nnz, layout, three base64 sha256: about 200 bytes). "
+              "columns (name, shape, dtype, nnz, touched rows, layout, three base64 sha256: about 210 bytes). "
               + ("Every row meets the goal." if not missed else
                  "Missed: " + "; ".join(f"{d} of the {l.split(' (')[0]}" for l, d in missed) + ".")]
     write_section("patch-size", "\n".join(lines))

@@ -107,6 +107,7 @@ def test_absurd_shape_and_nnz_claims_are_refused(tmp_path):
 def test_absurd_dense_claim_is_refused_without_allocating(tmp_path):
     def dense(e):
         e["layout"] = "dense"
+        e["rows"] = 0
         e["shape"] = [1 << 19, 1 << 19]
     with pytest.raises(InputError, match="claims far more"):
         load_patch(_crafted(tmp_path, dense))
@@ -126,23 +127,60 @@ def _positions(edit):
     return streams
 
 
-def test_index_out_of_range_is_refused(tmp_path):
-    def last_too_far(gaps):  # 'w' (32 x 48) comes first: push its last change past the end
-        gaps[3] += 32 * 48
-        return gaps
-    with pytest.raises(InputError, match="w: index out of range"):
-        load_patch(_crafted(tmp_path, edit_streams=_positions(last_too_far)))
+def _numbers(edit):
+    """A streams edit: the positions stream's numbers (row gaps, counts - 1, column gaps) edited, re-encoded."""
+    from roselora_export.patch.io import varint_decode, varint_encode
+
+    def streams(raw):
+        stream = np.frombuffer(raw["positions"], np.uint8)
+        numbers = varint_decode(stream, int((stream < 0x80).sum())).tolist()
+        raw["positions"] = varint_encode(np.array(edit(numbers), np.uint64)).tobytes()
+    return streams
+
+
+# _patch(): 'w' (32 x 48) changes rows 1, 5, 30 (counts 2, 1, 1); 'v' (one row of 20) changes column 3.
+# Positions stream: row gaps [1, 3, 24, 0], counts - 1 [1, 0, 0, 0], column gaps [2, 37, 7, 47, 3].
+def test_row_index_out_of_range_is_refused(tmp_path):
+    def far(n):
+        n[2] = 99
+        return n
+    with pytest.raises(InputError, match="w: row index out of range"):
+        load_patch(_crafted(tmp_path, edit_streams=_numbers(far)))
+
+
+def test_column_index_out_of_range_is_refused(tmp_path):
+    def far(n):
+        n[9] = 48
+        return n
+    with pytest.raises(InputError, match="w: column index out of range"):
+        load_patch(_crafted(tmp_path, edit_streams=_numbers(far)))
+
+
+def test_columns_past_the_end_of_their_row_are_refused(tmp_path):
+    def past(n):
+        n[8], n[9] = 30, 30  # row 1: columns 30, then 30 + 30 + 1 = 61; each gap alone is below 48
+        return n
+    with pytest.raises(InputError, match="w: column index out of range"):
+        load_patch(_crafted(tmp_path, edit_streams=_numbers(past)))
+
+
+def test_row_counts_that_disagree_with_nnz_are_refused(tmp_path):
+    def more(n):
+        n[4] = 2
+        return n
+    with pytest.raises(InputError, match="w: its rows' counts do not add up"):
+        load_patch(_crafted(tmp_path, edit_streams=_numbers(more)))
 
 
 def test_positions_that_disagree_with_nnz_are_refused(tmp_path):
-    with pytest.raises(InputError, match="holds 4 indices"):
-        load_patch(_crafted(tmp_path, edit_streams=_positions(lambda gaps: gaps[:4])))
+    with pytest.raises(InputError, match="holds 12 numbers"):
+        load_patch(_crafted(tmp_path, edit_streams=_numbers(lambda n: n[:12])))
 
 
 @pytest.mark.parametrize("stream, problem", [
-    (b"\x01\x01\x05\x00\x02\x81", "trailing"),  # five indices, then half a sixth
-    (b"\x80\x80\x80\x80\x80\x80\x01\x00\x00\x00\x00", "longer than"),  # a 7-byte index
-    (b"\x85\x00\x00\x00\x00\x00", "minimally"),  # 5 written in two bytes
+    (b"\x01" * 13 + b"\x81", "trailing"),  # thirteen numbers, then half a fourteenth
+    (b"\x80\x80\x80\x80\x80\x80\x01" + b"\x00" * 12, "longer than"),  # a 7-byte number
+    (b"\x85\x00" + b"\x00" * 12, "minimally"),  # 5 written in two bytes
 ])
 def test_malformed_varints_are_refused(tmp_path, stream, problem):
     with pytest.raises(InputError, match=problem):
@@ -226,7 +264,7 @@ def test_fuzzed_patch_files_raise_only_input_error(tmp_path, data):
 
 @pytest.mark.timeout(120)
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(field=st.sampled_from(["shape", "nnz", "dtype", "layout", "sha256_base", "sha256_patched", "sha256_base_touched",
+@given(field=st.sampled_from(["shape", "nnz", "rows", "dtype", "layout", "sha256_base", "sha256_patched", "sha256_base_touched",
                               "name"]),
        value=st.one_of(st.integers(-2, 1 << 62), st.text(max_size=8), st.lists(st.integers(-1, 1 << 40), max_size=4),
                        st.none(), st.booleans(), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2)))

@@ -109,14 +109,19 @@ def test_file_reads_with_plain_safe_open_zlib_lzma_and_numpy(tmp_path):
     assert base64.b64decode(columns["sha256_base"][0]).hex() == hashlib.sha256(base.numpy().tobytes()).hexdigest()
     unpack = {"none": bytes, "zlib": zlib.decompress, "xz": lzma.decompress}
     raw = {k: np.frombuffer(unpack[streams[k]["codec"]](arrays[k].tobytes()), np.uint8) for k in arrays}
-    gaps, value, shift = [], 0, 0
-    for byte in raw["positions"].tolist():  # LEB128 varints, one per changed element
+    numbers, value, shift = [], 0, 0
+    for byte in raw["positions"].tolist():  # LEB128 varints
         value |= (byte & 0x7F) << shift
         shift += 7
         if byte < 0x80:
-            gaps.append(value)
+            numbers.append(value)
             value, shift = 0, 0
-    flat = np.cumsum(np.array(gaps) + 1) - 1
+    n_rows = columns["rows"][0]
+    row_gaps, counts, col_gaps = numbers[:n_rows], numbers[n_rows:2 * n_rows], numbers[2 * n_rows:]
+    indptr = np.concatenate([[0], np.cumsum(np.array(counts) + 1)])  # CSR row pointers of the touched rows
+    rows = np.cumsum(np.array(row_gaps) + 1) - 1
+    cols = np.concatenate([np.cumsum(np.array(col_gaps[a:b]) + 1) - 1 for a, b in zip(indptr[:-1], indptr[1:])])
+    flat = np.repeat(rows, np.diff(indptr)) * 256 + cols
     nnz = columns["nnz"][0]
     xor = raw["values"][:nnz].astype(np.uint16) | (raw["values"][nnz:2 * nnz].astype(np.uint16) << 8)  # byte planes
     assert np.array_equal(flat, tp.flat_index) and np.array_equal(xor, tp.xor_bits)
@@ -181,15 +186,19 @@ def test_varints_round_trip_any_index_gap(values):
     assert varint_decode(stream, len(values)).tolist() == values
 
 
-def test_adjacent_changes_cost_one_position_byte_each():
+def test_positions_are_csr_of_the_touched_rows_in_delta_varints():
     from roselora_export.patch.io import encode_tensor
 
-    base = torch.zeros(2, 5000)
+    base = torch.zeros(300, 5000)
     target = base.clone()
-    target[0, 10:250] = 1.0
-    target[1, 100:300:7] = 1.0
+    target[0, 10:250] = 1.0  # a run: column gaps of 0, one byte each
+    target[299, 100:300:7] = 1.0
     enc = encode_tensor(tensor_patch_from_pair("w", base, target))
-    assert enc.positions.size == 240 + 1 + 29  # a run: gaps of 0; the first of row 1 needs a second byte
+    row_gaps, counts, col_gaps = enc.positions
+    assert enc.entry["rows"] == 2
+    assert row_gaps.tolist() == [0, 0xAA, 0x02]  # rows 0 and 299: gaps 0 and 298 (two bytes)
+    assert counts.tolist() == [0xEF, 0x01, 28]  # 240 and 29 changes, minus one
+    assert col_gaps.size == (1 + 239) + (1 + 28)  # each row's first column counts from 0: 10 and 100, one byte each
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):

@@ -3,8 +3,9 @@
 The layout is specified byte for byte in docs/format.md; the constants below are its single source.
 The file holds two U8 arrays, `positions` and `values`, each one stream for the whole patch (every
 tensor's part one after another), and JSON strings in `__metadata__` that say which tensor owns
-which part. Positions are varint gaps between changed elements, values the byte planes of the XOR
-bit patterns; each stream is stored xz- or zlib-compressed when that is smaller. Two streams rather
+which part. Positions are CSR with untouched rows left out (touched rows, row pointers and column
+indices, each delta-encoded as varints), values the byte planes of the XOR bit patterns; each
+stream is stored xz- or zlib-compressed when that is smaller. Two streams rather
 than arrays per tensor: each array costs header bytes, and one stream compresses better than many
 small ones (a small edit's fixed costs were most of its file).
 
@@ -31,7 +32,8 @@ from .model import BITS_DTYPE, DTYPE_NAMES, DTYPES_BY_NAME, FORMAT_VERSION, Patc
 
 FORMAT_NAME = "roselora-patch"
 STREAMS = ("positions", "values")
-COLUMNS = ("name", "shape", "dtype", "nnz", "layout", "sha256_base", "sha256_patched", "sha256_base_touched")
+COLUMNS = ("name", "shape", "dtype", "nnz", "rows", "layout", "sha256_base", "sha256_patched", "sha256_base_touched")
+FINGERPRINTS = COLUMNS[-3:]
 LAYOUTS = ("sparse", "dense")
 CODECS = ("none", "zlib", "xz")
 XZ_MAX_RAW = 1 << 20  # xz (LZMA2, preset 6) runs at a few MB/s: used for streams up to this size only
@@ -49,7 +51,7 @@ DENSE_MIN_DENSITY = 0.25  # below this a tensor is always stored sparse (dense c
 # ----------------------------------------------------------------------------- small helpers
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The 2-D view used by `inspect` and plots: (shape[0], rest) for N-D, one row for 1-D and 0-D tensors."""
+    """The 2-D view of positions: (shape[0], rest) for N-D, one row for 1-D and 0-D tensors."""
     numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if len(shape) >= 2:
         return int(shape[0]), (numel // int(shape[0]) if shape[0] else 0)
@@ -74,13 +76,13 @@ def varint_encode(values: np.ndarray) -> np.ndarray:
 def varint_decode(stream: np.ndarray, count: int) -> np.ndarray:
     """Exactly `count` varints filling `stream`, as uint64; _Bad on anything else (vectorised, no loop per value)."""
     ends = np.flatnonzero(stream < 0x80)
-    _need(ends.size == count, f"the positions stream holds {ends.size} indices, the tensors' nnz add up to {count}")
+    _need(ends.size == count, f"the positions stream holds {ends.size} numbers, the tensors' rows and nnz need {count}")
     _need(stream.size == (int(ends[-1]) + 1 if count else 0), "the positions stream has trailing bytes")
     if count == 0:
         return np.zeros(0, np.uint64)
     lengths = np.diff(ends, prepend=-1)
-    _need(int(lengths.max()) <= MAX_VARINT_BYTES, f"an index in the positions stream is longer than {MAX_VARINT_BYTES} bytes")
-    _need(bool(np.all((stream[ends] != 0) | (lengths == 1))), "an index in the positions stream is not minimally encoded")
+    _need(int(lengths.max()) <= MAX_VARINT_BYTES, f"a number in the positions stream is longer than {MAX_VARINT_BYTES} bytes")
+    _need(bool(np.all((stream[ends] != 0) | (lengths == 1))), "a number in the positions stream is not minimally encoded")
     starts = ends - lengths + 1
     shift = (np.arange(stream.size) - np.repeat(starts, lengths)).astype(np.uint64) * np.uint64(7)
     return np.add.reduceat((stream & 0x7F).astype(np.uint64) << shift, starts)
@@ -113,13 +115,25 @@ class EncodedTensor:
     """One tensor's metadata columns and its parts of the two streams (raw, before compression)."""
 
     entry: dict
-    positions: np.ndarray  # U8 varints; empty when dense
+    positions: tuple[np.ndarray, np.ndarray, np.ndarray]  # U8 varints: row gaps, row counts - 1, column gaps
     values: np.ndarray  # XOR bit patterns: nnz of them, or numel when dense
 
 
-def _sparse_parts(tp: TensorPatch) -> tuple[np.ndarray, np.ndarray]:
-    gaps = np.diff(tp.flat_index, prepend=-1) - 1  # 0 for adjacent elements
-    return varint_encode(gaps), tp.xor_bits
+NO_POSITIONS = (np.zeros(0, np.uint8),) * 3
+
+
+def _csr_parts(tp: TensorPatch) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int]:
+    """CSR of the touched rows, delta-encoded: each touched row's gap to the previous one, its count of
+    changes (a row pointer difference, minus 1), and each change's gap to the previous column in its row."""
+    _, ncols = matrix_shape(tp.shape)
+    rows, cols = np.divmod(tp.flat_index, max(ncols, 1))
+    starts = np.flatnonzero(np.diff(rows, prepend=-1))
+    touched = rows[starts]
+    col_gaps = np.diff(cols, prepend=-1) - 1
+    col_gaps[starts] = cols[starts]  # each row's first column counts from column 0
+    counts = np.diff(np.append(starts, rows.size))
+    parts = varint_encode(np.diff(touched, prepend=-1) - 1), varint_encode(counts - 1), varint_encode(col_gaps)
+    return parts, int(touched.size)
 
 
 def encode_tensor(tp: TensorPatch, key: str | None = None) -> EncodedTensor:
@@ -127,21 +141,21 @@ def encode_tensor(tp: TensorPatch, key: str | None = None) -> EncodedTensor:
 
     `key` is accepted for callers of the version-1 API and ignored (streams need no array names).
     """
-    positions, values = _sparse_parts(tp)
-    layout = "sparse"
+    (positions, rows), values, layout = _csr_parts(tp), tp.xor_bits, "sparse"
     if tp.nnz >= DENSE_MIN_DENSITY * tp.numel:
         dense = np.zeros(tp.numel, BITS_DTYPE[tp.dtype])
         dense[tp.flat_index] = tp.xor_bits
         # Compare what each costs after (fast) deflating: a dense tensor's unchanged elements are zeros.
-        sparse_size = len(zlib.compress(positions.tobytes(), 1)) + len(zlib.compress(b"".join(p.tobytes() for p in _planes(values)), 1))
-        dense_size = len(zlib.compress(b"".join(p.tobytes() for p in _planes(dense)), 1))
+        sparse_size = sum(len(zlib.compress(p.tobytes(), 1)) for p in (*positions, *_planes(values)))
+        dense_size = sum(len(zlib.compress(p.tobytes(), 1)) for p in _planes(dense))
         if dense_size < sparse_size:
-            positions, values, layout = np.zeros(0, np.uint8), dense, "dense"
+            positions, rows, values, layout = NO_POSITIONS, 0, dense, "dense"
     entry = {
         "name": tp.name,
         "shape": list(tp.shape),
         "dtype": DTYPE_NAMES[tp.dtype],
         "nnz": tp.nnz,
+        "rows": rows,
         "layout": layout,
         "sha256_base": _b64(tp.base_sha256),
         "sha256_patched": _b64(tp.patched_sha256),
@@ -185,7 +199,7 @@ def encode_patch(patch: Patch, encoded: dict[str, EncodedTensor] | None = None
     """
     parts = [(encoded or {}).get(tp.name) or encode_tensor(tp) for tp in patch.tensors.values() if tp.nnz]
     columns = {c: [p.entry[c] for p in parts] for c in COLUMNS}
-    positions = b"".join(p.positions.tobytes() for p in parts)
+    positions = b"".join(p.positions[field].tobytes() for field in range(3) for p in parts)
     planes = [_planes(p.values) for p in parts]
     values = b"".join(pl[b].tobytes() for b in range(4) for pl in planes if b < len(pl))
     raw = {"positions": positions, "values": values}
@@ -298,6 +312,7 @@ class _Entry:
     numel: int
     dtype_name: str
     nnz: int
+    rows: int
     dense: bool
     fingerprints: tuple[str, str, str]
 
@@ -317,7 +332,7 @@ def _read_entries(tensors: object) -> list[_Entry]:
     _need(all(isinstance(c, list) for c in cols) and len({len(c) for c in cols}) == 1,
           "the 'tensors' columns must be lists of one length")
     entries, names = [], set()
-    for name, shape, dtype_name, nnz, layout, *fps in zip(*cols):
+    for name, shape, dtype_name, nnz, rows, layout, *fps in zip(*cols):
         _need(isinstance(name, str) and name != "", "a tensor without a name")
         try:
             _need(name not in names, "appears twice")
@@ -331,27 +346,40 @@ def _read_entries(tensors: object) -> list[_Entry]:
             _need(dtype_name in DTYPES_BY_NAME, f"dtype {dtype_name!r} is not one of {sorted(DTYPES_BY_NAME)}")
             _need(_int(nnz) and 1 <= nnz <= numel, f"nnz {nnz!r} is not in [1, {numel}]")
             _need(layout in LAYOUTS, f"layout {layout!r} is not one of {list(LAYOUTS)}")
-            hexes = tuple(_hex(fp, col) for fp, col in zip(fps, COLUMNS[5:]))
+            nrows = matrix_shape(tuple(shape))[0]
+            _need(_int(rows) and (rows == 0 if layout == "dense" else 1 <= rows <= min(nnz, nrows)),
+                  f"rows {rows!r} is not in [1, min(nnz, {nrows})] (0 for dense)")
+            hexes = tuple(_hex(fp, col) for fp, col in zip(fps, FINGERPRINTS))
         except _Bad as err:
             raise _Bad(f"tensor {name}: {err}") from None
-        entries.append(_Entry(name, tuple(shape), numel, dtype_name, nnz, layout == "dense", hexes))
+        entries.append(_Entry(name, tuple(shape), numel, dtype_name, nnz, rows, layout == "dense", hexes))
     return entries
 
 
 def _split_positions(entries: list[_Entry], stream: np.ndarray) -> dict[str, np.ndarray]:
-    """Flat indices of each sparse tensor, from the one varint stream of gaps."""
+    """Flat indices of each sparse tensor, from the varint stream: all row gaps, all counts, all column gaps."""
     sparse = [e for e in entries if not e.dense]
-    gaps = varint_decode(stream, sum(e.nnz for e in sparse)).astype(np.int64)  # < 2^42: no sign trouble
-    out, start = {}, 0
+    n_rows, n_nnz = sum(e.rows for e in sparse), sum(e.nnz for e in sparse)
+    numbers = varint_decode(stream, 2 * n_rows + n_nnz).astype(np.int64)  # each < 2^42: no sign trouble
+    row_gaps, counts, col_gaps = numbers[:n_rows], numbers[n_rows:2 * n_rows] + 1, numbers[2 * n_rows:]
+    out, r0, c0 = {}, 0, 0
     for e in sparse:
-        g = gaps[start:start + e.nnz]
-        start += e.nnz
-        # Every gap is below numel, so the float sum is exact enough to rule out int64 overflow first.
-        span = float(g.sum(dtype=np.float64)) + e.nnz
-        _need(span <= e.numel, f"tensor {e.name}: index out of range (it has {e.numel} elements)")
-        flat = np.cumsum(g + 1) - 1
-        _need(int(flat[-1]) < e.numel, f"tensor {e.name}: index out of range (it has {e.numel} elements)")
-        out[e.name] = flat
+        nrows, ncols = matrix_shape(e.shape)
+        g, cnt, cg = row_gaps[r0:r0 + e.rows], counts[r0:r0 + e.rows], col_gaps[c0:c0 + e.nnz]
+        r0, c0 = r0 + e.rows, c0 + e.nnz
+        # Every gap is below 2^42 and there are at most 2^40 of them: a float sum rules out int64 overflow.
+        _need(float(cnt.sum(dtype=np.float64)) == e.nnz, f"tensor {e.name}: its rows' counts do not add up to nnz={e.nnz}")
+        _need(float(g.sum(dtype=np.float64)) + e.rows <= nrows, f"tensor {e.name}: row index out of range (it has {nrows} rows)")
+        rows = np.cumsum(g + 1) - 1
+        starts = np.cumsum(cnt) - cnt  # where each row's columns begin
+        _need(float(cg.max()) < ncols, f"tensor {e.name}: column index out of range (it has {ncols} columns)")
+        steps = cg + 1
+        steps[starts] = cg[starts]  # a row's first column counts from 0
+        run = np.cumsum(steps)
+        cols = run - np.repeat(run[starts] - cg[starts], cnt)
+        # Wrapped int64 sums (hostile gaps) show up as negative or too large columns.
+        _need(int(cols.min()) >= 0 and int(cols.max()) < ncols, f"tensor {e.name}: column index out of range (it has {ncols} columns)")
+        out[e.name] = np.repeat(rows, cnt) * ncols + cols
     return out
 
 
@@ -471,7 +499,7 @@ def file_layout(path: str | os.PathLike, patch: Patch | None = None) -> dict[str
     for i, name in enumerate(tensors["name"]):
         tp = patch.tensors[name]
         dense = tensors["layout"][i] == "dense"
-        pos_raw = 0 if dense else int(varint_encode(np.diff(tp.flat_index, prepend=-1) - 1).size)
+        pos_raw = 0 if dense else sum(part.size for part in _csr_parts(tp)[0])
         val_raw = (tp.numel if dense else tp.nnz) * tp.xor_bits.itemsize
         meta = sum(len(json.dumps(tensors[c][i], separators=(",", ":"))) + 1 for c in COLUMNS)
         out[name] = {"layout": tensors["layout"][i],
