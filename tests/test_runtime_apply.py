@@ -172,8 +172,14 @@ def test_a_patch_failing_its_check_on_the_last_tensor_writes_nothing(device):
     assert state_hash(model) == base and rt.active == []
 
 
+def _two_dtypes(model):
+    """The model with its final norm in fp16: a patch on it has two dtypes, so at least two writes per pass."""
+    model.model.norm.to(torch.float16)
+    return model
+
+
 def test_a_write_failing_halfway_restores_the_tensors_already_written(device, monkeypatch):
-    model = _model(device)
+    model = _two_dtypes(_model(device))
     base = state_hash(model)
     patch = random_patch(model, [Q0, V1, NORM], np.random.default_rng(22))
     calls = []
@@ -274,8 +280,28 @@ def test_apply_inside_serving_on_the_same_thread_raises_instead_of_deadlocking(d
     assert rt.active == []
 
 
-def test_a_revert_failing_halfway_leaves_the_patch_applied_whole(device, monkeypatch):
+def test_a_write_failing_after_writing_its_elements_is_taken_back_too(device, monkeypatch):
     model = _model(device)
+    base = state_hash(model)
+    patch = random_patch(model, [Q0, V1, NORM], np.random.default_rng(23))
+    real_write = runtime_live._write
+    calls = []
+
+    def fails_after_writing(*args):  # the first write does its work, then reports an error
+        calls.append(1)
+        real_write(*args)
+        if len(calls) == 1:
+            raise RuntimeError("device error")
+
+    monkeypatch.setattr(runtime_live, "_write", fails_after_writing)
+    rt = PatchRuntime(model)
+    with pytest.raises(RuntimeError, match="device error"):
+        rt.apply(patch)
+    assert state_hash(model) == base and rt.active == []
+
+
+def test_a_revert_failing_halfway_leaves_the_patch_applied_whole(device, monkeypatch):
+    model = _two_dtypes(_model(device))
     rt = PatchRuntime(model)
     handle = rt.apply(random_patch(model, [Q0, V1, NORM], np.random.default_rng(31)))
     patched = state_hash(model)

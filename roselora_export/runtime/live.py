@@ -70,7 +70,8 @@ import torch
 from ..errors import InputError
 from ..patch.model import BITS_DTYPE, DTYPE_NAMES, FORMAT_VERSION, Patch
 from .lock import ServingLock
-from .staging import (Bits, Staged, StagedTensor, all_equal, all_finite, gather, indices_valid, parallel_map, scatter,
+from .staging import (Bits, Staged, StagedTensor, Unit, all_equal, all_finite, gather, indices_valid, parallel_map,
+                      scatter,
                       stage, xor)
 
 # Stagings kept for re-applying the same Patch object, in bytes (indices, XOR bits, base/new/scratch bits).
@@ -108,9 +109,9 @@ class PatchHandle:
         return f"PatchHandle(id={self.id}, tensors={len(self.names)}, nnz={self.nnz}, source={self.source!r})"
 
 
-def _write(e: StagedTensor, values: torch.Tensor) -> None:
+def _write(u: Unit, values: torch.Tensor) -> None:
     """The only place weights are written (a function of its own so tests can make it fail)."""
-    scatter(e, values)
+    scatter(u, values)
 
 
 def _load(patch_or_path) -> tuple[Patch, str | None]:
@@ -338,7 +339,7 @@ class PatchRuntime:
                     self._check_base(staged, old)
                     staged.verified = (old, new)
             t2 = time.perf_counter()
-            self._write_all(staged, new.parts, old.parts)
+            self._write_all(staged, new.units, old.units)
         t3 = time.perf_counter()
         # Revert state: indices, XOR bits, old and new bits, all nnz-sized and on the device.
         handle._staged, handle._old, handle._new = staged, old, new
@@ -348,23 +349,25 @@ class PatchRuntime:
         return handle
 
     def _write_all(self, staged: Staged, values: list[torch.Tensor], previous: list[torch.Tensor]) -> None:
-        """Write every entry's values under the exclusive lock; if any write fails, put `previous` back.
+        """Write every unit's values under the exclusive lock; if any write fails, put `previous` back.
 
-        The writes run over the tensors in reverse order of the gathers that checked them, so the first
-        lines written are the last ones read (still in cache); the next gather runs forwards again.
+        On failure every unit started is restored, the failing one included (it may have written part of
+        its elements; writing the previous bits over the rest changes nothing). The writes run in reverse
+        order of the gathers that checked them, so the first lines written are the last ones read (still in
+        cache); the next gather runs forwards again.
         """
-        entries = staged.entries
+        units = staged.units
         with self.lock.write():
             self._sync(staged.device)
-            done: list[int] = []
+            started: list[int] = []
             try:
-                for k in range(len(entries) - 1, -1, -1):
-                    _write(entries[k], values[k])
-                    done.append(k)
+                for k in range(len(units) - 1, -1, -1):
+                    started.append(k)
+                    _write(units[k], values[k])
                 self._sync(staged.device)
             except BaseException:
-                for k in done:
-                    _write(entries[k], previous[k])
+                for k in started:
+                    _write(units[k], previous[k])
                 self._sync(staged.device)
                 raise
 
@@ -432,8 +435,8 @@ class PatchRuntime:
 
     def _gather(self, staged: Staged, out: Bits) -> Bits:
         """The live bits at every touched element into `out` (laid out like staged.xor)."""
-        for e, part in zip(staged.entries, out.parts):
-            gather(e, part)
+        for u, part in zip(staged.units, out.units):
+            gather(u, part)
         return out
 
     def _check_base(self, staged: Staged, old: Bits) -> None:
@@ -493,7 +496,7 @@ class PatchRuntime:
                     raise InputError(f"the weights patch #{handle.id} touched were changed outside the runtime; "
                                      f"refusing to revert over them")
             t1 = time.perf_counter()
-            self._write_all(staged, old.parts, new.parts)  # on failure, put back what was there: the patched bits
+            self._write_all(staged, old.units, new.units)  # on failure, put back what was there: the patched bits
         handle.timings.update({"revert_check": t1 - t0, "revert_write": time.perf_counter() - t1})
 
 

@@ -1,0 +1,122 @@
+"""One gather and one scatter per dtype (over a span of the touched tensors) instead of one per tensor:
+the same bits as the per-tensor path, and the per-tensor fallback where tensors share memory."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from roselora_export.patch.model import Patch, tensor_patch_from_pair
+from roselora_export.runtime import PatchRuntime, live as runtime_live, staging
+from test_runtime_helpers import DTYPES, TIED, state_hash
+from tiny_models import tiny_llama
+
+SPAN_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+MATRICES = [f"model.layers.{i}.self_attn.{m}_proj.weight" for i in range(2) for m in ("q", "k", "v", "o")]
+NORM = "model.norm.weight"
+
+
+def _model(device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    model = tiny_llama(seed=seed).to(device=device, dtype=dtype)
+    if dtype == torch.float32:
+        model.model.norm.to(torch.float16)  # a second dtype in the same patch
+    return model
+
+
+def _counting(monkeypatch) -> dict[str, int]:
+    calls = {"gather": 0, "write": 0}
+    real_gather, real_write = runtime_live.gather, runtime_live._write
+
+    def gather(*args):
+        calls["gather"] += 1
+        real_gather(*args)
+
+    def write(*args):
+        calls["write"] += 1
+        real_write(*args)
+
+    monkeypatch.setattr(runtime_live, "gather", gather)
+    monkeypatch.setattr(runtime_live, "_write", write)
+    return calls
+
+
+def _patch_on(model, names: list[str], rng: np.random.Generator, frac: float) -> Patch:
+    """A patch built on the model's current values (so it stacks on whatever is applied)."""
+    live = dict(model.named_parameters(remove_duplicate=False))
+    tensors = {}
+    for name in names:
+        base = live[name].detach().cpu()
+        k = max(1, int(frac * base.numel()))
+        idx = torch.from_numpy(np.sort(rng.choice(base.numel(), size=k, replace=False)))
+        patched = base.clone()
+        patched.view(-1)[idx] = (base.view(-1)[idx].float() * 1.5 + 0.25).to(base.dtype)
+        tp = tensor_patch_from_pair(name, base, patched)
+        if tp is not None:
+            tensors[name] = tp
+    return Patch(tensors=tensors)
+
+
+@pytest.mark.parametrize("device", SPAN_DEVICES)
+def test_each_dtype_of_a_patch_is_one_gather_and_one_write_per_pass(device, monkeypatch):
+    model = _model(device, torch.float32)
+    patch = _patch_on(model, MATRICES + [NORM], np.random.default_rng(0), 0.1)  # 8 fp32 tensors + 1 fp16
+    calls = _counting(monkeypatch)
+    rt = PatchRuntime(model)
+    handle = rt.apply(patch)
+    assert calls == {"gather": 2, "write": 2}
+    rt.revert(handle)
+    assert calls == {"gather": 4, "write": 4}
+
+
+@pytest.mark.parametrize("device", SPAN_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32+fp16", "fp16", "bf16"])
+def test_spans_give_the_same_bits_as_per_tensor_writes_over_stacked_overlapping_patches(device, dtype, monkeypatch):
+    rng = np.random.default_rng(1)
+    spans, per_tensor = _model(device, dtype, seed=2), _model(device, dtype, seed=2)
+    base = state_hash(spans)
+    rt_spans, rt_per_tensor = PatchRuntime(spans), PatchRuntime(per_tensor)
+    names = MATRICES + [NORM, TIED[int(rng.integers(2))]]
+    for _ in range(20):
+        handles = []
+        for _ in range(int(rng.integers(2, 5))):  # stacked, each built on the live values: they overlap
+            patch = _patch_on(spans, list(rng.choice(names, size=4, replace=False)), rng, float(rng.choice([0.05, 0.5])))
+            handles.append((rt_spans.apply(patch), None))
+            monkeypatch.setattr(staging, "BATCH_ACROSS_TENSORS", False)  # read when a patch is staged
+            handles[-1] = (handles[-1][0], rt_per_tensor.apply(patch))
+            monkeypatch.setattr(staging, "BATCH_ACROSS_TENSORS", True)
+            assert state_hash(spans) == state_hash(per_tensor)
+        while handles:
+            a, b = handles.pop()
+            rt_spans.revert(a)
+            rt_per_tensor.revert(b)
+            assert state_hash(spans) == state_hash(per_tensor)
+    assert state_hash(spans) == base
+
+
+class _SharedMemory(torch.nn.Module):
+    """Two parameters over one storage, overlapping in memory: `b` is a window into `a`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        w = torch.randn(64, 64)
+        self.a = torch.nn.Parameter(w)
+        self.b = torch.nn.Parameter(w.view(-1)[1024:1536].view(16, 32))
+
+
+def test_tensors_that_share_memory_are_written_one_by_one_and_revert_exactly(monkeypatch):
+    model = _SharedMemory()
+    assert model.a.data_ptr() < model.b.data_ptr() < model.a.data_ptr() + model.a.numel() * 4
+    base = state_hash(model)
+    a2, b2 = model.a.detach().clone(), model.b.detach().clone()
+    a2.view(-1)[:512] += 1.0  # elements of `a` outside `b`'s window
+    b2[3] -= 1.0
+    patch = Patch(tensors={"a": tensor_patch_from_pair("a", model.a.detach(), a2),
+                           "b": tensor_patch_from_pair("b", model.b.detach(), b2)})
+    calls = _counting(monkeypatch)
+    rt = PatchRuntime(model)
+    handle = rt.apply(patch)
+    assert calls == {"gather": 2, "write": 2}  # no span: one scatter must not cover two tensors' memory
+    assert torch.equal(model.a.detach().view(-1)[:512], a2.view(-1)[:512]) and torch.equal(model.b.detach(), b2)
+    rt.revert(handle)
+    assert state_hash(model) == base
