@@ -20,7 +20,7 @@ from roselora_export.patch import (
     save_patch,
     tensor_patch_from_pair,
 )
-from roselora_export.patch.model import Patch, sha256_tensor
+from roselora_export.patch.model import Patch, TensorPatch, sha256_tensor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -309,3 +309,30 @@ def test_patch_verbs_round_trip_a_state_dict(tmp_path):
     assert torch.equal(applied["w"], merged)
     assert torch.equal(patch.revert_from(applied)["w"], base)
     assert callable(patch_api.apply_to_checkpoint) and callable(patch_api.merge_checkpoint)
+
+
+def test_large_patch_stream_is_one_zlib_stream_from_pieces_deflated_ahead(tmp_path):
+    """Over 1 MiB a stream is zlib, joined from per-tensor pieces (large tensors deflate theirs when encoded)."""
+    import zlib
+
+    from roselora_export.patch.io import XZ_MAX_RAW, encode_tensor
+
+    g = np.random.default_rng(0)
+    tensors = {}
+    for name, n in (("big", 400_000), ("small", 300), ("big2", 200_000)):
+        flat = np.sort(g.choice(1_000_000, n, replace=False)).astype(np.int64)
+        xor = g.integers(1, 1 << 10, n).astype(np.uint32)
+        tensors[name] = TensorPatch(name, (1000, 1000), torch.float32, flat, xor, "0" * 64, "1" * 64, "2" * 64)
+    patch = Patch(tensors=tensors)
+    encoded = {name: encode_tensor(tp) for name, tp in tensors.items()}
+    assert encoded["big"].deflated and not encoded["small"].deflated
+    path = save_patch(patch, tmp_path / "p.safetensors", encoded)
+    with safe_open(str(path), framework="numpy") as f:
+        streams = json.loads(f.metadata()["streams"])
+        values = zlib.decompress(f.get_tensor("values").tobytes())
+    assert streams["values"]["codec"] == "zlib" and streams["values"]["raw_bytes"] > XZ_MAX_RAW
+    assert len(values) == 4 * 600_300
+    back = load_patch(path)
+    for name, tp in tensors.items():
+        assert np.array_equal(back.tensors[name].flat_index, tp.flat_index)
+        assert np.array_equal(back.tensors[name].xor_bits, tp.xor_bits)

@@ -22,7 +22,7 @@ import os
 import struct
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,7 @@ FINGERPRINTS = COLUMNS[-3:]
 LAYOUTS = ("sparse", "dense")
 CODECS = ("none", "zlib", "xz")
 XZ_MAX_RAW = 1 << 20  # xz (LZMA2, preset 6) runs at a few MB/s: used for streams up to this size only
+CHUNK_MIN = 256 << 10  # a tensor with this many raw stream bytes deflates its parts as soon as it is encoded
 XZ_MEMLIMIT = 64 << 20  # decoder memory an xz stream may ask for (preset 6 needs about 9 MiB)
 MAX_HEADER_BYTES = 64 << 20  # a real header is kilobytes; anything beyond this is refused unread
 MAX_NUMEL = 1 << 40  # per tensor; larger shapes are not real model tensors
@@ -105,7 +106,7 @@ def _hex(b64: object, what: str) -> str:
 def _planes(values: np.ndarray) -> list[np.ndarray]:
     """Little-endian byte planes of unsigned values: plane b is byte b of every value."""
     v = np.ascontiguousarray(values)
-    return list(v.view(np.uint8).reshape(-1, v.dtype.itemsize).T) if v.size else [np.zeros(0, np.uint8)] * v.dtype.itemsize
+    return [np.ascontiguousarray(plane) for plane in v.view(np.uint8).reshape(-1, v.dtype.itemsize).T]
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -117,6 +118,12 @@ class EncodedTensor:
     entry: dict
     positions: tuple[np.ndarray, np.ndarray, np.ndarray]  # U8 varints: row gaps, row counts - 1, column gaps
     values: np.ndarray  # XOR bit patterns: nnz of them, or numel when dense
+    # Each part (positions 0-2, then value planes 3-6) raw-deflated on its own, for a large patch's zlib
+    # stream; made ahead for large tensors, so that merge's worker thread does it while merging goes on.
+    deflated: dict[int, bytes] = field(default_factory=dict)
+
+    def parts(self) -> list[np.ndarray]:
+        return [*self.positions, *_planes(self.values)]
 
 
 NO_POSITIONS = (np.zeros(0, np.uint8),) * 3
@@ -161,18 +168,45 @@ def encode_tensor(tp: TensorPatch, key: str | None = None) -> EncodedTensor:
         "sha256_patched": _b64(tp.patched_sha256),
         "sha256_base_touched": _b64(tp.base_touched_sha256),
     }
-    return EncodedTensor(entry, positions, values)
+    enc = EncodedTensor(entry, positions, values)
+    if positions[0].size + positions[1].size + positions[2].size + values.nbytes >= CHUNK_MIN:
+        enc.deflated = {i: _deflate_part(part) for i, part in enumerate(enc.parts())}
+    return enc
 
 
-def _compress(raw: bytes) -> tuple[str, bytes]:
-    """The smallest of: raw, zlib (level 6), and xz (preset 6, small streams only)."""
+def _deflate_part(part: np.ndarray) -> bytes:
+    """Raw deflate of one part, ending byte-aligned (full flush) with no final block: such pieces
+    concatenate into one valid deflate stream (as pigz does), so they can be made independently."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return c.compress(part.tobytes()) + c.flush(zlib.Z_FULL_FLUSH)
+
+
+def _zlib_of_parts(parts: list[np.ndarray], deflated: list[bytes | None]) -> bytes:
+    """One zlib stream (RFC 1950) of the parts' concatenation, from pieces deflated ahead where given."""
+    adler = 1
+    pieces = [b"\x78\x9c"]  # zlib header: deflate, 32 KiB window, default level
+    for part, piece in zip(parts, deflated):
+        adler = zlib.adler32(part, adler)
+        pieces.append(piece if piece is not None else _deflate_part(part))
+    pieces.append(zlib.compressobj(6, zlib.DEFLATED, -15).flush(zlib.Z_FINISH))  # an empty final block
+    pieces.append(adler.to_bytes(4, "big"))
+    return b"".join(pieces)
+
+
+def _compress(parts: list[np.ndarray], deflated: list[bytes | None]) -> tuple[str, bytes]:
+    """The stream of the parts, as the smallest of: raw; zlib (level 6); xz (preset 6), for streams up
+    to XZ_MAX_RAW only; larger streams get zlib made of per-part pieces, some deflated ahead."""
+    raw_size = sum(p.nbytes for p in parts)
+    if raw_size > XZ_MAX_RAW:
+        packed = _zlib_of_parts(parts, deflated)
+        return ("zlib", packed) if len(packed) < raw_size else ("none", b"".join(p.tobytes() for p in parts))
+    raw = b"".join(p.tobytes() for p in parts)
     best = ("none", raw)
     if raw:
-        options = [("zlib", zlib.compress(raw, 6))]
-        if len(raw) <= XZ_MAX_RAW:
-            import lzma
+        import lzma
 
-            options.append(("xz", lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=6)))
+        options = [("zlib", zlib.compress(raw, 6)),
+                   ("xz", lzma.compress(raw, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=6))]
         best = min([best, *options], key=lambda o: len(o[1]))
     return best
 
@@ -199,15 +233,19 @@ def encode_patch(patch: Patch, encoded: dict[str, EncodedTensor] | None = None
     """
     parts = [(encoded or {}).get(tp.name) or encode_tensor(tp) for tp in patch.tensors.values() if tp.nnz]
     columns = {c: [p.entry[c] for p in parts] for c in COLUMNS}
-    positions = b"".join(p.positions[field].tobytes() for field in range(3) for p in parts)
-    planes = [_planes(p.values) for p in parts]
-    values = b"".join(pl[b].tobytes() for b in range(4) for pl in planes if b < len(pl))
-    raw = {"positions": positions, "values": values}
-    stored = {name: _compress(data) for name, data in raw.items()}
+    # Stream order: positions field by field, values plane by plane; each over all tensors in turn.
+    order = {"positions": [(k, i) for i in range(3) for k in range(len(parts))],
+             "values": [(k, 3 + b) for b in range(4) for k, p in enumerate(parts) if b < p.values.itemsize]}
+    split = [p.parts() for p in parts]
+    pieces = {name: ([split[k][i] for k, i in items], [parts[k].deflated.get(i) for k, i in items])
+              for name, items in order.items()}
+    raw_bytes = {name: sum(a.nbytes for a in arrays) for name, (arrays, _) in pieces.items()}
+    stored = {name: _compress(*pieces[name]) for name in STREAMS}
     elements = sum(p.values.size for p in parts)
-    if ALLOC_FACTOR * sum(len(b) for _, b in stored.values()) + ALLOC_SLACK < ELEMENT_COST * elements + len(positions) + len(values):
-        stored = {name: ("none", data) for name, data in raw.items()}  # only pathological data compresses this far
-    streams = {name: {"codec": codec, "raw_bytes": len(raw[name])} for name, (codec, _) in stored.items()}
+    if ALLOC_FACTOR * sum(len(b) for _, b in stored.values()) + ALLOC_SLACK < ELEMENT_COST * elements + sum(raw_bytes.values()):
+        # Only pathological data compresses this far.
+        stored = {name: ("none", b"".join(a.tobytes() for a in pieces[name][0])) for name in STREAMS}
+    streams = {name: {"codec": codec, "raw_bytes": raw_bytes[name]} for name, (codec, _) in stored.items()}
     arrays = {name: np.frombuffer(data, np.uint8) for name, (_, data) in stored.items()}
     tensors_json = json.dumps(columns, separators=(",", ":"))
     streams_json = json.dumps(streams, separators=(",", ":"), sort_keys=True)
