@@ -224,3 +224,36 @@ def test_sequence_classification_adapter_with_modules_to_save_merges_like_peft(t
     assert all(torch.equal(got[k], want[k]) for k in got if k in want)
     assert {"classifier.weight", "classifier.bias"} <= set(res.patch.tensors)
     assert res.patch.provenance["method"] == "lora"
+
+
+def test_a_tensor_read_from_a_shard_can_be_modified_without_changing_the_file(sharded):
+    model = open_model_dir(sharded[1])
+    name = model.keys()[0]
+    header = model.locations[name][0]
+    before, want = header.path.read_bytes(), model.read(name).clone()
+    t = model.read(name)
+    t.add_(1.0)
+    assert header.path.read_bytes() == before
+    assert torch.equal(model.read(name), want) and not torch.equal(t, want)
+
+
+def test_a_misaligned_tensor_is_read_correctly(tmp_path):
+    from roselora_export.checkpoint.safetensors_stream import read_header, read_tensor
+
+    values = torch.arange(6, dtype=torch.float32)
+    header = json.dumps({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                         "b": {"dtype": "F32", "shape": [2, 3], "data_offsets": [1, 25]}}).encode()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x07" + values.numpy().tobytes())
+    h = read_header(path)
+    assert torch.equal(read_tensor(h.tensors["b"], path=path), values.reshape(2, 3))
+    assert read_tensor(h.tensors["a"], path=path).tolist() == [7]
+
+
+def test_merge_in_a_process_that_has_torch_leaves_its_garbage_collector_as_it_was(sharded, tmp_path):
+    import gc
+
+    _, base, adapter = sharded
+    frozen = gc.get_freeze_count()
+    merge_checkpoint(base, adapter, tmp_path / "out")
+    assert gc.isenabled() and gc.get_freeze_count() == frozen

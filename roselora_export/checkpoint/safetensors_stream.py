@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 import threading
@@ -106,25 +107,36 @@ def read_header(path: str | os.PathLike) -> Header:
 
 
 def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = None) -> torch.Tensor:
-    """One tensor, read with pread (no mapping of the file)."""
+    """One tensor, mapped from the file: a private copy-on-write mapping of just its byte range.
+
+    No copy and no zero-filled buffer (a pread into a fresh buffer cost ~6 ms per 16 MiB tensor, the
+    mapping ~1 ms); writes to the tensor stay private to this process, and the range is unmapped when
+    the tensor (and every view of it) is gone, so memory still holds only the tensors in use.
+    """
+    import torch
+
+    dtype = getattr(torch, _TORCH_DTYPE_NAMES[info.dtype])
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=dtype)
     own = fd is None
     if own:
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as err:
+            raise InputError(f"{path}: cannot read ({err.strerror})") from None
     try:
-        buf = bytearray(info.nbytes)
-        view, done = memoryview(buf), 0
-        while done < info.nbytes:
-            got = os.preadv(fd, [view[done:]], info.start + done)
-            if got <= 0:
-                raise InputError(f"{path or 'shard'}: truncated while reading {info.name}")
-            done += got
+        if os.fstat(fd).st_size < info.start + info.nbytes:
+            raise InputError(f"{path or 'shard'}: truncated while reading {info.name}")
+        lo = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(fd, info.start + info.nbytes - lo, access=mmap.ACCESS_COPY, offset=lo)
     finally:
         if own:
             os.close(fd)
-    import torch
-
-    t = torch.frombuffer(buf, dtype=torch.uint8) if info.nbytes else torch.empty(0, dtype=torch.uint8)
-    return t.view(getattr(torch, _TORCH_DTYPE_NAMES[info.dtype])).reshape(info.shape)
+    if info.start % ITEMSIZE[info.dtype]:  # a misaligned tensor (not written by a safetensors writer): copy it
+        raw = torch.frombuffer(m, dtype=torch.uint8, count=info.nbytes, offset=info.start - lo).clone()
+        return raw.view(dtype).reshape(info.shape)
+    flat = torch.frombuffer(m, dtype=dtype, count=info.nbytes // ITEMSIZE[info.dtype], offset=info.start - lo)
+    return flat.reshape(info.shape)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

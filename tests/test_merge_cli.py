@@ -1,7 +1,5 @@
-"""merge start-up: the command imports only what it needs, and copies shards while torch is imported.
-
-Checked in fresh subprocesses (sys.modules of this test process already holds everything).
-"""
+"""The merge command: its report, and its start-up (it imports only what it needs, and copies shards
+while torch is imported; checked in fresh subprocesses, as this test process has everything loaded)."""
 from __future__ import annotations
 
 import json
@@ -58,3 +56,19 @@ def test_merge_copies_shards_before_torch_is_imported_and_never_imports_heavy_li
         base, adapter, tmp_path / "out")
     assert got == {"torch_at_copy_start": [False], "heavy": []}
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+
+
+def test_merge_json_totals_equal_those_of_inspect(dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from roselora_export.cli import main
+    from roselora_export.patch.inspect import summarize
+
+    _, base, adapter = dirs
+    r = CliRunner().invoke(main, ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "m"),
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    report, summary = json.loads(r.stdout), summarize(tmp_path / "m.patch.safetensors")
+    assert report["total_nnz"] == summary["total_nnz"] > 0
+    assert report["file_bytes"] == summary["file_bytes"]
+    assert report["bytes_per_nnz"] == pytest.approx(summary["bytes_per_nnz"])
