@@ -74,6 +74,82 @@ def model_dir_or_synthetic(model: str | None, tmp: Path) -> tuple[Path, str]:
 
 
 # ---- part 1: an edit patch on SmolLM2 -----------------------------------------------------------
+def clock(fn, device: torch.device) -> float:
+    """Wall seconds of one fn(), synchronising the device before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict, device: torch.device, rounds: int, evict=None) -> dict[str, list[float]]:
+    """Seconds per call of each fn(record) in interleaved rounds (one timed call of each per round), so a slow
+    spell on the shared machine hits every variant alike. Before each timed call either the same fn runs once
+    untimed (record=False: hot caches, as in a loop of the same call) or `evict` streams a large buffer through
+    the caches (cold: as after forward passes, which read the whole model)."""
+    out = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            evict() if evict else fn(False)
+            out[k].append(clock(lambda: fn(True), device))
+    return out
+
+
+def evictor(device: torch.device):
+    """A function that writes a buffer several times the size of the last-level cache."""
+    buf = torch.empty((256 if device.type == "cuda" else 128) << 20, dtype=torch.uint8, device=device)
+    return lambda: buf.fill_(1)
+
+
+def pass_variants(model: torch.nn.Module, patch: Patch, device: torch.device) -> dict:
+    """One pass over the touched elements done in several ways, to split the runtime's time into per-op overhead
+    and memory access (the runtime does two such passes per apply and two per revert: a gather, then a scatter).
+
+    'span' is what the runtime does: one index_select / scatter_ over a flat view spanning all touched tensors
+    (runtime.staging); 'per tensor' is one call per tensor on the same memory (the runtime's fallback, and what
+    it did before spans); 'tiny' is one call per tensor on one element (the per-op cost alone); 'consecutive' is
+    one call on nnz consecutive elements of a private buffer (the kernel's per-element cost without scattered access).
+    Every scatter writes back the bits its gather read, so the model is left as it was.
+    """
+    from roselora_export.runtime.staging import _span
+
+    live = dict(model.named_parameters(remove_duplicate=False))
+    flats, idxs = [], []
+    for name, tp in patch.tensors.items():
+        flats.append(live[name].detach().view(-1).view(TORCH_BITS_DTYPE[tp.dtype]))
+        idxs.append(torch.from_numpy(np.ascontiguousarray(tp.flat_index, dtype=np.int64)).to(device))
+    if len({f.dtype for f in flats}) != 1 or device.type not in ("cpu", "cuda"):
+        return {}
+    width = flats[0].element_size()
+    start = min(f.data_ptr() for f in flats)
+    span = _span(start, (max(f.data_ptr() + f.numel() * width for f in flats) - start) // width, flats[0].dtype,
+                 flats[0].device)
+    outs = [torch.index_select(f, 0, i) for f, i in zip(flats, idxs)]  # the base bits
+    gidx = torch.cat([i + (f.data_ptr() - start) // width for f, i in zip(flats, idxs)])
+    gout = torch.cat(outs)
+    seq = torch.arange(gidx.numel(), device=device)
+    private = gout.clone()
+    tiny = [(f, i[:1], o[:1]) for f, i, o in zip(flats, idxs, outs)]
+    ref = gout.clone()
+    items = list(zip(flats, idxs, outs))
+
+    def equal(_=None):
+        return bool(np.array_equal(gout.numpy(), ref.numpy())) if device.type == "cpu" else torch.equal(gout, ref)
+
+    return {
+        "gather, one op over a span of the tensors (as the runtime)": lambda _: torch.index_select(span, 0, gidx, out=gout),
+        "gather, one op per tensor (per-tensor fallback)": lambda _: [torch.index_select(f, 0, i, out=o) for f, i, o in items],
+        "gather, tiny ops (1 element per tensor)": lambda _: [torch.index_select(f, 0, i, out=o) for f, i, o in tiny],
+        "gather, one op on consecutive elements": lambda _: torch.index_select(private, 0, seq, out=gout),
+        "scatter, one op over a span of the tensors (as the runtime)": lambda _: span.scatter_(0, gidx, gout),
+        "scatter, one op per tensor (per-tensor fallback)": lambda _: [f.scatter_(0, i, o) for f, i, o in items],
+        "scatter, tiny ops (1 element per tensor)": lambda _: [f.scatter_(0, i, o) for f, i, o in tiny],
+        "scatter, one op on consecutive elements": lambda _: private.scatter_(0, seq, gout),
+        "bit comparison of nnz values": equal,
+    }
+
+
 def bench_edit(model_dir: Path, label: str, device: torch.device, repeats: int, tmp: Path) -> tuple[str, dict]:
     import peft
     from safetensors.torch import load_file
@@ -87,92 +163,164 @@ def bench_edit(model_dir: Path, label: str, device: torch.device, repeats: int, 
                                      provenance={"base_config_sha256": config_fingerprint(model.config.to_dict())})
     runtime = PatchRuntime(model)
 
-    def apply_revert():
-        runtime.revert(runtime.apply(patch))
+    # The runtime variants and the pass variants, interleaved round by round, hot and cold.
+    handles, split = [], {"apply": [], "revert": []}
 
-    t_runtime = timed(apply_revert, device, repeats)
-    handles, t_apply, t_revert = [], [], []
-    for _ in range(repeats):
-        sync(device)
+    def apply_revert(record: bool) -> None:
         t0 = time.perf_counter()
         h = runtime.apply(patch)
         sync(device)
         t1 = time.perf_counter()
         runtime.revert(h)
         sync(device)
-        handles.append(h)
-        t_apply.append(t1 - t0)
-        t_revert.append(time.perf_counter() - t1)
-    exact = all(torch.equal(v.cpu(), base_sd[k]) for k, v in model.state_dict().items())
-    t_fast = timed(lambda: runtime.revert(runtime.apply(patch, verify=False), check=False), device, repeats)
-    # A new Patch object each time (same arrays): no cached staging, so staging, index check and sha256 every time.
-    t_first = timed(lambda: runtime.revert(runtime.apply(Patch(tensors=patch.tensors, provenance=patch.provenance))),
-                    device, repeats)
+        if record:
+            split["apply"].append(t1 - t0)
+            split["revert"].append(time.perf_counter() - t1)
+            handles.append(h)
 
-    # Reload: what a server does without the runtime to take an edit back (warm page cache).
+    fns = {"apply+revert": apply_revert,
+           "fast": lambda _: runtime.revert(runtime.apply(patch, verify=False), check=False),
+           # A new Patch object each time (same arrays): no cached staging: staging, index check and sha256 every time.
+           "first": lambda _: runtime.revert(runtime.apply(Patch(tensors=patch.tensors, provenance=patch.provenance)))}
+    passes = pass_variants(model, patch, device)
+    apply_revert(False)
+    times = interleaved({**fns, **passes}, device, repeats)
+    hot_split, hot_handles = dict(split), list(handles)
+    split, handles[:] = {"apply": [], "revert": []}, []
+    cold = interleaved({**fns, **passes}, device, repeats, evict=evictor(device))
+    exact = all(torch.equal(v.cpu(), base_sd[k]) for k, v in model.state_dict().items())
+    t_apply, t_revert = hot_split["apply"], hot_split["revert"]
+    t_runtime, t_fast, t_first = times["apply+revert"], times["fast"], times["first"]
+
+    # Baselines, interleaved among themselves. Reload: what a server does without the runtime to take an edit back
+    # (warm page cache). PEFT: merge_and_unload of the same adapter into a fresh copy of the base (copy not timed).
     st = str(model_dir / "model.safetensors")
 
     def reload():
         sd = load_file(st, device=str(device))
         model.load_state_dict(sd, strict=False)
 
-    t_reload = timed(reload, device, max(3, repeats // 4))
-
-    def from_pretrained():
-        load_model(model_dir).to(device)
-
-    t_fresh = timed(from_pretrained, device, 2)
-
-    # PEFT: merge_and_unload of the same adapter into a fresh copy of the base model (copy not timed).
-    def peft_setup():
+    def peft_model():
         return peft.PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dir)).to(device)
 
-    t_merge = timed(lambda pm: pm.merge_and_unload(), device, max(3, repeats // 4), setup=peft_setup)
-    pm = peft_setup()
+    pm = peft_model()
+    fresh = [peft_model()]
+
+    def merge_and_unload():
+        fresh[0].merge_and_unload()
 
     def merge_unmerge():
         pm.merge_adapter()
         pm.unmerge_adapter()
 
-    t_merge_unmerge = timed(merge_unmerge, device, max(3, repeats // 4))
+    base_rounds = max(3, repeats // 4)
+    t_reload, t_merge, t_merge_unmerge = [], [], []
+    for r in range(base_rounds + 1):
+        tr, tm = clock(reload, device), clock(merge_and_unload, device)
+        fresh[0] = peft_model()
+        tmu = clock(merge_unmerge, device)
+        if r:
+            t_reload.append(tr), t_merge.append(tm), t_merge_unmerge.append(tmu)
+    t_fresh = [clock(lambda: load_model(model_dir).to(device), device) for _ in range(3)][1:]
     after = pm.get_base_model().state_dict()
     drifted = sum(not torch.equal(after[k].cpu(), base_sd[k]) for k in patch.tensors if k in after)
 
     nnz = patch.total_nnz
     rt = med(t_runtime)
+    na = None
     rows = [
-        ("runtime apply + revert (this tool)", rt, "1x"),
-        ("  of which apply", med(t_apply), ""),
-        ("  of which revert", med(t_revert), ""),
-        ("runtime apply(verify=False) + revert(check=False)", med(t_fast), f"{med(t_fast) / rt:.2f}x"),
-        ("runtime apply + revert, first apply of a Patch (staging + sha256)", med(t_first), f"{med(t_first) / rt:.2f}x"),
-        ("reload weights from safetensors (load_file + load_state_dict)", med(t_reload), f"{med(t_reload) / rt:.0f}x"),
-        ("reload model (from_pretrained)", med(t_fresh), f"{med(t_fresh) / rt:.0f}x"),
-        ("PEFT merge_and_unload (one direction only)", med(t_merge), f"{med(t_merge) / rt:.0f}x"),
-        ("PEFT merge_adapter + unmerge_adapter", med(t_merge_unmerge), f"{med(t_merge_unmerge) / rt:.0f}x"),
+        ("runtime apply + revert (this tool)", t_runtime, cold["apply+revert"], "1x"),
+        ("  of which apply", t_apply, split["apply"], ""),
+        ("  of which revert", t_revert, split["revert"], ""),
+        ("runtime apply(verify=False) + revert(check=False)", t_fast, cold["fast"], f"{med(t_fast) / rt:.2f}x"),
+        ("runtime apply + revert, first apply of a Patch (staging + sha256)", t_first, cold["first"],
+         f"{med(t_first) / rt:.2f}x"),
+        ("reload weights from safetensors (load_file + load_state_dict)", t_reload, na, f"{med(t_reload) / rt:.0f}x"),
+        ("reload model (from_pretrained)", t_fresh, na, f"{med(t_fresh) / rt:.0f}x"),
+        ("PEFT merge_and_unload (one direction only)", t_merge, na, f"{med(t_merge) / rt:.0f}x"),
+        ("PEFT merge_adapter + unmerge_adapter", t_merge_unmerge, na, f"{med(t_merge_unmerge) / rt:.0f}x"),
     ]
     table = [f"Edit patch on {label} ({device.type}, fp32): rank 8, q/v of all 30 layers, "
              f"A rows / B columns with ceil(0.05 d) nonzeros, alpha 32 (bench/synthetic_adapter.py); "
              f"{len(patch.tensors)} tensors, {nnz} weights ({nnz * 4 / 1e6:.2f} MB touched). "
-             f"Median of {repeats} runs. The runtime rows re-apply one loaded Patch object, as a server toggling "
+             f"Runtime rows: {repeats} interleaved rounds, each call timed hot (right after the same call, as in a "
+             f"loop) and cold (right after writing a buffer four times the last-level cache, as after forward passes "
+             f"that read the whole model); baselines: {base_rounds} interleaved rounds (from_pretrained: 2). "
+             f"The runtime rows re-apply one loaded Patch object, as a server toggling "
              f"an edit does: its staging is cached, and the sha256 check is replaced by a bit comparison with the "
              f"base bits that passed it (any difference runs the hash again); the 'first apply' row builds a new "
              f"Patch object each time, so it pays staging, index checks and sha256 every time.", "",
-             "| operation | seconds | time vs runtime |", "|---|---:|---:|"]
-    table += [f"| {name} | {sec:.4f} | {ratio} |" for name, sec, ratio in rows]
+             "| operation | hot median s | hot min s | cold median s | hot median vs runtime |",
+             "|---|---:|---:|---:|---:|"]
+    table += [f"| {name} | {med(ts):.4f} | {min(ts):.4f} | {'' if c is None else f'{med(c):.4f}'} | {ratio} |"
+              for name, ts, c, ratio in rows]
     lines = sum(int(np.unique(tp.flat_index // (64 // tp.xor_bits.itemsize)).size) for tp in patch.tensors.values())
-    table += ["", f"The patch touches {lines} distinct 64-byte cache lines ({lines * 64 / 1e6:.1f} MB) spread over "
-              f"{sum(tp.numel * 4 for tp in patch.tensors.values()) / 1e6:.0f} MB of weights: apply reads them (check) and "
-              f"writes them, revert reads them (check) and writes them, so the runtime is bound by scattered memory "
-              f"access, where a reload streams the whole model.",
+    crt = med(cold["apply+revert"])
+    table += ["", f"Goals (issue #6): apply + revert >= 100x faster than the reload, i.e. <= "
+              f"{med(t_reload) / 100 * 1e3:.2f} ms here: reached {med(t_reload) / rt:.0f}x (hot median), "
+              f"{med(t_reload) / crt:.0f}x (cold median); >= 50x faster than merge_and_unload, i.e. <= "
+              f"{med(t_merge) / 50 * 1e3:.2f} ms: reached {med(t_merge) / rt:.0f}x (hot), {med(t_merge) / crt:.0f}x "
+              f"(cold).",
               f"After revert the state dict is bit-identical to the base: {'yes' if exact else 'NO'}. "
               f"After PEFT merge + unmerge, {drifted} of {len(patch.tensors)} adapted tensors differ from the base "
               f"in at least one bit."]
-    figures = {"nnz": nnz, "apply_revert_s": rt, "apply_s": med(t_apply), "revert_s": med(t_revert),
-               "unchecked_apply_revert_s": med(t_fast), "first_apply_revert_s": med(t_first), "reload_s": med(t_reload), "from_pretrained_s": med(t_fresh), "merge_and_unload_s": med(t_merge),
-               "merge_unmerge_s": med(t_merge_unmerge), "exact": exact, "peft_unmerge_drifted": drifted,
-               "phases": {k: med([h.timings[k] for h in handles]) for k in handles[0].timings}}
+    phases = {k: med([h.timings[k] for h in hot_handles]) for k in hot_handles[0].timings}
+    figures = {"nnz": nnz, "apply_revert_s": rt, "apply_revert_min_s": min(t_runtime), "apply_revert_cold_s": crt,
+               "apply_s": med(t_apply), "revert_s": med(t_revert), "unchecked_apply_revert_s": med(t_fast),
+               "first_apply_revert_s": med(t_first), "reload_s": med(t_reload), "from_pretrained_s": med(t_fresh),
+               "merge_and_unload_s": med(t_merge), "merge_unmerge_s": med(t_merge_unmerge), "exact": exact,
+               "peft_unmerge_drifted": drifted, "phases": phases,
+               "passes": {k: {"hot_median_s": med(times[k]), "hot_min_s": min(times[k]), "cold_median_s": med(cold[k])}
+                          for k in passes}}
+    if passes:
+        table += ["", breakdown(times, cold, passes, phases, len(patch.tensors), lines, patch,
+                                min(med(t_reload) / 100, med(t_merge) / 50) * 1e3)]
     return "\n".join(table), figures
+
+
+def breakdown(times: dict, cold: dict, passes: dict, phases: dict, n_tensors: int, lines: int, patch: Patch,
+              goal_ms: float) -> str:
+    """Where the time of one apply + revert goes: per-op overhead vs memory access (the measurement behind it)."""
+    g, s = "gather, one op over a span of the tensors (as the runtime)", "scatter, one op over a span of the tensors (as the runtime)"
+    gp, sp = "gather, one op per tensor (per-tensor fallback)", "scatter, one op per tensor (per-tensor fallback)"
+    gt, st_ = "gather, tiny ops (1 element per tensor)", "scatter, tiny ops (1 element per tensor)"
+    gc, sc = "gather, one op on consecutive elements", "scatter, one op on consecutive elements"
+    cmp = "bit comparison of nnz values"
+
+    def split(t: dict) -> tuple[dict, str]:
+        m = {k: med(t[k]) * 1e3 for k in list(passes) + ["apply+revert"]}
+        rt, four, cmps = m["apply+revert"], 2 * m[g] + 2 * m[s], 2 * m[cmp]
+        return m, (f"{four:.2f} ms of passes ({four / rt:.0%}) + {cmps:.2f} ms of comparisons ({cmps / rt:.0%}) out "
+                   f"of {rt:.2f} ms; the rest, {rt - four - cmps:.2f} ms ({(rt - four - cmps) / rt:.0%}), is Python "
+                   f"(validity of the cached staging, the handle, the lock)")
+
+    m, hot_text = split(times)
+    mc = {k: med(cold[k]) * 1e3 for k in list(passes) + ["apply+revert"]}
+    cold_text = (f"an apply + revert takes {mc['apply+revert']:.2f} ms, {mc['apply+revert'] - m['apply+revert']:+.2f} ms "
+                 f"against hot: its first gather fetches the touched lines from DRAM (a cold gather pass: "
+                 f"{mc[g]:.3f} ms against {m[g]:.3f} hot) and the passes after it find most of them in cache")
+    lo = {k: min(times[k]) * 1e3 for k in passes}
+    floor = 2 * lo[g] + 2 * lo[s]
+    total_bytes = sum(tp.numel * tp.xor_bits.itemsize for tp in patch.tensors.values())
+    ph = {k: v * 1e3 for k, v in phases.items()}
+    rows = ["Where the time of one apply + revert goes (same run; ms per pass, one pass = every touched element "
+            f"once; {n_tensors} tensors, {total_bytes / 1e6:.0f} MB, {lines} touched 64-byte cache lines):", "",
+            "| one pass over the touched elements | hot median ms | hot min ms | cold median ms |", "|---|---:|---:|---:|"]
+    rows += [f"| {k} | {m[k]:.3f} | {lo[k]:.3f} | {mc[k]:.3f} |" for k in passes]
+    rows += ["", f"Runtime phases, hot (median ms): apply check {ph['check']:.3f} (gather + comparison), apply write "
+             f"{ph['write']:.3f} (scatter under the lock), revert check {ph['revert_check']:.3f}, revert write "
+             f"{ph['revert_write']:.3f}; bookkeeping before the check {ph['stage']:.3f}.",
+             f"An apply + revert is two gathers, two scatters and two bit comparisons (a check before each write). "
+             f"Hot: {hot_text}. Cold: {cold_text}.",
+             f"Per-op overhead: {n_tensors} ops per pass instead of one cost {m[gp] - m[g]:+.3f} ms (gather) and "
+             f"{m[sp] - m[s]:+.3f} ms (scatter) per pass hot, {mc[gp] - mc[g]:+.3f} / {mc[sp] - mc[s]:+.3f} ms cold "
+             f"({n_tensors} one-element calls alone: {m[gt]:.3f} / {m[st_]:.3f} ms). Memory access: the same one op "
+             f"on consecutive elements takes {m[gc]:.3f} / {m[sc]:.3f} ms, so scattered access is "
+             f"{(m[g] - m[gc]) / m[g]:.0%} / {(m[s] - m[sc]) / m[s]:.0%} of a pass hot, "
+             f"{(mc[g] - mc[gc]) / mc[g]:.0%} / {(mc[s] - mc[sc]) / mc[s]:.0%} cold.",
+             f"Floor of this design with torch kernels: four one-op passes at their hot minimum, {floor:.2f} ms, "
+             f"before any comparison or Python, against the {goal_ms:.2f} ms that both goals need."]
+    return "\n".join(rows)
 
 
 # ---- part 2: throughput of large synthetic patches ------------------------------------------------

@@ -45,12 +45,17 @@ stands in for the hash and for the finiteness check (it implies both); otherwise
 A loaded patch is read once: arrays changed in place after its first apply are not re-read
 (replacing a TensorPatch or an array, or building a new Patch, is noticed).
 
-Cost: bound by scattered memory access to the touched elements (each apply and each revert reads
-them once, to check, then writes them once: an index_select and a scatter_ per tensor). On the
-SmolLM2 edit patch (268k elements on 173k cache lines) each such pass takes about 0.5 ms on the
-2-core EPYC, so a checked apply + revert costs four passes, two bit comparisons and ~0.3 ms of
-Python; the first apply of a Patch adds staging and the sha256 (~1.5 ms). The first patch written into weights that transformers loaded as a private
-memory map of the safetensors file also pays one copy-on-write page fault per touched 4 KiB page.
+Cost: bound by scattered memory access, measured (bench/runtime.py, section "runtime" of
+docs/benchmarks.md). Each apply and each revert reads the touched elements once, to check, then
+writes them once: one index_select and one scatter_ per dtype over a span of the touched tensors
+(runtime.staging), so the number of torch calls does not grow with the number of tensors. On the
+SmolLM2 edit patch (60 tensors, 268k elements on 173k cache lines) a pass costs ~0.45-0.7 ms hot on the
+2-core EPYC, of which ~0.15 ms is the kernel's per-element work (the same pass over consecutive
+elements) and the rest scattered access; one call per tensor instead adds ~0.1 ms per pass. A checked
+apply + revert is four passes (~2.2 ms at best), two bit comparisons (~0.1 ms) and ~0.1 ms of Python.
+The first apply of a Patch adds staging and the sha256 (~3-5 ms). The first patch written into weights
+that transformers loaded as a private memory map of the safetensors file also pays one copy-on-write
+page fault per touched 4 KiB page.
 """
 from __future__ import annotations
 
