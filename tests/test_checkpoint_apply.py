@@ -147,17 +147,17 @@ def _big_checkpoint(root: Path, shards: int = 3, numel: int = 3 << 20) -> tuple[
     return base, save_patch(patch, root / "p.safetensors")
 
 
-def _apply_process(ckpt: Path, patch: Path, revert: bool) -> subprocess.Popen:
+def _apply_process(ckpt: Path, patch: Path, revert: bool, stderr=subprocess.DEVNULL) -> subprocess.Popen:
     args = [sys.executable, "-c", "from roselora_export.cli import main; main()", "apply", "--base", str(ckpt),
             "--patch", str(patch), "--in-place"] + (["--revert"] if revert else [])
-    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def _wait_for_partial_shard(parent: Path, proc: subprocess.Popen, nth: int, timeout: float = 60.0) -> bool:
     """Poll until the nth shard of the temp copy exists (being written); False if the process ended first."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
-        for tmp in parent.glob(".ckpt.tmp-*"):
+        for tmp in parent.glob(".ckpt.inplace-*"):
             shards = sorted(tmp.glob("model-*.safetensors"))
             if len(shards) > nth:
                 return True
@@ -195,3 +195,63 @@ def test_in_place_apply_killed_mid_write_leaves_old_or_new_checkpoint_whole(tmp_
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model-00001-of-00003.safetensors",
                                                       "model-00002-of-00003.safetensors",
                                                       "model-00003-of-00003.safetensors", "model.safetensors.index.json"]
+
+
+def test_concurrent_in_place_applies_both_land(tmp_path, monkeypatch):
+    """While one in-place apply writes, a second one starts: the directory lock makes it wait and
+    apply on top, where without it both would start from the old checkpoint and one edit be lost."""
+    import threading
+
+    from roselora_export.checkpoint import ops
+
+    ckpt, _ = _big_checkpoint(tmp_path, shards=3, numel=1 << 14)
+    base_sd = load_state_dict(ckpt)
+    patches, want = {}, dict(fingerprints(ckpt))
+    for layer in ("layer0.weight", "layer2.weight"):
+        target = dict(base_sd)
+        target[layer] = base_sd[layer] * 2
+        patches[layer] = build_patch_from_state_dicts(base_sd, target)
+        want[layer] = patches[layer].tensors[layer].patched_sha256
+    first_writing, second_done = threading.Event(), threading.Event()
+    write = ops.write_checkpoint
+
+    def slow_first_write(*args, **kwargs):
+        result = write(*args, **kwargs)
+        if not first_writing.is_set():  # written, not yet swapped in: let the second apply run meanwhile
+            first_writing.set()
+            second_done.wait(timeout=2.0)  # it finishes, unless it has to wait for this one
+        return result
+
+    monkeypatch.setattr(ops, "write_checkpoint", slow_first_write)
+    errors = []
+
+    def run(layer, after=None):
+        try:
+            if after is not None:
+                after.wait()
+            apply_to_checkpoint(ckpt, [patches[layer]], in_place=True)
+        except Exception as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+        finally:
+            if after is not None:
+                second_done.set()
+
+    threads = [threading.Thread(target=run, args=("layer0.weight",)),
+               threading.Thread(target=run, args=("layer2.weight", first_writing))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert fingerprints(ckpt) == want
+
+
+def test_in_place_apply_removes_leftovers_of_a_killed_one(tmp_path):
+    ckpt, patch = _big_checkpoint(tmp_path, shards=1, numel=1 << 14)
+    dead = tmp_path / ".ckpt.inplace-dead"
+    dead.mkdir()
+    (dead / "model-00001-of-00001.safetensors").write_bytes(b"half written")
+    other = tmp_path / ".ckpt.tmp-other"  # a new-directory write (--out), which takes no lock: not ours
+    other.mkdir()
+    apply_to_checkpoint(ckpt, [load_patch(patch)], in_place=True)
+    assert not dead.exists() and other.exists()

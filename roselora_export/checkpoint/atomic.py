@@ -55,11 +55,48 @@ def exchange_dirs(new: Path, dest: Path) -> None:
     _fsync_dir(dest.parent)
 
 
+def _in_place_prefix(dest: Path) -> str:
+    return f".{dest.name}.inplace-"
+
+
+@contextlib.contextmanager
+def locked_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on directory `dest` for an in-place update, waiting for any other holder.
+
+    The lock is flock on the directory itself. An in-place update swaps a new directory in, so a
+    waiter may wake holding the lock of the old one: it then retries on whatever `dest` is now.
+    Holding it, leftovers of in-place updates killed before their swap (`.NAME.inplace-*` beside
+    `dest`; only lock holders make them) are removed."""
+    import fcntl
+
+    dest = Path(dest)
+    while True:
+        try:
+            fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as err:
+            raise InputError(f"{dest}: cannot open the directory to lock it ({err.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_ino == os.stat(dest).st_ino:
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # swapped while we waited: lock the directory that is there now
+    try:
+        for stale in dest.parent.glob(_in_place_prefix(dest) + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield dest
+    finally:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a temp directory beside `dest`; on success it becomes `dest` atomically, on error it is removed.
 
-    replace=False refuses a non-empty existing `dest`; replace=True swaps it (in-place updates).
+    replace=False refuses a non-empty existing `dest`; replace=True swaps it (in-place updates; hold
+    `locked_dir(dest)` around them, so that two updates cannot both start from the same old copy).
     """
     dest = Path(dest)
     exists = dest.exists()
@@ -68,7 +105,8 @@ def atomic_dir(dest: str | os.PathLike, *, replace: bool = False) -> Iterator[Pa
     if exists and not replace and any(dest.iterdir()):
         raise InputError(f"--out {dest}: exists and is not empty; choose another path or remove it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    prefix = _in_place_prefix(dest) if replace and exists else f".{dest.name}.tmp-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
     try:
         yield tmp
         _fsync_dir(tmp)

@@ -7,6 +7,8 @@ bytes are copied file to file in the kernel by a background thread while changed
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import shutil
@@ -21,7 +23,7 @@ from ..patch.apply import xor_tensor
 from ..patch.build import diff_tensor, now_iso
 from ..patch.io import save_patch
 from ..patch.model import DTYPE_NAMES, Patch, tensor_bits
-from .atomic import atomic_dir, link_or_copy
+from .atomic import atomic_dir, link_or_copy, locked_dir
 from .copier import copy_side_files
 from .merge import FLOAT_DTYPES, MergeResult, Progress, default_patch_path, merge_checkpoint  # noqa: F401 (re-exported)
 from .model_dir import INDEX_NAME, ModelDir, open_model_dir
@@ -205,12 +207,15 @@ def apply_to_checkpoint(base_dir: str | os.PathLike, patches: list[Patch], out_d
     """Apply (or revert) patches to a checkpoint directory, into `out_dir` or atomically in place."""
     if in_place == (out_dir is not None):
         raise InputError("give either --out DIR or --in-place (exactly one)")
-    model = open_model_dir(base_dir)
-    names = verify_patches(patches, model, revert=revert)
-    dest = model.path if in_place else Path(out_dir)
-    with atomic_dir(dest, replace=in_place) as tmp:
-        write_checkpoint(model, tmp, lambda n: _chain(patches, n, model.read(n), revert, check=False), set(names),
-                         link_unchanged=in_place, durable=in_place, progress=progress)
+    # In place, the checks and the write happen under the directory's lock: a concurrent apply waits,
+    # then sees this one's result (and refuses a patch that is already applied).
+    with locked_dir(open_model_dir(base_dir).path) if in_place else contextlib.nullcontext():
+        model = open_model_dir(base_dir)
+        names = verify_patches(patches, model, revert=revert)
+        dest = model.path if in_place else Path(out_dir)
+        with atomic_dir(dest, replace=in_place) as tmp:
+            write_checkpoint(model, tmp, lambda n: _chain(patches, n, model.read(n), revert, check=False), set(names),
+                             link_unchanged=in_place, durable=in_place, progress=progress)
     return {"out": str(dest), "tensors": len(names), "patches": len(patches), "revert": revert, "in_place": in_place,
             "nnz": sum(p.total_nnz for p in patches)}
 
