@@ -33,8 +33,8 @@ shapes and dtypes; stage indices and XOR bits (one packed buffer, pinned and cop
 check indices on the device (in range, strictly increasing); gather the touched bits, check the
 base fingerprint and that the new values are finite, for every tensor; only then write. The old
 bits and the new bits (nnz-sized) stay on the device for revert, whose check compares the live bits
-with the kept new bits. If a write fails, the tensors already written are restored, so the model is as
-before.
+with the kept new bits. If a write fails, every write started (the failing one included) is taken back,
+so the model is as before.
 
 Re-applying the same loaded Patch object (the serving pattern: edit on, edit off, edit on) reuses its
 staging: the patch is read and staged once, and the staging is kept while the Patch object lives
