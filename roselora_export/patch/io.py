@@ -85,8 +85,12 @@ def varint_decode(stream: np.ndarray, count: int) -> np.ndarray:
     _need(int(lengths.max()) <= MAX_VARINT_BYTES, f"a number in the positions stream is longer than {MAX_VARINT_BYTES} bytes")
     _need(bool(np.all((stream[ends] != 0) | (lengths == 1))), "a number in the positions stream is not minimally encoded")
     starts = ends - lengths + 1
-    shift = (np.arange(stream.size) - np.repeat(starts, lengths)).astype(np.uint64) * np.uint64(7)
-    return np.add.reduceat((stream & 0x7F).astype(np.uint64) << shift, starts)
+    # One pass per byte position (at most MAX_VARINT_BYTES): memory per number, not per stream byte.
+    out = (stream[starts] & 0x7F).astype(np.uint64)
+    for k in range(1, int(lengths.max())):
+        longer = np.flatnonzero(lengths > k)
+        out[longer] |= (stream[starts[longer] + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+    return out
 
 
 def _b64(hex_digest: str) -> str:
