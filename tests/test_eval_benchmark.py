@@ -110,3 +110,33 @@ def test_evaluate_a_patch_file_counts_its_elements_and_measures_every_request(ti
     assert by_patch["params_modified"] == patch.total_nnz > 0
     assert by_patch["applied_as"] == "patch" and len(by_patch["per_request"]) == 2
     # Exact agreement with the unmerged adapter is not asserted: a random tiny model has near-tied logits.
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_evaluate_an_edited_directory_matches_the_patch_it_was_merged_with(tiny, tiny_model_dirs, two_requests,
+                                                                           tmp_path, dtype):
+    from roselora_export.checkpoint import merge_checkpoint
+    from roselora_export.edit.train import save_edit, train_edit
+    import torch
+
+    model, tok = tiny
+    result = train_edit(model, tok, load_requests(two_requests), method="lora", config=RoseLoraConfig(steps=3))
+    save_edit(result, tmp_path / "adapter")
+    merged = merge_checkpoint(tiny_model_dirs["llama"], tmp_path / "adapter", tmp_path / "merged",
+                              dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    args = ["evaluate", "--model", str(tiny_model_dirs["llama"]), "--requests", str(two_requests), "--json"]
+    res = CliRunner().invoke(main, args + ["--edited", str(tmp_path / "merged")])
+    assert res.exit_code == 0, res.output
+    by_dir = json.loads(res.stdout)
+    assert by_dir["params_modified"] == merged.patch.total_nnz > 0
+    assert by_dir["applied_as"] == f"edited model directory ({'F32' if dtype == 'fp32' else 'BF16'})"
+    if dtype == "fp32":  # the merged directory is the base with the patch applied: the same model, the same scores
+        by_patch = json.loads(CliRunner().invoke(main, args + ["--patch", str(merged.patch_path)]).stdout)
+        assert by_dir["per_request"] == by_patch["per_request"]
+
+
+def test_evaluate_refuses_an_edited_directory_of_another_architecture(tiny_model_dirs, two_requests):
+    res = CliRunner().invoke(main, ["evaluate", "--model", str(tiny_model_dirs["llama"]), "--requests",
+                                    str(two_requests), "--edited", str(tiny_model_dirs["gpt2"])])
+    assert res.exit_code == 2
+    assert "not the same architecture" in res.output

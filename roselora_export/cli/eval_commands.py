@@ -33,17 +33,20 @@ def _fmt(x, pct: bool = False) -> str:
               help="A PEFT adapter dir (measured unmerged, as PEFT runs it) or an ft-l dir (applied as an fp32 merge).")
 @click.option("--patch", "patches", multiple=True, type=click.Path(),
               help="Patch file(s) applied in place, in order, before measuring (repeat the option for several).")
+@click.option("--edited", "edited_dir", type=click.Path(), default=None,
+              help="An already-edited model directory (e.g. what merge wrote), measured against --model as the "
+                   "unedited reference; an fp16/bf16 one against --model rounded to that dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def evaluate(model_dir, requests_path, adapter, patches, as_json):
+def evaluate(model_dir, requests_path, adapter, patches, edited_dir, as_json):
     """Measure reliability, generalization, locality and efficacy of an edit against the unedited model.
 
-    Without --adapter or --patch the unedited model itself is measured (locality is then 1).
+    Without --adapter, --patch or --edited the unedited model itself is measured (locality is then 1).
     Metrics: token-level teacher-forced accuracy of target_new (reliability; on rephrases:
     generalization), unchanged argmax on locality answers, P(target_new) > P(ground_truth).
     """
     from ..edit.evaluate import evaluate_dir
 
-    report = evaluate_dir(model_dir, requests_path, adapter=adapter, patches=list(patches))
+    report = evaluate_dir(model_dir, requests_path, adapter=adapter, patches=list(patches), edited=edited_dir)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

@@ -6,7 +6,7 @@
     report = summarize(rows, params_modified=patch.total_nnz, base_params=count_base_params(base_model))
 
 `evaluate_dir` is the library side of the `evaluate` command: a model directory, a requests file,
-optionally a PEFT adapter (or ft-l dir) or patch files.
+optionally a PEFT adapter (or ft-l dir), patch files, or an already-edited model directory.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from ..errors import InputError
+from ..patch.model import DTYPE_NAMES
 from .metrics import AnswerScore, Forward, Scorer, agreement, mean, torch_forward
 from .requests import EditRequest, load_requests
 
@@ -106,26 +107,65 @@ def _is_peft_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
+def _stored_float_dtype(model_dir: str | os.PathLike) -> torch.dtype:
+    """The dtype a checkpoint directory stores its floating-point weights in (the first one found)."""
+    from ..checkpoint import open_model_dir
+    from ..checkpoint.safetensors_stream import TORCH_DTYPES
+
+    for _, info in open_model_dir(model_dir).locations.values():
+        dtype = TORCH_DTYPES.get(info.dtype)
+        if dtype is not None and dtype.is_floating_point:
+            return dtype
+    return torch.float32
+
+
+def _edited_weights(model: torch.nn.Module, edited: torch.nn.Module, edited_dir) -> int:
+    """How many weights of `edited` differ (in their bits) from `model`'s; InputError unless both have the same ones."""
+    base, other = dict(model.named_parameters()), dict(edited.named_parameters())
+    for name in sorted(set(base) | set(other)):
+        if name not in base or name not in other or base[name].shape != other[name].shape:
+            raise InputError(f"--edited {edited_dir}: not the same architecture as --model (first difference: {name}); "
+                             "pass the model it was edited from")
+    return sum(int((base[n].detach().view(torch.int32) != other[n].detach().view(torch.int32)).sum()) for n in base)
+
+
 def evaluate_dir(model_dir: str | os.PathLike, requests_path: str | os.PathLike, *,
-                 adapter: str | os.PathLike | None = None, patches: Sequence[str | os.PathLike] = ()) -> dict:
-    """Evaluate a model directory on a requests file, edited by a PEFT/ft-l adapter dir or by patch files.
+                 adapter: str | os.PathLike | None = None, patches: Sequence[str | os.PathLike] = (),
+                 edited: str | os.PathLike | None = None) -> dict:
+    """Evaluate a model directory on a requests file, edited by a PEFT/ft-l adapter dir, by patch files, or
+    as an already-edited model directory (`edited`, e.g. what `merge` wrote).
 
     The unedited model is the reference for locality. A PEFT adapter is measured as PEFT runs it
-    (unmerged); an ft-l directory, and patch files, are applied in place through PatchRuntime.
+    (unmerged); an ft-l directory, and patch files, are applied in place through PatchRuntime. An
+    edited directory stored in fp16 or bf16 is measured against the unedited model rounded to that
+    dtype, so that locality measures the edit rather than the rounding.
     """
     from ..models import load_model, load_tokenizer
     from ..patch import build_patch_from_adapter
     from ..runtime import PatchRuntime
 
-    if adapter is not None and patches:
-        raise InputError("--adapter and --patch: give one or the other")
+    if sum((adapter is not None, bool(patches), edited is not None)) > 1:
+        raise InputError("--adapter, --patch and --edited: give one or the other")
     requests = load_requests(requests_path)
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
     base_params = count_base_params(model)
+    edited_model = None
+    if edited is not None:
+        edited_model = load_model(edited)  # upcast to fp32, exactly
+        stored = _stored_float_dtype(edited)
+        if stored != torch.float32:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.to(stored).float())
     evaluator = EditEvaluator(tokenizer, requests, torch_forward(model))
     info: dict = {"model": str(model_dir), "requests_file": str(requests_path)}
-    if adapter is not None:
+    if edited_model is not None:
+        modified = _edited_weights(model, edited_model, edited)
+        rows = evaluator.measure(torch_forward(edited_model))
+        info["edited"] = str(edited)
+        info["applied_as"] = f"edited model directory ({DTYPE_NAMES.get(stored, str(stored))})"
+    elif adapter is not None:
         path = Path(adapter)
         if not path.is_dir():
             raise InputError(f"--adapter {path}: not a directory")
