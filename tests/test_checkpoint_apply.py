@@ -248,10 +248,12 @@ def test_concurrent_in_place_applies_both_land(tmp_path, monkeypatch):
 
 def test_in_place_apply_removes_leftovers_of_a_killed_one(tmp_path):
     ckpt, patch = _big_checkpoint(tmp_path, shards=1, numel=1 << 14)
-    dead = tmp_path / ".ckpt.inplace-dead"
+    dead = tmp_path / ".ckpt.inplace-deadbeef"
     dead.mkdir()
     (dead / "model-00001-of-00001.safetensors").write_bytes(b"half written")
-    other = tmp_path / ".ckpt.tmp-other"  # a new-directory write (--out), which takes no lock: not ours
-    other.mkdir()
+    others = [tmp_path / ".ckpt.tmp-othr1234",  # a new-directory write (--out), which takes no lock
+              tmp_path / ".ckpt.inplace-x.inplace-abcdefgh"]  # an in-place apply on a sibling "ckpt.inplace-x"
+    for other in others:
+        other.mkdir()
     apply_to_checkpoint(ckpt, [load_patch(patch)], in_place=True)
-    assert not dead.exists() and other.exists()
+    assert not dead.exists() and all(other.exists() for other in others)

@@ -84,7 +84,8 @@ def locked_dir(dest: str | os.PathLike) -> Iterator[Path]:
             raise
         os.close(fd)  # swapped while we waited: lock the directory that is there now
     try:
-        for stale in dest.parent.glob(_in_place_prefix(dest) + "*"):
+        # Exactly mkdtemp's 8 random characters: a sibling checkpoint named "NAME.inplace-x" has its own.
+        for stale in dest.parent.glob(_in_place_prefix(dest) + "?" * 8):
             shutil.rmtree(stale, ignore_errors=True)
         yield dest
     finally:
