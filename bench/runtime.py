@@ -123,8 +123,11 @@ def pass_variants(model: torch.nn.Module, patch: Patch, device: torch.device) ->
         return {}
     width = flats[0].element_size()
     start = min(f.data_ptr() for f in flats)
-    span = _span(start, (max(f.data_ptr() + f.numel() * width for f in flats) - start) // width, flats[0].dtype,
-                 flats[0].device)
+    try:
+        span = _span(start, (max(f.data_ptr() + f.numel() * width for f in flats) - start) // width, flats[0].dtype,
+                     flats[0].device)
+    except (RuntimeError, TypeError, ValueError):
+        return {}
     outs = [torch.index_select(f, 0, i) for f, i in zip(flats, idxs)]  # the base bits
     gidx = torch.cat([i + (f.data_ptr() - start) // width for f, i in zip(flats, idxs)])
     gout = torch.cat(outs)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from roselora_export.patch.model import Patch, tensor_patch_from_pair
+from roselora_export.patch.model import Patch, sha256_tensor, tensor_patch_from_pair
 from roselora_export.runtime import PatchRuntime, live as runtime_live, staging
 from test_runtime_helpers import DTYPES, TIED, state_hash
 from tiny_models import tiny_llama
@@ -118,5 +118,23 @@ def test_tensors_that_share_memory_are_written_one_by_one_and_revert_exactly(mon
     handle = rt.apply(patch)
     assert calls == {"gather": 2, "write": 2}  # no span: one scatter must not cover two tensors' memory
     assert torch.equal(model.a.detach().view(-1)[:512], a2.view(-1)[:512]) and torch.equal(model.b.detach(), b2)
+    rt.revert(handle)
+    assert state_hash(model) == base
+
+
+def test_where_a_span_cannot_be_made_each_tensor_is_written_on_its_own(monkeypatch):
+    def refuse(*args):
+        raise RuntimeError("no span on this device")
+
+    monkeypatch.setattr(staging, "_span", refuse)
+    model = _model("cpu", torch.float32)
+    base = state_hash(model)
+    patch = _patch_on(model, MATRICES, np.random.default_rng(3), 0.1)
+    calls = _counting(monkeypatch)
+    rt = PatchRuntime(model)
+    handle = rt.apply(patch)
+    assert calls == {"gather": len(MATRICES), "write": len(MATRICES)}
+    live = dict(model.named_parameters())
+    assert all(sha256_tensor(live[n]) == tp.patched_sha256 for n, tp in patch.tensors.items())
     rt.revert(handle)
     assert state_hash(model) == base

@@ -172,6 +172,13 @@ def _span(start: int, numel: int, dtype: torch.dtype, device: torch.device) -> t
     return span
 
 
+def _try_span(start: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    try:
+        return _span(start, numel, dtype, device)
+    except (RuntimeError, TypeError, ValueError):  # a torch build or device that will not make one: per tensor
+        return None
+
+
 def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.device, pool: dict | None = None) -> Staged:
     """Pack (name, live tensor, TensorPatch) items into one buffer and move it to `device` in one copy.
 
@@ -254,13 +261,16 @@ def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.devi
         group = by_dtype[dt]
         if not group:
             continue
-        if dt in spans:
-            span = _span(*spans[dt], TORCH_BITS_DTYPE[dt], group[0].target.device)
+        span = _try_span(*spans[dt], TORCH_BITS_DTYPE[dt], group[0].target.device) if dt in spans else None
+        if span is not None:
             first, count = group[0].index_offset, group_nnz[dt]
             staged.units.append(Unit(span, staged.index[first:first + count], dt, slice(0, count), group))
-        else:
-            staged.units += [Unit(e.flat, staged.index[e.index_offset:e.index_offset + e.nnz], dt, e.group_slice(), [e])
-                             for e in group]
+            continue
+        for e in group:  # per tensor, on its own flat view: indices relative to the tensor itself
+            idx = staged.index[e.index_offset:e.index_offset + e.nnz]
+            if e.span_offset:  # a span was planned but could not be made: take the offset back out
+                idx = idx - e.span_offset
+            staged.units.append(Unit(e.flat, idx, dt, e.group_slice(), [e]))
     staged.names = tuple(e.name for e in entries)
     staged.host_index = {e.name: np.asarray(e.tp.flat_index) for e in entries}
     staged.data_ptrs = {e.name: e.data_ptr for e in entries}
