@@ -257,3 +257,19 @@ def test_in_place_apply_removes_leftovers_of_a_killed_one(tmp_path):
         other.mkdir()
     apply_to_checkpoint(ckpt, [load_patch(patch)], in_place=True)
     assert not dead.exists() and all(other.exists() for other in others)
+
+
+@pytest.mark.parametrize("renameat2", ["linux", "unsupported"])
+def test_a_failed_swap_leaves_the_checkpoint_where_it_was(tmp_path, monkeypatch, renameat2):
+    from roselora_export.checkpoint import atomic
+    from roselora_export.checkpoint.atomic import exchange_dirs
+
+    if renameat2 == "unsupported":  # the two-rename fallback must put the old copy back too
+        monkeypatch.setattr(atomic, "_renameat2_exchange", lambda a, b: False)
+    dest = tmp_path / "ckpt"
+    dest.mkdir()
+    (dest / "config.json").write_text("{}")
+    with pytest.raises(OSError):
+        exchange_dirs(tmp_path / ".ckpt.inplace-missing0", dest)  # the new copy is gone
+    assert (dest / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

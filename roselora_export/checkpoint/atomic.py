@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import shutil
 import tempfile
@@ -24,14 +25,19 @@ _RENAME_EXCHANGE = 2
 
 
 def _renameat2_exchange(a: Path, b: Path) -> bool:
+    """Swap a and b atomically; False where the call is unsupported, OSError for any other failure."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         fn = libc.renameat2
     except (OSError, AttributeError):
         return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # no such call, or a filesystem without it
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,7 +56,11 @@ def exchange_dirs(new: Path, dest: Path) -> None:
         return
     old = new.with_name(new.name + ".old")
     os.rename(dest, old)
-    os.rename(new, dest)
+    try:
+        os.rename(new, dest)
+    except OSError:
+        os.rename(old, dest)  # put the old copy back where it was
+        raise
     os.rename(old, new)
     _fsync_dir(dest.parent)
 
