@@ -257,3 +257,45 @@ def test_merge_in_a_process_that_has_torch_leaves_its_garbage_collector_as_it_wa
     frozen = gc.get_freeze_count()
     merge_checkpoint(base, adapter, tmp_path / "out")
     assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
+def test_the_shard_copier_hashes_the_expected_tensors_and_copies_those_nobody_wrote(sharded, tmp_path):
+    import time
+
+    from roselora_export.checkpoint.copier import ShardCopier
+    from roselora_export.patch.model import sha256_tensor
+
+    model = open_model_dir(sharded[1])
+    expected = [k for k in model.keys() if k.endswith(("q_proj.weight", "v_proj.weight"))]
+    copier = ShardCopier(model, tmp_path, expected=expected)
+    try:
+        copier.finish()
+        deadline = time.monotonic() + 30
+        while len(copier._digests) < len(expected) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert {n: copier.base_sha256(n) for n in expected} == {n: sha256_tensor(model.read(n)) for n in expected}
+    finally:
+        copier.close()
+    for header in model.shards:
+        assert (tmp_path / header.path.name).read_bytes() == header.path.read_bytes()
+
+
+@pytest.mark.parametrize("guess", ["none", "every tensor"])
+def test_a_wrong_guess_of_the_changed_tensors_still_gives_the_exact_merge(sharded, tmp_path, monkeypatch, guess):
+    from roselora_export.checkpoint import merge as merge_module
+
+    _, base, adapter = sharded
+    want = merge_checkpoint(base, adapter, tmp_path / "want")
+    monkeypatch.setattr(merge_module, "guess_changed", lambda a, model: [] if guess == "none" else model.keys())
+    got = merge_checkpoint(base, adapter, tmp_path / "got")
+    assert fingerprints(tmp_path / "got") == fingerprints(tmp_path / "want")
+    assert {k: (t.base_sha256, t.patched_sha256) for k, t in got.patch.tensors.items()} == \
+        {k: (t.base_sha256, t.patched_sha256) for k, t in want.patch.tensors.items()}
+
+
+def test_the_guess_of_changed_tensors_names_the_adapted_weights(sharded):
+    from roselora_export.checkpoint.copier import guess_changed
+
+    _, base, adapter = sharded
+    model = open_model_dir(base)
+    assert guess_changed(adapter, model) == [k for k in model.keys() if k.endswith(("q_proj.weight", "v_proj.weight"))]

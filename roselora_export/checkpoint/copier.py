@@ -6,18 +6,41 @@ torch (~1 s of Python), and the merge then only overwrites the changed tensors i
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import mmap
 import os
+import re
 import shutil
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from .atomic import link_or_copy
 from .model_dir import INDEX_NAME, ModelDir
-from .safetensors_stream import Header, copy_range
+from .safetensors_stream import Header, TensorInfo, copy_range, read_header
 
 COPY_CHUNK = 256 << 20  # a cancel waits for at most one chunk; each chunk is one copy_file_range call
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
+
+
+def guess_changed(adapter_dir: str | os.PathLike, model: ModelDir) -> list[str]:
+    """The base tensors an adapter directory probably changes, from its file header alone (no torch).
+
+    Only a head start for the copier (skip their bytes, hash them early): the adapter reader
+    (`patch.adapter`) decides what changes, and a wrong guess costs time, never correctness.
+    """
+    path = Path(adapter_dir)
+    try:
+        if (path / "ft_l.safetensors").is_file():
+            keys = list(read_header(path / "ft_l.safetensors").tensors)
+        else:
+            keys = [m.group(1) + ".weight" for k in read_header(path / "adapter_model.safetensors").tensors
+                    if (m := _LORA_KEY.match(k))]
+    except Exception:  # noqa: BLE001 - unreadable here: the adapter reader reports it properly
+        return []
+    return [k for k in dict.fromkeys(keys) if k in model.locations]
 
 
 def copy_side_files(model: ModelDir, dest: Path, dtype_name: str | None = None, *, link: bool = False) -> None:
@@ -43,37 +66,72 @@ def copy_side_files(model: ModelDir, dest: Path, dtype_name: str | None = None, 
             shutil.copy2(p, dest / p.name)
 
 
+def _sha256_range(path: Path, info: TensorInfo) -> str:
+    """sha256 of one tensor's bytes in a file (mapped read-only, not copied)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        lo = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(fd, info.start + info.nbytes - lo, prot=mmap.PROT_READ, offset=lo)
+    finally:
+        os.close(fd)
+    try:
+        with memoryview(m) as view:
+            return hashlib.sha256(view[info.start - lo:]).hexdigest()
+    finally:
+        m.close()
+
+
 class ShardCopier:
-    """Copy every shard of `model` whole into `dest` in one background thread, in shard order; then the
-    index (unchanged) and the side files.
+    """Copy every shard of `model` into `dest` in one background thread, in shard order; then the index
+    (unchanged) and the side files; then hash the tensors expected to change.
 
     The copies keep the base's bytes exactly (header included), so a tensor that the caller changes
-    (same dtype and shape) is overwritten in place at its offset, after `wait(shard)`. `poll` hands
-    back the tensor bytes of finished shards, for a progress bar. Errors surface in `wait`/`finish`.
+    (same dtype and shape) is written in place at its offset, after `wait(shard)`. The bytes of the
+    `expected` tensors are not copied (the caller writes them); `finish` copies any of them the caller
+    did not write (`wrote`), so a wrong guess costs time, never correctness. Their sha256 (of the
+    base bytes) are computed here too, while the caller is still busy importing torch, and handed out
+    by `base_sha256`. `poll` hands back the tensor bytes of finished shards, for a progress bar.
+    Errors surface in `wait` / `finish`.
     """
 
-    def __init__(self, model: ModelDir, dest: Path, *, dtype_name: str | None = None):
+    def __init__(self, model: ModelDir, dest: Path, *, dtype_name: str | None = None, expected: Iterable[str] = ()):
         self.model, self.dest = model, Path(dest)
+        wanted = set(expected)
+        self._expected = [n for n in model.keys() if n in wanted]
         self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._written: set[str] = set()
+        self._digests: dict[str, str] = {}
+        self._hashing: dict[str, threading.Event] = {}
+        self._claimed: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-copy")
         self._shards: dict[str, Future] = {}
         self._unreported: list[tuple[Future, int]] = []
         for header in model.shards:
-            fut = self._pool.submit(self._copy_shard, header)
+            fut = self._pool.submit(self._copy_shard, header, [i for n, i in header.tensors.items() if n in wanted])
             self._shards[header.path.name] = fut
             self._unreported.append((fut, sum(t.nbytes for t in header.tensors.values())))
         self._rest = self._pool.submit(self._copy_rest, dtype_name)
+        self._pool.submit(self._hash_expected)
 
-    def _copy_shard(self, header: Header) -> None:
+    def _copy_shard(self, header: Header, skip: list[TensorInfo]) -> None:
         size = header.path.stat().st_size
+        runs, pos = [], 0  # byte ranges to copy: everything but the skipped tensors
+        for info in sorted(skip, key=lambda i: i.start):
+            if info.start > pos:
+                runs.append((pos, info.start))
+            pos = max(pos, info.start + info.nbytes)
+        runs.append((pos, size))
         src = os.open(header.path, os.O_RDONLY)
         try:
             dst = os.open(self.dest / header.path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
-                for pos in range(0, size, COPY_CHUNK):
-                    if self._cancel.is_set():
-                        return
-                    copy_range(src, dst, pos, pos, min(COPY_CHUNK, size - pos), header.path.name)
+                os.ftruncate(dst, size)
+                for a, b in runs:
+                    for pos in range(a, b, COPY_CHUNK):
+                        if self._cancel.is_set():
+                            return
+                        copy_range(src, dst, pos, pos, min(COPY_CHUNK, b - pos), header.path.name)
             finally:
                 os.close(dst)
         finally:
@@ -86,9 +144,43 @@ class ShardCopier:
             shutil.copy2(self.model.path / INDEX_NAME, self.dest / INDEX_NAME)
         copy_side_files(self.model, self.dest, dtype_name)
 
+    def _hash_expected(self) -> None:
+        for name in self._expected:
+            with self._lock:
+                if self._cancel.is_set() or name in self._claimed:
+                    continue
+                done = self._hashing[name] = threading.Event()
+            try:
+                header, info = self.model.locations[name]
+                digest = _sha256_range(header.path, info)
+                with self._lock:
+                    self._digests[name] = digest
+            except Exception:  # noqa: BLE001 - only a head start: the caller hashes it itself, and meets the error there
+                pass
+            finally:
+                done.set()
+
+    def base_sha256(self, name: str) -> str | None:
+        """sha256 of the base bytes of `name`, if hashed here (waiting if under way); None: hash it yourself."""
+        with self._lock:
+            if name in self._digests:
+                return self._digests[name]
+            done = self._hashing.get(name)
+            if done is None:
+                self._claimed.add(name)  # not started: the caller hashes it, so this thread will not
+                return None
+        done.wait()
+        with self._lock:
+            return self._digests.get(name)
+
     def wait(self, header: Header) -> None:
         """Block until this shard's copy is complete (re-raising its error)."""
         self._shards[header.path.name].result()
+
+    def wrote(self, name: str) -> None:
+        """The caller has written tensor `name` in its shard (so `finish` need not copy it)."""
+        with self._lock:
+            self._written.add(name)
 
     def poll(self, block: bool = False) -> int:
         """Tensor bytes of the shards finished since the last call (all of them when block=True)."""
@@ -100,12 +192,24 @@ class ShardCopier:
         return done
 
     def finish(self) -> None:
-        """Wait for every copy; re-raise the first error."""
+        """Wait for every copy, copy the expected tensors nobody wrote; re-raise the first error."""
         for fut in self._shards.values():
             fut.result()
         self._rest.result()
+        for name in self._expected:
+            if name not in self._written:
+                header, info = self.model.locations[name]
+                src = os.open(header.path, os.O_RDONLY)
+                try:
+                    dst = os.open(self.dest / header.path.name, os.O_WRONLY)
+                    try:
+                        copy_range(src, dst, info.start, info.start, info.nbytes, name)
+                    finally:
+                        os.close(dst)
+                finally:
+                    os.close(src)
 
     def close(self) -> None:
-        """Stop copying (after the chunk in flight) and wait for the thread; call on every exit path."""
+        """Stop copying and hashing (after the chunk in flight) and wait for the thread; call on every exit path."""
         self._cancel.set()
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -9,6 +9,7 @@ tensors. Importing this module imports neither torch nor the patch package.
 from __future__ import annotations
 
 import gc
+import hashlib
 import os
 import sys
 from collections import deque
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from .atomic import atomic_dir
-from .copier import ShardCopier
+from .copier import ShardCopier, guess_changed
 from .model_dir import ModelDir, open_model_dir
 from .safetensors_stream import _pwrite_all, tensor_bytes
 
@@ -77,7 +78,8 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     if not Path(adapter_dir).is_dir():  # checked before gigabytes are copied; read_adapter checks the rest
         raise InputError(f"--adapter {adapter_dir}: not a directory")
     with atomic_dir(out_dir) as tmp:
-        copier = None if _converts(model, dtype) else ShardCopier(model, tmp, dtype_name=_dtype_name(dtype))
+        copier = None if _converts(model, dtype) else ShardCopier(model, tmp, dtype_name=_dtype_name(dtype),
+                                                                   expected=guess_changed(adapter_dir, model))
         try:
             patch, survival, encoded = _merge(model, adapter_dir, tmp, dtype, copier, progress)
         finally:
@@ -120,6 +122,8 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
     from ..patch.build import SurvivalReport, adapter_provenance, fill_sha256, merge_tensor
     from ..patch.io import encode_tensor
     from ..patch.model import Patch
+    import numpy as np
+
     from .safetensors_stream import ST_DTYPES
 
     adapter = read_adapter(adapter_dir)
@@ -140,8 +144,13 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
         merged, tp, surv = merge_tensor(name, model.read(name), edits[name], dtype, deferred=later)
         return merged, tp, surv, (later[0] if tp is not None else None)
 
-    def finish(tp, base_bits, new_bits):
-        fill_sha256(tp, base_bits, new_bits)
+    def finish(tp, base_bits, new_bits, base_sha256: str | None = None):
+        """The two whole-tensor sha256 (the base's given when already known), then the patch encoding."""
+        if base_sha256 is None:
+            fill_sha256(tp, base_bits, new_bits)
+        else:
+            tp.base_sha256 = base_sha256
+            tp.patched_sha256 = hashlib.sha256(memoryview(new_bits.view(np.uint8))).hexdigest()
         return encode_tensor(tp, "t")
 
     def keep(name: str, tp, surv, enc) -> None:
@@ -162,7 +171,7 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
 
 def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], merge_one, finish, keep, copier: ShardCopier,
                        progress: Progress | None, st_dtypes: dict) -> None:
-    """Merge the changed tensors, MERGE_JOBS at a time, each written over its bytes in the copied shard.
+    """Merge the changed tensors, MERGE_JOBS at a time, each written at its offset in the copied shard.
 
     A job does all the work of one tensor: merge, write (once its shard is copied), the two whole-tensor
     sha256 and the patch encoding. Torch, numpy, hashlib, zlib and the writes release the GIL, so two
@@ -174,13 +183,16 @@ def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], merge_one, 
         merged, tp, surv, later = merge_one(name)
         if st_dtypes.get(merged.dtype) != info.dtype or tuple(merged.shape) != info.shape:
             raise RuntimeError(f"{name}: produced {merged.dtype} {tuple(merged.shape)}, stored {info.dtype} {info.shape}")
-        copier.wait(header)  # the copy of this shard must be complete before its bytes are overwritten
+        copier.wait(header)  # the shard's file exists and the copier is done with it
         fd = os.open(tmp / header.path.name, os.O_WRONLY)
         try:
             _pwrite_all(fd, tensor_bytes(merged), info.start)
         finally:
             os.close(fd)
-        return tp, surv, (finish(*later) if later is not None else None)
+        copier.wrote(name)
+        # The copier may have hashed the base bytes already (while torch was being imported): the bits
+        # merged here are those bytes (the fast path converts no dtype), so only the patched hash is left.
+        return tp, surv, (finish(*later, copier.base_sha256(name)) if later is not None else None)
 
     def report(block: bool = False) -> None:
         done = copier.poll(block)
