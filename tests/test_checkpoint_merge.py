@@ -299,3 +299,16 @@ def test_the_guess_of_changed_tensors_names_the_adapted_weights(sharded):
     _, base, adapter = sharded
     model = open_model_dir(base)
     assert guess_changed(adapter, model) == [k for k in model.keys() if k.endswith(("q_proj.weight", "v_proj.weight"))]
+
+
+def test_a_merge_that_would_write_inf_is_refused_and_leaves_nothing(sharded, tmp_path):
+    from safetensors.torch import save_file
+
+    _, base, _ = sharded
+    new = load_state_dict(base)["model.layers.1.mlp.down_proj.weight"].clone()
+    new[0, 0] = float("inf")
+    (tmp_path / "ftl").mkdir()
+    save_file({"model.layers.1.mlp.down_proj.weight": new}, str(tmp_path / "ftl" / "ft_l.safetensors"))
+    with pytest.raises(InputError, match="NaN or Inf"):
+        merge_checkpoint(base, tmp_path / "ftl", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ftl"]
