@@ -250,13 +250,15 @@ def test_a_misaligned_tensor_is_read_correctly(tmp_path):
     assert read_tensor(h.tensors["a"], path=path).tolist() == [7]
 
 
-def test_merge_in_a_process_that_has_torch_leaves_its_garbage_collector_as_it_was(sharded, tmp_path):
+def test_merge_in_a_process_that_has_torch_leaves_its_gc_and_torch_threads_as_they_were(sharded, tmp_path):
     import gc
 
     _, base, adapter = sharded
     frozen = gc.get_freeze_count()
+    torch.set_num_threads(2)
     merge_checkpoint(base, adapter, tmp_path / "out")
     assert gc.isenabled() and gc.get_freeze_count() == frozen
+    assert torch.get_num_threads() == 2
 
 
 def test_the_shard_copier_hashes_the_expected_tensors_and_copies_those_nobody_wrote(sharded, tmp_path):
