@@ -98,6 +98,7 @@ for s in shards:
 """
 
 IMPORT_ONLY = "import torch"
+IMPORT_AS_MERGE = "import gc; gc.disable(); import torch; gc.freeze()"  # how merge imports it (checkpoint.merge)
 
 # The CPU cost of each step merge takes per changed tensor, timed one by one in one thread (median over them).
 PER_TENSOR = r"""
@@ -210,6 +211,8 @@ def main() -> None:
              lambda o: [*merge, "merge", "--base", str(base), "--adapter", str(adapter), "--out", str(o), "--dtype", "bf16"]),
             ("naive merge (load all, merge, save_file per shard)", lambda o: [py, "-c", NAIVE, str(base), str(adapter), str(o)]),
             ("python -c 'import torch' (start-up alone)", lambda o: [py, "-c", IMPORT_ONLY]),
+            ("python -c 'import torch' with the GC paused, then frozen (start-up alone, as merge does it)",
+             lambda o: [py, "-c", IMPORT_AS_MERGE]),
         ]
         results: dict[str, list[tuple]] = {}
         for rep in range(args.rounds):  # rounds interleaved; the table shows each method's median and best run
@@ -259,6 +262,7 @@ def main() -> None:
                         f"{rss:.0f} | {rss - largest / 2**20:+.0f} |")
         m_med, m_min, m_cpu, _ = med["roselora-export merge"]
         t_med, t_min = med["python -c 'import torch' (start-up alone)"][:2]
+        f_med = med["python -c 'import torch' with the GC paused, then frozen (start-up alone, as merge does it)"][0]
         body = [
             f"Machine: {machine_line()}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
             "(the machine is shared). Command: "
@@ -279,17 +283,17 @@ def main() -> None:
             "",
             f"Goal: merge wall time <= 2 x cp -r, peak RSS <= largest shard + 300 MB. Reached here: time "
             f"{m_med / cp_med:.2f}x cp -r (median; best {m_min / cp_min:.2f}x), so the time goal is missed; peak RSS "
-            "is met. Importing torch alone takes "
-            f"{t_med:.2f} s = {t_med / cp_med:.2f}x cp -r (about 0.3 s of it is the interpreter's teardown at exit, "
-            "which merge avoids, see below): a process that imports torch cannot meet the goal on this machine, and "
-            "merge must import it: the merged values are defined as torch's B @ A * scaling added in fp32 (its matmul "
-            "is not reproducible bit for bit by numpy), and the patch model (`patch/model.py`) imports torch.",
+            "is met. A process that only imports torch takes "
+            f"{t_med:.2f} s = {t_med / cp_med:.2f}x cp -r, and still {f_med:.2f} s = {f_med / cp_med:.2f}x imported "
+            "as merge does it (GC paused and frozen, which spares the collections of its ~million objects during the "
+            "import and at exit): a process that imports torch cannot meet the goal on this machine, and merge must "
+            "import it: the merged values are defined as torch's B @ A * scaling added in fp32 (its matmul is not "
+            "reproducible bit for bit by numpy), and the patch model (`patch/model.py`) imports torch.",
             "",
             "How merge spends its time: before importing torch it opens the base (headers only) and starts one thread "
             "that copies every shard with copy_file_range, skipping the bytes of the tensors the adapter's header names, "
             "then hashes (sha256) those tensors' base bytes: kernel work and hashlib, on the second core, while the "
-            "first one imports torch. torch's import runs with the cyclic GC paused and its objects frozen "
-            "(gc.freeze), which saves ~0.1 s there and ~0.35 s of teardown at exit. Then two jobs at a time merge the "
+            "first one imports torch (GC paused, then frozen, one intra-op thread). Then two jobs at a time merge the "
             "changed tensors (mapped from the base, not copied), each written at its offset in the copied shard, with "
             "the sha256 of the merged tensor and the patch encoding. The patch file is written last. Memory stays a "
             "few tensors: the RSS is mostly torch's.",
