@@ -72,3 +72,11 @@ def test_merge_json_totals_equal_those_of_inspect(dirs, tmp_path):
     assert report["total_nnz"] == summary["total_nnz"] > 0
     assert report["file_bytes"] == summary["file_bytes"]
     assert report["bytes_per_nnz"] == pytest.approx(summary["bytes_per_nnz"])
+
+
+def test_every_command_is_mapped_to_the_module_that_defines_it():
+    import roselora_export.cli as cli
+
+    cli._load(*cli._MODULES)
+    defined = {name: cmd.callback.__module__.rsplit(".", 1)[-1] for name, cmd in cli.main.commands.items()}
+    assert defined == cli._COMMAND_MODULES  # a command missing here would import every module to run
