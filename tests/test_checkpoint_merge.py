@@ -314,3 +314,18 @@ def test_a_merge_that_would_write_inf_is_refused_and_leaves_nothing(sharded, tmp
     with pytest.raises(InputError, match="NaN or Inf"):
         merge_checkpoint(base, tmp_path / "ftl", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ftl"]
+
+
+def test_a_dtype_given_by_name_merges_as_the_torch_dtype_does(sharded, tmp_path):
+    _, base, adapter = sharded
+    merge_checkpoint(base, adapter, tmp_path / "named", dtype="bf16")
+    merge_checkpoint(base, adapter, tmp_path / "torch", dtype=torch.bfloat16)
+    assert fingerprints(tmp_path / "named") == fingerprints(tmp_path / "torch")
+    assert {v.dtype for v in load_state_dict(tmp_path / "named").values() if v.is_floating_point()} == {torch.bfloat16}
+
+
+def test_an_unknown_dtype_name_is_refused_before_anything_is_written(sharded, tmp_path):
+    _, base, adapter = sharded
+    with pytest.raises(InputError, match="fp32, fp16, bf16"):
+        merge_checkpoint(base, adapter, tmp_path / "out", dtype="fp8")
+    assert list(tmp_path.iterdir()) == []

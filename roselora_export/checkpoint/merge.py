@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 Progress = Callable[[int], None]
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # torch dtype name -> safetensors dtype
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{n: n for n in ST_NAMES}}
 OVERLAP_BYTES = 256 << 20  # merge does not hash one tensor while merging the next when both hold more than this
 MERGE_JOBS = 2  # changed tensors merged at once (a copy thread runs beside them)
 
@@ -54,9 +55,16 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _dtype_name(dtype) -> str | None:
-    """"float32" for torch.float32 (None for None), without importing torch."""
-    return None if dtype is None else str(dtype).removeprefix("torch.")
+def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    """"bfloat16" for torch.bfloat16, "bf16" or "bfloat16" (None for None), without importing torch."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = DTYPE_ALIASES.get(dtype.lower().removeprefix("torch."))
+        if name is None:
+            raise InputError(f"--dtype {dtype}: not one of fp32, fp16, bf16")
+        return name
+    return str(dtype).removeprefix("torch.")
 
 
 def _converts(model: ModelDir, dtype) -> bool:
@@ -69,9 +77,14 @@ def _converts(model: ModelDir, dtype) -> bool:
 
 
 def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                     dtype: torch.dtype | None = None, patch_path: str | os.PathLike | None = None,
+                     dtype: torch.dtype | str | None = None, patch_path: str | os.PathLike | None = None,
                      progress: Progress | None = None) -> MergeResult:
-    """Merge an adapter into a checkpoint directory (streaming), writing the merged model and its patch."""
+    """Merge an adapter into a checkpoint directory (streaming), writing the merged model and its patch.
+
+    dtype: store the merged model in this dtype (torch.bfloat16, or a name: "bf16", "bfloat16", ...);
+    None keeps the base's. A name lets a fresh process start copying before it imports torch.
+    """
+    _dtype_name(dtype)  # a bad name is an error before anything is written
     model = open_model_dir(base_dir)
     out_dir = Path(out_dir)
     patch_path = Path(patch_path) if patch_path else default_patch_path(out_dir)
@@ -120,6 +133,8 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
            progress: Progress | None) -> tuple[Patch, SurvivalReport, dict]:
     # Imported here, not at the top: with a copier, the shards are being copied meanwhile.
     _import_torch()
+    import torch
+
     from ..patch.adapter import read_adapter, resolve_keys
     from ..patch.build import SurvivalReport, adapter_provenance, fill_sha256, merge_tensor
     from ..patch.io import encode_tensor
@@ -128,6 +143,8 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
 
     from .safetensors_stream import ST_DTYPES
 
+    if isinstance(dtype, str):
+        dtype = getattr(torch, _dtype_name(dtype))
     adapter = read_adapter(adapter_dir)
     edits = resolve_keys(adapter.edits, model.keys(), tied=model.tied_aliases())
     for name in edits:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -25,13 +26,26 @@ from ..patch.io import save_patch
 from ..patch.model import DTYPE_NAMES, Patch, tensor_bits
 from .atomic import atomic_dir, link_or_copy, locked_dir
 from .copier import copy_side_files
-from .merge import FLOAT_DTYPES, MergeResult, Progress, default_patch_path, merge_checkpoint  # noqa: F401 (re-exported)
+from .merge import (  # noqa: F401 (MergeResult, default_patch_path, merge_checkpoint: re-exported)
+    FLOAT_DTYPES,
+    OVERLAP_BYTES,
+    MergeResult,
+    Progress,
+    default_patch_path,
+    merge_checkpoint,
+)
 from .model_dir import INDEX_NAME, ModelDir, open_model_dir
 from .safetensors_stream import ITEMSIZE, ST_DTYPES, TORCH_DTYPES, OutTensor, ShardWriter, TensorInfo
+
+CONVERT_JOBS = 2  # tensors converted to the new dtype at once (merge --dtype)
 
 
 def _out_dtype(info: TensorInfo, dtype: torch.dtype | None) -> str:
     return DTYPE_NAMES[dtype] if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
+
+
+def _convert(model: ModelDir, writer: ShardWriter, name: str, dtype: torch.dtype) -> None:
+    writer.write_at(name, model.read(name).to(dtype))
 
 
 def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.Tensor | None], changed: set[str], *,
@@ -44,10 +58,13 @@ def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.
     it (like cp or save_pretrained); a kill still leaves them absent or whole, thanks to the rename.
     """
     copy_side_files(model, tmp, str(dtype).removeprefix("torch.") if dtype is not None else None, link=link_unchanged)
-    # Unchanged bytes are copied by one background thread (kernel copies, GIL released) while this
+    # Unchanged bytes are copied by one background thread (kernel copies, GIL released), and tensors
+    # that only change dtype are converted by CONVERT_JOBS threads (torch releases the GIL), while this
     # thread computes and writes the changed tensors: every write is positional, so order is free.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-copy")
-    jobs: list[tuple[Future, int]] = []  # (copy job, bytes) not yet reported to `progress`
+    convert_pool = ThreadPoolExecutor(max_workers=CONVERT_JOBS, thread_name_prefix="roselora-convert")
+    converting: deque[tuple[Future, int]] = deque()  # conversions in flight and the bytes each reads
+    jobs: list[tuple[Future, int]] = []  # (copy or conversion job, bytes) not yet reported to `progress`
     shards: list[tuple[ShardWriter, int, list[Future]]] = []  # open output shards, their source fd and copy jobs
 
     def report(block: bool = False) -> None:
@@ -110,7 +127,16 @@ def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.
                     del new
                 elif o.dtype != i.dtype:
                     flush_run()
-                    writer.write_at(i.name, model.read(i.name).to(TORCH_DTYPES[o.dtype]))
+                    # Bounded: at most CONVERT_JOBS tensors, and one alone when large, so memory stays a few tensors.
+                    while converting and (len(converting) >= CONVERT_JOBS
+                                          or sum(n for _, n in converting) + i.nbytes > OVERLAP_BYTES):
+                        converting.popleft()[0].result()
+                    fut = convert_pool.submit(_convert, model, writer, i.name, TORCH_DTYPES[o.dtype])
+                    converting.append((fut, i.nbytes))
+                    futs.append(fut)
+                    jobs.append((fut, i.nbytes))
+                    report()
+                    continue
                 else:
                     if run and run[-1].start + run[-1].nbytes != i.start:
                         flush_run()
@@ -123,12 +149,14 @@ def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.
         report(block=True)
         close_finished(block=True)
     except BaseException:
+        convert_pool.shutdown(wait=True, cancel_futures=True)
         pool.shutdown(wait=True, cancel_futures=True)
         for writer, src_fd, _ in shards:
             writer.abort()
             os.close(src_fd)
         raise
     finally:
+        convert_pool.shutdown(wait=True)
         pool.shutdown(wait=True)
     if model.index is not None:
         index = json.loads(json.dumps(model.index))

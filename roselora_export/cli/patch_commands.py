@@ -14,14 +14,6 @@ from . import main
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 
 
-def _torch_dtype(name: str | None):
-    if not name:
-        return None  # without importing torch: merge starts copying shards before it imports torch
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
 @contextlib.contextmanager
 def _progress(total: int, desc: str):
     from tqdm import tqdm
@@ -81,8 +73,8 @@ def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, a
         open_artifact(onnx_dir)
     total = open_model_dir(base_dir).total_bytes
     with _progress(total, "merge") as update:
-        res = merge_checkpoint(base_dir, adapter_dir, out_dir, dtype=_torch_dtype(dtype), patch_path=patch_path,
-                               progress=update)
+        # The dtype by name: merge imports torch itself, late, once the shard copies are under way.
+        res = merge_checkpoint(base_dir, adapter_dir, out_dir, dtype=dtype, patch_path=patch_path, progress=update)
     try:
         onnx_report = _onnx_apply(Path(onnx_dir), [res.patch], Path(out_dir) / "onnx") if onnx_dir else None
     except InputError:
