@@ -329,3 +329,15 @@ def test_an_unknown_dtype_name_is_refused_before_anything_is_written(sharded, tm
     with pytest.raises(InputError, match="fp32, fp16, bf16"):
         merge_checkpoint(base, adapter, tmp_path / "out", dtype="fp8")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hashing_ahead_in_windows_gives_the_tensor_fingerprint(sharded, monkeypatch):
+    from roselora_export.checkpoint import copier
+    from roselora_export.patch.model import sha256_tensor
+
+    monkeypatch.setattr(copier, "HASH_WINDOW", 4096)  # many windows, none aligned to the tensor's start
+    model = open_model_dir(sharded[1])
+    name = max(model.keys(), key=lambda k: model.locations[k][1].nbytes)
+    header, info = model.locations[name]
+    assert info.nbytes > 3 * 4096
+    assert copier._sha256_range(header.path, info) == sha256_tensor(model.read(name))

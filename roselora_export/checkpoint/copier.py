@@ -22,6 +22,7 @@ from .model_dir import INDEX_NAME, ModelDir
 from .safetensors_stream import Header, TensorInfo, copy_range, read_header
 
 COPY_CHUNK = 256 << 20  # a cancel waits for at most one chunk; each chunk is one copy_file_range call
+HASH_WINDOW = 64 << 20  # bytes of a tensor mapped at once while hashing it ahead
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
 
 
@@ -67,18 +68,24 @@ def copy_side_files(model: ModelDir, dest: Path, dtype_name: str | None = None, 
 
 
 def _sha256_range(path: Path, info: TensorInfo) -> str:
-    """sha256 of one tensor's bytes in a file (mapped read-only, not copied)."""
+    """sha256 of one tensor's bytes in a file, mapped read-only HASH_WINDOW at a time (not copied)."""
+    h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY)
     try:
-        lo = info.start - info.start % mmap.ALLOCATIONGRANULARITY
-        m = mmap.mmap(fd, info.start + info.nbytes - lo, prot=mmap.PROT_READ, offset=lo)
+        pos, end = info.start, info.start + info.nbytes
+        while pos < end:
+            n = min(HASH_WINDOW, end - pos)
+            lo = pos - pos % mmap.ALLOCATIONGRANULARITY
+            m = mmap.mmap(fd, pos + n - lo, prot=mmap.PROT_READ, offset=lo)
+            try:
+                with memoryview(m) as view:
+                    h.update(view[pos - lo:])
+            finally:
+                m.close()
+            pos += n
     finally:
         os.close(fd)
-    try:
-        with memoryview(m) as view:
-            return hashlib.sha256(view[info.start - lo:]).hexdigest()
-    finally:
-        m.close()
+    return h.hexdigest()
 
 
 class ShardCopier:
