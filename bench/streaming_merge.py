@@ -296,7 +296,9 @@ def main() -> None:
             "first one imports torch (GC paused, then frozen, one intra-op thread). Then two jobs at a time merge the "
             "changed tensors (mapped from the base, not copied), each written at its offset in the copied shard, with "
             "the sha256 of the merged tensor and the patch encoding. The patch file is written last. Memory stays a "
-            "few tensors: the RSS is mostly torch's.",
+            "few tensors: the RSS is mostly torch's. `--dtype bf16` changes every tensor's size, so every shard is "
+            "rewritten (header first, each tensor at its new offset; two tensors converted at once beside the merge) "
+            "and nothing can be copied while torch is imported.",
             "",
             f"CPU per changed 16 MiB tensor (median, one thread): merge arithmetic {1e3 * costs['merge']:.1f} ms "
             f"(B @ A, the add, the bit comparison, survival), patch encoding {1e3 * costs['encode']:.1f} ms (the "
