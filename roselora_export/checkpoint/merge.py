@@ -1,10 +1,11 @@
 """merge: an adapter merged into a checkpoint directory, streaming, plus the patch that reproduces it.
 
-When no tensor changes dtype (the usual case), the output shards are the base's shards copied whole
-(header included) with the changed tensors overwritten at their offsets. The copy starts before this
-module imports torch: in a fresh `roselora-export merge` process the kernel copies the shards on one
-core while the other imports torch, and what is left after start-up is the merge of the changed
-tensors. Importing this module imports neither torch nor the patch package.
+When no tensor changes dtype (the usual case), the output shards are the base's shards, header
+included, copied by a background thread (copier.ShardCopier) with the changed tensors written at
+their offsets. The copy starts before this module imports torch: in a fresh `roselora-export merge`
+process the kernel copies the shards on one core while the other imports torch, and what is left
+after start-up is the merge of the changed tensors, two at a time. Importing this module imports
+neither torch nor the patch package.
 """
 from __future__ import annotations
 
@@ -133,14 +134,13 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
            progress: Progress | None) -> tuple[Patch, SurvivalReport, dict]:
     # Imported here, not at the top: with a copier, the shards are being copied meanwhile.
     _import_torch()
+    import numpy as np
     import torch
 
     from ..patch.adapter import read_adapter, resolve_keys
     from ..patch.build import SurvivalReport, adapter_provenance, fill_sha256, merge_tensor
     from ..patch.io import encode_tensor
     from ..patch.model import Patch
-    import numpy as np
-
     from .safetensors_stream import ST_DTYPES
 
     if isinstance(dtype, str):
