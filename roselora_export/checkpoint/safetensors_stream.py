@@ -2,8 +2,9 @@
 
 Own code, on purpose: `safetensors.save_file` needs every tensor of a shard in memory at once, and
 reading through `safe_open` maps the whole file into the process (its pages count in RSS). Here a
-tensor is read with one pread and a shard is written header first, then tensor by tensor (unchanged
-tensors copied file-to-file in the kernel), so peak memory is about one tensor, not one shard.
+tensor is mapped alone (just its byte range, unmapped when the tensor is dropped) and a shard is
+written header first, then tensor by tensor (unchanged tensors copied file-to-file in the kernel),
+so peak memory is about one tensor, not one shard.
 The format is the public one: 8-byte little-endian header length, JSON header, raw data.
 
 Importing this module does not import torch (nor numpy): `merge` parses headers and starts copying
