@@ -341,3 +341,16 @@ def test_hashing_ahead_in_windows_gives_the_tensor_fingerprint(sharded, monkeypa
     header, info = model.locations[name]
     assert info.nbytes > 3 * 4096
     assert copier._sha256_range(header.path, info) == sha256_tensor(model.read(name))
+
+
+def test_tensors_are_read_without_mapping_where_files_cannot_be_mapped(sharded, monkeypatch):
+    from roselora_export.checkpoint import safetensors_stream
+
+    model = open_model_dir(sharded[1])
+    want = {k: model.read(k).clone() for k in model.keys()}
+
+    def no_mmap(*args, **kwargs):
+        raise OSError(19, "No such device")
+
+    monkeypatch.setattr(safetensors_stream.mmap, "mmap", no_mmap)
+    assert all(torch.equal(model.read(k), want[k]) for k in model.keys())

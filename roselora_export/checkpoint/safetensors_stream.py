@@ -129,15 +129,29 @@ def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = Non
         if os.fstat(fd).st_size < info.start + info.nbytes:
             raise InputError(f"{path or 'shard'}: truncated while reading {info.name}")
         lo = info.start - info.start % mmap.ALLOCATIONGRANULARITY
-        m = mmap.mmap(fd, info.start + info.nbytes - lo, access=mmap.ACCESS_COPY, offset=lo)
+        try:
+            m = mmap.mmap(fd, info.start + info.nbytes - lo, access=mmap.ACCESS_COPY, offset=lo)
+        except OSError:  # a file system that cannot map files: read it into a buffer instead
+            m, lo = _pread(fd, info, path), info.start
     finally:
         if own:
             os.close(fd)
-    if info.start % ITEMSIZE[info.dtype]:  # a misaligned tensor (not written by a safetensors writer): copy it
+    if info.start % ITEMSIZE[info.dtype] and lo != info.start:  # misaligned (no safetensors writer does this): copy
         raw = torch.frombuffer(m, dtype=torch.uint8, count=info.nbytes, offset=info.start - lo).clone()
         return raw.view(dtype).reshape(info.shape)
     flat = torch.frombuffer(m, dtype=dtype, count=info.nbytes // ITEMSIZE[info.dtype], offset=info.start - lo)
     return flat.reshape(info.shape)
+
+
+def _pread(fd: int, info: TensorInfo, path: Path | None) -> bytearray:
+    buf = bytearray(info.nbytes)
+    view, done = memoryview(buf), 0
+    while done < info.nbytes:
+        got = os.preadv(fd, [view[done:]], info.start + done)
+        if got <= 0:
+            raise InputError(f"{path or 'shard'}: truncated while reading {info.name}")
+        done += got
+    return buf
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
