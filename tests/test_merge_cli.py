@@ -12,7 +12,7 @@ import pytest
 from test_patch_fixtures import make_adapter, tiny_llama_dir
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("transformers", "peft", "onnx", "onnxruntime", "scipy", "matplotlib", "tqdm")  # tqdm: only on a terminal
+HEAVY = ("transformers", "peft", "onnx", "onnxruntime", "scipy", "matplotlib")
 
 
 def _python(code: str, *args) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import click
@@ -17,9 +16,6 @@ DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 
 @contextlib.contextmanager
 def _progress(total: int, desc: str):
-    if not sys.stderr.isatty():  # tqdm(disable=None) shows nothing there either; not importing it saves ~35 ms
-        yield lambda n: None
-        return
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=None, leave=False)
