@@ -80,3 +80,16 @@ def test_every_command_is_mapped_to_the_module_that_defines_it():
     cli._load(*cli._MODULES)
     defined = {name: cmd.callback.__module__.rsplit(".", 1)[-1] for name, cmd in cli.main.commands.items()}
     assert defined == cli._COMMAND_MODULES  # a command missing here would import every module to run
+
+
+def test_a_library_merge_in_a_fresh_process_leaves_torch_threads_as_they_were(dirs, tmp_path):
+    _, base, adapter = dirs
+    want = _python("import json, torch; print(json.dumps({'threads': torch.get_num_threads()}))")
+    got = _python(
+        "import json, sys\n"
+        "from roselora_export.checkpoint import merge_checkpoint\n"
+        "merge_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3])\n"
+        "import torch\n"
+        "print(json.dumps({'threads': torch.get_num_threads()}))",
+        base, adapter, tmp_path / "out")
+    assert got == want
