@@ -49,10 +49,12 @@ Cost: bound by scattered memory access, measured (bench/runtime.py, section "run
 docs/benchmarks.md). Each apply and each revert reads the touched elements once, to check, then
 writes them once: one index_select and one scatter_ per dtype over a span of the touched tensors
 (runtime.staging), so the number of torch calls does not grow with the number of tensors. On the
-SmolLM2 edit patch (60 tensors, 268k elements on 173k cache lines) a pass costs ~0.45-0.7 ms hot on the
-2-core EPYC, of which ~0.15 ms is the kernel's per-element work (the same pass over consecutive
-elements) and the rest scattered access; one call per tensor instead adds ~0.1 ms per pass. A checked
-apply + revert is four passes (~2.2 ms at best), two bit comparisons (~0.1 ms) and ~0.1 ms of Python.
+SmolLM2 edit patch (60 tensors, 268k elements on 173k cache lines) a pass costs 0.5-1.3 ms hot on the
+2-core EPYC (more after forward passes flushed the caches), of which ~0.15 ms is the kernel's
+per-element work (the same pass over consecutive elements) and the rest scattered access; one call
+per tensor instead adds 0.02-0.25 ms per pass. A checked apply + revert is four passes (~2.5 ms at
+best), two bit comparisons (~0.1 ms) and Python within the noise of those; the ratios the issue asks
+for (100x a reload, 50x PEFT merge_and_unload) would need ~0.75 ms, under one pass each way.
 The first apply of a Patch adds staging and the sha256 (~3-5 ms). The first patch written into weights
 that transformers loaded as a private memory map of the safetensors file also pays one copy-on-write
 page fault per touched 4 KiB page.
