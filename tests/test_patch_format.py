@@ -1,13 +1,14 @@
 """The patch file: round trip, encodings, plain safetensors readability, exactness, compactness."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
@@ -336,3 +337,34 @@ def test_large_patch_stream_is_one_zlib_stream_from_pieces_deflated_ahead(tmp_pa
     for name, tp in tensors.items():
         assert np.array_equal(back.tensors[name].flat_index, tp.flat_index)
         assert np.array_equal(back.tensors[name].xor_bits, tp.xor_bits)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_any_patch_round_trips_exactly(data):
+    """Random shapes (0-D to 3-D), dtypes, densities (sparse and dense layouts) and XOR values."""
+    import tempfile
+    from pathlib import Path
+
+    g = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    tensors = {}
+    for i in range(data.draw(st.integers(1, 4))):
+        shape = tuple(data.draw(st.lists(st.integers(1, 40), max_size=3)))
+        numel = int(np.prod(shape, dtype=np.int64))
+        dtype = data.draw(st.sampled_from(DTYPES))
+        nnz = data.draw(st.integers(1, numel))
+        flat = np.sort(g.choice(numel, nnz, replace=False)).astype(np.int64)
+        bits = np.dtype("<u4") if dtype == torch.float32 else np.dtype("<u2")
+        xor = g.integers(1, np.iinfo(bits).max, nnz, endpoint=True).astype(bits)
+        tensors[f"t{i}"] = TensorPatch(f"t{i}", shape, dtype, flat, xor, *(hashlib.sha256(bytes([i, k])).hexdigest()
+                                                                         for k in range(3)))
+    patch = Patch(tensors=tensors, provenance={"kind": "test"})
+    with tempfile.TemporaryDirectory() as tmp:
+        back = load_patch(save_patch(patch, Path(tmp) / "p.safetensors"))
+    assert list(back.tensors) == list(tensors)
+    for name, tp in tensors.items():
+        got = back.tensors[name]
+        assert got.shape == tp.shape and got.dtype == tp.dtype
+        assert np.array_equal(got.flat_index, tp.flat_index) and np.array_equal(got.xor_bits, tp.xor_bits)
+        assert (got.base_sha256, got.patched_sha256, got.base_touched_sha256) == (
+            tp.base_sha256, tp.patched_sha256, tp.base_touched_sha256)
