@@ -388,9 +388,10 @@ def _read_entries(tensors: object) -> list[_Entry]:
             for d in shape:
                 numel *= d
             _need(numel <= MAX_NUMEL, f"shape {shape} is absurdly large")
-            _need(dtype_name in DTYPES_BY_NAME, f"dtype {dtype_name!r} is not one of {sorted(DTYPES_BY_NAME)}")
+            _need(isinstance(dtype_name, str) and dtype_name in DTYPES_BY_NAME,
+                  f"dtype {dtype_name!r} is not one of {sorted(DTYPES_BY_NAME)}")
             _need(_int(nnz) and 1 <= nnz <= numel, f"nnz {nnz!r} is not in [1, {numel}]")
-            _need(layout in LAYOUTS, f"layout {layout!r} is not one of {list(LAYOUTS)}")
+            _need(isinstance(layout, str) and layout in LAYOUTS, f"layout {layout!r} is not one of {list(LAYOUTS)}")
             nrows = matrix_shape(tuple(shape))[0]
             _need(_int(rows) and (rows == 0 if layout == "dense" else 1 <= rows <= min(nnz, nrows)),
                   f"rows {rows!r} is not in [1, min(nnz, {nrows})] (0 for dense)")
