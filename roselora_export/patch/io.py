@@ -47,7 +47,10 @@ MAX_NDIM = 8
 MAX_VARINT_BYTES = 6  # 42 bits: enough for any index below MAX_NUMEL
 ALLOC_FACTOR = 256  # the reader allocates at most this many times the file size, plus ALLOC_SLACK
 ALLOC_SLACK = 64 << 20
-ELEMENT_COST = 24  # bytes the reader charges per stored element (indices, values and temporaries)
+# Bytes the reader charges before decoding: per stored element (flat index, values, temporaries), and per
+# number in the positions stream (its decoding); measured peaks were 28-46 bytes per element for real
+# layouts and about 110 for the worst (every element its own row: three numbers each).
+ELEMENT_COST, NUMBER_COST = 64, 40
 DENSE_MIN_DENSITY = 0.25  # below this a tensor is always stored sparse (dense cannot be smaller)
 
 
@@ -199,6 +202,11 @@ def _zlib_of_parts(parts: list[np.ndarray], deflated: list[bytes | None]) -> byt
     return b"".join(pieces)
 
 
+def _decode_cost(elements: int, numbers: int, raw_bytes: dict[str, int]) -> int:
+    """What the reader charges to its budget for a file: the writer keeps every file within it."""
+    return ELEMENT_COST * elements + NUMBER_COST * numbers + sum(raw_bytes.values())
+
+
 def _compress(parts: list[np.ndarray], deflated: list[bytes | None]) -> tuple[str, bytes]:
     """The stream of the parts, as the smallest of: raw; zlib (level 6); xz (preset 6), for streams up
     to XZ_MAX_RAW only; larger streams get zlib made of per-part pieces, some deflated ahead."""
@@ -249,7 +257,8 @@ def encode_patch(patch: Patch, encoded: dict[str, EncodedTensor] | None = None
     with ThreadPoolExecutor(max_workers=len(STREAMS)) as pool:  # zlib and lzma release the GIL
         stored = dict(zip(STREAMS, pool.map(lambda name: _compress(*pieces[name]), STREAMS)))
     elements = sum(p.values.size for p in parts)
-    if ALLOC_FACTOR * sum(len(b) for _, b in stored.values()) + ALLOC_SLACK < ELEMENT_COST * elements + sum(raw_bytes.values()):
+    numbers = sum(2 * p.entry["rows"] + (p.entry["nnz"] if p.entry["layout"] == "sparse" else 0) for p in parts)
+    if ALLOC_FACTOR * sum(len(b) for _, b in stored.values()) + ALLOC_SLACK < _decode_cost(elements, numbers, raw_bytes):
         # Only pathological data compresses this far.
         stored = {name: ("none", b"".join(a.tobytes() for a in pieces[name][0])) for name in STREAMS}
     streams = {name: {"codec": codec, "raw_bytes": raw_bytes[name]} for name, (codec, _) in stored.items()}
@@ -463,10 +472,15 @@ def _decode(metadata: dict, arrays: dict[str, np.ndarray], file_bytes: int) -> P
     _need(set(arrays) == set(STREAMS), f"the file must hold exactly the arrays {list(STREAMS)}, not {sorted(arrays)[:4]}")
     _need(all(a.dtype == np.uint8 and a.ndim == 1 for a in arrays.values()), "arrays must be 1-D U8")
     entries = _read_entries(tensors)
+    numbers = sum(2 * e.rows + e.nnz for e in entries if not e.dense)
     budget = _Budget(file_bytes)
-    budget.charge(ELEMENT_COST * sum(e.stored for e in entries), "the tensors' element counts")
+    budget.charge(_decode_cost(sum(e.stored for e in entries), numbers, {}), "the tensors' element counts")
     _need(streams["values"]["raw_bytes"] == sum(e.stored * e.width for e in entries),
           "the values stream's size does not match the tensors' element counts")
+    pos_bytes = streams["positions"]["raw_bytes"]
+    # Checked before decompressing: a stream claiming more bytes than its numbers can use is refused unread.
+    _need(_int(pos_bytes) and numbers <= pos_bytes <= MAX_VARINT_BYTES * numbers,
+          f"the positions stream's size ({pos_bytes!r} bytes) cannot hold the {numbers} numbers the tensors need")
     raw = {n: _decompress(n, arrays[n], streams[n]["codec"], streams[n]["raw_bytes"], budget) for n in STREAMS}
     positions = _split_positions(entries, raw["positions"])
     values = _split_values(entries, raw["values"])
