@@ -273,3 +273,36 @@ def test_a_failed_swap_leaves_the_checkpoint_where_it_was(tmp_path, monkeypatch,
         exchange_dirs(tmp_path / ".ckpt.inplace-missing0", dest)  # the new copy is gone
     assert (dest / "config.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_in_place_apply_from_inside_the_checkpoint_directory(tmp_path, monkeypatch):
+    ckpt, patch = _big_checkpoint(tmp_path, shards=1, numel=1 << 14)
+    want = {k: load_patch(patch).tensors[k].patched_sha256 for k in load_patch(patch).tensors}
+    monkeypatch.chdir(ckpt)
+    apply_to_checkpoint(".", [load_patch(patch)], in_place=True)
+    assert {k: v for k, v in fingerprints(ckpt).items() if k in want} == want
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "p.safetensors"]
+
+
+def test_leftover_cleanup_treats_the_checkpoint_name_literally(tmp_path):
+    """A name with glob characters must neither match a sibling's temp directory nor miss its own leftovers."""
+    ckpt, patch = _big_checkpoint(tmp_path, shards=1, numel=1 << 14)
+    named = ckpt.rename(tmp_path / "model[v2]")
+    own, sibling = tmp_path / ".model[v2].inplace-deadbeef", tmp_path / ".model2.inplace-abcdefgh"
+    own.mkdir()
+    sibling.mkdir()
+    apply_to_checkpoint(named, [load_patch(patch)], in_place=True)
+    assert not own.exists() and sibling.exists()
+
+
+def test_in_place_apply_syncs_every_new_file_before_the_swap(tmp_path, monkeypatch):
+    from roselora_export.checkpoint import ops
+
+    ckpt, patch = _big_checkpoint(tmp_path, shards=2, numel=1 << 14)
+    synced = []
+    real = ops.fsync_files
+    monkeypatch.setattr(ops, "fsync_files", lambda root: (synced.append(sorted(p.name for p in root.iterdir())), real(root)))
+    apply_to_checkpoint(ckpt, [load_patch(patch)], tmp_path / "out")
+    assert synced == []  # a new directory is not synced, like cp
+    apply_to_checkpoint(ckpt, [load_patch(patch)], in_place=True)
+    assert synced == [sorted(p.name for p in ckpt.iterdir())]  # index, config and shards of the new copy

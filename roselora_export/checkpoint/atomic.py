@@ -12,9 +12,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import glob
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +51,17 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def fsync_files(root: Path) -> None:
+    """fsync every regular file under `root` (cheap for hard links of files already on disk)."""
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def exchange_dirs(new: Path, dest: Path) -> None:
     """Make `new` appear at `dest` atomically; the old content ends up at `new` (caller removes it)."""
     if _renameat2_exchange(new, dest):
@@ -79,24 +92,36 @@ def locked_dir(dest: str | os.PathLike) -> Iterator[Path]:
     `dest`; only lock holders make them) are removed."""
     import fcntl
 
-    dest = Path(dest)
+    dest = Path(dest).resolve()  # "." has no name to put beside it, and a symlink would be swapped, not its target
+    missing_since = None
     while True:
         try:
             fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            # Only the two-rename fallback of exchange_dirs leaves `dest` missing, for an instant.
+            missing_since = missing_since or time.monotonic()
+            if time.monotonic() - missing_since > 5:
+                raise InputError(f"{dest}: no such directory") from None
+            time.sleep(0.01)
+            continue
         except OSError as err:
             raise InputError(f"{dest}: cannot open the directory to lock it ({err.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_ino == os.stat(dest).st_ino:
-                break
+            with contextlib.suppress(FileNotFoundError):
+                if os.fstat(fd).st_ino == os.stat(dest).st_ino:
+                    break
         except BaseException:
             os.close(fd)
             raise
         os.close(fd)  # swapped while we waited: lock the directory that is there now
     try:
-        # Exactly mkdtemp's 8 random characters: a sibling checkpoint named "NAME.inplace-x" has its own.
-        for stale in dest.parent.glob(_in_place_prefix(dest) + "?" * 8):
-            shutil.rmtree(stale, ignore_errors=True)
+        # Exactly mkdtemp's 8 random characters (a sibling checkpoint named "NAME.inplace-x" has its own),
+        # and the old copy the two-rename fallback parks beside them.
+        prefix = glob.escape(_in_place_prefix(dest)) + "?" * 8
+        for pattern in (prefix, prefix + ".old"):
+            for stale in dest.parent.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
         yield dest
     finally:
         os.close(fd)  # closing the last descriptor releases the flock
@@ -109,7 +134,7 @@ def atomic_dir(dest: str | os.PathLike, *, replace: bool = False) -> Iterator[Pa
     replace=False refuses a non-empty existing `dest`; replace=True swaps it (in-place updates; hold
     `locked_dir(dest)` around them, so that two updates cannot both start from the same old copy).
     """
-    dest = Path(dest)
+    dest = Path(dest).resolve()  # "." has no name to put a temp directory beside; a symlink's target is swapped
     exists = dest.exists()
     if exists and not dest.is_dir():
         raise InputError(f"--out {dest}: exists and is not a directory")

@@ -24,7 +24,7 @@ from ..patch.apply import xor_tensor
 from ..patch.build import diff_tensor, now_iso
 from ..patch.io import save_patch
 from ..patch.model import DTYPE_NAMES, Patch, tensor_bits
-from .atomic import atomic_dir, link_or_copy, locked_dir
+from .atomic import atomic_dir, fsync_files, link_or_copy, locked_dir
 from .copier import copy_side_files
 from .merge import (  # noqa: F401 (MergeResult, default_patch_path, merge_checkpoint: re-exported)
     FLOAT_DTYPES,
@@ -53,7 +53,7 @@ def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.
                      progress: Progress | None = None) -> None:
     """Write `model` into `tmp` with the same sharding and index; `produce(name)` gives new values for `changed`.
 
-    durable=True fsyncs every new shard: in-place updates need it, so that even a power loss after the
+    durable=True fsyncs every new file: in-place updates need it, so that even a power loss after the
     directory swap cannot leave the user's only copy with unwritten data. New output directories skip
     it (like cp or save_pretrained); a kill still leaves them absent or whole, thanks to the rename.
     """
@@ -164,6 +164,8 @@ def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], torch.
         index.setdefault("metadata", {})["total_size"] = total if dtype is not None else index.get("metadata", {}).get(
             "total_size", total)
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    if durable:
+        fsync_files(tmp)  # the index, and side files or shards copied where they could not be hard-linked
 
 
 # ----------------------------------------------------------------------------- diff
