@@ -29,21 +29,23 @@ def cache_root() -> Path:
     return Path(os.environ.get("ROSELORA_CACHE", Path.home() / ".cache" / "roselora-export"))
 
 
-def check_model_dir(model_dir: str | os.PathLike) -> Path:
-    """The directory as a Path if it holds a Hugging Face model (config.json plus weights); InputError otherwise."""
+def check_model_dir(model_dir: str | os.PathLike, option: str = "--model") -> Path:
+    """The directory as a Path if it holds a Hugging Face model (config.json plus weights); InputError otherwise.
+
+    `option` names the command-line option the directory came from, in error messages."""
     path = Path(model_dir)
     if not path.is_dir():
-        raise InputError(f"--model {path}: not a directory")
+        raise InputError(f"{option} {path}: not a directory")
     if not (path / "config.json").is_file():
-        raise InputError(f"--model {path}: not a model directory (no config.json)")
+        raise InputError(f"{option} {path}: not a model directory (no config.json)")
     try:
         config = json.loads((path / "config.json").read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise InputError(f"--model {path}: config.json is not valid JSON ({err})") from None
+        raise InputError(f"{option} {path}: config.json is not valid JSON ({err})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise InputError(f"--model {path}: config.json has no model_type; not a Hugging Face model directory")
+        raise InputError(f"{option} {path}: config.json has no model_type; not a Hugging Face model directory")
     if not any(path.glob("*.safetensors")):
-        raise InputError(f"--model {path}: no *.safetensors weights (only safetensors checkpoints are read, never pickle)")
+        raise InputError(f"{option} {path}: no *.safetensors weights (only safetensors checkpoints are read, never pickle)")
     return path
 
 
@@ -72,12 +74,14 @@ def load_config(model_dir: str | os.PathLike):
         raise InputError(f"--model {path}: cannot read config.json ({_first_line(err)})") from None
 
 
-def load_model(model_dir: str | os.PathLike, *, task: str = "causal-lm", dtype=None):
-    """Load a local model in eval mode; task is 'causal-lm' or 'sequence-classification' or 'base'."""
+def load_model(model_dir: str | os.PathLike, *, task: str = "causal-lm", dtype=None, option: str = "--model"):
+    """Load a local model in eval mode; task is 'causal-lm' or 'sequence-classification' or 'base'.
+
+    `option` names the command-line option the directory came from, in error messages."""
     import torch
     import transformers
 
-    path = check_model_dir(model_dir)
+    path = check_model_dir(model_dir, option)
     auto = {
         "causal-lm": transformers.AutoModelForCausalLM,
         "sequence-classification": transformers.AutoModelForSequenceClassification,
@@ -86,7 +90,7 @@ def load_model(model_dir: str | os.PathLike, *, task: str = "causal-lm", dtype=N
     try:
         model = auto.from_pretrained(str(path), local_files_only=True, use_safetensors=True, dtype=dtype or torch.float32)
     except Exception as err:  # corrupt weights (SafetensorError), wrong architecture, missing keys…
-        raise InputError(f"--model {path}: cannot load as a {task} model ({_first_line(err)})") from None
+        raise InputError(f"{option} {path}: cannot load as a {task} model ({_first_line(err)})") from None
     return model.eval()
 
 

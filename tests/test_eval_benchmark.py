@@ -140,3 +140,10 @@ def test_evaluate_refuses_an_edited_directory_of_another_architecture(tiny_model
                                     str(two_requests), "--edited", str(tiny_model_dirs["gpt2"])])
     assert res.exit_code == 2
     assert "not the same architecture" in res.output
+
+
+def test_evaluate_names_the_edited_option_in_its_errors(tiny_model_dirs, two_requests, tmp_path):
+    res = CliRunner().invoke(main, ["evaluate", "--model", str(tiny_model_dirs["llama"]), "--requests",
+                                    str(two_requests), "--edited", str(tmp_path / "missing")])
+    assert res.exit_code == 2
+    assert f"--edited {tmp_path / 'missing'}: not a directory" in res.output

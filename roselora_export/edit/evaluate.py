@@ -107,16 +107,17 @@ def _is_peft_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
-def _stored_float_dtype(model_dir: str | os.PathLike) -> torch.dtype:
-    """The dtype a checkpoint directory stores its floating-point weights in (the first one found)."""
+def _stored_dtypes(model_dir: str | os.PathLike) -> dict[str, torch.dtype]:
+    """The dtype each floating-point weight of a checkpoint directory is stored in, by state-dict key."""
     from ..checkpoint import open_model_dir
     from ..checkpoint.safetensors_stream import TORCH_DTYPES
 
-    for _, info in open_model_dir(model_dir).locations.values():
+    out = {}
+    for name, (_, info) in open_model_dir(model_dir, "--edited").locations.items():
         dtype = TORCH_DTYPES.get(info.dtype)
         if dtype is not None and dtype.is_floating_point:
-            return dtype
-    return torch.float32
+            out[name] = dtype
+    return out
 
 
 def _edited_weights(model: torch.nn.Module, edited: torch.nn.Module, edited_dir) -> int:
@@ -150,21 +151,22 @@ def evaluate_dir(model_dir: str | os.PathLike, requests_path: str | os.PathLike,
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
     base_params = count_base_params(model)
-    edited_model = None
+    edited_model, stored = None, {}
     if edited is not None:
-        edited_model = load_model(edited)  # upcast to fp32, exactly
-        stored = _stored_float_dtype(edited)
-        if stored != torch.float32:
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.copy_(p.to(stored).float())
+        edited_model = load_model(edited, option="--edited")  # upcast to fp32, exactly
+        stored = _stored_dtypes(edited)
+        with torch.no_grad():  # the reference: each base weight rounded to the dtype its edited copy is stored in
+            for name, p in model.named_parameters():
+                if stored.get(name, torch.float32) != torch.float32:
+                    p.copy_(p.to(stored[name]).float())
     evaluator = EditEvaluator(tokenizer, requests, torch_forward(model))
     info: dict = {"model": str(model_dir), "requests_file": str(requests_path)}
     if edited_model is not None:
         modified = _edited_weights(model, edited_model, edited)
         rows = evaluator.measure(torch_forward(edited_model))
         info["edited"] = str(edited)
-        info["applied_as"] = f"edited model directory ({DTYPE_NAMES.get(stored, str(stored))})"
+        dtypes = sorted({DTYPE_NAMES.get(d, str(d)) for d in stored.values()})
+        info["applied_as"] = f"edited model directory ({'+'.join(dtypes)})"
     elif adapter is not None:
         path = Path(adapter)
         if not path.is_dir():
