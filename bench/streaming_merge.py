@@ -293,8 +293,9 @@ def main() -> None:
             "import and at exit)"
             + (": a process that imports torch cannot meet the goal for a checkpoint this size on this machine"
                if f_med > 2 * cp_med else "")
-            + ". Merge must import torch: the merged values are defined as torch's B @ A * scaling added in fp32 (its "
-            "matmul is not reproducible bit for bit by numpy), and the patch model (`patch/model.py`) imports torch.",
+            + ". Merge must import torch: the merged values are defined as torch's B @ A * scaling added in fp32 "
+            "(numpy's matmul gave the same bits on this machine for these shapes, but nothing guarantees that across "
+            "BLAS builds), and the patch model (`patch/model.py`) carries torch dtypes.",
             "",
             "How merge spends its time: before importing torch it opens the base (headers only) and starts one thread "
             "that copies every shard with copy_file_range, skipping the bytes of the tensors the adapter's header names, "
