@@ -184,7 +184,7 @@ def _merge_with_torch(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: Sh
         else:
             tp.base_sha256 = base_sha256
             tp.patched_sha256 = hashlib.sha256(memoryview(new_bits.view(np.uint8))).hexdigest()
-        return encode_tensor(tp, "t")
+        return encode_tensor(tp)
 
     def keep(name: str, tp, surv, enc) -> None:
         survival.tensors.append(surv)

@@ -152,11 +152,8 @@ def _csr_parts(tp: TensorPatch) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarra
     return parts, int(touched.size)
 
 
-def encode_tensor(tp: TensorPatch, key: str | None = None) -> EncodedTensor:
-    """The metadata entry and raw stream parts for one tensor, sparse or dense, whichever is smaller.
-
-    `key` is accepted for callers of the version-1 API and ignored (streams need no array names).
-    """
+def encode_tensor(tp: TensorPatch) -> EncodedTensor:
+    """The metadata entry and raw stream parts for one tensor, sparse or dense, whichever is smaller."""
     (positions, rows), values, layout = _csr_parts(tp), tp.xor_bits, "sparse"
     if tp.nnz >= DENSE_MIN_DENSITY * tp.numel:
         dense = np.zeros(tp.numel, BITS_DTYPE[tp.dtype])
