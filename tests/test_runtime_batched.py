@@ -138,3 +138,24 @@ def test_where_a_span_cannot_be_made_each_tensor_is_written_on_its_own(monkeypat
     assert all(sha256_tensor(live[n]) == tp.patched_sha256 for n, tp in patch.tensors.items())
     rt.revert(handle)
     assert state_hash(model) == base
+
+
+def test_span_writes_bump_each_touched_parameter_version_like_in_place_writes():
+    """Autograd must see the weights as changed, as with any in-place write: a stale backward is refused."""
+    import torch
+
+    from roselora_export.patch.model import Patch, tensor_patch_from_pair
+    from roselora_export.runtime import PatchRuntime
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    tensors = {}
+    for name, p in model.named_parameters():
+        if name.endswith("weight"):
+            target = p.detach().clone()
+            target[0, 0] += 1
+            tensors[name] = tensor_patch_from_pair(name, p.detach(), target)
+    before = {name: p._version for name, p in model.named_parameters()}
+    handle = PatchRuntime(model).apply(Patch(tensors=tensors))
+    assert handle is not None
+    for name, p in model.named_parameters():
+        assert (p._version > before[name]) == (name in tensors), name

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.autograd.graph import increment_version
 
 from ..patch.model import BITS_DTYPE, TORCH_BITS_DTYPE, TensorPatch
 
@@ -307,6 +308,11 @@ def gather(u: Unit, out: torch.Tensor) -> None:
 def scatter(u: Unit, values: torch.Tensor) -> None:
     """The live bits at u's indices = values."""
     u.base.scatter_(0, u.idx, values)  # 4x faster than numpy fancy assignment and than index_copy_ (measured)
+    if len(u.entries) > 1 or u.base is not u.entries[0].flat:
+        # A span shares no version counter with the tensors it covers: bump theirs, as an in-place write
+        # on each would (autograd then refuses a backward through weights changed since its forward).
+        for e in u.entries:
+            increment_version(e.target)
 
 
 def xor(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
