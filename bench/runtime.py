@@ -354,7 +354,7 @@ def synthetic_patch(model: Synthetic, density: float, seed: int = 0) -> Patch:
         xor = rng.integers(1, 1 << 12, size=idx.size, dtype=np.uint32)
         bits = w.detach().cpu().view(-1).view(TORCH_BITS_DTYPE[w.dtype]).numpy().view(np.uint32)
         base = bits[idx]
-        patch.tensors[name] = TensorPatch(name=name, shape=tuple(w.shape), dtype=w.dtype, flat_index=idx, xor_bits=xor,
+        patch.tensors[name] = TensorPatch(name=name, shape=tuple(w.shape), dtype_name=w.dtype, flat_index=idx, xor_bits=xor,
                                           base_sha256="", patched_sha256="", base_touched_sha256=sha256_bits(base))
     return patch
 

@@ -32,6 +32,7 @@ def _peft_merged(model_dir, adapter_dir, cls="AutoModelForCausalLM"):
 
 
 def test_fp32_merge_equals_peft_merge_and_unload_bit_for_bit(sharded, tmp_path):
+    # The tool computes each fused multiply-add exactly, in k order; MKL's B @ A (what PEFT uses) does the same here.
     _, base, adapter = sharded
     merge_checkpoint(base, adapter, tmp_path / "out")
     got = load_state_dict(tmp_path / "out")
@@ -238,7 +239,7 @@ def test_a_tensor_read_from_a_shard_can_be_modified_without_changing_the_file(sh
 
 
 def test_a_misaligned_tensor_is_read_correctly(tmp_path):
-    from roselora_export.checkpoint.safetensors_stream import read_header, read_tensor
+    from roselora_export.checkpoint.safetensors_stream import read_array, read_header, read_tensor
 
     values = torch.arange(6, dtype=torch.float32)
     header = json.dumps({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
@@ -248,6 +249,7 @@ def test_a_misaligned_tensor_is_read_correctly(tmp_path):
     h = read_header(path)
     assert torch.equal(read_tensor(h.tensors["b"], path=path), values.reshape(2, 3))
     assert read_tensor(h.tensors["a"], path=path).tolist() == [7]
+    assert np.array_equal(read_array(h.tensors["b"], path=path).view(np.float32), values.numpy().ravel())
 
 
 def test_merge_in_a_process_that_has_torch_leaves_its_gc_and_torch_threads_as_they_were(sharded, tmp_path):
@@ -261,21 +263,14 @@ def test_merge_in_a_process_that_has_torch_leaves_its_gc_and_torch_threads_as_th
     assert torch.get_num_threads() == 2
 
 
-def test_the_shard_copier_hashes_the_expected_tensors_and_copies_those_nobody_wrote(sharded, tmp_path):
-    import time
-
+def test_the_shard_copier_copies_the_expected_tensors_nobody_wrote(sharded, tmp_path):
     from roselora_export.checkpoint.copier import ShardCopier
-    from roselora_export.patch.model import sha256_tensor
 
     model = open_model_dir(sharded[1])
     expected = [k for k in model.keys() if k.endswith(("q_proj.weight", "v_proj.weight"))]
     copier = ShardCopier(model, tmp_path, expected=expected)
     try:
         copier.finish()
-        deadline = time.monotonic() + 30
-        while len(copier._digests) < len(expected) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert {n: copier.base_sha256(n) for n in expected} == {n: sha256_tensor(model.read(n)) for n in expected}
     finally:
         copier.close()
     for header in model.shards:
@@ -331,18 +326,6 @@ def test_an_unknown_dtype_name_is_refused_before_anything_is_written(sharded, tm
     assert list(tmp_path.iterdir()) == []
 
 
-def test_hashing_ahead_in_windows_gives_the_tensor_fingerprint(sharded, monkeypatch):
-    from roselora_export.checkpoint import copier
-    from roselora_export.patch.model import sha256_tensor
-
-    monkeypatch.setattr(copier, "HASH_WINDOW", 4096)  # many windows, none aligned to the tensor's start
-    model = open_model_dir(sharded[1])
-    name = max(model.keys(), key=lambda k: model.locations[k][1].nbytes)
-    header, info = model.locations[name]
-    assert info.nbytes > 3 * 4096
-    assert copier._sha256_range(header.path, info) == sha256_tensor(model.read(name))
-
-
 def test_tensors_are_read_without_mapping_where_files_cannot_be_mapped(sharded, monkeypatch):
     from roselora_export.checkpoint import safetensors_stream
 
@@ -354,3 +337,4 @@ def test_tensors_are_read_without_mapping_where_files_cannot_be_mapped(sharded, 
 
     monkeypatch.setattr(safetensors_stream.mmap, "mmap", no_mmap)
     assert all(torch.equal(model.read(k), want[k]) for k in model.keys())
+    assert all(np.array_equal(model.read_array(k).view(np.float32), want[k].numpy().ravel()) for k in model.keys())

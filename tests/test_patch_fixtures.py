@@ -71,7 +71,10 @@ def make_adapter(model_dir: Path, out: Path, *, r: int = 4, alpha: int = 8, tau:
 
 
 def reference_merge(base_sd: dict, adapter_dir: Path, dtype: torch.dtype | None = None) -> dict:
-    """The dense merge the patch must reproduce: (base.to(dtype).float() + scaling * B @ A).to(dtype), from PEFT files."""
+    """The dense merge the patch must reproduce: (base.to(dtype).float() + scaling * B @ A).to(dtype), from PEFT files.
+
+    B @ A is torch's (the BLAS's) product: on this machine MKL sums over k in order with fused
+    multiply-adds, which is the tool's definition (test_merge_math checks that against exact arithmetic)."""
     from safetensors.torch import load_file
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())

@@ -274,16 +274,6 @@ def test_deferred_whole_tensor_hashes_equal_the_contract_fingerprints(dtype):
     assert (a.base_sha256, a.patched_sha256) == (b.base_sha256, b.patched_sha256)
 
 
-def test_rectangle_candidates_from_a_mask_equal_the_sorted_union():
-    from roselora_export.patch.build import rect_candidates
-
-    g = np.random.default_rng(0)
-    rects = [(g.choice(300, 40, replace=False), g.choice(200, 30, replace=False)) for _ in range(6)]
-    rects.append((np.array([5, 5, 7]), np.array([0, 199])))  # repeats and edge columns
-    fast, slow = rect_candidates(rects, 200, mask_ok=True), rect_candidates(rects, 200)
-    assert fast.dtype == slow.dtype and np.array_equal(fast, slow)
-
-
 def test_patch_built_from_an_adapter_records_the_base_config_fingerprint(tmp_path):
     from roselora_export.checkpoint import load_state_dict
     from roselora_export.patch import build_patch_from_adapter

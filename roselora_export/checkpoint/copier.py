@@ -1,14 +1,12 @@
 """Copy a checkpoint directory's files into a new one in a background thread, without importing torch.
 
-`merge` starts a ShardCopier before it imports torch: copying the shards whole is kernel work
-(copy_file_range, the GIL released), so it runs on the second core while the first one imports
-torch (~1 s of Python), and the merge then only overwrites the changed tensors in the copies.
+`merge` starts a ShardCopier first: copying the shards is kernel work (copy_file_range, the GIL
+released), so it runs on one core while the merge jobs compute the changed tensors on the other,
+and then only overwrite those tensors in the copies.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import mmap
 import os
 import re
 import shutil
@@ -22,7 +20,6 @@ from .model_dir import INDEX_NAME, ModelDir
 from .safetensors_stream import Header, TensorInfo, copy_range, read_header
 
 COPY_CHUNK = 256 << 20  # a cancel waits for at most one chunk; each chunk is one copy_file_range call
-HASH_WINDOW = 64 << 20  # bytes of a tensor mapped at once while hashing it ahead
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.(?:lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
 
 
@@ -67,37 +64,14 @@ def copy_side_files(model: ModelDir, dest: Path, dtype_name: str | None = None, 
             shutil.copy2(p, dest / p.name)
 
 
-def _sha256_range(path: Path, info: TensorInfo) -> str:
-    """sha256 of one tensor's bytes in a file, mapped read-only HASH_WINDOW at a time (not copied)."""
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        pos, end = info.start, info.start + info.nbytes
-        while pos < end:
-            n = min(HASH_WINDOW, end - pos)
-            lo = pos - pos % mmap.ALLOCATIONGRANULARITY
-            m = mmap.mmap(fd, pos + n - lo, prot=mmap.PROT_READ, offset=lo)
-            try:
-                with memoryview(m) as view:
-                    h.update(view[pos - lo:])
-            finally:
-                m.close()
-            pos += n
-    finally:
-        os.close(fd)
-    return h.hexdigest()
-
-
 class ShardCopier:
     """Copy every shard of `model` into `dest` in one background thread, in shard order; then the index
-    (unchanged) and the side files; then hash the tensors expected to change.
+    (unchanged) and the side files.
 
     The copies keep the base's bytes exactly (header included), so a tensor that the caller changes
     (same dtype and shape) is written in place at its offset, after `wait(shard)`. The bytes of the
     `expected` tensors are not copied (the caller writes them); `finish` copies any of them the caller
-    did not write (`wrote`), so a wrong guess costs time, never correctness. Their sha256 (of the
-    base bytes) are computed here too, while the caller is still busy importing torch, and handed out
-    by `base_sha256`. `poll` hands back the tensor bytes of finished shards, for a progress bar.
+    did not write (`wrote`), so a wrong guess costs time, never correctness. `poll` hands back the tensor bytes of finished shards, for a progress bar.
     Errors surface in `wait` / `finish`.
     """
 
@@ -108,9 +82,6 @@ class ShardCopier:
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         self._written: set[str] = set()
-        self._digests: dict[str, str] = {}
-        self._hashing: dict[str, threading.Event] = {}
-        self._claimed: set[str] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-copy")
         self._shards: dict[str, Future] = {}
         self._unreported: list[tuple[Future, int]] = []
@@ -119,7 +90,6 @@ class ShardCopier:
             self._shards[header.path.name] = fut
             self._unreported.append((fut, sum(t.nbytes for t in header.tensors.values())))
         self._rest = self._pool.submit(self._copy_rest, dtype_name)
-        self._pool.submit(self._hash_expected)
 
     def _copy_shard(self, header: Header, skip: list[TensorInfo]) -> None:
         size = header.path.stat().st_size
@@ -150,35 +120,6 @@ class ShardCopier:
         if self.model.index is not None:
             shutil.copy2(self.model.path / INDEX_NAME, self.dest / INDEX_NAME)
         copy_side_files(self.model, self.dest, dtype_name)
-
-    def _hash_expected(self) -> None:
-        for name in self._expected:
-            with self._lock:
-                if self._cancel.is_set() or name in self._claimed:
-                    continue
-                done = self._hashing[name] = threading.Event()
-            try:
-                header, info = self.model.locations[name]
-                digest = _sha256_range(header.path, info)
-                with self._lock:
-                    self._digests[name] = digest
-            except Exception:  # noqa: BLE001 - only a head start: the caller hashes it itself, and meets the error there
-                pass
-            finally:
-                done.set()
-
-    def base_sha256(self, name: str) -> str | None:
-        """sha256 of the base bytes of `name`, if hashed here (waiting if under way); None: hash it yourself."""
-        with self._lock:
-            if name in self._digests:
-                return self._digests[name]
-            done = self._hashing.get(name)
-            if done is None:
-                self._claimed.add(name)  # not started: the caller hashes it, so this thread will not
-                return None
-        done.wait()
-        with self._lock:
-            return self._digests.get(name)
 
     def wait(self, header: Header) -> None:
         """Block until this shard's copy is complete (re-raising its error)."""
@@ -217,6 +158,6 @@ class ShardCopier:
                     os.close(src)
 
     def close(self) -> None:
-        """Stop copying and hashing (after the chunk in flight) and wait for the thread; call on every exit path."""
+        """Stop copying (after the chunk in flight) and wait for the thread; call on every exit path."""
         self._cancel.set()
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -2,15 +2,14 @@
 
 When no tensor changes dtype (the usual case), the output shards are the base's shards, header
 included, copied by a background thread (copier.ShardCopier) with the changed tensors written at
-their offsets. The copy starts before this module imports torch: in a fresh `roselora-export merge`
-process the kernel copies the shards on one core while the other imports torch, and what is left
-after start-up is the merge of the changed tensors, two at a time. Importing this module imports
-neither torch nor the patch package.
+their offsets, and the merge itself is numpy (patch.merge_math): torch is never imported, so a fresh
+`roselora-export merge` process spends its time on the copy and on the changed tensors, two at a
+time, not on torch's import (which alone takes longer than copying a 2 GB checkpoint). Converting
+every tensor to another dtype (--dtype) goes through torch and ops.write_checkpoint.
 """
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import sys
 from collections import deque
@@ -24,12 +23,12 @@ from ..errors import InputError
 from .atomic import atomic_dir
 from .copier import ShardCopier, guess_changed
 from .model_dir import ModelDir, open_model_dir
-from .safetensors_stream import _pwrite_all, tensor_bytes
+from .safetensors_stream import _pwrite_all
 
 if TYPE_CHECKING:
     import torch
 
-    from ..patch.build import SurvivalReport
+    from ..patch.merge_math import SurvivalReport
     from ..patch.model import Patch
 
 Progress = Callable[[int], None]
@@ -135,56 +134,27 @@ def _import_torch() -> int | None:
 
 def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier | None,
            progress: Progress | None) -> tuple[Patch, SurvivalReport, dict]:
-    # Imported here, not at the top: with a copier, the shards are being copied meanwhile.
-    threads = _import_torch()
-    import torch
+    """Read the adapter, merge every tensor it changes, and return the patch, survival and file encodings.
 
-    try:
-        return _merge_with_torch(model, adapter_dir, tmp, dtype, copier, progress)
-    finally:
-        if threads is not None:
-            torch.set_num_threads(threads)
-
-
-def _merge_with_torch(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier | None,
-                      progress: Progress | None) -> tuple[Patch, SurvivalReport, dict]:
-    import numpy as np
-    import torch
-
+    With a copier (no dtype conversion) this runs on numpy alone: torch is never imported.
+    """
     from ..patch.adapter import read_adapter, resolve_keys
-    from ..patch.build import SurvivalReport, adapter_provenance, fill_sha256, merge_tensor
-    from ..patch.io import encode_tensor
+    from ..patch.merge_math import SurvivalReport
     from ..patch.model import Patch
-    from .safetensors_stream import ST_DTYPES
+    from ..patch.provenance import adapter_provenance
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, _dtype_name(dtype))
+    out_dtype = ST_NAMES[_dtype_name(dtype)] if dtype is not None else None
     adapter = read_adapter(adapter_dir)
     edits = resolve_keys(adapter.edits, model.keys(), tied=model.tied_aliases())
     for name in edits:
         info = model.locations[name][1]
         if info.dtype not in FLOAT_DTYPES:
             raise InputError(f"{name}: stored as {info.dtype}; only fp32/fp16/bf16 tensors can be edited")
-    prov = adapter_provenance(adapter, model.name, model.fingerprint, dtype)
+    prov = adapter_provenance(adapter, model.name, model.fingerprint, out_dtype)
     prov["base_numel"] = model.numel
     patch = Patch(provenance=prov)
     survival = SurvivalReport()
     encoded: dict[str, object] = {}
-
-    def merge_one(name: str) -> tuple:
-        """Merge one tensor: (merged tensor, its TensorPatch or None, survival, deferred sha256 arguments)."""
-        later: list = []
-        merged, tp, surv = merge_tensor(name, model.read(name), edits[name], dtype, deferred=later)
-        return merged, tp, surv, (later[0] if tp is not None else None)
-
-    def finish(tp, base_bits, new_bits, base_sha256: str | None = None):
-        """The two whole-tensor sha256 (the base's given when already known), then the patch encoding."""
-        if base_sha256 is None:
-            fill_sha256(tp, base_bits, new_bits)
-        else:
-            tp.base_sha256 = base_sha256
-            tp.patched_sha256 = hashlib.sha256(memoryview(new_bits.view(np.uint8))).hexdigest()
-        return encode_tensor(tp)
 
     def keep(name: str, tp, surv, enc) -> None:
         survival.tensors.append(surv)
@@ -193,39 +163,72 @@ def _merge_with_torch(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: Sh
             encoded[name] = enc
 
     if copier is None:
-        _merge_converting(model, tmp, dtype, set(edits), merge_one, finish, keep, progress)
+        _merge_converting_with_torch(model, tmp, dtype, edits, keep, progress)
     else:
-        _merge_into_copies(model, tmp, [n for n in model.keys() if n in edits], merge_one, finish, keep, copier,
-                           progress, ST_DTYPES)
+        _merge_into_copies(model, tmp, [n for n in model.keys() if n in edits], edits, out_dtype, keep, copier,
+                           progress)
     # Keep the patch's tensor order the checkpoint's order (it is built shard by shard).
     patch.tensors = {k: patch.tensors[k] for k in model.keys() if k in patch.tensors}
     return patch, survival, encoded
 
 
-def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], merge_one, finish, keep, copier: ShardCopier,
-                       progress: Progress | None, st_dtypes: dict) -> None:
+def _merge_converting_with_torch(model: ModelDir, tmp: Path, dtype, edits: dict, keep, progress: Progress | None):
+    """--dtype that changes tensors' dtypes: every shard is rewritten through torch (ops.write_checkpoint)."""
+    threads = _import_torch()
+    import torch
+
+    from ..patch.build import merge_tensor
+    from ..patch.io import encode_tensor
+    from ..patch.merge_math import fill_sha256
+
+    def merge_one(name: str) -> tuple:
+        """Merge one tensor: (merged tensor, its TensorPatch or None, survival, deferred sha256 arguments)."""
+        later: list = []
+        merged, tp, surv = merge_tensor(name, model.read(name), edits[name], target, deferred=later)
+        return merged, tp, surv, (later[0] if tp is not None else None)
+
+    def finish(tp, base_bits, new_bits):
+        return encode_tensor(fill_sha256(tp, base_bits, new_bits))
+
+    target = getattr(torch, _dtype_name(dtype))
+    try:
+        _merge_converting(model, tmp, target, set(edits), merge_one, finish, keep, progress)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(threads)
+
+
+def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict, out_dtype: str | None, keep,
+                       copier: ShardCopier, progress: Progress | None) -> None:
     """Merge the changed tensors, MERGE_JOBS at a time, each written at its offset in the copied shard.
 
-    A job does all the work of one tensor: merge, write (once its shard is copied), the two whole-tensor
-    sha256 and the patch encoding. Torch, numpy, hashlib, zlib and the writes release the GIL, so two
-    jobs keep two cores busy. Jobs are bounded by OVERLAP_BYTES (two per tensor: base and merged
-    bits), so a large tensor runs alone and memory stays that of a few tensors.
+    A job does all the work of one tensor: merge (numpy, patch.merge_math), the two whole-tensor
+    sha256, the patch encoding, and last the write (once its shard is copied). numpy, hashlib, zlib
+    and the writes release the GIL, so the jobs use the core the copier leaves. Jobs are bounded by OVERLAP_BYTES (two per
+    tensor: base and merged bits), so a large tensor runs alone and memory stays that of a few tensors.
     """
+    import numpy as np
+
+    from ..patch.io import encode_tensor
+    from ..patch.merge_math import fill_sha256, merge_bits
+
     def job(name: str) -> tuple:
         header, info = model.locations[name]
-        merged, tp, surv, later = merge_one(name)
-        if st_dtypes.get(merged.dtype) != info.dtype or tuple(merged.shape) != info.shape:
-            raise RuntimeError(f"{name}: produced {merged.dtype} {tuple(merged.shape)}, stored {info.dtype} {info.shape}")
+        m = merge_bits(name, model.read_array(name), info.dtype, info.shape, edits[name], out_dtype)
+        if m.bits.nbytes != info.nbytes:
+            raise RuntimeError(f"{name}: produced {m.bits.nbytes} bytes, stored {info.nbytes}")
+        # Everything but the write first: the shard may still be being copied meanwhile.
+        encoded = None
+        if m.patch is not None:
+            encoded = encode_tensor(fill_sha256(m.patch, m.base_bits, m.bits))
         copier.wait(header)  # the shard's file exists and the copier is done with it
         fd = os.open(tmp / header.path.name, os.O_WRONLY)
         try:
-            _pwrite_all(fd, tensor_bytes(merged), info.start)
+            _pwrite_all(fd, memoryview(m.bits.view(np.uint8)), info.start)
         finally:
             os.close(fd)
         copier.wrote(name)
-        # The copier may have hashed the base bytes already (while torch was being imported): the bits
-        # merged here are those bytes (the fast path converts no dtype), so only the patched hash is left.
-        return tp, surv, (finish(*later, copier.base_sha256(name)) if later is not None else None)
+        return m.patch, m.survival, encoded
 
     def report(block: bool = False) -> None:
         done = copier.poll(block)

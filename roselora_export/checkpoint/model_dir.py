@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from .safetensors_stream import Header, TensorInfo, read_header, read_tensor
+from .safetensors_stream import Header, TensorInfo, read_array, read_header, read_tensor
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +60,11 @@ class ModelDir:
     def read(self, name: str) -> torch.Tensor:
         header, info = self.locations[name]
         return read_tensor(info, path=header.path)
+
+    def read_array(self, name: str):
+        """The tensor as a flat numpy array (float tensors as their bit patterns), without torch."""
+        header, info = self.locations[name]
+        return read_array(info, path=header.path)
 
     def tied_aliases(self) -> dict[str, str]:
         """Adapter key -> stored key for tied weights the checkpoint keeps once (lm_head -> input embedding)."""

@@ -107,6 +107,10 @@ def read_header(path: str | os.PathLike) -> Header:
     return Header(path, {t.name: t for t in infos}, metadata)
 
 
+NUMPY_DTYPES = {"F64": "<f8", "F32": "<u4", "F16": "<u2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                "I8": "i1", "U8": "u1", "BOOL": "?"}  # floats as their bit patterns (numpy has no bf16)
+
+
 def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = None) -> torch.Tensor:
     """One tensor, mapped from the file: a private copy-on-write mapping of just its byte range.
 
@@ -119,6 +123,32 @@ def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = Non
     dtype = getattr(torch, _TORCH_DTYPE_NAMES[info.dtype])
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
+    m, offset = _map(info, fd, path)
+    if info.start % ITEMSIZE[info.dtype] and offset:  # misaligned (no safetensors writer does this): copy
+        raw = torch.frombuffer(m, dtype=torch.uint8, count=info.nbytes, offset=offset).clone()
+        return raw.view(dtype).reshape(info.shape)
+    flat = torch.frombuffer(m, dtype=dtype, count=info.nbytes // ITEMSIZE[info.dtype], offset=offset)
+    return flat.reshape(info.shape)
+
+
+def read_array(info: TensorInfo, fd: int | None = None, path: Path | None = None):
+    """One tensor as a flat numpy array, mapped as read_tensor maps it, without torch.
+
+    Float tensors come as their bit patterns (NUMPY_DTYPES): uint32 for F32, uint16 for F16 and BF16.
+    """
+    import numpy as np
+
+    dtype = np.dtype(NUMPY_DTYPES[info.dtype])
+    if info.nbytes == 0:
+        return np.zeros(0, dtype)
+    m, offset = _map(info, fd, path)
+    if info.start % ITEMSIZE[info.dtype] and offset:  # misaligned (no safetensors writer does this): copy
+        return np.frombuffer(m, np.uint8, info.nbytes, offset).copy().view(dtype)
+    return np.frombuffer(m, dtype, info.nbytes // dtype.itemsize, offset)
+
+
+def _map(info: TensorInfo, fd: int | None, path: Path | None):
+    """A private mapping of the tensor's byte range (or a buffer read from it): (buffer, offset of the tensor)."""
     own = fd is None
     if own:
         try:
@@ -136,11 +166,7 @@ def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = Non
     finally:
         if own:
             os.close(fd)
-    if info.start % ITEMSIZE[info.dtype] and lo != info.start:  # misaligned (no safetensors writer does this): copy
-        raw = torch.frombuffer(m, dtype=torch.uint8, count=info.nbytes, offset=info.start - lo).clone()
-        return raw.view(dtype).reshape(info.shape)
-    flat = torch.frombuffer(m, dtype=dtype, count=info.nbytes // ITEMSIZE[info.dtype], offset=info.start - lo)
-    return flat.reshape(info.shape)
+    return m, info.start - lo
 
 
 def _pread(fd: int, info: TensorInfo, path: Path | None) -> bytearray:

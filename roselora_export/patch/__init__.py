@@ -7,28 +7,35 @@
 Checkpoint directories (streaming, atomic) live in `roselora_export.checkpoint`; its verbs
 (`merge_checkpoint`, `diff_checkpoints`, `apply_to_checkpoint`) are also reachable from here.
 """
-from .apply import apply_patches_to_state_dict, apply_to_state_dict, delta_csr, touched_fingerprint, xor_tensor
-from .build import (
-    Survival,
-    SurvivalReport,
-    build_patch_from_adapter,
-    build_patch_from_state_dicts,
-    merge_tensor,
-)
-from .fingerprint import config_fingerprint, shape_config
-from .io import load_patch, save_patch
-from .model import FORMAT_VERSION, Patch, TensorPatch, tensor_patch_from_pair
+from __future__ import annotations
 
-_CHECKPOINT_VERBS = ("apply_to_checkpoint", "diff_checkpoints", "merge_checkpoint")
+import importlib
+
+# Each name is imported on first use, so that the torch-free parts (model, io, adapter, merge_math) load
+# without torch: a fresh `merge` process merges and writes the patch without ever importing it.
+_EXPORTS = {
+    **dict.fromkeys(("apply_patches_to_state_dict", "apply_to_state_dict", "delta_csr", "touched_fingerprint",
+                     "xor_tensor"), ".apply"),
+    **dict.fromkeys(("build_patch_from_adapter", "build_patch_from_state_dicts", "merge_tensor"), ".build"),
+    **dict.fromkeys(("Survival", "SurvivalReport"), ".merge_math"),
+    **dict.fromkeys(("config_fingerprint", "shape_config"), ".fingerprint"),
+    **dict.fromkeys(("load_patch", "save_patch"), ".io"),
+    **dict.fromkeys(("FORMAT_VERSION", "Patch", "TensorPatch", "tensor_patch_from_pair"), ".model"),
+    # Lazily, so that `patch` itself depends on no other package module (checkpoint depends on patch).
+    **dict.fromkeys(("apply_to_checkpoint", "diff_checkpoints", "merge_checkpoint"), "..checkpoint"),
+}
 
 
 def __getattr__(name: str):
-    # Lazily, so that `patch` itself depends on no other package module (checkpoint depends on patch).
-    if name in _CHECKPOINT_VERBS:
-        from .. import checkpoint
-
-        return getattr(checkpoint, name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
 __all__ = [

@@ -3,7 +3,7 @@
 Three layouts (docs/adapters.md): a PEFT LoRA adapter (RoseLoRA-sparse or dense; adapter_config.json
 + adapter_model.safetensors, optional roselora.json), and the ft-l baseline (ft_l.safetensors with
 the new value of each modified weight under its base key, plus roselora.json). Safetensors and JSON
-only; nothing is unpickled.
+only; nothing is unpickled. Read with numpy, not torch (see merge_math).
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import InputError
+from .merge_math import float_values
 
 PEFT_PREFIX = "base_model.model."
 
@@ -25,17 +25,16 @@ PEFT_PREFIX = "base_model.model."
 class AdapterEdit:
     """The edit to one base tensor: a LoRA delta (kept as its factors) or a replacement value (ft-l, modules_to_save).
 
-    The dense delta is computed on demand from the factors, so reading an adapter costs the size of
+    The delta is computed when merging (merge_math.lora_delta), so reading an adapter costs the size of
     the adapter, not of the weights it changes (a streaming merge holds one delta at a time).
     """
 
     key: str  # the module path as the adapter names it, plus ".weight"/".bias"
-    a: torch.Tensor | None = None  # fp32 (r, in) lora_A
-    b: torch.Tensor | None = None  # fp32 (out, r) lora_B
+    a: np.ndarray | None = None  # fp32 (r, in) lora_A
+    b: np.ndarray | None = None  # fp32 (out, r) lora_B
     scaling: float = 1.0
     transposed: bool = False  # the weight is stored (in, out): Embedding, or GPT-2 Conv1D (fan_in_fan_out)
-    replacement: torch.Tensor | None = None
-    rectangles: list[tuple[np.ndarray, np.ndarray]] | None = None  # candidate support of delta (rows, cols)
+    replacement: np.ndarray | None = None  # fp32 (fp64 when stored so) new values
 
     @property
     def is_delta(self) -> bool:
@@ -47,14 +46,6 @@ class AdapterEdit:
             return tuple(self.replacement.shape)
         out, inp = self.b.shape[0], self.a.shape[1]
         return (inp, out) if self.transposed else (out, inp)
-
-    @property
-    def delta(self) -> torch.Tensor | None:
-        """scaling * B @ A in the weight's layout, fp32 (PEFT's get_delta_weight); None for replacements."""
-        if self.a is None:
-            return None
-        d = (self.b @ self.a).mul_(self.scaling)  # same values as PEFT's (B @ A) * scaling, one pass fewer
-        return d.T.contiguous() if self.transposed else d
 
 
 @dataclass
@@ -76,13 +67,18 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every float tensor of the file as fp32 (fp64 kept), shaped; other dtypes are refused."""
+    from ..checkpoint.safetensors_stream import read_array, read_header
 
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types
-        raise InputError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0] if str(err) else err})") from None
+    header = read_header(path)
+    out = {}
+    for name, info in header.tensors.items():
+        try:
+            out[name] = float_values(read_array(info, path=path), info.dtype).reshape(info.shape)
+        except InputError as err:
+            raise InputError(f"{path}: tensor {name}: {err}") from None
+    return out
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -123,7 +119,7 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
     tensors = _read_safetensors(path / "adapter_model.safetensors")
     method = str(settings.get("method", "roselora" if settings else "lora"))
     edits: dict[str, AdapterEdit] = {}
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         m = re.match(r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$", k)
@@ -147,17 +143,13 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
         rank = a.shape[0]
         alpha = _pattern_value(cfg.get("alpha_pattern"), module, alpha_default)
         scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-        a32, b32 = a.float(), b.float()
-        if not (torch.isfinite(a32).all() and torch.isfinite(b32).all()):
+        a32, b32 = a.astype(np.float32, copy=False), b.astype(np.float32, copy=False)
+        if not (np.isfinite(a32).all() and np.isfinite(b32).all()):
             raise InputError(f"--adapter {path}: {module} has NaN or Inf in its LoRA factors")
-        rects = [(np.flatnonzero(b32[:, i].numpy()), np.flatnonzero(a32[i].numpy())) for i in range(rank)]
         # Embedding weights are (num_embeddings, dim) and GPT-2 Conv1D weights are (in, out): transposed.
         transposed = bool(embedding or cfg.get("fan_in_fan_out"))
-        if transposed:
-            rects = [(c, r) for r, c in rects]
-        rects = [(r, c) for r, c in rects if r.size and c.size]
         edits[module + ".weight"] = AdapterEdit(key=module + ".weight", a=a32, b=b32, scaling=scaling,
-                                                transposed=transposed, rectangles=rects)
+                                                transposed=transposed)
     return Adapter(method=method, path=path, settings=settings, peft_config=cfg, edits=edits)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .model import BITS_DTYPE, DTYPE_NAMES, DTYPES_BY_NAME, FORMAT_VERSION, Patch, TensorPatch
+from .model import BITS_BY_NAME, FORMAT_VERSION, Patch, TensorPatch
 
 FORMAT_NAME = "roselora-patch"
 STREAMS = ("positions", "values")
@@ -156,7 +156,7 @@ def encode_tensor(tp: TensorPatch) -> EncodedTensor:
     """The metadata entry and raw stream parts for one tensor, sparse or dense, whichever is smaller."""
     (positions, rows), values, layout = _csr_parts(tp), tp.xor_bits, "sparse"
     if tp.nnz >= DENSE_MIN_DENSITY * tp.numel:
-        dense = np.zeros(tp.numel, BITS_DTYPE[tp.dtype])
+        dense = np.zeros(tp.numel, tp.bits_dtype)
         dense[tp.flat_index] = tp.xor_bits
         # Compare what each costs after (fast) deflating: a dense tensor's unchanged elements are zeros.
         sparse_size = sum(len(zlib.compress(p.tobytes(), 1)) for p in (*positions, *_planes(values)))
@@ -166,7 +166,7 @@ def encode_tensor(tp: TensorPatch) -> EncodedTensor:
     entry = {
         "name": tp.name,
         "shape": list(tp.shape),
-        "dtype": DTYPE_NAMES[tp.dtype],
+        "dtype": tp.dtype_name,
         "nnz": tp.nnz,
         "rows": rows,
         "layout": layout,
@@ -369,7 +369,7 @@ class _Entry:
 
     @property
     def width(self) -> int:
-        return BITS_DTYPE[DTYPES_BY_NAME[self.dtype_name]].itemsize
+        return BITS_BY_NAME[self.dtype_name].itemsize
 
     @property
     def stored(self) -> int:  # values in the values stream
@@ -394,8 +394,8 @@ def _read_entries(tensors: object) -> list[_Entry]:
             for d in shape:
                 numel *= d
             _need(numel <= MAX_NUMEL, f"shape {shape} is absurdly large")
-            _need(isinstance(dtype_name, str) and dtype_name in DTYPES_BY_NAME,
-                  f"dtype {dtype_name!r} is not one of {sorted(DTYPES_BY_NAME)}")
+            _need(isinstance(dtype_name, str) and dtype_name in BITS_BY_NAME,
+                  f"dtype {dtype_name!r} is not one of {sorted(BITS_BY_NAME)}")
             _need(_int(nnz) and 1 <= nnz <= numel, f"nnz {nnz!r} is not in [1, {numel}]")
             _need(isinstance(layout, str) and layout in LAYOUTS, f"layout {layout!r} is not one of {list(LAYOUTS)}")
             nrows = matrix_shape(tuple(shape))[0]
@@ -491,9 +491,9 @@ def _decode(metadata: dict, arrays: dict[str, np.ndarray], file_bytes: int) -> P
         else:
             flat = positions[e.name]
             _need(bool(np.all(xor != 0)), f"tensor {e.name}: a stored element does not change (zero XOR)")
-        dtype = DTYPES_BY_NAME[e.dtype_name]
         patch.tensors[e.name] = TensorPatch(
-            name=e.name, shape=e.shape, dtype=dtype, flat_index=flat, xor_bits=xor.astype(BITS_DTYPE[dtype], copy=False),
+            name=e.name, shape=e.shape, dtype_name=e.dtype_name, flat_index=flat,
+            xor_bits=xor.astype(BITS_BY_NAME[e.dtype_name], copy=False),
             base_sha256=e.fingerprints[0], patched_sha256=e.fingerprints[1], base_touched_sha256=e.fingerprints[2],
         )
     return patch

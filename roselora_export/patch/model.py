@@ -10,30 +10,67 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 2
 
-# The dtypes a patch can carry, and the unsigned integer type that holds their bit patterns.
-DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-DTYPES_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPE_NAMES.items()}
-BITS_DTYPE: dict[torch.dtype, np.dtype] = {
-    torch.float32: np.dtype("<u4"),
-    torch.float16: np.dtype("<u2"),
-    torch.bfloat16: np.dtype("<u2"),
-}
-# torch integer views of the same width, for device-side XOR (torch has no uint32 xor on all builds).
-TORCH_BITS_DTYPE: dict[torch.dtype, torch.dtype] = {
-    torch.float32: torch.int32,
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-}
+# The dtypes a patch can carry, by their safetensors names, and the unsigned integer type that holds
+# their bit patterns. The patch itself needs no torch (a fresh `merge` process never imports it).
+BITS_BY_NAME: dict[str, np.dtype] = {"F32": np.dtype("<u4"), "F16": np.dtype("<u2"), "BF16": np.dtype("<u2")}
+_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _torch_tables() -> dict:
+    import torch
+
+    by_name = {k: getattr(torch, v) for k, v in _TORCH_NAMES.items()}
+    return {
+        "DTYPE_NAMES": {v: k for k, v in by_name.items()},  # torch dtype -> safetensors name
+        "DTYPES_BY_NAME": by_name,
+        "BITS_DTYPE": {v: BITS_BY_NAME[k] for k, v in by_name.items()},
+        # torch integer views of the same width, for device-side XOR (torch has no uint32 xor on all builds).
+        "TORCH_BITS_DTYPE": {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16},
+    }
+
+
+_TORCH_TABLES = ("DTYPE_NAMES", "DTYPES_BY_NAME", "BITS_DTYPE", "TORCH_BITS_DTYPE")
+
+
+def _table(name: str) -> dict:
+    table = globals().get(name)
+    if table is None:
+        globals().update(_torch_tables())
+        table = globals()[name]
+    return table
+
+
+def __getattr__(name: str):
+    # The torch-keyed tables are built on first use, so that importing this module does not import torch.
+    if name in _TORCH_TABLES:
+        return _table(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dtype_name(dtype) -> str:
+    """The safetensors name ("F32", "F16", "BF16") of a torch dtype or of such a name; ValueError otherwise."""
+    if isinstance(dtype, str):
+        if dtype in BITS_BY_NAME:
+            return dtype
+    else:
+        name = _table("DTYPE_NAMES").get(dtype)
+        if name is not None:
+            return name
+    raise ValueError(f"dtype {dtype} is not supported (fp32, fp16, bf16)")
 
 
 def tensor_bits(t: torch.Tensor) -> np.ndarray:
     """The raw bit patterns of a CPU tensor, flattened, as an unsigned numpy array (a view when possible)."""
+    TORCH_BITS_DTYPE, BITS_DTYPE = _table("TORCH_BITS_DTYPE"), _table("BITS_DTYPE")
     t = t.detach().contiguous()
     return t.view(TORCH_BITS_DTYPE[t.dtype]).numpy().reshape(-1).view(BITS_DTYPE[t.dtype])
 
@@ -52,20 +89,34 @@ def sha256_bits(bits: np.ndarray) -> str:
 class TensorPatch:
     """The change to one tensor.
 
-    flat_index: int64, strictly increasing, each < numel. xor_bits: BITS_DTYPE[dtype], same length,
-    base ^ patched at those elements. The three fingerprints (sha256 hex) let a reader check the base
-    whole (checkpoint files) or cheaply at the touched elements only (a live model on a GPU). The
-    patched bits there are base_touched ^ xor_bits, so they need no fingerprint of their own.
+    flat_index: int64, strictly increasing, each < numel. xor_bits: BITS_BY_NAME[dtype_name], same
+    length, base ^ patched at those elements. The three fingerprints (sha256 hex) let a reader check
+    the base whole (checkpoint files) or cheaply at the touched elements only (a live model on a GPU).
+    The patched bits there are base_touched ^ xor_bits, so they need no fingerprint of their own.
+
+    dtype_name may be given as a torch dtype or a safetensors name ("F32", "F16", "BF16"); it is kept
+    as the name, and `dtype` gives the torch dtype (importing torch on first use).
     """
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_name: str
     flat_index: np.ndarray
     xor_bits: np.ndarray
     base_sha256: str
     patched_sha256: str
     base_touched_sha256: str
+
+    def __post_init__(self) -> None:
+        self.shape, self.dtype_name = tuple(self.shape), dtype_name(self.dtype_name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _table("DTYPES_BY_NAME")[self.dtype_name]
+
+    @property
+    def bits_dtype(self) -> np.dtype:
+        return BITS_BY_NAME[self.dtype_name]
 
     @property
     def nnz(self) -> int:
@@ -123,7 +174,7 @@ def tensor_patch_from_pair(name: str, base: torch.Tensor, patched: torch.Tensor)
     """The patch that turns `base` into `patched` (same shape and dtype), or None if they are bit-identical."""
     if base.shape != patched.shape or base.dtype != patched.dtype:
         raise ValueError(f"{name}: base {tuple(base.shape)} {base.dtype} vs target {tuple(patched.shape)} {patched.dtype}")
-    if base.dtype not in BITS_DTYPE:
+    if base.dtype not in _table("BITS_DTYPE"):
         raise ValueError(f"{name}: dtype {base.dtype} is not supported (fp32, fp16, bf16)")
     base_bits = tensor_bits(base.cpu())
     new_bits = tensor_bits(patched.cpu())
@@ -134,7 +185,7 @@ def tensor_patch_from_pair(name: str, base: torch.Tensor, patched: torch.Tensor)
     return TensorPatch(
         name=name,
         shape=tuple(base.shape),
-        dtype=base.dtype,
+        dtype_name=base.dtype,
         flat_index=flat_index,
         xor_bits=xor[flat_index],
         base_sha256=hashlib.sha256(base_bits.tobytes()).hexdigest(),
