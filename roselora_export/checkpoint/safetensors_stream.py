@@ -141,14 +141,18 @@ def read_array(info: TensorInfo, fd: int | None = None, path: Path | None = None
     dtype = np.dtype(NUMPY_DTYPES[info.dtype])
     if info.nbytes == 0:
         return np.zeros(0, dtype)
-    m, offset = _map(info, fd, path)
+    m, offset = _map(info, fd, path, read_only=True)
     if info.start % ITEMSIZE[info.dtype] and offset:  # misaligned (no safetensors writer does this): copy
         return np.frombuffer(m, np.uint8, info.nbytes, offset).copy().view(dtype)
     return np.frombuffer(m, dtype, info.nbytes // dtype.itemsize, offset)
 
 
-def _map(info: TensorInfo, fd: int | None, path: Path | None):
-    """A private mapping of the tensor's byte range (or a buffer read from it): (buffer, offset of the tensor)."""
+def _map(info: TensorInfo, fd: int | None, path: Path | None, read_only: bool = False):
+    """A private mapping of the tensor's byte range (or a buffer read from it): (buffer, offset of the tensor).
+
+    read_only: map it read-only, its pages read in at once (MAP_POPULATE: one call, not a page fault per
+    4 KiB on first use); a writable private mapping would copy every page instead.
+    """
     own = fd is None
     if own:
         try:
@@ -160,7 +164,11 @@ def _map(info: TensorInfo, fd: int | None, path: Path | None):
             raise InputError(f"{path or 'shard'}: truncated while reading {info.name}")
         lo = info.start - info.start % mmap.ALLOCATIONGRANULARITY
         try:
-            m = mmap.mmap(fd, info.start + info.nbytes - lo, access=mmap.ACCESS_COPY, offset=lo)
+            if read_only:
+                m = mmap.mmap(fd, info.start + info.nbytes - lo, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                              prot=mmap.PROT_READ, offset=lo)
+            else:
+                m = mmap.mmap(fd, info.start + info.nbytes - lo, access=mmap.ACCESS_COPY, offset=lo)
         except OSError:  # a file system that cannot map files: read it into a buffer instead
             m, lo = _pread(fd, info, path), info.start
     finally:
