@@ -1,10 +1,11 @@
 """Streaming merge: time and peak RSS of `roselora-export merge` on a synthetic sharded checkpoint (>= 2 GB),
-side by side with a naive load-everything merge, a plain `cp -r` of the checkpoint, and `import torch` alone.
+side by side with a naive load-everything merge, a plain `cp -r` of the checkpoint, and `import torch` alone
+(for scale: merge itself never imports torch).
 
     .venv/bin/python bench/streaming_merge.py [--layers 10] [--rounds 3] [--keep]
 
 Every measured command runs in its own fresh process, as a user runs it (the console script, start-up
-included), with one torch thread; peak RSS is its maximum resident set (GNU time %M).
+included), with OMP_NUM_THREADS=1; peak RSS is its maximum resident set (GNU time %M).
 The checkpoint and all outputs live under /tmp and are deleted at the end (unless --keep).
 Goals: peak RSS <= largest shard + 300 MB, time <= 2 x the plain copy.
 """
@@ -97,36 +98,36 @@ for s in shards:
     save_file({k: sd[k] for k, v in index["weight_map"].items() if v == s}, str(out / s), metadata={"format": "pt"})
 """
 
-IMPORT_ONLY = "import torch"
-IMPORT_AS_MERGE = "import gc; gc.disable(); import torch; gc.freeze()"  # how merge imports it (checkpoint.merge)
+IMPORT_ONLY = "import torch"  # for scale: what any command that imports torch pays before doing anything
 
 # The CPU cost of each step merge takes per changed tensor, timed one by one in one thread (median over them).
 PER_TENSOR = r"""
-import hashlib, json, os, statistics, sys, tempfile, time
-import numpy as np, torch
-torch.set_num_threads(1)
+import json, os, statistics, sys, tempfile, time
+import numpy as np
 from roselora_export.checkpoint import open_model_dir
-from roselora_export.checkpoint.safetensors_stream import _pwrite_all, tensor_bytes
+from roselora_export.checkpoint.safetensors_stream import _pwrite_all
 from roselora_export.patch.adapter import read_adapter, resolve_keys
-from roselora_export.patch.build import merge_tensor
 from roselora_export.patch.io import encode_tensor
+from roselora_export.patch.merge_math import fill_sha256, merge_bits
 model = open_model_dir(sys.argv[1])
 edits = resolve_keys(read_adapter(sys.argv[2]).edits, model.keys(), tied=model.tied_aliases())
-costs = {k: [] for k in ("read", "merge", "write", "sha256", "encode")}
+costs = {k: [] for k in ("read", "merge", "sha256", "encode", "write")}
 fd, tmp = tempfile.mkstemp(dir=sys.argv[3])
 try:
     for name in [n for n in model.keys() if n in edits]:
-        t0 = time.perf_counter(); base = model.read(name); base.sum()  # mapped: the sum faults the pages in
-        t1 = time.perf_counter(); merged, tp, _ = merge_tensor(name, base, edits[name], None, deferred=[])
-        t2 = time.perf_counter(); _pwrite_all(fd, tensor_bytes(merged), 0)
-        t3 = time.perf_counter(); hashlib.sha256(tensor_bytes(merged)).hexdigest()
-        t4 = time.perf_counter(); tp.base_sha256 = tp.patched_sha256 = "0" * 64; encode_tensor(tp)
+        info = model.locations[name][1]
+        t0 = time.perf_counter(); base = model.read_array(name); base.sum()  # mapped: the sum reads every page
+        t1 = time.perf_counter(); m = merge_bits(name, base, info.dtype, info.shape, edits[name])
+        t2 = time.perf_counter(); fill_sha256(m.patch, m.base_bits, m.bits)
+        t3 = time.perf_counter(); encode_tensor(m.patch)
+        t4 = time.perf_counter(); _pwrite_all(fd, memoryview(m.bits.view(np.uint8)), 0)
         t5 = time.perf_counter()
         for k, v in zip(costs, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             costs[k].append(v)
 finally:
     os.close(fd); os.unlink(tmp)
 print("COSTS=" + json.dumps({k: statistics.median(v) for k, v in costs.items()}))
+print("TORCH=" + json.dumps("torch" in sys.modules))
 """
 
 # `roselora-export merge` with timestamps around its phases (wrapped from outside; the library is unchanged).
@@ -145,12 +146,15 @@ def wrap(obj, attr, key):
             marks[key + "_end"] = time.perf_counter() - T0
     setattr(obj, attr, timed)
 wrap(copier.ShardCopier, "_copy_shard", "copy")
-wrap(copier.ShardCopier, "_hash_expected", "hash")
-wrap(merge, "_import_torch", "torch")
+import roselora_export.patch.adapter as adapter_module
+wrap(adapter_module, "read_adapter", "adapter")
 wrap(merge, "_merge_into_copies", "jobs")
+import roselora_export.patch.io as patch_io
+wrap(patch_io, "save_patch", "save")
 from roselora_export.cli import main
 main(sys.argv[1:], prog_name="roselora-export", standalone_mode=False)
 marks["cli_end"] = time.perf_counter() - T0
+marks["torch"] = "torch" in sys.modules
 print("PHASES=" + json.dumps(marks))
 """
 
@@ -212,9 +216,7 @@ def main() -> None:
             ("roselora-export merge --dtype bf16 (converts every tensor)",
              lambda o: [*merge, "merge", "--base", str(base), "--adapter", str(adapter), "--out", str(o), "--dtype", "bf16"]),
             ("naive merge (load all, merge, save_file per shard)", lambda o: [py, "-c", NAIVE, str(base), str(adapter), str(o)]),
-            ("python -c 'import torch' (start-up alone)", lambda o: [py, "-c", IMPORT_ONLY]),
-            ("python -c 'import torch' with the GC paused, then frozen (start-up alone, as merge does it)",
-             lambda o: [py, "-c", IMPORT_AS_MERGE]),
+            ("python -c 'import torch' (start-up alone, for scale)", lambda o: [py, "-c", IMPORT_ONLY]),
         ]
         results: dict[str, list[tuple]] = {}
         for rep in range(args.rounds):  # rounds interleaved; the table shows each method's median and best run
@@ -241,18 +243,18 @@ def main() -> None:
             Path(str(out) + ".patch.safetensors").unlink(missing_ok=True)
         run = subprocess.run([py, "-c", PER_TENSOR, str(base), str(adapter), str(tmp)], cwd=ROOT, check=True,
                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        costs = json.loads(run.stdout.split("COSTS=")[-1])
+        costs = json.loads(run.stdout.split("COSTS=")[-1].split("\n")[0])
         load_after = os.getloadavg()
         ph = min(phases, key=lambda m: m["wall"])
         phase_rows = [
-            ("interpreter start-up, click, open the base (headers), start the copier", "main", 0.0, ph["copy_start"]),
-            ("import torch and the patch package (GC paused, then frozen)", "main", ph["torch_start"], ph["torch_end"]),
-            ("copy every shard (copy_file_range), the adapted tensors' bytes skipped", "copier", ph["copy_start"],
+            ("interpreter start-up, click, numpy, open the base (headers), start the copier", "main", 0.0,
+             ph["copy_start"]),
+            ("copy every shard (copy_file_range), the changed tensors' bytes skipped", "copier", ph["copy_start"],
              ph["copy_end"]),
-            ("sha256 of the adapted tensors' base bytes, ahead", "copier", ph["hash_start"], ph["hash_end"]),
-            (f"read adapter; merge, write, hash, encode the {2 * args.layers} changed tensors (2 jobs)", "main + 2 jobs",
-             ph["torch_end"], ph["jobs_end"]),
-            ("write the patch file, print the report", "main", ph["jobs_end"], ph["cli_end"]),
+            ("read the adapter", "main", ph["adapter_start"], ph["adapter_end"]),
+            (f"merge, hash, encode, then write the {2 * args.layers} changed tensors (2 jobs)", "2 jobs",
+             ph["jobs_start"], ph["jobs_end"]),
+            ("write the patch file, print the report", "main", ph["save_start"], ph["cli_end"]),
             ("interpreter exit (and process start before the first timestamp)", "main", ph["cli_end"], ph["wall"]),
         ]
 
@@ -263,8 +265,8 @@ def main() -> None:
             rows.append(f"| {label} | {wall:.2f} | {best:.2f} | {wall / cp_med:.2f} | {best / cp_min:.2f} | {cpu:.2f} | "
                         f"{rss:.0f} | {rss - largest / 2**20:+.0f} |")
         m_med, m_min, m_cpu, m_rss = med["roselora-export merge"]
-        t_med, t_min = med["python -c 'import torch' (start-up alone)"][:2]
-        f_med = med["python -c 'import torch' with the GC paused, then frozen (start-up alone, as merge does it)"][0]
+        t_med = med["python -c 'import torch' (start-up alone, for scale)"][0]
+        imports_torch = any(m["torch"] for m in phases)
         body = [
             f"Machine: {machine_line()}; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
             "(the machine is shared). Command: "
@@ -288,30 +290,25 @@ def main() -> None:
             f"{m_med / cp_med:.2f}x cp -r (median; best {m_min / cp_min:.2f}x), so the time goal is "
             f"{'met' if m_med <= 2 * cp_med else 'missed'}; peak RSS is "
             f"{'met' if m_rss - largest / 2**20 <= 300 else 'missed'}. A process that only imports torch takes "
-            f"{t_med:.2f} s = {t_med / cp_med:.2f}x cp -r, and still {f_med:.2f} s = {f_med / cp_med:.2f}x imported "
-            "as merge does it (GC paused and frozen, which spares the collections of its ~million objects during the "
-            "import and at exit)"
-            + (": a process that imports torch cannot meet the goal for a checkpoint this size on this machine"
-               if f_med > 2 * cp_med else "")
-            + ". Merge must import torch: the merged values are defined as torch's B @ A * scaling added in fp32 "
-            "(numpy's matmul gave the same bits on this machine for these shapes, but nothing guarantees that across "
-            "BLAS builds), and the patch model (`patch/model.py`) carries torch dtypes.",
+            f"{t_med:.2f} s = {t_med / cp_med:.2f}x cp -r; merge "
+            + ("imported torch in the timed runs." if imports_torch else "never imports it (checked in the timed runs)."),
             "",
-            "How merge spends its time: before importing torch it opens the base (headers only) and starts one thread "
-            "that copies every shard with copy_file_range, skipping the bytes of the tensors the adapter's header names, "
-            "then hashes (sha256) those tensors' base bytes: kernel work and hashlib, on the second core, while the "
-            "first one imports torch (GC paused, then frozen, one intra-op thread). Then two jobs at a time merge the "
-            "changed tensors (mapped from the base, not copied), each written at its offset in the copied shard, with "
-            "the sha256 of the merged tensor and the patch encoding. The patch file is written last. Memory stays a "
-            "few tensors: the RSS is mostly torch's. `--dtype bf16` changes every tensor's size, so every shard is "
-            "rewritten (header first, each tensor at its new offset; two tensors converted at once beside the merge) "
-            "and nothing can be copied while torch is imported.",
+            "How merge spends its time: it opens the base (headers only) and starts one thread that copies every shard "
+            "with copy_file_range, skipping the bytes of the tensors the adapter's header names (kernel work, on one "
+            "core). Meanwhile it reads the adapter and two jobs at a time merge the changed tensors with numpy "
+            "(patch/merge_math.py: each fused multiply-add of B @ A computed exactly, in k order, on the rectangles "
+            "where B and A have nonzeros; the same bits as torch's B @ A here), hash the base and merged tensors "
+            "(sha256), encode their part of the patch, and then write each merged tensor at its offset in its copied "
+            "shard once that shard is copied. The patch file is written last. Memory stays a few tensors. "
+            "`--dtype bf16` changes every tensor's size, so every shard is rewritten through torch (header first, each "
+            "tensor at its new offset; two tensors converted at once beside the merge).",
             "",
             f"CPU per changed 16 MiB tensor (median, one thread): merge arithmetic {1e3 * costs['merge']:.1f} ms "
-            f"(B @ A, the add, the bit comparison, survival), patch encoding {1e3 * costs['encode']:.1f} ms (the "
-            f"format's deflate), sha256 {1e3 * costs['sha256']:.1f} ms (the merged tensor; the base one is hashed "
-            f"ahead), write {1e3 * costs['write']:.1f} ms, read (mapped) {1e3 * costs['read']:.1f} ms. With two "
-            f"free cores the floor is: interpreter start-up + torch's import + the {2 * args.layers} tensors' CPU / 2.",
+            f"(the delta, the add, the bit comparison, survival, the merged copy), sha256 of base and merged "
+            f"{1e3 * costs['sha256']:.1f} ms, patch encoding {1e3 * costs['encode']:.1f} ms (the format's deflate), "
+            f"write {1e3 * costs['write']:.1f} ms, read (mapped, pages read in) {1e3 * costs['read']:.1f} ms. With "
+            f"two cores the floor is about: interpreter start-up + (the copy's CPU + the {2 * args.layers} tensors' "
+            "CPU) / 2.",
         ]
         body += [
             "",
