@@ -165,6 +165,18 @@ def cli(py: str) -> list[str]:
     return [str(script)] if script.is_file() else [py, "-m", "roselora_export.cli"]
 
 
+def prime(base: Path, scratch: Path) -> None:
+    """Write a copy of the checkpoint and delete it, so that every measured command finds memory alike.
+
+    On this VM, memory freed a while ago is handed back to the host, and writing 2 GB into it again
+    cost up to 3x the kernel time (cp -r: 0.6 s right after another copy was deleted, 1.0-1.8 s after
+    a 3 GB allocation was freed and two seconds passed). Without this, whichever command ran right
+    after another's output was deleted had the advantage.
+    """
+    subprocess.run(["cp", "-r", str(base), str(scratch)], check=True)
+    shutil.rmtree(scratch)
+
+
 def measure(args: list[str]) -> tuple[float, float, float]:
     """(wall seconds, peak RSS in MiB, CPU seconds user+sys) of one fresh process.
 
@@ -222,6 +234,7 @@ def main() -> None:
         for rep in range(args.rounds):  # rounds interleaved; the table shows each method's median and best run
             for label, cmd in methods:
                 out = fresh("out")
+                prime(base, tmp / "prime")
                 wall, rss, cpu = measure(cmd(out))
                 results.setdefault(label, []).append((wall, rss, cpu))
                 shutil.rmtree(out, ignore_errors=True)
@@ -230,6 +243,7 @@ def main() -> None:
         phases = []  # one timed run per round, after the rounds
         for _ in range(args.rounds):
             out = fresh("out")
+            prime(base, tmp / "prime")
             subprocess.run(["sync"], check=True)
             t0 = time.perf_counter()
             run = subprocess.run([py, "-c", PHASES, "merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)],
@@ -278,7 +292,10 @@ def main() -> None:
             f"{total / 2**30:.2f} GiB in all, largest shard {largest / 2**20:.0f} MiB; synthetic RoseLoRA-shaped adapter "
             f"(r=8, tau=0.05) on q_proj and v_proj of every layer ({2 * args.layers} changed 16 MiB tensors). Every command is a fresh "
             "process, as a user runs it (`roselora-export merge ...`, start-up included), with OMP_NUM_THREADS=1. Page "
-            f"cache warm, `sync` before each command; {args.rounds} interleaved rounds: median and best wall time, "
+            "cache warm; before each command a copy of the checkpoint is written and deleted (on this VM, writing 2 GB "
+            "into memory freed a while ago costs up to 3x the kernel time, which otherwise favoured whichever command "
+            f"ran right after another's output was deleted), then `sync`; {args.rounds} interleaved rounds: median and "
+            "best wall time, "
             "median CPU time (user + sys), highest peak RSS.",
             "",
             "| command | wall s (median) | wall s (best) | x cp -r (median) | x cp -r (best) | CPU s | peak RSS MiB | "
