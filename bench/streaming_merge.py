@@ -317,8 +317,8 @@ def main() -> None:
             "where B and A have nonzeros; the same bits as torch's B @ A here), hash the base and merged tensors "
             "(sha256), encode their part of the patch, and then write each merged tensor at its offset in its copied "
             "shard once that shard is copied. The patch file is written last. Memory stays a few tensors. "
-            "`--dtype bf16` changes every tensor's size, so every shard is rewritten through torch (header first, each "
-            "tensor at its new offset; two tensors converted at once beside the merge).",
+            "`--dtype bf16` changes every tensor's size, so every shard is rewritten (header first, each tensor at its new "
+            "offset; two tensors converted at once with numpy beside the merge), also without torch.",
             "",
             f"CPU per changed 16 MiB tensor (median, one thread): merge arithmetic {1e3 * costs['merge']:.1f} ms "
             f"(the delta, the add, the bit comparison, survival, the merged copy), sha256 of base and merged "

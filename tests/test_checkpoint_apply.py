@@ -296,12 +296,12 @@ def test_leftover_cleanup_treats_the_checkpoint_name_literally(tmp_path):
 
 
 def test_in_place_apply_syncs_every_new_file_before_the_swap(tmp_path, monkeypatch):
-    from roselora_export.checkpoint import ops
+    from roselora_export.checkpoint import rewrite
 
     ckpt, patch = _big_checkpoint(tmp_path, shards=2, numel=1 << 14)
     synced = []
-    real = ops.fsync_files
-    monkeypatch.setattr(ops, "fsync_files", lambda root: (synced.append(sorted(p.name for p in root.iterdir())), real(root)))
+    real = rewrite.fsync_files
+    monkeypatch.setattr(rewrite, "fsync_files", lambda root: (synced.append(sorted(p.name for p in root.iterdir())), real(root)))
     apply_to_checkpoint(ckpt, [load_patch(patch)], tmp_path / "out")
     assert synced == []  # a new directory is not synced, like cp
     apply_to_checkpoint(ckpt, [load_patch(patch)], in_place=True)

@@ -172,13 +172,14 @@ def test_merge_bits_never_writes_into_the_base_array():
     assert m.patch is not None and np.array_equal(base, before) and not np.array_equal(m.bits, before)
 
 
-def test_merging_a_checkpoint_in_a_fresh_process_never_imports_torch(tmp_path):
+@pytest.mark.parametrize("dtype", [None, "bf16"], ids=["stored dtype", "converting to bf16"])
+def test_merging_a_checkpoint_in_a_fresh_process_never_imports_torch(tmp_path, dtype):
     from test_patch_fixtures import make_adapter, tiny_llama_dir
 
     base = tiny_llama_dir(tmp_path / "base")
     adapter = make_adapter(base, tmp_path / "adapter")
     code = (f"import sys; from roselora_export.checkpoint import merge_checkpoint; "
-            f"r = merge_checkpoint({str(base)!r}, {str(adapter)!r}, {str(tmp_path / 'out')!r}); "
+            f"r = merge_checkpoint({str(base)!r}, {str(adapter)!r}, {str(tmp_path / 'out')!r}, dtype={dtype!r}); "
             f"assert r.patch.total_nnz > 0; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

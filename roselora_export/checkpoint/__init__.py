@@ -4,8 +4,8 @@
     diff_checkpoints(base_dir, target_dir, "edit.patch.safetensors")
     apply_to_checkpoint(base_dir, [patch], out_dir)             # or in_place=True; revert=True
 
-The verbs are imported on first use, and a `merge` that converts no dtype never imports torch
-(patch/merge_math.py does its arithmetic with numpy).
+The verbs are imported on first use, and `merge` never imports torch (patch/merge_math.py does its
+arithmetic with numpy).
 """
 from __future__ import annotations
 

@@ -2,16 +2,14 @@
 
 When no tensor changes dtype (the usual case), the output shards are the base's shards, header
 included, copied by a background thread (copier.ShardCopier) with the changed tensors written at
-their offsets, and the merge itself is numpy (patch.merge_math): torch is never imported, so a fresh
-`roselora-export merge` process spends its time on the copy and on the changed tensors, two at a
-time, not on torch's import (which alone takes longer than copying a 2 GB checkpoint). Converting
-every tensor to another dtype (--dtype) goes through torch and ops.write_checkpoint.
+their offsets. Converting tensors to another dtype (--dtype) rewrites every shard instead
+(rewrite.write_checkpoint). The merge itself is numpy (patch.merge_math): torch is never imported,
+so a fresh `roselora-export merge` process spends its time on the copy and on the changed tensors,
+not on torch's import (which alone takes longer than copying a 2 GB checkpoint).
 """
 from __future__ import annotations
 
-import gc
 import os
-import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +21,7 @@ from ..errors import InputError
 from .atomic import atomic_dir
 from .copier import ShardCopier, guess_changed
 from .model_dir import ModelDir, open_model_dir
+from .rewrite import FLOAT_DTYPES, OVERLAP_BYTES
 from .safetensors_stream import _pwrite_all
 
 if TYPE_CHECKING:
@@ -32,10 +31,8 @@ if TYPE_CHECKING:
     from ..patch.model import Patch
 
 Progress = Callable[[int], None]
-FLOAT_DTYPES = ("F32", "F16", "BF16")
 ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # torch dtype name -> safetensors dtype
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{n: n for n in ST_NAMES}}
-OVERLAP_BYTES = 256 << 20  # merge does not hash one tensor while merging the next when both hold more than this
 MERGE_JOBS = 2  # changed tensors merged at once (a copy thread runs beside them)
 
 
@@ -82,7 +79,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     """Merge an adapter into a checkpoint directory (streaming), writing the merged model and its patch.
 
     dtype: store the merged model in this dtype (torch.bfloat16, or a name: "bf16", "bfloat16", ...);
-    None keeps the base's. A name lets a fresh process start copying before it imports torch.
+    None keeps the base's. Either way no torch is imported (a torch dtype given is read by its name).
     """
     _dtype_name(dtype)  # a bad name is an error before anything is written
     model = open_model_dir(base_dir)
@@ -104,39 +101,11 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     return MergeResult(out_dir=out_dir, patch_path=patch_path, patch=patch, survival=survival)
 
 
-def _import_torch() -> int | None:
-    """Import torch and the patch package, if this process has not yet, with the cyclic GC paused; then
-    freeze what they made, and give torch one intra-op thread. Returns torch's thread count before
-    (for the caller to restore), or None when torch was already imported (then nothing is changed).
-
-    Their import creates about a million long-lived objects: collections during the import, and the
-    final one at exit, walk them all (measured: ~0.1 s and ~0.35 s of a fresh `merge` process).
-    gc.freeze() moves them (and whatever else exists then) to the permanent generation, where no
-    collection visits them; they live until exit anyway. Merge runs its own jobs side by side, so
-    torch's thread pool would only add threads spinning for the same cores.
-    """
-    if "torch" in sys.modules:
-        return None
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        import torch
-
-        from ..patch import build, io  # noqa: F401
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    return threads
-
-
 def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier | None,
            progress: Progress | None) -> tuple[Patch, SurvivalReport, dict]:
     """Read the adapter, merge every tensor it changes, and return the patch, survival and file encodings.
 
-    With a copier (no dtype conversion) this runs on numpy alone: torch is never imported.
+    numpy alone (patch.merge_math): torch is never imported.
     """
     from ..patch.adapter import read_adapter, resolve_keys
     from ..patch.merge_math import SurvivalReport
@@ -163,39 +132,13 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
             encoded[name] = enc
 
     if copier is None:
-        _merge_converting_with_torch(model, tmp, dtype, edits, keep, progress)
+        _merge_converting(model, tmp, out_dtype, edits, keep, progress)
     else:
         _merge_into_copies(model, tmp, [n for n in model.keys() if n in edits], edits, out_dtype, keep, copier,
                            progress)
     # Keep the patch's tensor order the checkpoint's order (it is built shard by shard).
     patch.tensors = {k: patch.tensors[k] for k in model.keys() if k in patch.tensors}
     return patch, survival, encoded
-
-
-def _merge_converting_with_torch(model: ModelDir, tmp: Path, dtype, edits: dict, keep, progress: Progress | None):
-    """--dtype that changes tensors' dtypes: every shard is rewritten through torch (ops.write_checkpoint)."""
-    threads = _import_torch()
-    import torch
-
-    from ..patch.build import merge_tensor
-    from ..patch.io import encode_tensor
-    from ..patch.merge_math import fill_sha256
-
-    def merge_one(name: str) -> tuple:
-        """Merge one tensor: (merged tensor, its TensorPatch or None, survival, deferred sha256 arguments)."""
-        later: list = []
-        merged, tp, surv = merge_tensor(name, model.read(name), edits[name], target, deferred=later)
-        return merged, tp, surv, (later[0] if tp is not None else None)
-
-    def finish(tp, base_bits, new_bits):
-        return encode_tensor(fill_sha256(tp, base_bits, new_bits))
-
-    target = getattr(torch, _dtype_name(dtype))
-    try:
-        _merge_converting(model, tmp, target, set(edits), merge_one, finish, keep, progress)
-    finally:
-        if threads is not None:
-            torch.set_num_threads(threads)
 
 
 def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict, out_dtype: str | None, keep,
@@ -257,16 +200,17 @@ def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _merge_converting(model: ModelDir, tmp: Path, dtype, changed: set[str], merge_one, finish, keep,
-                      progress: Progress | None) -> None:
-    """Merge while converting tensors to `dtype`: every output shard is rewritten (ops.write_checkpoint).
+def _merge_converting(model: ModelDir, tmp: Path, out_dtype: str, edits: dict, keep, progress: Progress | None) -> None:
+    """Merge while converting tensors to `out_dtype`: every output shard is rewritten (rewrite.write_checkpoint).
 
     Each changed tensor's two whole-tensor sha256 and its file encoding run in a worker thread
     (hashlib and zlib release the GIL) while this thread merges and writes the next tensor. One job
     at a time, and none beside a large tensor's merge: the job holds one tensor's base and merged
     bits, so memory stays about that of a serial merge plus OVERLAP_BYTES.
     """
-    from .ops import write_checkpoint
+    from ..patch.io import encode_tensor
+    from ..patch.merge_math import fill_sha256, merge_bits
+    from .rewrite import write_checkpoint
 
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-encode")
     last: list[tuple[str, Future, int, object, object]] = []  # the job in flight: name, future, bytes, tp, survival
@@ -277,19 +221,20 @@ def _merge_converting(model: ModelDir, tmp: Path, dtype, changed: set[str], merg
             keep(name, tp, surv, fut.result())
 
     def produce(name: str):
-        nbytes = model.locations[name][1].nbytes
-        if last and last[0][2] + nbytes > OVERLAP_BYTES:
+        info = model.locations[name][1]
+        if last and last[0][2] + info.nbytes > OVERLAP_BYTES:
             wait()
-        merged, tp, surv, later = merge_one(name)
+        m = merge_bits(name, model.read_array(name), info.dtype, info.shape, edits[name], out_dtype)
         wait()
-        if tp is None:
-            keep(name, None, surv, None)
+        if m.patch is None:
+            keep(name, None, m.survival, None)
         else:
-            last.append((name, worker.submit(finish, *later), 2 * later[1].nbytes, tp, surv))
-        return merged
+            job = worker.submit(lambda: encode_tensor(fill_sha256(m.patch, m.base_bits, m.bits)))
+            last.append((name, job, 2 * m.bits.nbytes, m.patch, m.survival))
+        return m.bits
 
     try:
-        write_checkpoint(model, tmp, produce, changed, dtype=dtype, progress=progress)
+        write_checkpoint(model, tmp, produce, set(edits), dtype=out_dtype, progress=progress)
         wait()
     finally:
         worker.shutdown(wait=True, cancel_futures=True)

@@ -188,7 +188,10 @@ def _pread(fd: int, info: TensorInfo, path: Path | None) -> bytearray:
     return buf
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t) -> memoryview:
+    """The bytes of a torch tensor, or of a numpy array (which needs no torch)."""
+    if not hasattr(t, "detach"):  # numpy
+        return memoryview(t).cast("B") if t.flags.c_contiguous else memoryview(t.copy()).cast("B")
     import torch
 
     t = t.detach().contiguous().cpu()

@@ -65,7 +65,7 @@ def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, a
     index, config and tokenizer files, and keeps tied weights tied. Reports how much of the edit
     survives rounding into the stored dtype, and warns when most of it is rounded away.
     """
-    from ..checkpoint import merge_checkpoint, open_model_dir  # no torch: only a --dtype conversion imports it
+    from ..checkpoint import merge_checkpoint, open_model_dir  # neither imports torch, nor does the merge
 
     if onnx_dir:  # fail on a bad ONNX directory before writing anything
         from ..onnx.names import open_artifact
@@ -73,7 +73,6 @@ def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, a
         open_artifact(onnx_dir)
     total = open_model_dir(base_dir).total_bytes
     with _progress(total, "merge") as update:
-        # The dtype by name: merge imports torch only when it has to convert tensors to it.
         res = merge_checkpoint(base_dir, adapter_dir, out_dir, dtype=dtype, patch_path=patch_path, progress=update)
     try:
         onnx_report = _onnx_apply(Path(onnx_dir), [res.patch], Path(out_dir) / "onnx") if onnx_dir else None
