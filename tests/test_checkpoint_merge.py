@@ -11,7 +11,7 @@ from safetensors import safe_open
 from roselora_export.checkpoint import fingerprints, load_state_dict, merge_checkpoint, open_model_dir
 from roselora_export.errors import InputError
 from roselora_export.patch import load_patch
-from test_patch_fixtures import DTYPES, make_adapter, reference_merge, tiny_gpt2_dir, tiny_llama_dir
+from test_patch_fixtures import DTYPES, make_adapter, needs_mkl, reference_merge, tiny_gpt2_dir, tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,7 @@ def _peft_merged(model_dir, adapter_dir, cls="AutoModelForCausalLM"):
     return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload().state_dict()
 
 
+@needs_mkl
 def test_fp32_merge_equals_peft_merge_and_unload_bit_for_bit(sharded, tmp_path):
     # The tool computes each fused multiply-add exactly, in k order; MKL's B @ A (what PEFT uses) does the same here.
     _, base, adapter = sharded
@@ -40,6 +41,7 @@ def test_fp32_merge_equals_peft_merge_and_unload_bit_for_bit(sharded, tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in got)
 
 
+@needs_mkl
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 def test_merge_in_each_dtype_equals_the_dense_merge_in_that_dtype(sharded, tmp_path, dtype):
     _, base, adapter = sharded
@@ -63,6 +65,7 @@ def test_merge_keeps_sharding_index_config_and_tokenizer_files(sharded, tmp_path
     assert res.patch_path == tmp_path / "out.patch.safetensors" and res.patch_path.is_file()
 
 
+@needs_mkl
 def test_merged_directory_loads_with_transformers_and_tied_weights_stay_tied(sharded, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -87,6 +90,7 @@ def test_patch_written_by_merge_reproduces_the_merged_checkpoint(sharded, tmp_pa
     assert res.patch.provenance["base_config_sha256"] == open_model_dir(base).fingerprint
 
 
+@needs_mkl
 def test_gpt2_conv1d_fan_in_fan_out_merge_equals_peft(tmp_path):
     base = tiny_gpt2_dir(tmp_path / "gpt2")
     adapter = make_adapter(base, tmp_path / "ad", targets=("c_attn",), fan_in_fan_out=True)
@@ -96,6 +100,7 @@ def test_gpt2_conv1d_fan_in_fan_out_merge_equals_peft(tmp_path):
     assert not torch.equal(got["transformer.h.0.attn.c_attn.weight"], load_state_dict(base)["transformer.h.0.attn.c_attn.weight"])
 
 
+@needs_mkl
 def test_rank_and_alpha_patterns_and_rslora_scale_like_peft(sharded, tmp_path):
     _, base, _ = sharded
     adapter = make_adapter(base, tmp_path / "ad", r=4, alpha=8, use_rslora=True,
@@ -298,6 +303,7 @@ def test_the_guess_of_changed_tensors_names_the_adapted_weights(sharded):
     assert guess_changed(adapter, model) == [k for k in model.keys() if k.endswith(("q_proj.weight", "v_proj.weight"))]
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # refused with its one-line error, and no numpy warning
 def test_a_merge_that_would_write_inf_is_refused_and_leaves_nothing(sharded, tmp_path):
     from safetensors.torch import save_file
 
@@ -338,3 +344,20 @@ def test_tensors_are_read_without_mapping_where_files_cannot_be_mapped(sharded, 
     monkeypatch.setattr(safetensors_stream.mmap, "mmap", no_mmap)
     assert all(torch.equal(model.read(k), want[k]) for k in model.keys())
     assert all(np.array_equal(model.read_array(k).view(np.float32), want[k].numpy().ravel()) for k in model.keys())
+
+
+def test_tensors_of_other_dtypes_beside_the_lora_factors_are_ignored(sharded, tmp_path):
+    # PEFT may save frozen copies (any dtype) next to the factors; only the factors are read.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, base, adapter = sharded
+    extra = tmp_path / "adapter"
+    shutil.copytree(adapter, extra)
+    tensors = load_file(str(extra / "adapter_model.safetensors"))
+    tensors["base_model.model.model.embed_tokens.base_layer.steps"] = torch.arange(4, dtype=torch.int64)
+    save_file(tensors, str(extra / "adapter_model.safetensors"))
+    merge_checkpoint(base, adapter, tmp_path / "a")
+    merge_checkpoint(base, extra, tmp_path / "b")
+    assert fingerprints(tmp_path / "a") == fingerprints(tmp_path / "b")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from roselora_export.patch import merge_math
-from roselora_export.patch.merge_math import fma_chain, from_float32, merge_bits, to_float32
+from roselora_export.patch.merge_math import fma_chain, fma_step, from_float32, merge_bits, to_float32
+from test_patch_fixtures import needs_mkl
 
 TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 INT_VIEW = {"F32": torch.int32, "F16": torch.int16, "BF16": torch.int16}
@@ -60,6 +61,33 @@ def test_fma_chain_rounds_a_sum_that_fp64_puts_exactly_on_an_fp32_tie_the_exact_
     assert fma_chain(u, v)[0] == exact
 
 
+def test_fma_step_rounds_subnormal_sums_and_their_ties_exactly():
+    # In the fp32-subnormal range ties are odd multiples of 2^-150. Here fp64 puts the sum one ulp from
+    # such a tie (reproduction from review: acc 0x00400001 * 2^-149, u = 721 * 2^-90, v = 14892397 * 2^-91).
+    cases = []
+    for m in (0x400001, 0x400002, 0x7FFFFF, 0x5A5A5B):
+        for sign in (1, -1):
+            for other in (1, -1):
+                cases.append((sign * m * 2.0 ** -149, other * sign * 721 * 2.0 ** -90, 14892397 * 2.0 ** -91))
+    rng = np.random.default_rng(3)
+    for _ in range(500):  # random sums in the subnormal range whose fp64 addition is inexact
+        cases.append((int(rng.integers(-2 ** 23, 2 ** 23)) * 2.0 ** -149,
+                      int(rng.integers(2 ** 23, 2 ** 24)) * 2.0 ** -int(rng.integers(80, 100)),
+                      int(rng.integers(-2 ** 24, 2 ** 24)) * 2.0 ** -int(rng.integers(60, 80))))
+    acc, u, v = (np.array(c, np.float32) for c in zip(*cases))
+    want = np.array([_round_f32(Fraction(float(a)) + Fraction(float(x)) * Fraction(float(y))) for a, x, y in cases],
+                    np.float32)
+    assert np.array_equal(fma_step(acc, u, v).view(np.uint32), want.view(np.uint32))
+
+
+def test_fma_step_rounds_past_the_largest_float_to_inf_without_warnings():
+    big = np.float32(np.finfo(np.float32).max)
+    with np.errstate(all="raise"):
+        got = fma_step(np.array([big], np.float32), np.array([big], np.float32), np.array([2.0], np.float32))
+    assert np.isposinf(got[0])
+
+
+@needs_mkl
 def test_fma_chain_equals_torch_matmul_here():
     # What makes the merge equal PEFT's on this machine: MKL's sgemm accumulates k in order with FMA.
     g = torch.Generator().manual_seed(1)
@@ -106,6 +134,7 @@ def _sparse_factors(rng, out, inp, r, keep):
     return b, a
 
 
+@needs_mkl
 @pytest.mark.parametrize("base_dtype,out_dtype", [("F32", "F32"), ("F16", "F16"), ("BF16", "BF16"), ("F32", "BF16"),
                                                   ("BF16", "F32")])
 @pytest.mark.parametrize("transposed", [False, True])
@@ -130,23 +159,43 @@ def test_the_delta_is_computed_exactly_on_the_union_of_the_rank_rectangles(monke
     a[:, 7] = 0.0
     shape = (200, 300) if transposed else (300, 200)
     monkeypatch.setattr(merge_math, "CHUNK_ELEMENTS", 1000)  # several row blocks
-    flat = np.concatenate([f for f, _ in merge_math.lora_delta(_edit(b, a, 1.0, transposed), shape)])
+    parts = list(merge_math.lora_delta(_edit(b, a, 1.0, transposed), shape))
+    flat, delta = np.concatenate([f for f, _ in parts]), np.concatenate([d for _, d in parts])
     want = set()
     for k in range(6):
         for i in np.flatnonzero(b[:, k]):
             for j in np.flatnonzero(a[k]):
                 want.add(j * 300 + i if transposed else i * 200 + j)
     assert np.array_equal(flat, np.array(sorted(want)))
+    # The values: each rank only on its own rectangle gives what the chain over every rank gives.
+    i, j = np.divmod(flat, shape[1])
+    brow, acol = (j, i) if transposed else (i, j)
+    assert np.array_equal(delta.view(np.uint32), fma_chain(b[brow], a.T[acol]).view(np.uint32))
 
 
-def test_a_dense_lora_merged_in_many_chunks_equals_one_chunk(monkeypatch):
+def test_a_sum_that_ends_at_negative_zero_meets_the_later_ranks_zero_terms():
+    # Rank 0 underflows to -0.0 at (0, 0); rank 1 adds +0 there (+0 * 1), which makes it +0.0, so a base
+    # -0.0 at (0, 0) becomes +0.0, as in torch. Skipping rank 1 outside its rectangle must not change that.
+    b = np.array([[-2.0 ** -76, 0.0], [0.0, 1.0]], np.float32)
+    a = np.array([[2.0 ** -76, 0.0], [1.0, 0.0]], np.float32)
+    base = np.array([-0.0, 1.0, 2.0, 3.0], np.float32).view(np.uint32)
+    m = merge_bits("w", base, "F32", (2, 2), _edit(b, a, 1.0))
+    assert m.bits[0] == 0 and m.patch is not None and m.patch.flat_index.tolist()[0] == 0
+    want = fma_chain(np.array([[-2.0 ** -76, 0.0]], np.float32), np.array([[2.0 ** -76, 1.0]], np.float32))
+    assert want[0] == 0 and not np.signbit(want[0])
+
+
+def test_a_dense_lora_merged_in_many_chunks_equals_one_chunk_and_the_chain_over_every_element(monkeypatch):
     rng = np.random.default_rng(4)
     b, a = rng.standard_normal((64, 4)).astype(np.float32), rng.standard_normal((4, 48)).astype(np.float32)
-    base = rng.standard_normal(64 * 48).astype(np.float32).view(np.uint32)
-    one = merge_bits("w", base, "F32", (64, 48), _edit(b, a, 0.5))
+    base = rng.standard_normal(64 * 48).astype(np.float32)
+    one = merge_bits("w", base.view(np.uint32), "F32", (64, 48), _edit(b, a, 0.5))
     monkeypatch.setattr(merge_math, "CHUNK_ELEMENTS", 100)  # two rows at a time
-    many = merge_bits("w", base, "F32", (64, 48), _edit(b, a, 0.5))
+    many = merge_bits("w", base.view(np.uint32), "F32", (64, 48), _edit(b, a, 0.5))
     assert np.array_equal(one.bits, many.bits) and np.array_equal(one.patch.flat_index, many.patch.flat_index)
+    i, j = np.divmod(np.arange(64 * 48), 48)
+    want = base + fma_chain(b[i], a.T[j]) * np.float32(0.5)
+    assert np.array_equal(one.bits, want.view(np.uint32))
 
 
 @pytest.mark.parametrize("scaling", [2.0, -2.0])

@@ -6,13 +6,20 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 from pathlib import Path
 
+import pytest
 import torch
 
 from tiny_models import save_model_dir, tiny_gpt2, tiny_llama
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# The tool computes B @ A as exact fused multiply-adds in k order (patch/merge_math.py). Tests that use
+# torch's B @ A (PEFT's merge) as the reference need a BLAS that does the same: MKL on x86 does.
+needs_mkl = pytest.mark.skipif(not (torch.backends.mkl.is_available() and platform.machine().lower() in ("x86_64", "amd64")),
+                               reason="the reference is torch's B @ A, equal to the tool's only where MKL sums k in order")
 
 
 def tiny_llama_dir(path: Path, *, seed: int = 0, shard_kb: int | None = None, **overrides) -> Path:

@@ -22,6 +22,7 @@ from roselora_export.patch import (
     tensor_patch_from_pair,
 )
 from roselora_export.patch.model import Patch, TensorPatch, sha256_tensor
+from test_patch_fixtures import needs_mkl
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -274,6 +275,7 @@ def test_deferred_whole_tensor_hashes_equal_the_contract_fingerprints(dtype):
     assert (a.base_sha256, a.patched_sha256) == (b.base_sha256, b.patched_sha256)
 
 
+@needs_mkl
 def test_patch_built_from_an_adapter_records_the_base_config_fingerprint(tmp_path):
     from roselora_export.checkpoint import load_state_dict
     from roselora_export.patch import build_patch_from_adapter

@@ -71,8 +71,8 @@ class ShardCopier:
     The copies keep the base's bytes exactly (header included), so a tensor that the caller changes
     (same dtype and shape) is written in place at its offset, after `wait(shard)`. The bytes of the
     `expected` tensors are not copied (the caller writes them); `finish` copies any of them the caller
-    did not write (`wrote`), so a wrong guess costs time, never correctness. `poll` hands back the tensor bytes of finished shards, for a progress bar.
-    Errors surface in `wait` / `finish`.
+    did not write (`wrote`), so a wrong guess costs time, never correctness. `poll` hands back the
+    tensor bytes of finished shards, for a progress bar. Errors surface in `wait` / `finish`.
     """
 
     def __init__(self, model: ModelDir, dest: Path, *, dtype_name: str | None = None, expected: Iterable[str] = ()):

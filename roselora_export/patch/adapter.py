@@ -67,18 +67,29 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every float tensor of the file as fp32 (fp64 kept), shaped; other dtypes are refused."""
-    from ..checkpoint.safetensors_stream import read_array, read_header
+class _SafetensorsFile:
+    """A safetensors file's header, and its tensors read on request as float values (fp32; fp64 kept).
 
-    header = read_header(path)
-    out = {}
-    for name, info in header.tensors.items():
+    Only the tensors an edit uses are read: frozen copies PEFT saves beside the LoRA factors (any
+    dtype, often as large as the base weight) are never converted.
+    """
+
+    def __init__(self, path: Path):
+        from ..checkpoint.safetensors_stream import read_header
+
+        self.path, self.header = path, read_header(path)
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        from ..checkpoint.safetensors_stream import read_array
+
+        info = self.header.tensors[name]
         try:
-            out[name] = float_values(read_array(info, path=path), info.dtype).reshape(info.shape)
+            return float_values(read_array(info, path=self.path), info.dtype).reshape(info.shape)
         except InputError as err:
-            raise InputError(f"{path}: tensor {name}: {err}") from None
-    return out
+            raise InputError(f"{self.path}: tensor {name}: {err}") from None
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -105,8 +116,8 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
         raise InputError(f"--adapter {path}: not a directory")
     settings = _read_json(path / "roselora.json") if (path / "roselora.json").is_file() else {}
     if (path / "ft_l.safetensors").is_file():
-        tensors = _read_safetensors(path / "ft_l.safetensors")
-        edits = {k: AdapterEdit(key=k, replacement=v) for k, v in tensors.items()}
+        tensors = _SafetensorsFile(path / "ft_l.safetensors")
+        edits = {k: AdapterEdit(key=k, replacement=tensors[k]) for k in tensors.keys()}
         return Adapter(method="ft-l", path=path, settings=settings, edits=edits)
     if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
         raise InputError(f"--adapter {path}: neither a PEFT adapter (adapter_config.json + adapter_model.safetensors) "
@@ -116,15 +127,15 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
         raise InputError(f"--adapter {path}: peft_type {cfg.get('peft_type')} is not LoRA")
     if cfg.get("use_dora"):
         raise InputError(f"--adapter {path}: DoRA adapters are not supported (only plain LoRA / RoseLoRA)")
-    tensors = _read_safetensors(path / "adapter_model.safetensors")
+    tensors = _SafetensorsFile(path / "adapter_model.safetensors")
     method = str(settings.get("method", "roselora" if settings else "lora"))
     edits: dict[str, AdapterEdit] = {}
     pairs: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
+    for key in tensors.keys():
         k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         m = re.match(r"^(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$", k)
         if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = value
+            pairs.setdefault(m.group(1), {})[m.group(2)] = tensors[key]
         elif "lora_magnitude_vector" in k:
             raise InputError(f"--adapter {path}: DoRA magnitude vectors are not supported")
         elif ".base_layer." in k or not _is_trained_full_weight(k, cfg):
@@ -132,7 +143,7 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
         else:
             # modules_to_save / trained biases: full replacement values under the base key.
             k = re.sub(r"\.modules_to_save\.[^.]+", "", k)
-            edits[k] = AdapterEdit(key=k, replacement=value)
+            edits[k] = AdapterEdit(key=k, replacement=tensors[key])
     r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     for module, ab in pairs.items():
         embedding = "lora_embedding_A" in ab or "lora_embedding_B" in ab

@@ -59,8 +59,10 @@ def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.
     `deferred`: as in pair_patch (the whole-tensor sha256 are left to the caller's `fill_sha256`).
     """
     dtype = dtype or base.dtype
-    if dtype not in BITS_DTYPE or base.dtype not in BITS_DTYPE:
+    if dtype not in BITS_DTYPE or not base.is_floating_point():
         raise InputError(f"{name}: dtype {base.dtype} cannot be edited (fp32, fp16, bf16 only)")
+    if base.dtype not in BITS_DTYPE:  # e.g. fp64: the patch is relative to the base in the stored dtype
+        base = base.to(dtype)
     m = merge_bits(name, tensor_bits(base.detach().cpu()), DTYPE_NAMES[base.dtype], tuple(base.shape), edit,
                    DTYPE_NAMES[dtype])
     if m.patch is None and dtype == base.dtype:

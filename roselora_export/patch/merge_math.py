@@ -137,22 +137,28 @@ def fma_step(acc: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
     The fp64 product of two fp32 numbers is exact, and fp64 rounding of the sum cannot cross an fp32
     tie (ties are fp64 numbers), only land on one. So the fp32 rounding of the fp64 sum is the fused
-    result except where that sum is exactly a tie (or fp32-subnormal); there the exact error of the
-    fp64 sum (TwoSum) says which way to round.
+    result except where that sum is exactly a tie; there the exact error of the fp64 sum (TwoSum)
+    says which way to round. A tie has its 29 bits below fp32 precision equal to 1000...0, or, in the
+    fp32-subnormal range (spacing 2^-149), is an odd multiple of 2^-150.
     """
     p = u.astype(np.float64) * v
     total = p + acc
-    rounded = total.astype(np.float32)
-    raw = total.view(np.uint64)
-    unsure = ((raw & np.uint64(0x1FFFFFFF)) == np.uint64(0x10000000)) | (np.abs(total) < 2.0 ** -126)
-    if unsure.any():
-        i = np.nonzero(unsure)
+    with np.errstate(over="ignore"):  # beyond fp32's range rounds to Inf, as the fused operation does
+        rounded = total.astype(np.float32)
+    tie = (total.view(np.uint64) & np.uint64(0x1FFFFFFF)) == np.uint64(0x10000000)
+    sub = np.abs(total) < 2.0 ** -126
+    if sub.any():
+        j = np.nonzero(sub)
+        tie[j] = np.fmod(np.abs(total[j]) * 2.0 ** 150, 2.0) == 1.0  # exact: a power-of-two scaling
+    if tie.any():
+        i = np.nonzero(tie)
         t, a, b = total[i], p[i], acc[i].astype(np.float64)
         bv = t - a
         err = (a - (t - bv)) + (b - bv)  # exact: a + b = t + err
         off = err != 0
         t[off] = np.nextafter(t[off], np.copysign(np.inf, err[off]))  # off the tie, towards the exact sum
-        rounded[i] = t.astype(np.float32)
+        with np.errstate(over="ignore"):
+            rounded[i] = t.astype(np.float32)
     return rounded
 
 
@@ -174,7 +180,8 @@ def lora_delta(edit, shape: tuple[int, ...]):
     Everywhere else the delta is zero_delta(scaling).
     """
     # u[i] and v[j]: the factors that meet at stored element (i, j), whichever way the weight is stored.
-    u, v = (edit.a.T, edit.b) if edit.transposed else (edit.b, edit.a.T)
+    a, b = np.asarray(edit.a, np.float32), np.asarray(edit.b, np.float32)
+    u, v = (a.T, b) if edit.transposed else (b, a.T)
     ncols = shape[1]
     scaling = np.float32(edit.scaling)  # as torch multiplies an fp32 tensor by a Python float
     ranks = [(np.flatnonzero(u[:, k]), np.flatnonzero(v[:, k])) for k in range(u.shape[1])]
@@ -202,7 +209,14 @@ def lora_delta(edit, shape: tuple[int, ...]):
             acc[grid] = fma_step(acc[grid], u[rk, k][:, None], v[ck, k][None, :])
             mask[grid] = True
         r, c = np.nonzero(mask)
-        yield block[r].astype(np.int64) * ncols + cols[c], acc[r, c] * scaling
+        vals = acc[r, c]
+        # A sum that ends at -0.0 (a negative term that underflowed) would be turned into +0.0 by any later
+        # rank's zero term (-0 + +0 = +0), which the rectangles skipped: those few run every rank.
+        z = np.flatnonzero((vals == 0) & np.signbit(vals))
+        if z.size:
+            vals[z] = fma_chain(u[block[r[z]]], v[cols[c[z]]])
+        with np.errstate(over="ignore"):
+            yield block[r].astype(np.int64) * ncols + cols[c], vals * scaling
 
 
 def zero_delta(scaling: float) -> np.float32:
@@ -214,7 +228,10 @@ def zero_delta(scaling: float) -> np.float32:
 
 @dataclass
 class Merged:
-    """One merged tensor: its bits (flat, in the stored dtype), the base's in that dtype, patch and survival."""
+    """One merged tensor: its bits (flat, in the stored dtype), the base's in that dtype, patch and survival.
+
+    When nothing changed, `bits` and `base_bits` may be the caller's own (possibly read-only) array.
+    """
 
     bits: np.ndarray
     base_bits: np.ndarray
@@ -247,14 +264,17 @@ def merge_bits(name: str, base_bits: np.ndarray, base_dtype: str, shape: tuple[i
         delta = np.concatenate([d for _, d in parts]) if parts else np.zeros(0, np.float32)
         want = delta.astype(np.float64)
         old = base[flat]
-        new = from_float32(to_float32(old, out_dtype) + delta, out_dtype)
+        with np.errstate(over="ignore"):  # an overflow is refused below, as NaN or Inf
+            new = from_float32(to_float32(old, out_dtype) + delta, out_dtype)
         extra = _negative_zeros(base, out_dtype, zero_delta(edit.scaling), flat)
         if extra is not None:
             flat, old, new, want = _with_extra(flat, old, new, want, extra, base)
     else:
         flat, old = np.arange(base.size, dtype=np.int64), base
-        new = from_float32(edit.replacement.reshape(-1), out_dtype)
-        want = edit.replacement.reshape(-1).astype(np.float64) - to_float32(source, base_dtype)
+        replacement = np.asarray(edit.replacement).reshape(-1)
+        with np.errstate(over="ignore"):
+            new = from_float32(replacement, out_dtype)
+        want = replacement.astype(np.float64) - to_float32(source, base_dtype)
     changed = old != new
     finite_checked = new[changed | (want != 0)]
     if bool(((finite_checked & EXPONENT_BITS[out_dtype]) == EXPONENT_BITS[out_dtype]).any()):

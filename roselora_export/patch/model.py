@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import InputError
+
 if TYPE_CHECKING:
     import torch
 
@@ -56,8 +58,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def dtype_name(dtype) -> str:
-    """The safetensors name ("F32", "F16", "BF16") of a torch dtype or of such a name; ValueError otherwise."""
+def to_dtype_name(dtype) -> str:
+    """The safetensors name ("F32", "F16", "BF16") of a torch dtype or of such a name; InputError otherwise."""
     if isinstance(dtype, str):
         if dtype in BITS_BY_NAME:
             return dtype
@@ -65,7 +67,7 @@ def dtype_name(dtype) -> str:
         name = _table("DTYPE_NAMES").get(dtype)
         if name is not None:
             return name
-    raise ValueError(f"dtype {dtype} is not supported (fp32, fp16, bf16)")
+    raise InputError(f"dtype {dtype} is not supported (fp32, fp16, bf16)")
 
 
 def tensor_bits(t: torch.Tensor) -> np.ndarray:
@@ -94,8 +96,9 @@ class TensorPatch:
     the base whole (checkpoint files) or cheaply at the touched elements only (a live model on a GPU).
     The patched bits there are base_touched ^ xor_bits, so they need no fingerprint of their own.
 
-    dtype_name may be given as a torch dtype or a safetensors name ("F32", "F16", "BF16"); it is kept
-    as the name, and `dtype` gives the torch dtype (importing torch on first use).
+    The dtype may be given as a torch dtype or a safetensors name ("F32", "F16", "BF16"), as
+    `dtype_name` or (as before this class needed no torch) `dtype`; it is kept as the name, and
+    `dtype` gives the torch dtype (importing torch on first use).
     """
 
     name: str
@@ -107,12 +110,26 @@ class TensorPatch:
     patched_sha256: str
     base_touched_sha256: str
 
-    def __post_init__(self) -> None:
-        self.shape, self.dtype_name = tuple(self.shape), dtype_name(self.dtype_name)
+    def __init__(self, name: str, shape: tuple[int, ...], dtype_name=None, flat_index: np.ndarray | None = None,
+                 xor_bits: np.ndarray | None = None, base_sha256: str = "", patched_sha256: str = "",
+                 base_touched_sha256: str = "", *, dtype=None):
+        # Written out (the dataclass keeps its fields, repr and eq) to accept `dtype` as well: a
+        # dataclasses.replace(tp, dtype=...) passes both, and then `dtype` is the new one.
+        if dtype is None and dtype_name is None:
+            raise TypeError("TensorPatch needs a dtype")
+        self.name, self.shape = name, tuple(shape)
+        self.dtype_name = to_dtype_name(dtype if dtype is not None else dtype_name)
+        self.flat_index = flat_index if flat_index is not None else np.zeros(0, np.int64)
+        self.xor_bits = xor_bits if xor_bits is not None else np.zeros(0, BITS_BY_NAME[self.dtype_name])
+        self.base_sha256, self.patched_sha256, self.base_touched_sha256 = base_sha256, patched_sha256, base_touched_sha256
 
     @property
     def dtype(self) -> torch.dtype:
         return _table("DTYPES_BY_NAME")[self.dtype_name]
+
+    @dtype.setter
+    def dtype(self, value) -> None:
+        self.dtype_name = to_dtype_name(value)
 
     @property
     def bits_dtype(self) -> np.dtype:

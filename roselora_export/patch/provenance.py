@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from .model import dtype_name
+from .model import to_dtype_name
 
 
 def now_iso() -> str:
@@ -19,7 +19,7 @@ def adapter_provenance(adapter, base_name: str, base_config_fp: str | None, dtyp
         "method": adapter.method,
         "base_model": base_name,
         "base_config_sha256": base_config_fp,
-        "dtype": dtype_name(dtype) if dtype else None,
+        "dtype": to_dtype_name(dtype) if dtype else None,
         # The settings and totals, not roselora.json's per-module statistics: those are the adapter's
         # (each module's nnz is in the patch anyway), and on a small edit they were a quarter of the file.
         "roselora": {k: v for k, v in adapter.settings.items() if k != "modules"} if adapter.settings else adapter.settings,
