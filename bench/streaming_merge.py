@@ -22,18 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine_line, write_section  # noqa: E402
-from bench.synthetic_adapter import write_synthetic_adapter  # noqa: E402
 
 HIDDEN, INTER, VOCAB = 2048, 5632, 32000
 
 
 def make_checkpoint(path: Path, layers: int, shard_bytes: int = 512 << 20) -> Path:
+    import torch
+
     """A Llama-shaped fp32 checkpoint, random weights, sharded like save_pretrained (index + shards)."""
     from safetensors.torch import save_file
 
@@ -206,8 +205,16 @@ def main() -> None:
     py = sys.executable
     tmp = Path(tempfile.mkdtemp(prefix="streaming_merge_", dir="/tmp"))
     try:
-        base = make_checkpoint(tmp / "base", args.layers)
-        adapter = write_synthetic_adapter(base, tmp / "adapter")
+        # Made in a child process, so that this one stays small and idle while it times the others: made
+        # here, the 2 GB of torch tensors this process had freed left every later merge slower and noisier
+        # (two runs, 19:33 and 19:40 UTC on 2026-11-29: merge median 2.22x cp -r, then 1.63x).
+        subprocess.run([py, "-c", "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+                        "from bench.streaming_merge import make_checkpoint; "
+                        "from bench.synthetic_adapter import write_synthetic_adapter; "
+                        "b = make_checkpoint(Path(sys.argv[2]), int(sys.argv[3])); "
+                        "write_synthetic_adapter(b, Path(sys.argv[4]))",
+                        str(ROOT), str(tmp / "base"), str(args.layers), str(tmp / "adapter")], check=True)
+        base, adapter = tmp / "base", tmp / "adapter"
         shard_sizes = [p.stat().st_size for p in base.glob("*.safetensors")]
         total, largest = sum(shard_sizes), max(shard_sizes)
         rows = []
@@ -231,15 +238,19 @@ def main() -> None:
             ("python -c 'import torch' (start-up alone, for scale)", lambda o: [py, "-c", IMPORT_ONLY]),
         ]
         results: dict[str, list[tuple]] = {}
-        for rep in range(args.rounds):  # rounds interleaved; the table shows each method's median and best run
-            for label, cmd in methods:
-                out = fresh("out")
-                prime(base, tmp / "prime")
-                wall, rss, cpu = measure(cmd(out))
-                results.setdefault(label, []).append((wall, rss, cpu))
-                shutil.rmtree(out, ignore_errors=True)
-                Path(str(out) + ".patch.safetensors").unlink(missing_ok=True)
-                print(rep, label, f"{wall:.2f}s cpu {cpu:.2f}s {rss:.0f}MiB", flush=True)
+        # Rounds interleave the methods; the table shows each method's median and best run. The naive merge
+        # allocates and frees 3 GB, which on this VM slowed the next commands' kernel work for seconds, so
+        # it (with the torch import) has rounds of its own after the others.
+        for group in (methods[:3], methods[3:]):
+            for rep in range(args.rounds):
+                for label, cmd in group:
+                    out = fresh("out")
+                    prime(base, tmp / "prime")
+                    wall, rss, cpu = measure(cmd(out))
+                    results.setdefault(label, []).append((wall, rss, cpu))
+                    shutil.rmtree(out, ignore_errors=True)
+                    Path(str(out) + ".patch.safetensors").unlink(missing_ok=True)
+                    print(rep, label, f"{wall:.2f}s cpu {cpu:.2f}s {rss:.0f}MiB", flush=True)
         phases = []  # one timed run per round, after the rounds
         for _ in range(args.rounds):
             out = fresh("out")
@@ -294,8 +305,11 @@ def main() -> None:
             "process, as a user runs it (`roselora-export merge ...`, start-up included), with OMP_NUM_THREADS=1. Page "
             "cache warm; before each command a copy of the checkpoint is written and deleted (on this VM, writing 2 GB "
             "into memory freed a while ago costs up to 3x the kernel time, which otherwise favoured whichever command "
-            f"ran right after another's output was deleted), then `sync`; {args.rounds} interleaved rounds: median and "
-            "best wall time, "
+            f"ran right after another's output was deleted), then `sync`; {args.rounds} interleaved rounds of cp, merge "
+            "and merge --dtype, then as many of the naive merge and the torch import (the naive merge's 3 GB, allocated "
+            "and freed, slowed the kernel work of the commands after it for seconds). The checkpoint is made by a "
+            "child process: made by the timing process itself, the 2 GB of tensors it had freed made every later merge "
+            "slower and noisier (median 2.22x cp -r instead of 1.63x). Median and best wall time, "
             "median CPU time (user + sys), highest peak RSS.",
             "",
             "| command | wall s (median) | wall s (best) | x cp -r (median) | x cp -r (best) | CPU s | peak RSS MiB | "
