@@ -306,3 +306,18 @@ def test_in_place_apply_syncs_every_new_file_before_the_swap(tmp_path, monkeypat
     assert synced == []  # a new directory is not synced, like cp
     apply_to_checkpoint(ckpt, [load_patch(patch)], in_place=True)
     assert synced == [sorted(p.name for p in ckpt.iterdir())]  # index, config and shards of the new copy
+
+
+def test_apply_revert_and_diff_in_a_fresh_process_never_import_torch(tmp_path):
+    # torch's import alone takes longer than applying a patch to a 500 MB checkpoint.
+    ckpt, patch = _big_checkpoint(tmp_path, shards=2, numel=1 << 14)
+    runs = [["apply", "--base", str(ckpt), "--patch", str(patch), "--out", str(tmp_path / "out")],
+            ["apply", "--base", str(tmp_path / "out"), "--patch", str(patch), "--revert", "--in-place"],
+            ["diff", "--base", str(ckpt), "--target", str(tmp_path / "out"), "--out", str(tmp_path / "d.safetensors")]]
+    for args in runs:
+        code = (f"import sys; from roselora_export.cli import main; main({args!r}, standalone_mode=False); "
+                "print('torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == "False", args
+    assert fingerprints(tmp_path / "out") == fingerprints(ckpt)  # reverted in place, bit for bit
+    assert load_patch(tmp_path / "d.safetensors").total_nnz == 0

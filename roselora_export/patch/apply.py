@@ -3,19 +3,30 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import InputError
-from .model import DTYPE_NAMES, Patch, TensorPatch, sha256_bits, tensor_bits
+from .merge_math import nonfinite, to_float32
+from .model import Patch, TensorPatch, sha256_bits, tensor_bits
+
+if TYPE_CHECKING:
+    import torch
+
+
+def check_stored(tp: TensorPatch, shape: tuple[int, ...], dtype: str) -> None:
+    """Shape and dtype (a safetensors name) must match the patch exactly."""
+    if tuple(shape) != tuple(tp.shape) or dtype != tp.dtype_name:
+        raise InputError(f"{tp.name}: the patch is for {list(tp.shape)} {tp.dtype_name}, the model has "
+                         f"{list(shape)} {dtype}; wrong base model or --dtype?")
 
 
 def check_compatible(tp: TensorPatch, t: torch.Tensor) -> None:
-    """Shape and dtype must match the patch exactly."""
-    if tuple(t.shape) != tuple(tp.shape) or t.dtype != tp.dtype:
-        raise InputError(f"{tp.name}: the patch is for {list(tp.shape)} {DTYPE_NAMES[tp.dtype]}, the model has "
-                         f"{list(t.shape)} {DTYPE_NAMES.get(t.dtype, str(t.dtype))}; wrong base model or --dtype?")
+    """Shape and dtype of a torch tensor must match the patch exactly."""
+    from .model import DTYPE_NAMES
+
+    check_stored(tp, tuple(t.shape), DTYPE_NAMES.get(t.dtype, str(t.dtype)))
 
 
 def expected_state(tp: TensorPatch, bits: np.ndarray, *, revert: bool) -> None:
@@ -32,18 +43,24 @@ def expected_state(tp: TensorPatch, bits: np.ndarray, *, revert: bool) -> None:
                      "in a different order)")
 
 
-def xor_tensor(tp: TensorPatch, t: torch.Tensor, *, revert: bool = False, check: bool = True) -> torch.Tensor:
-    """A new tensor: `t` with the patch applied (or reverted). Checks shape, dtype, fingerprint, finiteness."""
-    check_compatible(tp, t)
-    bits = tensor_bits(t.detach().cpu()).copy()
+def xor_bits(tp: TensorPatch, bits: np.ndarray, *, revert: bool = False, check: bool = True) -> np.ndarray:
+    """New flat bits: `bits` (not modified) with the patch applied (or reverted); fingerprint and finiteness checked."""
+    out = bits.copy()
     if check:
-        expected_state(tp, bits, revert=revert)
-    tp.apply_bits(bits)
-    out = torch.from_numpy(bits.view(np.dtype(f"<i{bits.dtype.itemsize}"))).view(t.dtype).reshape(t.shape)
-    touched = out.reshape(-1)[torch.from_numpy(tp.flat_index)]
-    if not bool(torch.isfinite(touched).all()):
+        expected_state(tp, out, revert=revert)
+    tp.apply_bits(out)
+    if bool(nonfinite(out[tp.flat_index], tp.dtype_name).any()):
         raise InputError(f"{tp.name}: the patch would write NaN or Inf; refusing (corrupt patch or wrong base)")
     return out
+
+
+def xor_tensor(tp: TensorPatch, t: torch.Tensor, *, revert: bool = False, check: bool = True) -> torch.Tensor:
+    """A new tensor: `t` with the patch applied (or reverted). Checks shape, dtype, fingerprint, finiteness."""
+    import torch
+
+    check_compatible(tp, t)
+    bits = xor_bits(tp, tensor_bits(t.detach().cpu()), revert=revert, check=check)
+    return torch.from_numpy(bits.view(np.dtype(f"<i{bits.dtype.itemsize}"))).view(t.dtype).reshape(t.shape)
 
 
 def apply_to_state_dict(patch: Patch, sd: Mapping[str, torch.Tensor], *, revert: bool = False,
@@ -93,13 +110,8 @@ def delta_csr(patch: Patch, name: str, base_tensor: torch.Tensor) -> scipy.spars
     bits = tensor_bits(base_tensor.detach().cpu())
     old = bits[tp.flat_index]
     new = old ^ tp.xor_bits
-    as_float = {4: np.float32, 2: None}[bits.dtype.itemsize]
-    if as_float is not None:
-        old_v, new_v = old.view(np.float32).astype(np.float64), new.view(np.float32).astype(np.float64)
-    else:
-        tdt = tp.dtype
-        old_v = torch.from_numpy(old.view(np.int16)).view(tdt).double().numpy()
-        new_v = torch.from_numpy(new.view(np.int16)).view(tdt).double().numpy()
+    old_v = to_float32(old, tp.dtype_name).astype(np.float64)
+    new_v = to_float32(new, tp.dtype_name).astype(np.float64)
     nrows, ncols = matrix_shape(tp.shape)
     rows, cols = np.divmod(tp.flat_index, max(ncols, 1))
     import scipy.sparse  # here, not at module level: it costs ~0.2 s of start-up that merge/apply never use

@@ -16,35 +16,24 @@ import torch
 from ..errors import InputError
 from .adapter import AdapterEdit, read_adapter, resolve_keys
 from .fingerprint import config_fingerprint
-from .merge_math import LOST_WARNING, Survival, SurvivalReport, fill_sha256, merge_bits  # noqa: F401 (re-exported)
+from .merge_math import (  # noqa: F401 (LOST_WARNING, Survival, SurvivalReport: re-exported)
+    LOST_WARNING,
+    Survival,
+    SurvivalReport,
+    fill_sha256,
+    merge_bits,
+    pair_patch_bits,
+)
 from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, sha256_bits, tensor_bits
 from .provenance import adapter_provenance, now_iso  # noqa: F401 (re-exported)
 
 
 def pair_patch(name: str, base: torch.Tensor, patched: torch.Tensor, *, deferred: list | None = None
                ) -> TensorPatch | None:
-    """Same result as model.tensor_patch_from_pair (tested equal), with fewer full-tensor passes and copies.
-
-    The merge hot path: one comparison pass, XOR only at the changed elements, and hashing the bit
-    arrays in place instead of through bytes copies. With `deferred` (a list), the two whole-tensor
-    sha256 are left empty and `(tp, base_bits, new_bits)` is appended instead: the caller computes
-    them later with `fill_sha256`, e.g. in a worker thread while it goes on with the next tensor.
-    """
-    base_bits, new_bits = tensor_bits(base.cpu()), tensor_bits(patched.cpu())
-    flat = np.flatnonzero(base_bits != new_bits).astype(np.int64)
-    if flat.size == 0:
-        return None
-    old, new = base_bits[flat], new_bits[flat]
-    tp = TensorPatch(
-        name=name, shape=tuple(base.shape), dtype_name=base.dtype, flat_index=flat, xor_bits=old ^ new,
-        base_sha256="", patched_sha256="",
-        base_touched_sha256=sha256_bits(old),
-    )
-    if deferred is not None:
-        deferred.append((tp, base_bits, new_bits))
-    else:
-        fill_sha256(tp, base_bits, new_bits)
-    return tp
+    """Same result as model.tensor_patch_from_pair (tested equal), with fewer full-tensor passes and copies
+    (merge_math.pair_patch_bits; `deferred` as there)."""
+    return pair_patch_bits(name, tuple(base.shape), DTYPE_NAMES[base.dtype], tensor_bits(base.cpu()),
+                           tensor_bits(patched.cpu()), deferred=deferred)
 
 
 def check_finite(name: str, t: torch.Tensor, what: str) -> None:

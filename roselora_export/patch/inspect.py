@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import file_layout, load_patch, matrix_shape
-from .model import DTYPE_NAMES, Patch
+from .model import Patch
 
 
 def summarize(path: str | os.PathLike, patch: Patch | None = None) -> dict:
@@ -22,7 +22,7 @@ def summarize(path: str | os.PathLike, patch: Patch | None = None) -> dict:
         tensors.append({
             "name": name,
             "shape": list(tp.shape),
-            "dtype": DTYPE_NAMES[tp.dtype],
+            "dtype": tp.dtype_name,
             "nnz": tp.nnz,
             "density": tp.nnz / tp.numel if tp.numel else 0.0,
             "rows_touched": int(np.unique(rows).size),

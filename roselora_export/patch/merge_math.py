@@ -316,6 +316,33 @@ def _survival(name: str, want: np.ndarray, got: np.ndarray) -> Survival:
                     rel_l2_error=float(np.sqrt(err / norm2)) if norm2 > 0 else 0.0, norm2=norm2)
 
 
+def nonfinite(bits: np.ndarray, dtype: str) -> np.ndarray:
+    """Where stored bit patterns are NaN or Inf (exponent all ones)."""
+    exp = bits.dtype.type(EXPONENT_BITS[dtype])
+    return (bits & exp) == exp
+
+
+def pair_patch_bits(name: str, shape: tuple[int, ...], dtype: str, base_bits: np.ndarray, new_bits: np.ndarray, *,
+                    deferred: list | None = None) -> TensorPatch | None:
+    """The patch that turns flat bits `base_bits` into `new_bits` (one dtype), or None if they are equal.
+
+    One comparison pass, XOR only at the changed elements, the arrays hashed in place. With `deferred`
+    (a list) the two whole-tensor sha256 are left empty and `(tp, base_bits, new_bits)` is appended
+    for the caller's `fill_sha256`.
+    """
+    flat = np.flatnonzero(base_bits != new_bits).astype(np.int64)
+    if flat.size == 0:
+        return None
+    old, new = base_bits[flat], new_bits[flat]
+    tp = TensorPatch(name=name, shape=shape, dtype_name=dtype, flat_index=flat, xor_bits=old ^ new,
+                     base_sha256="", patched_sha256="", base_touched_sha256=sha256_bits(old))
+    if deferred is not None:
+        deferred.append((tp, base_bits, new_bits))
+    else:
+        fill_sha256(tp, base_bits, new_bits)
+    return tp
+
+
 def fill_sha256(tp: TensorPatch, base_bits: np.ndarray, new_bits: np.ndarray) -> TensorPatch:
     """Set tp's whole-tensor sha256 of base and patched bits, hashing their common prefix once.
 
