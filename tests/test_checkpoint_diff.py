@@ -78,3 +78,13 @@ def test_changed_integer_tensor_is_refused(pair, tmp_path):
     sd["ids"] = sd["ids"] + 1
     with pytest.raises(InputError, match="ids"):
         diff_checkpoints(base, _ckpt(tmp_path / "other", sd), tmp_path / "d.safetensors")
+
+
+def test_fp64_tensors_are_compared_bit_for_bit(tmp_path):
+    # Equal NaNs are equal bits (no refusal); 0.0 and -0.0 are different bits (refused, as any other change).
+    nan = torch.tensor([float("nan"), 1.0, 0.0], dtype=torch.float64)
+    same = _ckpt(tmp_path / "a", {"w": nan}), _ckpt(tmp_path / "b", {"w": nan.clone()})
+    assert diff_checkpoints(*same).total_nnz == 0
+    signed = _ckpt(tmp_path / "c", {"w": torch.tensor([-0.0, 1.0, 0.0], dtype=torch.float64)})
+    with pytest.raises(InputError, match="w: dtype F64 differs"):
+        diff_checkpoints(same[0], signed)

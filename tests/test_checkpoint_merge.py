@@ -361,3 +361,15 @@ def test_tensors_of_other_dtypes_beside_the_lora_factors_are_ignored(sharded, tm
     merge_checkpoint(base, adapter, tmp_path / "a")
     merge_checkpoint(base, extra, tmp_path / "b")
     assert fingerprints(tmp_path / "a") == fingerprints(tmp_path / "b")
+
+
+@pytest.mark.parametrize("bad", ["width", "count", "byte order"])
+def test_a_produced_bit_array_that_is_not_the_declared_tensor_is_refused(bad):
+    from roselora_export.checkpoint.rewrite import _check_produced
+    from roselora_export.checkpoint.safetensors_stream import OutTensor, TensorInfo
+
+    info, out = TensorInfo("w", "F32", (2, 4), 0, 32), OutTensor("w", "F32", (2, 4), 32)
+    _check_produced(info, out, np.zeros(8, np.uint32))  # the right one passes
+    wrong = {"width": np.zeros(16, np.uint16), "count": np.zeros(4, np.float64), "byte order": np.zeros(8, ">u4")}[bad]
+    with pytest.raises(RuntimeError, match="w: produced"):
+        _check_produced(info, out, wrong)

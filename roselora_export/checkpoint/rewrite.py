@@ -6,6 +6,7 @@ tensor handed in by `produce` is written as it is, dtype conversions are numpy (
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections import deque
@@ -25,13 +26,16 @@ Progress = Callable[[int], None]
 
 
 def _check_produced(info: TensorInfo, out: OutTensor, new) -> None:
-    """A produced tensor must be what the shard's header declares (its size, for a bit array)."""
+    """A produced tensor must be what the shard's header declares: dtype and shape, or for a numpy bit
+    array its element width, count and little-endian byte order (bits carry no dtype name)."""
     if hasattr(new, "numpy"):  # a torch tensor (torch is imported, since one exists)
         from .safetensors_stream import ST_DTYPES
 
         ok, got = ST_DTYPES.get(new.dtype) == out.dtype and tuple(new.shape) == info.shape, f"{new.dtype} {tuple(new.shape)}"
     else:
-        ok, got = new.nbytes == out.nbytes, f"{new.nbytes} bytes"
+        ok = (new.dtype.itemsize == ITEMSIZE[out.dtype] and new.size == math.prod(info.shape)
+              and new.dtype.byteorder in "<=|" and new.nbytes == out.nbytes)
+        got = f"{new.dtype} {new.shape}"
     if not ok:
         raise RuntimeError(f"{info.name}: produced {got}, declared {out.dtype} {info.shape} ({out.nbytes} bytes)")
 

@@ -31,7 +31,7 @@ def check_compatible(tp: TensorPatch, t: torch.Tensor) -> None:
 
 def expected_state(tp: TensorPatch, bits: np.ndarray, *, revert: bool) -> None:
     """Check a whole tensor's fingerprint: it must be the patch's base (apply) or its result (revert)."""
-    sha = hashlib.sha256(bits.tobytes()).hexdigest()
+    sha = hashlib.sha256(memoryview(np.ascontiguousarray(bits)).cast("B")).hexdigest()  # no copy of the tensor
     want, other = (tp.patched_sha256, tp.base_sha256) if revert else (tp.base_sha256, tp.patched_sha256)
     if sha == want:
         return
@@ -45,9 +45,9 @@ def expected_state(tp: TensorPatch, bits: np.ndarray, *, revert: bool) -> None:
 
 def xor_bits(tp: TensorPatch, bits: np.ndarray, *, revert: bool = False, check: bool = True) -> np.ndarray:
     """New flat bits: `bits` (not modified) with the patch applied (or reverted); fingerprint and finiteness checked."""
-    out = bits.copy()
     if check:
-        expected_state(tp, out, revert=revert)
+        expected_state(tp, bits, revert=revert)
+    out = bits.copy()
     tp.apply_bits(out)
     if bool(nonfinite(out[tp.flat_index], tp.dtype_name).any()):
         raise InputError(f"{tp.name}: the patch would write NaN or Inf; refusing (corrupt patch or wrong base)")
