@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import InputError
@@ -24,7 +23,7 @@ from .merge_math import (  # noqa: F401 (LOST_WARNING, Survival, SurvivalReport:
     merge_bits,
     pair_patch_bits,
 )
-from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, sha256_bits, tensor_bits
+from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, tensor_bits
 from .provenance import adapter_provenance, now_iso  # noqa: F401 (re-exported)
 
 
