@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
+from ..patch.model import TORCH_NAMES
 from .atomic import atomic_dir
 from .copier import ShardCopier, guess_changed
 from .model_dir import ModelDir, open_model_dir
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from ..patch.model import Patch
 
 Progress = Callable[[int], None]
-ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # torch dtype name -> safetensors dtype
+ST_NAMES = {v: k for k, v in TORCH_NAMES.items()}  # torch dtype name -> safetensors dtype
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{n: n for n in ST_NAMES}}
 MERGE_JOBS = 2  # changed tensors merged at once (a copy thread runs beside them)
 
@@ -147,8 +148,9 @@ def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict
 
     A job does all the work of one tensor: merge (numpy, patch.merge_math), the two whole-tensor
     sha256, the patch encoding, and last the write (once its shard is copied). numpy, hashlib, zlib
-    and the writes release the GIL, so the jobs use the core the copier leaves. Jobs are bounded by OVERLAP_BYTES (two per
-    tensor: base and merged bits), so a large tensor runs alone and memory stays that of a few tensors.
+    and the writes release the GIL, so the jobs use the core the copier leaves. Jobs are bounded by
+    OVERLAP_BYTES (two per tensor: base and merged bits), so a large tensor runs alone and memory
+    stays that of a few tensors.
     """
     import numpy as np
 

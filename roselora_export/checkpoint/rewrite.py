@@ -14,14 +14,14 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from ..patch.model import BITS_BY_NAME, TORCH_NAMES
 from .atomic import fsync_files, link_or_copy
 from .copier import copy_side_files
 from .model_dir import INDEX_NAME, ModelDir
 from .safetensors_stream import ITEMSIZE, OutTensor, ShardWriter, TensorInfo
 
-FLOAT_DTYPES = ("F32", "F16", "BF16")
+FLOAT_DTYPES = tuple(BITS_BY_NAME)  # the dtypes merge can edit and --dtype converts
 OVERLAP_BYTES = 256 << 20  # tensors converted at once hold at most this many bytes (one alone when larger)
-TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # what config.json calls them
 Progress = Callable[[int], None]
 
 

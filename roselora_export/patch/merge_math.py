@@ -272,8 +272,7 @@ def merge_bits(name: str, base_bits: np.ndarray, base_dtype: str, shape: tuple[i
             new = from_float32(replacement, out_dtype)
         want = replacement.astype(np.float64) - to_float32(source, base_dtype)
     changed = old != new
-    finite_checked = new[changed | (want != 0)]
-    if bool(((finite_checked & EXPONENT_BITS[out_dtype]) == EXPONENT_BITS[out_dtype]).any()):
+    if bool(nonfinite(new[changed | (want != 0)], out_dtype).any()):
         raise InputError(f"{name}: the merged tensor contains NaN or Inf; refusing to write it")
     survival = _survival(name, want, to_float32(new, out_dtype).astype(np.float64) - to_float32(old, out_dtype))
     if not changed.any():

@@ -24,13 +24,13 @@ FORMAT_VERSION = 2
 # The dtypes a patch can carry, by their safetensors names, and the unsigned integer type that holds
 # their bit patterns. The patch itself needs no torch (a fresh `merge` process never imports it).
 BITS_BY_NAME: dict[str, np.dtype] = {"F32": np.dtype("<u4"), "F16": np.dtype("<u2"), "BF16": np.dtype("<u2")}
-_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # what torch and config.json call them
 
 
 def _torch_tables() -> dict:
     import torch
 
-    by_name = {k: getattr(torch, v) for k, v in _TORCH_NAMES.items()}
+    by_name = {k: getattr(torch, v) for k, v in TORCH_NAMES.items()}
     return {
         "DTYPE_NAMES": {v: k for k, v in by_name.items()},  # torch dtype -> safetensors name
         "DTYPES_BY_NAME": by_name,
