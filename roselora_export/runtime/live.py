@@ -61,7 +61,6 @@ page fault per touched 4 KiB page.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import threading
@@ -76,6 +75,7 @@ import torch
 
 from ..errors import InputError
 from ..patch.model import BITS_DTYPE, DTYPE_NAMES, FORMAT_VERSION, Patch
+from ..patch.overlap import holds_base, intersects
 from .lock import ServingLock
 from .staging import (Bits, Staged, StagedTensor, Unit, all_equal, all_finite, gather, indices_valid, parallel_map,
                       scatter,
@@ -449,12 +449,12 @@ class PatchRuntime:
     def _check_base(self, staged: Staged, old: Bits) -> None:
         host = {dt: bits.cpu().numpy() for dt, bits in old.groups.items()}  # nnz-sized, one copy per dtype
 
-        def digest(e: StagedTensor) -> str:
-            return hashlib.sha256(host[e.tp.dtype][e.group_slice()]).hexdigest()
+        def matches(e: StagedTensor) -> bool:  # the touched-element rule, shared with checkpoints and ONNX
+            return holds_base(e.tp, host[e.tp.dtype][e.group_slice()])
 
-        digests = parallel_map(digest, staged.entries, sum(e.nnz for e in staged.entries) * 4)
-        for e, d in zip(staged.entries, digests):
-            if d != e.tp.base_touched_sha256:
+        ok = parallel_map(matches, staged.entries, sum(e.nnz for e in staged.entries) * 4)
+        for e, good in zip(staged.entries, ok):
+            if not good:
                 raise InputError(self._mismatch_message(e))
 
     def _mismatch_message(self, e: StagedTensor) -> str:
@@ -474,7 +474,7 @@ class PatchRuntime:
         for other in self._active:
             for name, idx in handle._host_index.items():
                 theirs = other._host_index.get(name)
-                if theirs is not None and _intersects(idx, theirs):
+                if theirs is not None and intersects(idx, theirs):
                     ids.add(other.id)
                     break
         return ids
@@ -505,15 +505,4 @@ class PatchRuntime:
             t1 = time.perf_counter()
             self._write_all(staged, old.units, new.units)  # on failure, put back what was there: the patched bits
         handle.timings.update({"revert_check": t1 - t0, "revert_write": time.perf_counter() - t1})
-
-
-def _intersects(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two sorted index arrays share an element (binary search of the smaller in the larger)."""
-    if a.size > b.size:
-        a, b = b, a
-    if a.size == 0 or a[-1] < b[0] or b[-1] < a[0]:
-        return False
-    pos = np.searchsorted(b, a)
-    pos[pos == b.size] = b.size - 1
-    return bool(np.any(b[pos] == a))
 
