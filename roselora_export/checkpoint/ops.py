@@ -20,9 +20,11 @@ import numpy as np
 from ..errors import InputError
 from ..patch.apply import check_stored, xor_bits
 from ..patch.io import save_patch
+from ..patch.ledger import write_ledger
 from ..patch.merge_math import nonfinite, pair_patch_bits
 from ..patch.model import BITS_BY_NAME, Patch
 from ..patch.provenance import now_iso
+from ..patch.stack import Stack
 from .atomic import atomic_dir, locked_dir
 from .merge import (  # noqa: F401 (MergeResult, default_patch_path, merge_checkpoint: re-exported)
     MergeResult,
@@ -91,49 +93,87 @@ def check_base_model(patches: list[Patch], model: ModelDir) -> None:
                              f" config {want[:12]}); {model.path} has config {model.fingerprint[:12]}")
 
 
-def _chain(patches: list[Patch], model: ModelDir, name: str, revert: bool, check: bool) -> np.ndarray:
-    """The tensor's stored bits with every patch that touches it applied in order (reverted in reverse)."""
+def _chain(patches: list[Patch], model: ModelDir, name: str, revert: bool, stack: Stack | None,
+           order: list[int] | None = None) -> np.ndarray:
+    """The tensor's stored bits with every patch that touches it applied in order (reverted in reverse).
+
+    With `stack`, each step is checked first (whole-tensor fingerprint, else the touched-element rule)."""
     info = model.locations[name][1]
     bits = model.read_array(name)
-    for p in (reversed(patches) if revert else patches):
-        if name in p.tensors:
-            check_stored(p.tensors[name], info.shape, info.dtype)
-            bits = xor_bits(p.tensors[name], bits, revert=revert, check=check)
+    for k in order if order is not None else (range(len(patches))[::-1] if revert else range(len(patches))):
+        tp = patches[k].tensors.get(name)
+        if tp is None:
+            continue
+        check_stored(tp, info.shape, info.dtype)
+        if stack is not None:
+            stack.check(k, tp, _sha(bits), bits[tp.flat_index])
+        bits = xor_bits(tp, bits, revert=revert, check=False)
     return bits
 
 
-def verify_patches(patches: list[Patch], model: ModelDir, *, revert: bool = False) -> list[str]:
+def _sha(bits: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(bits)).cast("B")).hexdigest()
+
+
+def verify_patches(patches: list[Patch], model: ModelDir, *, revert: bool = False, sources: list | None = None,
+                   stack: Stack | None = None) -> tuple[list[str], dict[str, str]]:
     """Check every touched tensor against the patches in order, reading only those tensors; nothing is written.
 
-    Returns the touched names in checkpoint order. Raises InputError naming the first bad tensor.
+    Returns the touched names in checkpoint order and each one's whole sha256 after the command.
+    Raises InputError naming the patch and the first bad tensor (and the patches it conflicts with).
     """
     check_base_model(patches, model)
+    stack = stack or Stack(model.path, patches, sources, revert=revert)
     touched = {n for p in patches for n in p.tensors}
     absent = sorted(n for n in touched if n not in model.locations)
     if absent:
         raise InputError(f"the patch changes {absent[0]}, which {model.path} does not have; wrong base model?")
     names = [n for n in model.keys() if n in touched]
-    for name in names:
-        _chain(patches, model, name, revert, check=True)
-    return names
+    final = {name: _sha(_chain(patches, model, name, revert, stack, stack.order())) for name in names}
+    return names, final
 
 
 def apply_to_checkpoint(base_dir: str | os.PathLike, patches: list[Patch], out_dir: str | os.PathLike | None = None, *,
-                        revert: bool = False, in_place: bool = False, progress: Progress | None = None) -> dict:
-    """Apply (or revert) patches to a checkpoint directory, into `out_dir` or atomically in place."""
-    if in_place == (out_dir is not None):
+                        revert: bool = False, in_place: bool = False, progress: Progress | None = None,
+                        sources: list | None = None, check: bool = False) -> dict:
+    """Apply (or revert) patches to a checkpoint directory, into `out_dir` or atomically in place.
+
+    Patches stack by the touched-element rule (patch.overlap): independent patches apply in any order,
+    and any patch reverts while no later one overlaps it. The directory's ledger (patch.ledger) is
+    updated inside the directory that is written and swapped in, so it never disagrees with the weights.
+    sources: the patch files (recorded in the ledger; None: patches built in memory). check=True
+    validates everything and writes nothing (no lock is taken, no file created).
+    """
+    if not check and in_place == (out_dir is not None):
         raise InputError("give either --out DIR or --in-place (exactly one)")
+    if check:
+        if out_dir is not None:
+            _check_out(Path(out_dir))
+        model = open_model_dir(base_dir)
+        stack = Stack(model.path, patches, sources, revert=revert)
+        names, _ = verify_patches(patches, model, revert=revert, stack=stack)
+        return {"out": None, "check": True, "tensors": len(names), "patches": len(patches), "revert": revert,
+                "in_place": in_place, "nnz": sum(p.total_nnz for p in patches),
+                "ledger_patches": len(stack.ledger.entries)}
     # In place, the checks and the write happen under the directory's lock: a concurrent apply waits,
     # then sees this one's result (and refuses a patch that is already applied).
     with locked_dir(open_model_dir(base_dir).path) if in_place else contextlib.nullcontext():
         model = open_model_dir(base_dir)
-        names = verify_patches(patches, model, revert=revert)
+        stack = Stack(model.path, patches, sources, revert=revert)
+        names, final = verify_patches(patches, model, revert=revert, stack=stack)
+        ledger = stack.ledger_after(final)
         dest = model.path if in_place else Path(out_dir)
         with atomic_dir(dest, replace=in_place) as tmp:
-            write_checkpoint(model, tmp, lambda n: _chain(patches, model, n, revert, check=False), set(names),
+            write_checkpoint(model, tmp, lambda n: _chain(patches, model, n, revert, None, stack.order()), set(names),
                              link_unchanged=in_place, durable=in_place, progress=progress)
+            write_ledger(ledger, tmp)  # inside the directory that is swapped in: weights and ledger in one step
     return {"out": str(dest), "tensors": len(names), "patches": len(patches), "revert": revert, "in_place": in_place,
-            "nnz": sum(p.total_nnz for p in patches)}
+            "nnz": sum(p.total_nnz for p in patches), "ledger_patches": len(ledger.entries)}
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {out}: exists and is not an empty directory; choose another path or remove it")
 
 
 def load_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
