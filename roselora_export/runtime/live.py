@@ -18,7 +18,9 @@ Thread-safety contract
     synchronised before and after the write, so kernels queued by a forward on any stream finish
     first. Calls to apply/revert from several threads are serialised. Calling them inside
     `serving()` on the same thread raises RuntimeError (it would deadlock). Writes made to the
-    weights by anyone else are not covered (and are detected at revert).
+    weights by anyone else are not covered (and are detected at revert). `active` changes under the
+    same exclusive lock as the weights, so read inside `serving()` it names exactly the patches in
+    the weights being served.
 
 Stacking and overlap rule
     Every patch is checked against the live values it touches: the sha256 of the gathered base
@@ -221,14 +223,18 @@ class PatchRuntime:
                 handle = self._active[-1]
             if handle not in self._active:
                 raise InputError(f"patch #{handle.id} is not applied (already reverted?)")
-            pos = self._active.index(handle)
-            for later in self._active[pos + 1:]:
-                if handle.id in later._overlaps:
-                    raise InputError(f"patch #{handle.id} cannot be reverted while patch #{later.id}, applied later, "
-                                     f"overlaps it; revert #{later.id} first")
-            self._revert(handle, check)
-            self._active.remove(handle)
+            later = self.blocking(handle)
+            if later is not None:
+                raise InputError(f"patch #{handle.id} cannot be reverted while patch #{later.id}, applied later, "
+                                 f"overlaps it; revert #{later.id} first")
+            self._revert(handle, check, done=lambda: self._active.remove(handle))
             handle._staged = handle._old = handle._new = None  # free the nnz-sized device buffers (unless cached)
+
+    def blocking(self, handle: PatchHandle) -> PatchHandle | None:
+        """The first active patch applied after `handle` that overlaps it (revert refuses while one exists)."""
+        with self._mutate:
+            pos = self._active.index(handle) if handle in self._active else len(self._active)
+            return next((later for later in self._active[pos + 1:] if handle.id in later._overlaps), None)
 
     # ---- apply ------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -346,17 +352,18 @@ class PatchRuntime:
                     self._check_base(staged, old)
                     staged.verified = (old, new)
             t2 = time.perf_counter()
-            self._write_all(staged, new.units, old.units)
+            self._write_all(staged, new.units, old.units, done=lambda: self._active.append(handle))
         t3 = time.perf_counter()
         # Revert state: indices, XOR bits, old and new bits, all nnz-sized and on the device.
         handle._staged, handle._old, handle._new = staged, old, new
         handle.timings = {"stage": t1 - t0, "check": t2 - t1, "write": t3 - t2, "total": t3 - t0}
-        self._active.append(handle)
         self._remember(patch, staged)
         return handle
 
-    def _write_all(self, staged: Staged, values: list[torch.Tensor], previous: list[torch.Tensor]) -> None:
+    def _write_all(self, staged: Staged, values: list[torch.Tensor], previous: list[torch.Tensor],
+                   done=None) -> None:
         """Write every unit's values under the exclusive lock; if any write fails, put `previous` back.
+        `done()` runs under the same lock once every write succeeded (it updates `_active`).
 
         On failure every unit started is restored, the failing one included (it may have written part of
         its elements; writing the previous bits over the rest changes nothing). The writes run in reverse
@@ -377,6 +384,8 @@ class PatchRuntime:
                     _write(units[k], previous[k])
                 self._sync(staged.device)
                 raise
+            if done is not None:
+                done()
 
     # ---- staging cache ----------------------------------------------------------------------
     def _staged_for(self, patch: Patch) -> tuple[list, Staged] | None:
@@ -485,9 +494,11 @@ class PatchRuntime:
             torch.cuda.synchronize(device)
 
     # ---- revert -----------------------------------------------------------------------------
-    def _revert(self, handle: PatchHandle, check: bool) -> None:
+    def _revert(self, handle: PatchHandle, check: bool, done) -> None:
         staged, old, new = handle._staged, handle._old, handle._new
         if staged is None or not staged.entries:
+            with self.lock.write():
+                done()
             return
         for e in staged.entries:
             if e.target.data_ptr() != handle._data_ptrs[e.name] or e.target.device != staged.device:
@@ -503,6 +514,6 @@ class PatchRuntime:
                     raise InputError(f"the weights patch #{handle.id} touched were changed outside the runtime; "
                                      f"refusing to revert over them")
             t1 = time.perf_counter()
-            self._write_all(staged, old.units, new.units)  # on failure, put back what was there: the patched bits
+            self._write_all(staged, old.units, new.units, done)  # on failure, put back what was there: the patched bits
         handle.timings.update({"revert_check": t1 - t0, "revert_write": time.perf_counter() - t1})
 
