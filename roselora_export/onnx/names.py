@@ -7,8 +7,13 @@ An artifact directory written by `export_onnx` holds
     names.json        state-dict key -> initializer (and whether it is stored transposed)
 
 plus the model's config and tokenizer files. Patches name state-dict keys; this module turns a
-key into (initializer, offset, length, transposed) and checks the directory is whole, raising
+key into (initializer, offset, length, layout) and checks the directory is whole, raising
 InputError with a one-line fix otherwise.
+
+names.json format 2 (written by `map-onnx` for artifacts of other exporters, see mapping.py) lists
+every place a key lives under "at": an initializer, stored as is or transposed, whole or as a slice
+[axis, start, stop] of a fused initializer, inline in the .onnx file or in external data. Format 1
+(one initializer and a transposed flag per key) is still read.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ from ..patch.model import DTYPE_NAMES, DTYPES_BY_NAME
 NAMES_FILE = "names.json"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
-NAMES_FORMAT = 1
+NAMES_FORMAT = 1  # what export-onnx writes
+NAMES_FORMAT_MAPPED = 2  # what map-onnx writes (layouts with slices, copies, stored dtypes)
 
 # Alignment of tensor starts in the data file, as onnx-ir does it: tensors of 1 MiB and more start
 # on a 64 KiB boundary (the largest mmap allocation granularity in use, Windows'), smaller ones
@@ -63,15 +69,69 @@ class Location:
 
 @dataclass(frozen=True)
 class Target:
-    """Where a state-dict key lives in the artifact; transposed means stored as key.T (2-D only)."""
+    """Where a state-dict key lives in the artifact.
+
+    The key's tensor is `view.T` if transposed else `view`, where view is the whole initializer or,
+    with a region (axis, start, stop), the slice start:stop of the 2-D initializer along axis (of a
+    1-D one: its elements start:stop). Transposes and slices are of 2-D tensors only.
+    """
 
     key: str
     location: Location
     transposed: bool
+    region: tuple[int, int, int] | None = None
+
+    @property
+    def view_shape(self) -> tuple[int, ...]:
+        shape = self.location.shape
+        if self.region is None:
+            return shape
+        axis, start, stop = self.region
+        return tuple(stop - start if i == axis else d for i, d in enumerate(shape))
 
     @property
     def state_shape(self) -> tuple[int, ...]:
-        return tuple(reversed(self.location.shape)) if self.transposed else self.location.shape
+        return tuple(reversed(self.view_shape)) if self.transposed else self.view_shape
+
+    def storage_positions(self, flat_index: np.ndarray) -> np.ndarray:
+        """Flat state-dict indices -> flat element indices in the whole initializer."""
+        flat_index = np.asarray(flat_index, dtype=np.int64)
+        if len(self.location.shape) == 1:
+            return flat_index + (self.region[1] if self.region else 0)
+        if len(self.location.shape) != 2:
+            return flat_index
+        rows, cols = self.view_shape
+        if self.transposed:  # state[i, j] = view[j, i]; the state has `rows` columns
+            vi, vj = flat_index % rows, flat_index // rows
+        else:
+            vi, vj = flat_index // cols, flat_index % cols
+        width = self.location.shape[1]
+        if self.region is not None:
+            axis, start, _ = self.region
+            if axis == 0:
+                vi = vi + start
+            else:
+                vj = vj + start
+        return vi * width + vj
+
+    def state_order(self, bits: np.ndarray) -> np.ndarray:
+        """The key's tensor, flat in state-dict order, from the whole initializer's flat bits."""
+        view = bits.reshape(self.location.shape)
+        if self.region is not None:
+            axis, start, stop = self.region
+            view = view[start:stop] if axis == 0 or view.ndim == 1 else view[:, start:stop]
+        if self.transposed:
+            view = view.T
+        return np.ascontiguousarray(view).reshape(-1)
+
+
+def entry_places(entry: dict) -> list[dict]:
+    """The places a names.json entry lists: format 2's "at", or format 1's single initializer."""
+    if "at" in entry:
+        return list(entry["at"] or [])
+    if entry.get("initializer") is None:
+        return []
+    return [{"initializer": entry["initializer"], "transposed": bool(entry.get("transposed", False))}]
 
 
 @dataclass
@@ -88,24 +148,82 @@ class OnnxArtifact:
         return self.root / self.names.get("model_file", MODEL_FILE)
 
     def target(self, key: str) -> Target:
-        """The initializer holding state-dict key `key`; InputError if the ONNX model lacks it."""
+        """The (first) place holding state-dict key `key`; InputError if the ONNX model lacks it."""
+        return self.targets(key)[0]
+
+    def unpatchable(self, key: str) -> str | None:
+        """Why `key` cannot be patched in this artifact, or None if it can."""
         entry = self.names["tensors"].get(key)
-        if entry is None or entry.get("initializer") is None:
-            why = "no such state-dict key" if entry is None else entry.get("reason", "not in the graph")
-            raise InputError(f"the patch names tensor {key!r}, which the ONNX model in {self.root} lacks ({why}); "
-                             "was the patch built for another model?")
-        loc = self.locations.get(entry["initializer"])
-        if loc is None:
-            raise InputError(f"{self.root / NAMES_FILE}: {key!r} maps to initializer {entry['initializer']!r}, which "
-                             f"{self.model_path.name} lacks or keeps inline; re-run export-onnx")
-        return Target(key, loc, bool(entry.get("transposed", False)))
+        if not isinstance(entry, dict):
+            return "the ONNX model lacks it (no such state-dict key); was the patch built for another model?"
+        if entry.get("shared_with"):
+            return (f"one initializer holds it and {', '.join(entry['shared_with'][:3])} (equal values, deduplicated "
+                    "by the exporter), so patching it would change them too")
+        if not entry_places(entry):
+            return "the ONNX model lacks it (" + entry.get("reason", "not in the graph") + ")"
+        return None
+
+    def targets(self, key: str) -> list[Target]:
+        """Every place holding `key` (an exporter may keep copies, e.g. W for Gather and W.T for MatMul)."""
+        why = self.unpatchable(key)
+        if why:
+            raise InputError(f"the patch names tensor {key!r}, which cannot be patched in the ONNX model in "
+                             f"{self.root}: {why}")
+        out = []
+        for place in entry_places(self.names["tensors"][key]):
+            loc = self.locations.get(place.get("initializer"))
+            if loc is None:
+                raise InputError(f"{self.root / NAMES_FILE}: {key!r} maps to initializer {place.get('initializer')!r}, "
+                                 f"which {self.model_path.name} lacks; re-run map-onnx (or export-onnx)")
+            region = tuple(int(v) for v in place["slice"]) if place.get("slice") else None
+            out.append(Target(key, loc, bool(place.get("transposed", False)), region))
+        return out
+
+    def resolve(self, tensor_patches) -> list[tuple[object, Target]]:
+        """(tensor patch, target) for every place every tensor patch lands on, or InputError naming every
+        tensor that cannot be patched exactly (a patch is refused whole, never half-applied)."""
+        tensor_patches = list(tensor_patches)
+        out, refused = [], []
+        for tp in tensor_patches:
+            why = self.unpatchable(tp.name)
+            if why:
+                refused.append((tp.name, why))
+                continue
+            for target in self.targets(tp.name):
+                why = self._dtype_refusal(tp, target)
+                if why:
+                    refused.append((tp.name, why))
+                    break
+                out.append((tp, target))
+        if len(refused) == 1 and len(tensor_patches) == 1:
+            key, why = refused[0]
+            raise InputError(f"{self.root}: the patch names tensor {key!r}, which cannot be patched exactly here: {why}")
+        if refused:
+            names = "; ".join(f"{k}: {why}" for k, why in refused[:4])
+            more = f" (and {len(refused) - 4} more)" if len(refused) > 4 else ""
+            raise InputError(f"{self.root}: refusing the whole patch, {len(refused)} of {len(tensor_patches)} tensors "
+                             f"cannot be patched exactly here: {names}{more}")
+        return out
+
+    def _dtype_refusal(self, tp, target: Target) -> str | None:
+        stored = target.location.dtype
+        if stored is None or stored == tp.dtype:
+            return None
+        entry = self.names["tensors"].get(tp.name) or {}
+        have, want = dtype_name(stored) or "?", dtype_name(tp.dtype) or str(tp.dtype)
+        if entry.get("dtype") and entry["dtype"] != have:
+            return (f"the artifact stores it as {have}, cast from the checkpoint's {entry['dtype']}, and a {want} "
+                    f"patch cannot be applied exactly to {have} values; make the patch in {have} "
+                    f"(merge --dtype {have.lower().replace('f', 'fp', 1)}, or diff against a {have} checkpoint)")
+        return f"the artifact stores it as {have} but the patch is {want}"
 
 
 def read_names(root: Path) -> dict:
     path = root / NAMES_FILE
     if not path.is_file():
-        raise InputError(f"{root}: no {NAMES_FILE}, so state-dict names cannot be mapped to ONNX initializers; "
-                         "make the directory with `roselora-export export-onnx`")
+        raise InputError(f"{root}: no {NAMES_FILE}, so state-dict names cannot be mapped to ONNX initializers; run "
+                         f"`roselora-export map-onnx --base HF_DIR --onnx {root}` (or pass --base-model HF_DIR), "
+                         "or make the directory with `roselora-export export-onnx`")
     try:
         names = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
@@ -114,8 +232,9 @@ def read_names(root: Path) -> dict:
         raise InputError(f"{path}: no 'tensors' map; re-run export-onnx")
     if not isinstance(names.get("format", NAMES_FORMAT), int):
         raise InputError(f"{path}: 'format' must be an integer; re-run export-onnx")
-    if names.get("format", NAMES_FORMAT) > NAMES_FORMAT:
-        raise InputError(f"{path}: names format {names['format']} is newer than this tool reads ({NAMES_FORMAT}); upgrade")
+    if names.get("format", NAMES_FORMAT) > NAMES_FORMAT_MAPPED:
+        raise InputError(f"{path}: names format {names['format']} is newer than this tool reads "
+                         f"({NAMES_FORMAT_MAPPED}); upgrade")
     return names
 
 
@@ -158,14 +277,48 @@ def external_locations(model: onnx.ModelProto, root: Path, *, check_files: bool 
     return out
 
 
-def open_artifact(root: str | os.PathLike) -> OnnxArtifact:
-    """Open and check an ONNX artifact directory (names.json, graph, external data bounds)."""
+def inline_locations(model: onnx.ModelProto, root: Path, model_file: str) -> dict[str, Location]:
+    """Initializer name -> Location (in the .onnx file itself) for every initializer stored inline."""
+    from .wire import WireError, inline_data_ranges
+
+    wanted = {t.name: t for t in model.graph.initializer
+              if t.data_location != onnx.TensorProto.EXTERNAL and t.data_type in ONNX_TO_TORCH}
+    if not wanted:
+        return {}
+    try:
+        ranges = inline_data_ranges(root / model_file)
+    except WireError as err:
+        raise InputError(f"{root / model_file}: cannot locate inline initializer data ({err})") from None
+    out = {}
+    for name, t in wanted.items():
+        if name not in ranges:
+            continue  # values in int32_data varints etc.: not a contiguous run, so not patchable in place
+        offset, length = ranges[name]
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if length != int(np.prod(t.dims, dtype=np.int64)) * itemsize:
+            continue
+        out[name] = Location(name, model_file, offset, length, tuple(int(d) for d in t.dims), ONNX_TO_TORCH[t.data_type])
+    return out
+
+
+def artifact_locations(model: onnx.ModelProto, root: Path, model_file: str) -> dict[str, Location]:
+    """External and inline initializer locations (external data bounds checked)."""
+    return {**inline_locations(model, root, model_file), **external_locations(model, root)}
+
+
+def open_artifact(root: str | os.PathLike, names: dict | None = None) -> OnnxArtifact:
+    """Open and check an ONNX artifact directory (names.json, or `names` given, graph, external data bounds)."""
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"{root}: not a directory; expected an export-onnx directory")
-    names = read_names(root)
-    model = load_graph(root / names.get("model_file", MODEL_FILE))
-    return OnnxArtifact(root, names, model, external_locations(model, root))
+        raise InputError(f"{root}: not a directory; expected an ONNX artifact directory")
+    names = read_names(root) if names is None else names
+    model_file = names.get("model_file", MODEL_FILE)
+    model = load_graph(root / model_file)
+    if names.get("format", NAMES_FORMAT) >= NAMES_FORMAT_MAPPED:
+        locations = artifact_locations(model, root, model_file)
+    else:
+        locations = external_locations(model, root)
+    return OnnxArtifact(root, names, model, locations)
 
 
 def is_onnx_dir(path: str | os.PathLike) -> bool:

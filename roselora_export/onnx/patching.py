@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..patch.model import BITS_DTYPE, Patch, TensorPatch
+from ..patch.stack import Stack
 from .names import NAMES_FILE, Location, OnnxArtifact, Target, open_artifact
 
 _FICLONE = 0x40049409  # linux/fs.h: share the source's blocks copy-on-write (btrfs, xfs, bcachefs)
@@ -48,15 +49,12 @@ class TouchedTensor:
 
 
 def _storage_positions(target: Target, flat_index: np.ndarray) -> np.ndarray:
-    """Flat state-dict indices -> flat indices in the initializer (the same unless stored transposed)."""
-    if not target.transposed:
-        return flat_index
-    rows, cols = target.state_shape
-    return (flat_index % cols) * rows + flat_index // cols
+    """Flat state-dict indices -> flat indices in the initializer (transposed, sliced: see Target)."""
+    return target.storage_positions(flat_index)
 
 
 def _state_order(target: Target, bits: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(bits.reshape(target.location.shape).T).reshape(-1) if target.transposed else bits
+    return target.state_order(bits)
 
 
 def _read_bits(artifact: OnnxArtifact, loc: Location, dtype) -> np.ndarray:
@@ -68,36 +66,50 @@ def _read_bits(artifact: OnnxArtifact, loc: Location, dtype) -> np.ndarray:
     return np.frombuffer(raw, dtype=BITS_DTYPE[dtype]).copy()
 
 
-def plan_patches(artifact: OnnxArtifact, patches: list[Patch], *, revert: bool = False) -> dict[str, TouchedTensor]:
+def plan_patches(artifact: OnnxArtifact, patches: list[Patch], *, revert: bool = False,
+                 stack: Stack | None = None) -> dict[str, TouchedTensor]:
     """Check every patch against the artifact and compute the touched initializers' new bits (nothing written).
 
-    Patches apply in order (revert: in reverse order, each checked against its patched fingerprint),
-    so a stack of patches on one tensor works, and so does a patch naming both keys of a tied weight.
+    Patches apply in order (revert: in reverse order). Each is checked as on checkpoints (patch.stack):
+    the whole-tensor fingerprint for a fresh base, else the touched-element rule, so independent patches
+    stack in any order; a stack of patches on one tensor works, and so does a patch naming both keys of
+    a tied weight. stack: the command's checks and ledger (made here from the artifact's ledger if None).
     """
+    return _plan(artifact, patches, stack or Stack(artifact.root, patches, revert=revert))[0]
+
+
+def _plan(artifact: OnnxArtifact, patches: list[Patch], stack: Stack
+          ) -> tuple[dict[str, TouchedTensor], dict[str, tuple[Target, str]]]:
+    """plan_patches, plus each touched key's (first) target and initializer, for its final fingerprint."""
+    revert = stack.revert
     touched: dict[str, TouchedTensor] = {}
-    for patch in (reversed(patches) if revert else patches):
-        for tp in patch.tensors.values():
-            target = artifact.target(tp.name)
+    places: dict[str, tuple[Target, str]] = {}
+    for k in stack.order():
+        for tp, target in artifact.resolve(patches[k].tensors.values()):  # every place of every key, or refused whole
             _check_compatible(artifact, target, tp)
             loc = target.location
             if loc.initializer not in touched:
                 touched[loc.initializer] = TouchedTensor(loc, _read_bits(artifact, loc, tp.dtype))
             entry = touched[loc.initializer]
             want, other = (tp.patched_sha256, tp.base_sha256) if revert else (tp.base_sha256, tp.patched_sha256)
-            have = hashlib.sha256(_state_order(target, entry.bits).tobytes()).hexdigest()
-            if have != want:
-                state = "is already reverted" if revert else "is already patched"
-                if have != other:
-                    state = "differs from the patch's " + ("patched" if revert else "base") + " tensor"
-                raise InputError(f"{artifact.root}: tensor {tp.name!r} {state} (sha256 mismatch); "
-                                 "check the patch was built for this model and the order of --patch files")
+            have = _state_sha(target, entry.bits)
             pos = _storage_positions(target, tp.flat_index)
+            stack.check(k, tp, have, entry.bits[pos])
             entry.bits[pos] ^= tp.xor_bits
             entry.chunks.append(pos)
-            done = hashlib.sha256(_state_order(target, entry.bits).tobytes()).hexdigest()
-            if done != other:
+            if have == want and _state_sha(target, entry.bits) != other:
                 raise RuntimeError(f"{tp.name}: XOR did not give the expected fingerprint")
-    return touched
+            places.setdefault(tp.name, (target, loc.initializer))
+    return touched, places
+
+
+def _state_sha(target: Target, bits: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(_state_order(target, bits))).hexdigest()
+
+
+def _final_sha(touched: dict[str, TouchedTensor], places: dict[str, tuple[Target, str]]) -> dict[str, str]:
+    """Whole sha256 (state-dict order) of every key the planned patches touch, after them (for the ledger)."""
+    return {name: _state_sha(target, touched[init].bits) for name, (target, init) in places.items()}
 
 
 def _check_compatible(artifact: OnnxArtifact, target: Target, tp: TensorPatch) -> None:
@@ -153,7 +165,7 @@ def _fsync(path: Path) -> None:
 
 
 def apply_to_onnx_dir(base_dir: Path, patches: list[Patch], out_dir: Path | None, *, revert: bool = False,
-                      in_place: bool = False) -> dict:
+                      in_place: bool = False, names: dict | None = None) -> dict:
     """Apply (or revert) patches to the ONNX artifact at base_dir, into out_dir or in place; returns a report.
 
     Only the touched initializers' elements are rewritten in the external data. With out_dir, the
@@ -171,7 +183,7 @@ def apply_to_onnx_dir(base_dir: Path, patches: list[Patch], out_dir: Path | None
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
             raise InputError(f"--out {out_dir}: exists and is not an empty directory; choose a new path")
     with _exclusive(base_dir if in_place else None):
-        return _apply(base_dir, patches, out_dir, revert=revert, in_place=in_place, t0=t0)
+        return _apply(base_dir, patches, out_dir, revert=revert, in_place=in_place, t0=t0, names=names)
 
 
 @contextlib.contextmanager
@@ -189,8 +201,8 @@ def _exclusive(root: Path | None):
 
 
 def _apply(base_dir: Path, patches: list[Patch], out_dir: Path | None, *, revert: bool, in_place: bool,
-           t0: float) -> dict:
-    artifact = open_artifact(base_dir)
+           t0: float, names: dict | None = None) -> dict:
+    artifact = open_artifact(base_dir, names)  # names: a mapping made on demand (map-onnx), else names.json
     touched = plan_patches(artifact, patches, revert=revert)
     by_file: dict[str, list[TouchedTensor]] = {}
     for t in touched.values():
