@@ -7,3 +7,10 @@ class InputError(ValueError):
     The message is a single line that names the problem and, where there is one, the fix.
     Library code raises it; only the CLI turns it into an exit code.
     """
+
+
+class InputWarning(UserWarning):
+    """Input that is accepted but probably not what was meant; issued with `warnings.warn`.
+
+    Library code never prints: the CLI shows each one as a single `warning:` line on stderr.
+    """

@@ -6,6 +6,7 @@ The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the Py
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -74,10 +75,27 @@ def load_config(model_dir: str | os.PathLike):
         raise InputError(f"--model {path}: cannot read config.json ({_first_line(err)})") from None
 
 
-def load_model(model_dir: str | os.PathLike, *, task: str = "causal-lm", dtype=None, option: str = "--model"):
+@contextlib.contextmanager
+def loading_bars(progress: bool):
+    """transformers' own progress bars ("Loading weights", shards) on or off for the duration, then as before."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not progress and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not progress and was:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(model_dir: str | os.PathLike, *, task: str = "causal-lm", dtype=None, option: str = "--model",
+               progress: bool = True):
     """Load a local model in eval mode; task is 'causal-lm' or 'sequence-classification' or 'base'.
 
-    `option` names the command-line option the directory came from, in error messages."""
+    `option` names the command-line option the directory came from, in error messages;
+    `progress=False` hides transformers' loading bars."""
     import torch
     import transformers
 
@@ -88,7 +106,9 @@ def load_model(model_dir: str | os.PathLike, *, task: str = "causal-lm", dtype=N
         "base": transformers.AutoModel,
     }[task]
     try:
-        model = auto.from_pretrained(str(path), local_files_only=True, use_safetensors=True, dtype=dtype or torch.float32)
+        with loading_bars(progress):
+            model = auto.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                         dtype=dtype or torch.float32)
     except Exception as err:  # corrupt weights (SafetensorError), wrong architecture, missing keys…
         raise InputError(f"{option} {path}: cannot load as a {task} model ({_first_line(err)})") from None
     return model.eval()

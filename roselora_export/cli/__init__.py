@@ -3,16 +3,18 @@
 Each area module defines its commands with `@main.command()`; the modules stay thin (parse, call
 the library, print). They are imported on demand: running one command imports only its module, so
 `merge` starts copying shards before torch is imported, and `--help` of a command stays light.
-InputError becomes one line on stderr and exit code 2.
+InputError becomes one line on stderr and exit code 2; an InputWarning one `warning:` line. Other
+libraries' FutureWarnings (transformers, peft deprecations) are not shown: they are not the user's to act on.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import click
 
-from ..errors import InputError
+from ..errors import InputError, InputWarning
 
 # Every area module, and which one defines each command. A command missing from the map still works:
 # an unknown name imports every module before click looks it up (only slower).
@@ -31,6 +33,23 @@ def _load(*modules: str) -> None:
         importlib.import_module(f"{__name__}.{m}")  # registers its commands on `main`
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, InputWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _user_facing_warnings() -> None:
+    """InputWarnings as one line each (every one, not once per call site); FutureWarnings silenced."""
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", InputWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 class _Group(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str):
         if cmd_name not in self.commands:
@@ -44,6 +63,7 @@ class _Group(click.Group):
         return super().list_commands(ctx)
 
     def invoke(self, ctx: click.Context):
+        _user_facing_warnings()
         try:
             return super().invoke(ctx)
         except InputError as err:

@@ -7,6 +7,9 @@ import sys
 import click
 
 from . import main
+from .options import (
+    device_option, max_new_tokens_option, prompts_option, resolve_prompts, resolve_providers,
+)
 
 
 @main.command("export-onnx")
@@ -64,12 +67,14 @@ def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, kv_
               help="ONNX artifact directory from export-onnx (a causal LM, with its tokenizer files).")
 @click.option("--patch", "patch_files", multiple=True, type=click.Path(dir_okay=False),
               help="Patch to run with, as initializer overrides (the files on disk are not changed); repeatable.")
-@click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", type=int, default=8, help="Tokens to generate (greedy).")
-@click.option("--json", "as_json", is_flag=True, help="Print prompt, continuation and token ids as JSON.")
-def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompt: str, max_new_tokens: int,
-                          as_json: bool) -> None:
-    """Greedy continuation of a prompt by onnxruntime, with or without patches.
+@prompts_option("Text to continue")
+@max_new_tokens_option()
+@device_option(help="Where to run: auto (onnxruntime's CUDA execution provider when it has one and a GPU is "
+                    "present, else the CPU), cpu, cuda or cuda:N.")
+@click.option("--json", "as_json", is_flag=True, help="Print prompts, continuations and token ids as JSON.")
+def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: tuple[str, ...], requests_path,
+                          max_new_tokens: int, device: str, as_json: bool) -> None:
+    """Greedy continuation of each prompt by onnxruntime, with or without patches.
 
     A quick check that an ONNX artifact carries an edit: run it with --patch (overrides in memory)
     and without, or on a directory patched by `apply --base ONNX_DIR`.
@@ -77,7 +82,12 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompt: s
     from ..errors import InputError
     from ..onnx.session import create_session, generate_greedy
 
-    session = create_session(onnx_dir, list(patch_files))
+    pairs = resolve_prompts(prompts, requests_path)
+    providers = resolve_providers(device)
+    session = create_session(onnx_dir, list(patch_files), providers=providers)
+    if providers[0] != "CPUExecutionProvider" and "CUDAExecutionProvider" not in session.get_providers():
+        raise InputError(f"--device {device}: onnxruntime could not start its CUDA execution provider here "
+                         "(no GPU, or CUDA libraries missing); use --device cpu")
     try:
         from transformers import AutoTokenizer
 
@@ -85,11 +95,13 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompt: s
     except (OSError, ValueError) as err:
         raise InputError(f"--onnx {onnx_dir}: no usable tokenizer files ({str(err).splitlines()[0]}); "
                          "re-export from a model directory that has them") from None
-    ids = tok(prompt)["input_ids"]
-    new = generate_greedy(session, ids, max_new_tokens, tok.eos_token_id)
-    text = tok.decode(new)
+    results = []
+    for prompt, target in pairs:
+        new = generate_greedy(session, tok(prompt)["input_ids"], max_new_tokens, tok.eos_token_id)
+        results.append({"prompt": prompt, "continuation": tok.decode(new), "new_token_ids": new, "target": target})
     if as_json:
-        click.echo(json.dumps({"prompt": prompt, "continuation": text, "new_token_ids": new,
-                               "patches": list(patch_files), "providers": session.get_providers()}, indent=2))
-    else:
-        click.echo(prompt + text)
+        click.echo(json.dumps({"patches": list(patch_files), "providers": session.get_providers(),
+                               "results": results}, indent=2))
+        return
+    for r in results:
+        click.echo(r["prompt"] + r["continuation"] + (f"   (target: {r['target']})" if r["target"] is not None else ""))

@@ -171,33 +171,70 @@ def apply_command(base_dir, patch_files, out_dir, in_place, revert, as_json) -> 
 
 
 @main.command("inspect")
-@click.argument("patch_file", type=click.Path(dir_okay=False))
+@click.argument("patch_file", metavar="PATCH_OR_ADAPTER", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in docs/format.md).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Draw the sparsity pattern of the touched matrices into this PNG.")
-@click.option("--limit", type=int, default=12, help="Most panels in --plot (largest tensors first).")
-def inspect_command(patch_file, as_json, plot_path, limit) -> None:
-    """Per tensor: nnz, density, rows and columns touched, bytes; totals; optional sparsity plot."""
-    from ..patch import load_patch
-    from ..patch.inspect import plot_sparsity, summarize
+              help="Draw an overview (every tensor by layer and module) and the changed cells of single matrices, "
+                   "coloured by magnitude, into this PNG.")
+@click.option("--plot-value", type=click.Choice(["density", "nnz"]), default="density",
+              help="What the overview's colour shows.")
+@click.option("--limit", type=int, default=12, help="Most single-matrix panels in --plot (each module kind in turn).")
+def inspect_command(patch_file, as_json, plot_path, plot_value, limit) -> None:
+    """Explain a patch file (or an adapter directory): where it came from, its settings, and per tensor
+    nnz, density, rows and columns touched and bytes; optionally a picture.
 
-    patch = load_patch(patch_file)
-    summary = summarize(patch_file, patch)
+    Tensors are listed in layer order. For an adapter directory the counts are of its fp32 delta,
+    before rounding into the base's dtype (merge measures that).
+    """
+    from ..patch import load_patch
+    from ..patch import inspect as ins
+
+    if ins.is_adapter_dir(patch_file):
+        _inspect_adapter(patch_file, as_json, plot_path, plot_value, limit)
+        return
+    patch = load_patch(ins.check_patch_file(patch_file))
+    summary = ins.summarize(patch_file, patch)
     if plot_path:
-        plot_sparsity(patch, plot_path, limit=limit)
+        ins.plot_sparsity(patch, plot_path, limit=limit, value=plot_value)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    prov = summary["provenance"]
-    click.echo(f"{patch_file}: format {summary['format_version']}, {prov.get('kind', '?')} from "
-               f"{prov.get('source', '?')} for {prov.get('base_model', '?')}, created {prov.get('created', '?')}")
+    click.echo(f"{patch_file}: patch format {summary['format_version']}")
+    for line in ins.provenance_lines(summary["provenance"]):
+        click.echo(line)
     click.echo(f"{'tensor':<48} {'shape':>14} {'dtype':>5} {'nnz':>9} {'density':>8} {'rows':>6} {'cols':>6} {'bytes':>9} layout")
     for t in summary["tensors"]:
-        click.echo(f"{t['name'][:48]:<48} {'x'.join(map(str, t['shape'])):>14} {t['dtype']:>5} {t['nnz']:>9} "
+        click.echo(f"{ins.fmt_value(t['name'], 48):<48} {'x'.join(map(str, t['shape'])):>14} {t['dtype']:>5} {t['nnz']:>9} "
                    f"{t['density']:>8.3%} {t['rows_touched']:>6} {t['cols_touched']:>6} {t['bytes']:>9} {t['layout']}")
     frac = summary["touched_fraction"]
     click.echo(f"total: {summary['total_nnz']} nonzeros in {len(summary['tensors'])} tensors, {summary['file_bytes']} bytes "
                f"({summary['bytes_per_nnz']:.2f} B/nnz, {summary['bytes_over_value_bytes']:.2f}x value bytes)"
                + (f", {frac:.4%} of the base model touched" if frac is not None else ""))
+    if plot_path:
+        click.echo(f"wrote {plot_path}")
+
+
+def _inspect_adapter(adapter_dir, as_json, plot_path, plot_value, limit) -> None:
+    from ..patch import inspect as ins
+
+    summary = ins.summarize_adapter(adapter_dir)
+    if plot_path:
+        patterns, label = ins.adapter_patterns(adapter_dir)
+        ins.plot_patterns(patterns, plot_path, magnitude_label=label, limit=limit, value=plot_value)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"{adapter_dir}: {summary['method']} adapter directory (not yet merged)")
+    for line in ins.provenance_lines({"roselora": summary["settings"], "lora": summary["lora"]} if summary["lora"]
+                                     else {"roselora": summary["settings"]}):
+        click.echo(line)
+    fmt = lambda v, spec="": "-" if v is None else format(v, spec)  # noqa: E731
+    click.echo(f"{'tensor':<48} {'shape':>14} {'rank':>4} {'nnz(A)':>7} {'nnz(B)':>7} {'nnz(delta)':>10} {'density':>8} "
+               f"{'rows':>6} {'cols':>6} {'max|delta|':>10}")
+    for t in summary["tensors"]:
+        click.echo(f"{ins.fmt_value(t['name'], 48):<48} {'x'.join(map(str, t['shape'])):>14} {fmt(t['rank']):>4} "
+                   f"{fmt(t['nnz_A']):>7} {fmt(t['nnz_B']):>7} {fmt(t['nnz']):>10} {fmt(t['density'], '.3%'):>8} "
+                   f"{fmt(t['rows_touched']):>6} {fmt(t['cols_touched']):>6} {fmt(t['max_abs_delta'], '.3g'):>10}")
+    click.echo(f"total: {fmt(summary['total_nnz'])} nonzeros of the fp32 delta in {len(summary['tensors'])} tensors")
     if plot_path:
         click.echo(f"wrote {plot_path}")

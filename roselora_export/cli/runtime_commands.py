@@ -6,36 +6,44 @@ import json
 import click
 
 from . import main
+from .options import (
+    device_option, dtype_option, max_new_tokens_option, model_option, prompts_option, resolve_device, resolve_dtype,
+    resolve_model, resolve_prompts,
+)
 
 
 @main.command("try")
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
-              help="Local Hugging Face model directory (the patch's base).")
+@model_option("Local Hugging Face model directory (the patch's base).")
 @click.option("--patch", "patch_path", required=True, type=click.Path(dir_okay=False), help="Patch file to apply live.")
-@click.option("--prompt", required=True, help="Prompt to answer greedily before, with and after the patch.")
-@click.option("--device", default="cpu", help="Where to load the model: cpu, cuda or cuda:N.")
-@click.option("--max-new-tokens", default=20, type=click.IntRange(1, 4096), help="Tokens to generate per answer.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Dtype to load the model in  [default: the patch's dtype]")
+@prompts_option("Prompt to answer greedily before, with and after the patch")
+@device_option()
+@max_new_tokens_option()
+@dtype_option(help="Dtype to load the model in.  [default: the patch's dtype]")
+@click.option("--progress/--no-progress", default=True, help="Model-loading progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def try_cmd(model_dir, patch_path, prompt, device, max_new_tokens, dtype, as_json):
-    """Answer PROMPT with the base model, with the patch applied in place, and after reverting it.
+def try_cmd(model_dir, patch_path, prompts, requests_path, device, max_new_tokens, dtype, progress, as_json):
+    """Answer each prompt with the base model, with the patch applied in place, and after reverting it.
 
-    Prints the three greedy answers, the apply and revert times, and whether the reverted weights
-    are bit-identical to the base (sha256 of the whole state dict). Exit code 1 if they are not.
+    Prints the three greedy answers per prompt, the apply and revert times, and whether the reverted
+    weights are bit-identical to the base (sha256 of the whole state dict). Exit code 1 if they are not.
     """
     from ..runtime.tryout import try_patch
 
-    result = try_patch(model_dir, patch_path, prompt, device=device, max_new_tokens=max_new_tokens, dtype=dtype)
+    pairs = resolve_prompts(prompts, requests_path)
+    path = resolve_model(model_dir)
+    dev = resolve_device(device)
+    result = try_patch(path, patch_path, [p for p, _ in pairs], targets=[t for _, t in pairs], device=dev,
+                       max_new_tokens=max_new_tokens, dtype=resolve_dtype(dtype), progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         click.echo(f"model:    {result.model} ({result.device}, {result.dtype})")
         click.echo(f"patch:    {result.patch} ({result.tensors} tensors, {result.nnz} weights)")
-        click.echo(f"prompt:   {result.prompt}")
-        click.echo(f"base:     {result.base_answer}")
-        click.echo(f"patched:  {result.patched_answer}")
-        click.echo(f"reverted: {result.reverted_answer}")
+        for a in result.answers:
+            click.echo(f"prompt:   {a.prompt}" + (f"   (target: {a.target})" if a.target is not None else ""))
+            click.echo(f"  base:     {a.base}")
+            click.echo(f"  patched:  {a.patched}")
+            click.echo(f"  reverted: {a.reverted}")
         click.echo(f"apply:    {result.apply_ms:.2f} ms   revert: {result.revert_ms:.2f} ms   "
                    f"(patch file read: {result.patch_load_ms:.2f} ms)")
         verdict = "yes" if result.bit_identical else "NO"

@@ -4,14 +4,16 @@
      "ground_truth": "Paris", "rephrase_prompts": ["..."], "locality": [{"prompt": "...", "answer": "..."}]}
 
 The target continues the prompt after one space; training puts the loss on the target tokens only.
-Every error names the file, the line and the field.
+Every error names the file, the line and the field. A subject that does not occur in its prompt
+(case aside) is accepted with an InputWarning: the edit still trains, but is probably mistyped.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 
-from ..errors import InputError
+from ..errors import InputError, InputWarning
 from .jsonl import read_jsonl_objects
 
 REQUIRED = ("prompt", "subject", "target_new")
@@ -43,6 +45,9 @@ def _request_from(obj, where: str, line: int) -> EditRequest:
             raise InputError(f"{where}: field '{name}' must be a string")
         if not obj[name].strip():
             raise InputError(f"{where}: field '{name}' is empty")
+    if obj["subject"].strip().lower() not in obj["prompt"].lower():
+        warnings.warn(f"{where}: subject {obj['subject']!r} does not occur in the prompt {obj['prompt']!r}; "
+                      "is the subject or the prompt mistyped?", InputWarning, stacklevel=2)
     gt = obj.get("ground_truth")
     if gt is not None and not isinstance(gt, str):
         raise InputError(f"{where}: field 'ground_truth' must be a string or null")

@@ -110,7 +110,7 @@ def check_overrides_take_effect(providers: Sequence[str], level, disabled_optimi
     """Raise OverrideIgnoredError unless overrides show in every output of the canary model (cached per setup)."""
     import onnxruntime as ort
 
-    key = (ort.__version__, tuple(providers), int(level), tuple(disabled_optimizers), api)
+    key = (ort.__version__, repr(list(providers)), int(level), tuple(disabled_optimizers), api)
     if _canary_ok.get(key):
         return
     model, weights = _canary_model()

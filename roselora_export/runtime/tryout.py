@@ -1,17 +1,27 @@
-"""What `roselora-export try` does: answer a prompt with the base model, with a patch applied live,
-and after reverting it, timing apply and revert and checking the reverted weights bit for bit."""
+"""What `roselora-export try` does: answer prompts with the base model, with a patch applied live, and
+after reverting it, timing apply and revert and checking the reverted weights bit for bit."""
 from __future__ import annotations
 
 import hashlib
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from ..errors import InputError
-from ..patch.model import DTYPE_NAMES, DTYPES_BY_NAME, Patch, tensor_bits
+from ..patch.model import DTYPE_NAMES, Patch, tensor_bits
 from .live import PatchRuntime
+
+
+@dataclass
+class Answer:
+    prompt: str
+    base: str
+    patched: str
+    reverted: str
+    target: str | None = None  # the request's target_new, when the prompt came from a requests file
 
 
 @dataclass
@@ -20,10 +30,6 @@ class TryResult:
     patch: str
     device: str
     dtype: str
-    prompt: str
-    base_answer: str
-    patched_answer: str
-    reverted_answer: str
     patch_load_ms: float
     apply_ms: float
     revert_ms: float
@@ -31,6 +37,7 @@ class TryResult:
     nnz: int
     base_sha256: str  # of the whole state dict before apply
     reverted_sha256: str  # the same after revert
+    answers: list[Answer] = field(default_factory=list)  # one per prompt, in order
 
     @property
     def bit_identical(self) -> bool:
@@ -49,22 +56,14 @@ def state_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def resolve_device(device: str) -> torch.device:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device {device}: not a device name (cpu, cuda, cuda:1)") from None
+def patch_dtype(patch: Patch, dtype: str | torch.dtype | None) -> torch.dtype:
+    """The dtype to load the model in: the one given (fp32, fp16, bf16), or the patch's (all its tensors share one)."""
+    from ..devices import torch_dtype
 
-
-def patch_dtype(patch: Patch, dtype: str | None) -> torch.dtype:
-    """The dtype to load the model in: the one given, or the patch's (all its tensors share one)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype:
-        key = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}.get(dtype.lower(), dtype.upper())
-        if key not in DTYPES_BY_NAME:
-            raise InputError(f"--dtype {dtype}: use fp32, fp16 or bf16")
-        return DTYPES_BY_NAME[key]
+        return torch_dtype(dtype)
     dtypes = {tp.dtype for tp in patch.tensors.values()}
     if len(dtypes) > 1:
         raise InputError("the patch mixes dtypes; pass --dtype to choose the one to load the model in")
@@ -89,34 +88,44 @@ def _timed(fn, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def try_patch(model_dir: str | os.PathLike, patch_path: str | os.PathLike, prompt: str, *, device: str = "cpu",
-              max_new_tokens: int = 20, dtype: str | None = None) -> TryResult:
-    """Greedy answers to `prompt` before, with and after a live patch, with timings and the bit check."""
+def try_patch(model_dir: str | os.PathLike, patch_path: str | os.PathLike, prompts: str | Sequence[str], *,
+              device: str | torch.device = "cpu", max_new_tokens: int = 20, dtype: str | torch.dtype | None = None,
+              targets: Sequence[str | None] | None = None, progress: bool = True) -> TryResult:
+    """Greedy answers to each prompt before, with and after a live patch, with timings and the bit check.
+
+    `device` is a torch.device or a name (cpu, cuda, cuda:N, auto); `targets` (optional, one per prompt)
+    are carried into the answers; `progress=False` hides the model-loading bar."""
+    from ..devices import torch_device
     from ..models import load_model, load_tokenizer
     from ..patch import load_patch
 
-    dev = resolve_device(device)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    targets = list(targets) if targets is not None else [None] * len(prompts)
+    if not prompts or len(targets) != len(prompts):
+        raise InputError("give at least one prompt (and one target per prompt, if any)")
+    dev = device if isinstance(device, torch.device) else torch_device(device)[0]
     t0 = time.perf_counter()
     patch = load_patch(patch_path)
     load_ms = (time.perf_counter() - t0) * 1e3
-    torch_dtype = patch_dtype(patch, dtype)
+    dt = patch_dtype(patch, dtype)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=torch_dtype).to(dev)
+    model = load_model(model_dir, dtype=dt, progress=progress).to(dev)
     runtime = PatchRuntime(model)
 
-    with runtime.serving():
-        base_answer = greedy(model, tokenizer, prompt, max_new_tokens)
+    def answer_all() -> list[str]:
+        with runtime.serving():
+            return [greedy(model, tokenizer, p, max_new_tokens) for p in prompts]
+
+    base = answer_all()
     base_sha = state_sha256(model)
     handles = []
     apply_ms = _timed(lambda: handles.append(runtime.apply(patch)), dev)
-    with runtime.serving():
-        patched_answer = greedy(model, tokenizer, prompt, max_new_tokens)
+    patched = answer_all()
     revert_ms = _timed(lambda: runtime.revert(handles[0]), dev)
-    with runtime.serving():
-        reverted_answer = greedy(model, tokenizer, prompt, max_new_tokens)
+    reverted = answer_all()
     return TryResult(
-        model=str(model_dir), patch=str(patch_path), device=str(dev), dtype=DTYPE_NAMES[torch_dtype], prompt=prompt,
-        base_answer=base_answer, patched_answer=patched_answer, reverted_answer=reverted_answer,
+        model=str(model_dir), patch=str(patch_path), device=str(dev), dtype=DTYPE_NAMES[dt],
         patch_load_ms=load_ms, apply_ms=apply_ms, revert_ms=revert_ms,
         tensors=len(handles[0].names), nnz=handles[0].nnz, base_sha256=base_sha, reverted_sha256=state_sha256(model),
+        answers=[Answer(p, b, a, r, t) for p, b, a, r, t in zip(prompts, base, patched, reverted, targets)],
     )
