@@ -261,8 +261,8 @@ def test_in_place_apply_removes_leftovers_of_a_killed_one(tmp_path):
 
 @pytest.mark.parametrize("renameat2", ["linux", "unsupported"])
 def test_a_failed_swap_leaves_the_checkpoint_where_it_was(tmp_path, monkeypatch, renameat2):
-    from roselora_export.checkpoint import atomic
-    from roselora_export.checkpoint.atomic import exchange_dirs
+    from roselora_export.core import atomic
+    from roselora_export.core.atomic import exchange_dirs
 
     if renameat2 == "unsupported":  # the two-rename fallback must put the old copy back too
         monkeypatch.setattr(atomic, "_renameat2_exchange", lambda a, b: False)

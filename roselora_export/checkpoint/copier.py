@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from .atomic import link_or_copy
+from ..core.atomic import check_copyable, copy_entry, is_temp_name
 from .model_dir import INDEX_NAME, ModelDir
 from .safetensors_stream import Header, TensorInfo, copy_range, read_header
 
@@ -41,27 +41,32 @@ def guess_changed(adapter_dir: str | os.PathLike, model: ModelDir) -> list[str]:
     return [k for k in dict.fromkeys(keys) if k in model.locations]
 
 
+def _side_files(model: ModelDir) -> list[Path]:
+    """Config, tokenizer and everything else beside the weights: not a shard, the index or a temporary of ours."""
+    skip = {h.path.name for h in model.shards} | {INDEX_NAME}
+    return [p for p in sorted(model.path.iterdir()) if p.name not in skip and not is_temp_name(p.name)]
+
+
+def check_side_files(model: ModelDir) -> None:
+    """Refuse a FIFO, socket or device beside the weights before any copying starts (InputError)."""
+    for p in _side_files(model):
+        check_copyable(p)
+
+
 def copy_side_files(model: ModelDir, dest: Path, dtype_name: str | None = None, *, link: bool = False) -> None:
     """Config, tokenizer and everything else that is not a weight shard or the index.
 
     dtype_name ("float32", "float16", "bfloat16"): the dtype the new checkpoint is stored in, written
     into config.json; None copies config.json as it is.
     """
-    shard_names = {h.path.name for h in model.shards} | {INDEX_NAME}
-    for p in model.path.iterdir():
-        if p.name in shard_names or (p.name.startswith(".") and ".tmp-" in p.name):
-            continue
-        if p.is_dir():
-            shutil.copytree(p, dest / p.name)
-        elif p.name == "config.json" and dtype_name is not None:
+    for p in _side_files(model):
+        if p.name == "config.json" and dtype_name is not None:
             cfg = dict(model.config)
             for k in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
                 cfg[k] = dtype_name
             (dest / p.name).write_text(json.dumps(cfg, indent=2) + "\n")
-        elif link:
-            link_or_copy(p, dest / p.name)
         else:
-            shutil.copy2(p, dest / p.name)
+            copy_entry(p, dest / p.name, link=link)
 
 
 class ShardCopier:
@@ -77,6 +82,7 @@ class ShardCopier:
 
     def __init__(self, model: ModelDir, dest: Path, *, dtype_name: str | None = None, expected: Iterable[str] = ()):
         self.model, self.dest = model, Path(dest)
+        check_side_files(model)
         wanted = set(expected)
         self._expected = [n for n in model.keys() if n in wanted]
         self._cancel = threading.Event()

@@ -125,10 +125,11 @@ def open_model_dir(path: str | os.PathLike, what: str = "--base") -> ModelDir:
         try:
             index = json.loads(index_path.read_text())
             weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict):
+            if not isinstance(weight_map, dict) or not isinstance(index.get("metadata", {}), dict):
                 raise TypeError
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError):
-            raise InputError(f"{what} {index_path}: not a valid shard index (needs a weight_map object)") from None
+            raise InputError(f"{what} {index_path}: not a valid shard index (needs a weight_map object, and "
+                             "metadata, if any, an object)") from None
         names = list(dict.fromkeys(weight_map.values()))
         shard_paths = [_shard_path(root, n, index_path) for n in names]
     elif (root / SINGLE_NAME).is_file():

@@ -13,7 +13,6 @@ shards while torch is still being imported. Only reading a tensor imports it.
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import os
 import struct
@@ -22,93 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..core import dtypes
+from ..core.dtypes import ITEMSIZE, TORCH_NAMES, torch_dtype
+from ..core.safetensors_header import Header, TensorInfo, read_header  # noqa: F401 (re-exported)
 from ..errors import InputError
 
 if TYPE_CHECKING:
     import torch
-
-MAX_HEADER_BYTES = 100 << 20
-_TORCH_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
-def _torch_dtypes() -> dict[str, torch.dtype]:
-    import torch
-
-    return {k: getattr(torch, v) for k, v in _TORCH_DTYPE_NAMES.items()}
 
 
 def __getattr__(name: str):
     # TORCH_DTYPES (safetensors name -> torch dtype) and ST_DTYPES (the reverse), built on first use so
     # that importing this module does not import torch.
     if name in ("TORCH_DTYPES", "ST_DTYPES"):
-        dtypes = _torch_dtypes()
+        dtypes = {k: torch_dtype(k) for k in TORCH_NAMES}
         globals().update(TORCH_DTYPES=dtypes, ST_DTYPES={v: k for k, v in dtypes.items()})
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                            "BOOL": 1}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors dtype name
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    nbytes: int
-
-
-@dataclass
-class Header:
-    path: Path
-    tensors: dict[str, TensorInfo]  # in file order
-    metadata: dict[str, str] | None
-
-
-def read_header(path: str | os.PathLike) -> Header:
-    """Parse and validate a safetensors header (sizes, offsets, dtypes) without reading any tensor data."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise InputError(f"{path}: truncated safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or n > size - 8:
-                raise InputError(f"{path}: header claims {n} bytes but the file has {size}; truncated or corrupt")
-            raw = f.read(n)
-    except OSError as err:
-        raise InputError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InputError(f"{path}: safetensors header is not valid JSON; the file is corrupt") from None
-    if not isinstance(header, dict):
-        raise InputError(f"{path}: safetensors header is not an object")
-    metadata = header.pop("__metadata__", None)
-    data_start, data_size = 8 + n, size - 8 - n
-    infos = []
-    for name, e in header.items():
-        try:
-            dtype, shape, (a, b) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{path}: bad header entry for {name}") from None
-        if dtype not in ITEMSIZE:
-            raise InputError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-        numel = math.prod(shape)
-        if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b <= data_size) or b - a != numel * ITEMSIZE[dtype]:
-            raise InputError(f"{path}: tensor {name} has offsets outside the file; truncated or corrupt")
-        infos.append(TensorInfo(name, dtype, shape, data_start + a, b - a))
-    infos.sort(key=lambda t: t.start)
-    return Header(path, {t.name: t for t in infos}, metadata)
-
-
-NUMPY_DTYPES = {"F64": "<f8", "F32": "<u4", "F16": "<u2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-                "I8": "i1", "U8": "u1", "BOOL": "?"}  # floats as their bit patterns (numpy has no bf16)
 
 
 def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = None) -> torch.Tensor:
@@ -120,7 +49,7 @@ def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = Non
     """
     import torch
 
-    dtype = getattr(torch, _TORCH_DTYPE_NAMES[info.dtype])
+    dtype = torch_dtype(info.dtype)
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=dtype)
     m, offset = _map(info, fd, path)
@@ -134,11 +63,11 @@ def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = Non
 def read_array(info: TensorInfo, fd: int | None = None, path: Path | None = None):
     """One tensor as a flat numpy array, mapped as read_tensor maps it, without torch.
 
-    Float tensors come as their bit patterns (NUMPY_DTYPES): uint32 for F32, uint16 for F16 and BF16.
+    Float tensors come as their bit patterns (core.dtypes.NUMPY): uint32 for F32, uint16 for F16 and BF16.
     """
     import numpy as np
 
-    dtype = np.dtype(NUMPY_DTYPES[info.dtype])
+    dtype = dtypes.NUMPY[info.dtype]
     if info.nbytes == 0:
         return np.zeros(0, dtype)
     m, offset = _map(info, fd, path, read_only=True)
@@ -243,7 +172,6 @@ class ShardWriter:
         self.rank = {n: k for k, n in enumerate(self.order)}
         self.written: set[str] = set()
         self.lock = threading.Lock()
-        self.i = 0  # next tensor for the sequential API (write / copy_from)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             _pwrite_all(self.fd, memoryview(head), 0)
@@ -277,16 +205,6 @@ class ShardWriter:
         """Copy consecutive declared tensors, stored contiguously in `src_fd` at `start`, in one kernel copy."""
         pos = self._claim(list(names), nbytes)
         copy_range(src_fd, self.fd, start, pos, nbytes, names[0])
-
-    # Sequential API: tensors in declared order.
-    def write(self, name: str, t: torch.Tensor) -> None:
-        self.write_at(name, t)
-        self.i += 1
-
-    def copy_from(self, name: str, src_fd: int, start: int, nbytes: int) -> None:
-        """Copy bytes from another file without passing them through user space when the kernel can."""
-        self.copy_run([name], src_fd, start, nbytes)
-        self.i += 1
 
     def close(self, *, durable: bool = True) -> None:
         """Finish the file; durable=True also fsyncs it (needed before replacing a user's existing files)."""

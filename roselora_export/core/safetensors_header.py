@@ -1,0 +1,123 @@
+"""The safetensors header: read and validate it as strictly as the safetensors library does, or stricter.
+
+The file is an 8-byte little-endian header length, a JSON object, then the tensors' data. Accepted:
+each entry has a known dtype, a shape of non-negative integers (not floats, bools or strings) and
+integer data offsets; sorted by offset the tensors tile the data exactly (no gap, no overlap, no
+trailing byte; a tensor at an offset that is not a multiple of its element size is read by a copy);
+`__metadata__`, when
+present, maps strings to strings; no name appears twice. Everything else is an InputError naming
+the file. Reading the header reads no tensor data.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from .dtypes import ITEMSIZE
+from .oserrors import input_error
+
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+@dataclass
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]  # in file order
+    metadata: dict[str, str] | None
+
+
+def _uint(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _no_duplicates(pairs: list) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"{k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def read_header_bytes(path: Path, max_header: int = MAX_HEADER_BYTES, what: str = "safetensors file") -> tuple[bytes, int]:
+    """The raw JSON header of `path` and the file's size, with the length checked before it is read."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"{path}: truncated {what} ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > max_header:
+                raise InputError(f"{path}: header claims {n} bytes (limit {max_header}); the file is corrupt or hostile")
+            if n > size - 8:
+                raise InputError(f"{path}: header claims {n} bytes but the file has {size}; truncated or corrupt")
+            raw = f.read(n)
+    except OSError as err:
+        raise input_error(err, f"reading {path}") from None
+    if len(raw) != n:
+        raise InputError(f"{path}: truncated {what}")
+    return raw, size
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> Header:
+    """Validate a header read by read_header_bytes (see the module docstring for what is accepted)."""
+    try:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise InputError(f"{path}: safetensors header is not valid JSON ({str(err)[:80]}); the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: safetensors header is not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise InputError(f"{path}: __metadata__ must map strings to strings; the file is corrupt")
+    data_start, data_size = 8 + len(raw), size - 8 - len(raw)
+    entries = []
+    for name, e in header.items():
+        if not isinstance(e, dict):
+            raise InputError(f"{path}: bad header entry for {name}")
+        dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+            raise InputError(f"{path}: tensor {name} has unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_uint(d) for d in shape):
+            raise InputError(f"{path}: tensor {name} has shape {shape!r}; dimensions must be non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_uint(o) for o in offsets)):
+            raise InputError(f"{path}: tensor {name} has data_offsets {offsets!r}; two non-negative integers expected")
+        entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
+    entries.sort()
+    pos, infos = 0, []
+    for a, b, name, dtype, shape in entries:
+        if a != pos or b < a:
+            raise InputError(f"{path}: tensor {name} has offsets [{a}, {b}], expected to start at {pos} "
+                             "(tensors must tile the data without gaps or overlaps); the file is corrupt")
+        if b - a != math.prod(shape) * ITEMSIZE[dtype]:
+            raise InputError(f"{path}: tensor {name} holds {b - a} bytes, its shape {list(shape)} {dtype} needs "
+                             f"{math.prod(shape) * ITEMSIZE[dtype]}; the file is corrupt")
+        pos = b
+        infos.append(TensorInfo(name, dtype, shape, data_start + a, b - a))
+    if pos != data_size:
+        raise InputError(f"{path}: the tensors cover {pos} bytes of data but the file has {data_size}"
+                         f"{' (truncated)' if pos > data_size else ' (trailing bytes)'}; the file is corrupt")
+    return Header(path, {t.name: t for t in infos}, metadata)
+
+
+def read_header(path: str | os.PathLike, max_header: int = MAX_HEADER_BYTES) -> Header:
+    """Parse and validate the header of a safetensors file without reading any tensor data."""
+    path = Path(path)
+    raw, size = read_header_bytes(path, max_header)
+    return parse_header(path, raw, size)
