@@ -9,7 +9,6 @@ takes longer than applying a patch to a 500 MB checkpoint).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputError
-from ..patch.apply import check_stored, xor_bits
+from ..core.atomic import check_disjoint
+from ..patch.apply import check_result, check_stored, xor_bits
 from ..patch.io import save_patch
 from ..patch.ledger import write_ledger
 from ..patch.merge_math import nonfinite, pair_patch_bits
@@ -42,7 +42,19 @@ if TYPE_CHECKING:
 
 def diff_checkpoints(base_dir: str | os.PathLike, target_dir: str | os.PathLike, out_file: str | os.PathLike | None = None,
                      *, progress: Progress | None = None) -> Patch:
-    """A patch of every element that differs between two checkpoints with the same keys, shapes and dtypes."""
+    """A patch of every element that differs between two checkpoints with the same keys, shapes and dtypes.
+
+    Both directories are read under their shared lock (an in-place apply on either waits, or is waited for)."""
+    check_disjoint({"--out": out_file}, {"--base": base_dir, "--target": target_dir})
+    with locked_dir(open_model_dir(base_dir, "--base").path, shared=True), \
+            locked_dir(open_model_dir(target_dir, "--target").path, shared=True):
+        patch = _diff(base_dir, target_dir, progress)
+    if out_file is not None:
+        save_patch(patch, out_file)
+    return patch
+
+
+def _diff(base_dir, target_dir, progress: Progress | None) -> Patch:
     base = open_model_dir(base_dir, "--base")
     target = open_model_dir(target_dir, "--target")
     missing, extra = set(base.keys()) - set(target.keys()), set(target.keys()) - set(base.keys())
@@ -64,8 +76,6 @@ def diff_checkpoints(base_dir: str | os.PathLike, target_dir: str | os.PathLike,
             patch.tensors[name] = tp
         if progress:
             progress(base.locations[name][1].nbytes)
-    if out_file is not None:
-        save_patch(patch, out_file)
     return patch
 
 
@@ -100,14 +110,18 @@ def _chain(patches: list[Patch], model: ModelDir, name: str, revert: bool, stack
     With `stack`, each step is checked first (whole-tensor fingerprint, else the touched-element rule)."""
     info = model.locations[name][1]
     bits = model.read_array(name)
+    sha = _sha(bits) if stack is not None else ""
     for k in order if order is not None else (range(len(patches))[::-1] if revert else range(len(patches))):
         tp = patches[k].tensors.get(name)
         if tp is None:
             continue
         check_stored(tp, info.shape, info.dtype)
         if stack is not None:
-            stack.check(k, tp, _sha(bits), bits[tp.flat_index])
+            stack.check(k, tp, sha, bits[tp.flat_index])
         bits = xor_bits(tp, bits, revert=revert, check=False)
+        if stack is not None:
+            sha, before = _sha(bits), sha
+            check_result(tp, before, sha, revert=revert)  # a wrong patched (base) fingerprint: refused before any write
     return bits
 
 
@@ -135,7 +149,7 @@ def verify_patches(patches: list[Patch], model: ModelDir, *, revert: bool = Fals
 
 def apply_to_checkpoint(base_dir: str | os.PathLike, patches: list[Patch], out_dir: str | os.PathLike | None = None, *,
                         revert: bool = False, in_place: bool = False, progress: Progress | None = None,
-                        sources: list | None = None, check: bool = False) -> dict:
+                        sources: list | None = None, check: bool = False, lock_timeout: float | None = None) -> dict:
     """Apply (or revert) patches to a checkpoint directory, into `out_dir` or atomically in place.
 
     Patches stack by the touched-element rule (patch.overlap): independent patches apply in any order,
@@ -143,9 +157,12 @@ def apply_to_checkpoint(base_dir: str | os.PathLike, patches: list[Patch], out_d
     updated inside the directory that is written and swapped in, so it never disagrees with the weights.
     sources: the patch files (recorded in the ledger; None: patches built in memory). check=True
     validates everything and writes nothing (no lock is taken, no file created).
+    The base is read under its directory lock (shared for --out, exclusive in place; lock_timeout
+    bounds the wait, in seconds), and every written tensor's sha256 is the one verified.
     """
     if not check and in_place == (out_dir is not None):
         raise InputError("give either --out DIR or --in-place (exactly one)")
+    check_disjoint({"--out": out_dir}, {"--base": base_dir})
     if check:
         if out_dir is not None:
             _check_out(Path(out_dir))
@@ -155,17 +172,25 @@ def apply_to_checkpoint(base_dir: str | os.PathLike, patches: list[Patch], out_d
         return {"out": None, "check": True, "tensors": len(names), "patches": len(patches), "revert": revert,
                 "in_place": in_place, "nnz": sum(p.total_nnz for p in patches),
                 "ledger_patches": len(stack.ledger.entries)}
-    # In place, the checks and the write happen under the directory's lock: a concurrent apply waits,
-    # then sees this one's result (and refuses a patch that is already applied).
-    with locked_dir(open_model_dir(base_dir).path) if in_place else contextlib.nullcontext():
+    # The checks and the write happen under the directory's lock: in place exclusive (a concurrent apply
+    # waits, then sees this one's result and refuses a patch already applied), for --out shared (an
+    # in-place apply cannot swap the shards between the checks and the copy).
+    with locked_dir(open_model_dir(base_dir).path, shared=not in_place, timeout=lock_timeout):
         model = open_model_dir(base_dir)
         stack = Stack(model.path, patches, sources, revert=revert)
         names, final = verify_patches(patches, model, revert=revert, stack=stack)
         ledger = stack.ledger_after(final)
         dest = model.path if in_place else Path(out_dir)
+
+        def produce(name: str) -> np.ndarray:
+            bits = _chain(patches, model, name, revert, None, stack.order())
+            if _sha(bits) != final[name]:  # what is written is what was verified, bit for bit
+                raise InputError(f"{name}: changed in {model.path} while it was being read; try again")
+            return bits
+
         with atomic_dir(dest, replace=in_place) as tmp:
-            write_checkpoint(model, tmp, lambda n: _chain(patches, model, n, revert, None, stack.order()), set(names),
-                             link_unchanged=in_place, durable=in_place, progress=progress)
+            write_checkpoint(model, tmp, produce, set(names), link_unchanged=in_place, durable=in_place,
+                             progress=progress)
             write_ledger(ledger, tmp)  # inside the directory that is swapped in: weights and ledger in one step
     return {"out": str(dest), "tensors": len(names), "patches": len(patches), "revert": revert, "in_place": in_place,
             "nnz": sum(p.total_nnz for p in patches), "ledger_patches": len(ledger.entries)}

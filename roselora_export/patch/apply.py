@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..core.dtypes import check_finite
 from ..errors import InputError
-from .merge_math import nonfinite, to_float32
+from .merge_math import to_float32
 from .model import Patch, TensorPatch, sha256_bits, tensor_bits
 
 if TYPE_CHECKING:
@@ -43,15 +44,31 @@ def expected_state(tp: TensorPatch, bits: np.ndarray, *, revert: bool) -> None:
                      "in a different order)")
 
 
+def check_result(tp: TensorPatch, before_sha: str, after_sha: str, *, revert: bool) -> None:
+    """A tensor that held the patch's whole base (apply) or result (revert) must hold the other one after the XOR.
+
+    Otherwise the patch's own fingerprints disagree with its XOR (a corrupt or forged patch): applied, it
+    could be neither reverted nor applied again, so it is refused before anything is written."""
+    want, other = (tp.patched_sha256, tp.base_sha256) if revert else (tp.base_sha256, tp.patched_sha256)
+    if before_sha == want and after_sha != other:
+        raise InputError(f"{tp.name}: the XOR does not give the patch's {'base' if revert else 'patched'} fingerprint; "
+                         "the patch is corrupt or forged; refusing it (nothing was written)")
+
+
 def xor_bits(tp: TensorPatch, bits: np.ndarray, *, revert: bool = False, check: bool = True) -> np.ndarray:
     """New flat bits: `bits` (not modified) with the patch applied (or reverted); fingerprint and finiteness checked."""
     if check:
         expected_state(tp, bits, revert=revert)
     out = bits.copy()
     tp.apply_bits(out)
-    if bool(nonfinite(out[tp.flat_index], tp.dtype_name).any()):
-        raise InputError(f"{tp.name}: the patch would write NaN or Inf; refusing (corrupt patch or wrong base)")
+    check_finite(tp.name, out[tp.flat_index], tp.dtype_name)
+    if check:
+        check_result(tp, _sha(bits), _sha(out), revert=revert)
     return out
+
+
+def _sha(bits: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(bits)).cast("B")).hexdigest()
 
 
 def xor_tensor(tp: TensorPatch, t: torch.Tensor, *, revert: bool = False, check: bool = True) -> torch.Tensor:
