@@ -23,6 +23,7 @@ from ..patch.model import Patch, tensor_patch_from_pair, tensor_bits
 from .evaluate import EditEvaluator, METRICS, count_base_params
 from .metrics import mean, torch_forward
 from .requests import EditRequest
+from .settings import EditSettings, preset
 from .train import METHODS, EditResult, ft_l_target, train_edit
 
 METHOD_DIFFERENCES = {
@@ -52,19 +53,25 @@ def state_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def edit_patch(model: torch.nn.Module, result: EditResult) -> Patch:
-    """The patch that merging `result` into the model's weights makes, in their stored dtype.
+def edit_patch(model: torch.nn.Module, result: EditResult, deploy_dtype: str | None = None) -> Patch:
+    """The patch that merging `result` into the model's weights makes, as `merge` would store it.
 
     Same arithmetic as `merge`: merged = (base.float() + delta).to(dtype); ft-l stores its new weights.
+    deploy_dtype (fp16, bf16): the merged weights are rounded to it, then held in the model's own dtype
+    (exactly: the model's weights must already be values of that dtype, as a bf16 checkpoint loaded
+    in fp32 is), so the patch carries the bits the shipped checkpoint has.
     """
+    from .deploy_rounding import TORCH_DTYPES
+
+    stored = TORCH_DTYPES[deploy_dtype] if deploy_dtype else None
     patch = Patch(provenance={"kind": "benchmark", "method": result.method})
     changes = result.new_weights if result.method == "ft-l" else result.deltas()
     for key, value in changes.items():
         base = model.get_parameter(key).detach().cpu()
         if result.method == "ft-l":
-            target = value.to(base.dtype)
+            target = value.to(stored or base.dtype).to(base.dtype)
         else:
-            target = (base.float() + value.float()).to(base.dtype)
+            target = (base.float() + value.float()).to(stored or base.dtype).to(base.dtype)
         tp = tensor_patch_from_pair(key, base, target)
         if tp is not None:
             patch.tensors[key] = tp
@@ -108,6 +115,7 @@ def benchmark_edits(
     check_bits: bool = True,
     on_edit: Callable[[str, int], None] | None = None,
     layer: int | None = None,
+    settings: EditSettings | None = None,
 ) -> dict:
     """Run the protocol; returns {"methods": {name: metrics...}, "base_params", "shared_config", ...}.
 
@@ -116,7 +124,9 @@ def benchmark_edits(
     """
     from ..runtime import PatchRuntime
 
-    config = config or RoseLoraConfig()
+    if config is None or settings is None:
+        default_config, default_settings = preset("default")
+        config, settings = config or default_config, settings or default_settings
     for m in methods:
         method_config(m, config)
     requests = list(requests)
@@ -125,7 +135,7 @@ def benchmark_edits(
     runtime = PatchRuntime(model)
     reference = state_sha256(model) if check_bits else None
     out: dict = {"methods": {}, "base_params": base_params, "mode": "mass" if mass else "single",
-                 "shared_config": config.to_dict(), "requests": len(requests)}
+                 "shared_config": config.to_dict(), "settings": settings.to_dict(), "requests": len(requests)}
     if "ft-l" in methods:
         out["ft_l_target"] = ft_l_target(model, layer)
     groups = [list(range(len(requests)))] if mass else [[i] for i in range(len(requests))]
@@ -134,8 +144,9 @@ def benchmark_edits(
         rows, seconds, modified, steps, losses, checked = [], [], [], [], [], 0
         t0 = time.perf_counter()
         for group in groups:
-            result = train_edit(model, tokenizer, [requests[i] for i in group], method=method, config=cfg, layer=layer)
-            patch = edit_patch(model, result)
+            result = train_edit(model, tokenizer, [requests[i] for i in group], method=method, config=cfg,
+                                settings=settings, layer=layer)
+            patch = edit_patch(model, result, settings.deploy_dtype)
             with runtime.applied(patch):
                 rows.extend(evaluator.measure(torch_forward(model), indices=group))
             if check_bits:

@@ -22,6 +22,7 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
+    kl_len: int = 0  # the first kl_len positions carry the locality (KL) term, if training uses one
 
 
 def model_max_length(model, tokenizer=None) -> int | None:
@@ -72,6 +73,43 @@ def encode_requests(requests, tokenizer, max_len: int | None, source: str = "req
     return out
 
 
+def encode_edit_examples(requests, tokenizer, max_len: int | None, *, prefixes: list[str] = (),
+                         kl_prefixes: bool = False, kl_on_locality: bool = False,
+                         source: str = "requests") -> list[Encoded]:
+    """The training sequences of an edit: each request's prompt -> target, then again after each context prefix.
+
+    kl_prefixes: the prefix positions carry the locality term (they precede the prompt, so the
+    unedited model's predictions there are the ones to keep). kl_on_locality: each request's own
+    locality prompt + answer becomes a KL-only sequence (no target tokens).
+    """
+    out = []
+    for req in requests:
+        where = f"{source} line {req.line}"
+        for prefix in ("", *prefixes):
+            enc = encode_pair(tokenizer, prefix + req.prompt, req.target_new)
+            check_length(enc, max_len, where)
+            if prefix and kl_prefixes:
+                enc.kl_len = _shared_prefix_len(tokenizer(prefix.rstrip())["input_ids"], enc.input_ids)
+            out.append(enc)
+        if kl_on_locality:
+            for item in req.locality:
+                ids = list(tokenizer(item["prompt"] + " " + item["answer"])["input_ids"])
+                if max_len is not None:
+                    ids = ids[:max_len]
+                out.append(Encoded(input_ids=ids, labels=[IGNORE] * len(ids), kl_len=len(ids)))
+    return out
+
+
+def _shared_prefix_len(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two id lists share (a prefix tokenized alone and in context may differ at the seam)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padded positions have attention 0 and label IGNORE."""
     n = max(len(e.input_ids) for e in batch)
@@ -82,7 +120,13 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
         mask[i, : len(e.input_ids)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.kl_len for e in batch):
+        kl = torch.zeros((len(batch), n), dtype=torch.bool)
+        for i, e in enumerate(batch):
+            kl[i, : e.kl_len] = True
+        out["kl_mask"] = kl
+    return out
 
 
 def pad_id_of(tokenizer) -> int:

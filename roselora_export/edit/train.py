@@ -28,8 +28,10 @@ from ..method.bound import density_bound, prop1_sparsity_bound
 from ..method.config import RoseLoraConfig
 from ..method.peft_setup import wrap_with_lora
 from ..method.pruner import RoseLoraPruner, lora_pairs
-from .data import IGNORE, Encoded, collate, encode_requests, model_max_length, pad_id_of
+from .data import IGNORE, Encoded, collate, encode_edit_examples, model_max_length, pad_id_of
+from .deploy_rounding import rounded_lora_forward
 from .requests import EditRequest
+from .settings import EditSettings
 
 METHODS = ("roselora", "lora", "ft-l")
 ADAPTER_JSON = "roselora.json"
@@ -70,6 +72,7 @@ class EditResult:
     new_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # ft-l
     old_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # ft-l, for its statistics
     requests: list[EditRequest] = field(default_factory=list)
+    settings: EditSettings | None = None  # how the edit was trained (prefixes, locality term, deploy dtype)
     model: object = None  # the live PeftModel when train_edit(keep_peft=True)
 
     @property
@@ -132,6 +135,7 @@ class EditResult:
             "method": self.method,
             "base_model": self.base_model,
             "config": self.config.to_dict(),
+            "settings": self.settings.to_dict() if self.settings is not None else None,
             "steps_run": self.steps,
             "final_loss": self.final_loss,
             "seconds": round(self.seconds, 3),
@@ -148,10 +152,20 @@ class EditResult:
 
 def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over labelled tokens, number of labelled tokens)."""
+    loss, n, _ = _losses(model, batch)
+    return loss, n
+
+
+def _losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(cross-entropy sum, labelled tokens, KL sum or None): the KL term where the batch carries `kl_mask`/`kl_ref`."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    kl = None
+    if "kl_mask" in batch:
+        logp = torch.log_softmax(logits[batch["kl_mask"]].float(), dim=-1)
+        kl = F.kl_div(logp, batch["kl_ref"], log_target=True, reduction="sum")  # KL(unedited || edited)
+    return loss, int((labels != IGNORE).sum()), kl
 
 
 def run_steps(
@@ -166,11 +180,14 @@ def run_steps(
     reduce_loss: Callable[[float], float] | None = None,
     progress: bool = False,
     desc: str = "train",
+    kl_weight: float = 0.0,
 ) -> list[float]:
     """The plain loop: for t = 1..total_steps, Adam on the token-mean loss, then `after_step` (the prune).
 
-    batches(t) gives the micro-batches of step t (gradients accumulate over them). Training stops
-    early once t >= stop_from and the loss is below config.early_stop_loss. Returns the losses.
+    batches(t) gives the micro-batches of step t (gradients accumulate over them). With kl_weight > 0,
+    batches carrying `kl_mask` (positions) and `kl_ref` (the unedited model's log-probabilities there)
+    add kl_weight x the mean KL per position. Training stops early once t >= stop_from and the
+    cross-entropy is below config.early_stop_loss. Returns the cross-entropy losses.
     """
     from tqdm.auto import tqdm
 
@@ -182,10 +199,14 @@ def run_steps(
             opt.zero_grad(set_to_none=True)
             micro = batches(t)
             n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
+            n_kl = sum(int(b["kl_mask"].sum()) for b in micro if "kl_mask" in b) if kl_weight else 0
             total = 0.0
             for b in micro:
-                loss_sum, _ = token_loss(model, b)
-                (loss_sum / n_tokens).backward()
+                loss_sum, _, kl_sum = _losses(model, b if n_kl else _without_kl(b))
+                objective = loss_sum / n_tokens
+                if kl_sum is not None:
+                    objective = objective + kl_weight * kl_sum / n_kl
+                objective.backward()
                 total += float(loss_sum.detach())
             opt.step()
             frac = after_step() if after_step is not None else None
@@ -201,6 +222,10 @@ def run_steps(
         bar.close()
     opt.zero_grad(set_to_none=True)
     return losses
+
+
+def _without_kl(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if not k.startswith("kl_")}
 
 
 def _micro_batches(encoded: list[Encoded], pad_id: int, size: int) -> list[dict[str, torch.Tensor]]:
@@ -230,11 +255,14 @@ def train_lora(
     reduce_loss: Callable[[float], float] | None = None,
     progress: bool = False,
     task_type: str | None = None,
+    kl_weight: float = 0.0,
+    deploy_dtype: str | None = None,
 ) -> EditResult:
     """Train a RoseLoRA (or dense LoRA) adapter on `model`; unless keep_peft, the model is unwrapped after.
 
     wrap: optional extra wrapper for the forward pass (DistributedDataParallel); the pruner works on
-    the PEFT model's own parameters either way.
+    the PEFT model's own parameters either way. deploy_dtype (fp16, bf16): train against the merged
+    weights rounded to it (edit/deploy_rounding.py); kl_weight: see run_steps.
     """
     if method not in ("roselora", "lora"):
         raise InputError(f"--method {method}: train_lora takes roselora or lora")
@@ -253,9 +281,10 @@ def train_lora(
         peft_model.train()
         # RoseLoRA stops early only once pruning has reached tau; the dense baselines whenever the loss is low.
         stop_from = pruner.t_final if pruner is not None else 0
-        result.losses = run_steps(forward_model, params, batches, config, total_steps=total,
-                                  after_step=pruner.step if pruner else None, stop_from=stop_from,
-                                  reduce_loss=reduce_loss, progress=progress, desc=method)
+        with rounded_lora_forward(peft_model, deploy_dtype):
+            result.losses = run_steps(forward_model, params, batches, config, total_steps=total,
+                                      after_step=pruner.step if pruner else None, stop_from=stop_from,
+                                      reduce_loss=reduce_loss, progress=progress, desc=method, kl_weight=kl_weight)
         if pruner is not None:
             pruner.finalize()  # the last prune comes after the last optimizer step
         result.steps = len(result.losses)
@@ -300,7 +329,8 @@ def ft_l_target(model: torch.nn.Module, layer: int | None = None) -> str:
     return found[layer]
 
 
-def train_ft_l(model, batches, config: RoseLoraConfig, *, layer: int | None = None, progress: bool = False) -> EditResult:
+def train_ft_l(model, batches, config: RoseLoraConfig, *, layer: int | None = None, progress: bool = False,
+               kl_weight: float = 0.0) -> EditResult:
     """Fine-tune one MLP down-projection in place (FT-L), keep |W - W0| <= clamp, then restore W0 exactly."""
     key = ft_l_target(model, layer)
     param = model.get_parameter(key)
@@ -320,7 +350,7 @@ def train_ft_l(model, batches, config: RoseLoraConfig, *, layer: int | None = No
             p.requires_grad_(False)
         param.requires_grad_(True)
         result.losses = run_steps(model, [param], batches, config, total_steps=config.steps,
-                                  after_step=norm_constraint, progress=progress, desc="ft-l")
+                                  after_step=norm_constraint, progress=progress, desc="ft-l", kl_weight=kl_weight)
         result.steps = len(result.losses)
         result.new_weights = {key: param.detach().to("cpu", torch.float32).clone()}
         result.old_weights = {key: original.to("cpu", torch.float32).clone()}
@@ -343,28 +373,58 @@ def train_edit(
     config: RoseLoraConfig | None = None,
     progress: bool = False,
     *,
+    settings: EditSettings | None = None,
     layer: int | None = None,
     keep_peft: bool = False,
     source: str = "requests",
 ) -> EditResult:
     """Train one edit that carries every request, on an already-loaded causal LM.
 
-    The base model comes back unchanged (see the module docstring); keep_peft=True instead leaves the
-    LoRA methods' PeftModel in place as result.model. ft-l trains layer `layer` (default ROME's 5).
+    config and settings default to the `default` preset (edit/settings.py). The base model comes
+    back unchanged (see the module docstring); keep_peft=True instead leaves the LoRA methods'
+    PeftModel in place as result.model. ft-l trains layer `layer` (default ROME's 5); it ignores
+    settings.deploy_dtype (its whole new weights are rounded when stored).
     """
+    from .prefixes import context_prefixes
+    from .settings import preset
+
     if method not in METHODS:
         raise InputError(f"--method {method}: choose one of {', '.join(METHODS)}")
-    config = config or RoseLoraConfig()
-    encoded = encode_requests(requests, tokenizer, model_max_length(model, tokenizer), source=source)
+    if config is None or settings is None:
+        default_config, default_settings = preset("default")
+        config, settings = config or default_config, settings or default_settings
+    prefixes = context_prefixes(model, tokenizer, settings.prefixes, settings.prefix_length, config.seed)
+    use_kl = settings.kl_weight > 0
+    encoded = encode_edit_examples(requests, tokenizer, model_max_length(model, tokenizer), prefixes=prefixes,
+                                   kl_prefixes=use_kl, kl_on_locality=use_kl and settings.kl_on_locality,
+                                   source=source)
     device = next(model.parameters()).device
     micro = _to_device(_micro_batches(encoded, pad_id_of(tokenizer), EDIT_BATCH), device)
+    if use_kl:
+        _attach_kl_reference(model, micro)
     torch.manual_seed(config.seed)
     if method == "ft-l":
-        result = train_ft_l(model, lambda t: micro, config, layer=layer, progress=progress)
+        result = train_ft_l(model, lambda t: micro, config, layer=layer, progress=progress, kl_weight=settings.kl_weight)
     else:
-        result = train_lora(model, lambda t: micro, config, method=method, keep_peft=keep_peft, progress=progress)
+        result = train_lora(model, lambda t: micro, config, method=method, keep_peft=keep_peft, progress=progress,
+                            kl_weight=settings.kl_weight, deploy_dtype=settings.deploy_dtype)
     result.requests = list(requests)
+    result.settings = settings
     return result
+
+
+@torch.no_grad()
+def _attach_kl_reference(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]]) -> None:
+    """Store the unedited model's log-probabilities at each batch's KL positions (`kl_ref`), computed once."""
+    was_training = model.training
+    model.eval()
+    try:
+        for b in micro:
+            if "kl_mask" in b:
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                b["kl_ref"] = torch.log_softmax(logits[b["kl_mask"]].float(), dim=-1)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()

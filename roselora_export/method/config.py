@@ -18,8 +18,9 @@ class RoseLoraConfig:
     alpha: float = field(default=32, metadata={"help": "LoRA alpha; the update BA is scaled by alpha / r."})
     dropout: float = field(default=0.1, metadata={"help": "LoRA dropout on the adapter input during training."})
     targets: tuple[str, ...] = field(
-        default=("q_proj", "v_proj"),
-        metadata={"help": "Names of the modules to adapt (PEFT target_modules), e.g. q_proj,v_proj; c_attn on GPT-2; query,value on BERT."},
+        default=("auto",),
+        metadata={"help": "Names of the modules to adapt (PEFT target_modules), e.g. q_proj,v_proj; c_attn on GPT-2; "
+                          "query,value on BERT; auto = PEFT's default for the architecture (those three)."},
     )
     tau: float = field(default=0.05, metadata={"help": "Kept fraction [tau]: each row of A and column of B keeps ceil(tau*d) entries."})
     beta: float = field(default=0.8, metadata={"help": "EMA factor [beta] of the sensitivity importance |w * dL/dw|."})

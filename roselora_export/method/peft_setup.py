@@ -18,8 +18,26 @@ def _adaptable_leaf_names(model: torch.nn.Module) -> dict[str, bool]:
     return names
 
 
+def auto_targets(model: torch.nn.Module) -> list[str]:
+    """PEFT's default LoRA targets for the model's architecture (q_proj,v_proj on Llama; c_attn on GPT-2; query,value on BERT)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as BY_MODEL_TYPE
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = BY_MODEL_TYPE.get(model_type)
+    if not targets:
+        raise InputError(f"--targets auto: no default targets known for model type {model_type!r}; "
+                         f"name them, e.g. --targets {','.join(_named_attention(model)) or 'q_proj,v_proj'}")
+    return list(targets)
+
+
+def _named_attention(model: torch.nn.Module) -> list[str]:
+    leaves = _adaptable_leaf_names(model)
+    return [n for n in ("q_proj", "v_proj", "query", "value", "c_attn", "qkv_proj") if n in leaves]
+
+
 def resolve_targets(model: torch.nn.Module, targets) -> list[str]:
-    """The target names, checked: each must name at least one Linear/Conv1D module of the model."""
+    """The target names, checked: each must name at least one Linear/Conv1D module of the model; 'auto' = auto_targets."""
+    targets = [t for name in targets for t in (auto_targets(model) if name == "auto" else [name])]
     leaves = _adaptable_leaf_names(model)
     missing = [t for t in targets if t not in leaves]
     if missing:

@@ -1,0 +1,109 @@
+"""How an edit is trained beyond the RoseLoRA knobs: context prefixes, the locality term, the deploy dtype.
+
+One dataclass whose fields carry their help text, as `method.config.RoseLoraConfig` does, and the
+named presets (`default`, `paper`) that set both. docs/results.md explains how the defaults were chosen.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from ..errors import InputError
+
+DEPLOY_DTYPES = ("fp32", "fp16", "bf16")
+
+
+@dataclass
+class EditSettings:
+    prefixes: int = field(
+        default=10,
+        metadata={"help": "Context prefixes (ROME/MEMIT-style): N short texts the model itself generates from seed "
+                          "words; each is put before the prompt as an extra training example. 0 = off."})
+    prefix_length: int = field(default=10, metadata={"help": "Length of each context prefix, in tokens."})
+    kl_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the locality term: KL(unedited || edited) of the next-token distributions "
+                          "on the context prefixes (or on --kl-prompts). 0 = off."})
+    kl_on_locality: bool = field(
+        default=False,
+        metadata={"help": "Also use each request's own 'locality' prompts for the locality term (they are "
+                          "evaluation data: only if you mean to)."})
+    deploy_dtype: str | None = field(
+        default=None,
+        metadata={"help": "The dtype the edit ships in (fp32, fp16, bf16): train against round(W0 + BA) in it "
+                          "(straight-through), so the edit survives merge. Default: the checkpoint's stored dtype."})
+
+    def __post_init__(self) -> None:
+        if int(self.prefixes) != self.prefixes or self.prefixes < 0:
+            raise InputError(f"--prefixes {self.prefixes}: must be a whole number >= 0")
+        if int(self.prefix_length) != self.prefix_length or self.prefix_length < 1:
+            raise InputError(f"--prefix-length {self.prefix_length}: must be a whole number >= 1")
+        if not self.kl_weight >= 0:
+            raise InputError(f"--kl-weight {self.kl_weight}: must be >= 0")
+        if self.deploy_dtype is not None and self.deploy_dtype not in DEPLOY_DTYPES:
+            raise InputError(f"--deploy-dtype {self.deploy_dtype}: choose one of {', '.join(DEPLOY_DTYPES)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+# Each preset: RoseLoraConfig fields, then EditSettings fields. `paper` is the RoseLoRA authors'
+# knowledge-editing setup, tuned for LLaMA-2-7B (../shared/METHOD.md); `default` was chosen by the
+# sweep in examples/results.py on the dev requests (docs/results.md, "How the defaults were chosen").
+PRESETS: dict[str, tuple[dict, dict]] = {
+    "default": (dict(), dict()),
+    "paper": (dict(rank=8, alpha=32, dropout=0.1, targets=("auto",), tau=0.05, beta=0.8, t_init=3, t_final=20,
+                   steps=25, lr=5e-4, weight_decay=0.0, clamp=3e-3, early_stop_loss=0.1),
+              dict(prefixes=0, kl_weight=0.0)),
+}
+
+
+def preset(name: str):
+    """(RoseLoraConfig, EditSettings) of a named preset; InputError naming the choices otherwise."""
+    from ..method.config import RoseLoraConfig
+
+    if name not in PRESETS:
+        raise InputError(f"--preset {name}: choose one of {', '.join(PRESETS)}")
+    config_kw, settings_kw = PRESETS[name]
+    return RoseLoraConfig(**config_kw), EditSettings(**settings_kw)
+
+
+_STORED_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+
+
+def stored_dtype(model_dir) -> str | None:
+    """fp32, fp16 or bf16: the one dtype a checkpoint stores its floating-point weights in (None if mixed or other)."""
+    from ..checkpoint import open_model_dir
+
+    names = {_STORED_NAMES.get(info.dtype) for _, info in open_model_dir(model_dir).locations.values()
+             if info.dtype in ("F64", "F32", "F16", "BF16")}
+    return names.pop() if len(names) == 1 else None
+
+
+def resolve_deploy_dtype(settings: EditSettings, model_dir, method: str) -> tuple[EditSettings, bool, str | None]:
+    """(settings with deploy_dtype set, whether the loaded fp32 weights must first be rounded to it, a note).
+
+    Without --deploy-dtype an fp16/bf16 checkpoint ships in its own dtype, so the edit trains against that;
+    an fp32 one needs nothing. Given, it may differ from the stored dtype (merge --dtype converts): the
+    loaded weights are then rounded to it, since the unedited shipped model is that rounded one.
+    """
+    from dataclasses import replace
+
+    stored = stored_dtype(model_dir)
+    requested = settings.deploy_dtype
+    if method == "ft-l":
+        if requested not in (None, "fp32"):
+            raise InputError(f"--deploy-dtype {requested}: ft-l stores whole new weights; the option applies to "
+                             "roselora and lora (their merged deltas are what rounding can erase)")
+        return settings, False, None
+    if requested is None:
+        if stored in ("fp16", "bf16"):
+            return (replace(settings, deploy_dtype=stored), False,
+                    f"the checkpoint stores {stored}: training against the edit as merged in {stored} (--deploy-dtype)")
+        return settings, False, None
+    if requested == "fp32":
+        return replace(settings, deploy_dtype=None), False, None
+    return settings, requested != stored, None
