@@ -108,14 +108,14 @@ def test_applying_twice_is_refused_as_already_patched(work_copy, tiny_model_dirs
     patch, _ = patch_for(tiny_model_dirs, "gpt2")
     apply_to_onnx_dir(art, [patch], None, in_place=True)
     after = dir_fingerprint(art)
-    with pytest.raises(InputError, match="already patched"):
+    with pytest.raises(InputError, match="already applied"):
         apply_to_onnx_dir(art, [patch], None, in_place=True)
     assert dir_fingerprint(art) == after
 
 
 def test_reverting_an_unpatched_artifact_is_refused(work_copy, tiny_model_dirs):
     art = work_copy("gpt2")
-    with pytest.raises(InputError, match="already reverted"):
+    with pytest.raises(InputError, match="not applied here"):
         apply_to_onnx_dir(art, [patch_for(tiny_model_dirs, "gpt2")[0]], None, in_place=True, revert=True)
 
 
@@ -189,7 +189,7 @@ def test_patch_for_another_base_is_refused(work_copy, tiny_model_dirs):
     art = work_copy("llama")
     state = base_state(tiny_model_dirs["llama"])
     other = {k: v + 1.0 for k, v in state.items()}
-    _bad_input(art, make_patch(other, PATCH_KEYS["llama"][:1])[0], "differs from the patch's base")
+    _bad_input(art, make_patch(other, PATCH_KEYS["llama"][:1])[0], "fingerprint mismatch")
 
 
 def test_out_dir_that_is_not_empty_is_refused(base_onnx, tiny_model_dirs, tmp_path):

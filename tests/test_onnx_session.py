@@ -87,7 +87,7 @@ def test_unknown_tensor_name_is_rejected(base_onnx, tiny_model_dirs):
 
 def test_patch_for_another_base_is_rejected(base_onnx, tiny_model_dirs):
     other = {k: v * 2 for k, v in base_state(tiny_model_dirs["bert"]).items()}
-    with pytest.raises(InputError, match="sha256 mismatch"):
+    with pytest.raises(InputError, match="fingerprint mismatch"):
         create_session(base_onnx / "bert", [make_patch(other, PATCH_KEYS["bert"])[0]])
 
 

@@ -4,13 +4,18 @@ No re-export: names.json turns each state-dict key into (initializer, offset, tr
 whole-tensor fingerprint is checked on the bytes as the state dict sees them, and the XOR is written
 at the touched elements only. Apply and revert are the same XOR, so both are bit-exact.
 
-Atomicity. Nothing is written until every patch has been checked in memory. Then the data file is
-copied beside the destination (a reflink clone where the filesystem has them, a kernel-side copy
-otherwise), the touched elements are written into the copy through an mmap, the copy is fsynced
-and renamed over the old one. A crash leaves the old file or the new one, never a mix, and a
-running onnxruntime session that mmapped the old file keeps reading the old inode unchanged.
-Writing the touched bytes in place would be cheaper on filesystems without reflinks (ext4), but a
-crash mid-write would leave a torn file that onnxruntime loads without complaint, so it is not done.
+Atomicity. Nothing is written until every patch has been checked in memory. Then a new artifact is
+built beside the destination: each touched data file copied (a reflink clone where the filesystem has
+them, a kernel-side copy otherwise) and its touched elements written through an mmap, the other files
+hard-linked (in place) or copied, the ledger (patch.ledger) written beside them; it is fsynced and
+swapped in whole (checkpoint.atomic, as for checkpoints). A crash leaves the old artifact or the new
+one, never a mix and never a ledger out of step with the weights, and a running onnxruntime session
+that mmapped the old data file keeps reading the old inode unchanged. Writing the touched bytes in
+place would be cheaper on filesystems without reflinks (ext4), but a crash mid-write would leave a
+torn file that onnxruntime loads without complaint, so it is not done.
+
+Stacking. Patches are checked as on checkpoints (patch.stack): independent patches apply in either
+order and any patch reverts while no later one overlaps its elements.
 """
 from __future__ import annotations
 
@@ -19,7 +24,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +32,10 @@ import numpy as np
 
 from ..errors import InputError
 from ..patch.model import BITS_DTYPE, Patch, TensorPatch
+from ..core.atomic import atomic_dir, fsync_files, link_or_copy, locked_dir
+from ..patch.ledger import write_ledger
 from ..patch.stack import Stack
-from .names import NAMES_FILE, Location, OnnxArtifact, Target, open_artifact
+from .names import Location, OnnxArtifact, Target, open_artifact
 
 _FICLONE = 0x40049409  # linux/fs.h: share the source's blocks copy-on-write (btrfs, xfs, bcachefs)
 
@@ -165,16 +171,18 @@ def _fsync(path: Path) -> None:
 
 
 def apply_to_onnx_dir(base_dir: Path, patches: list[Patch], out_dir: Path | None, *, revert: bool = False,
-                      in_place: bool = False, names: dict | None = None) -> dict:
+                      in_place: bool = False, names: dict | None = None, sources: list | None = None,
+                      check: bool = False) -> dict:
     """Apply (or revert) patches to the ONNX artifact at base_dir, into out_dir or in place; returns a report.
 
     Only the touched initializers' elements are rewritten in the external data. With out_dir, the
-    artifact is copied there first (out_dir must not exist or be empty); with in_place, each touched
-    data file is replaced atomically by a patched copy (see the module docstring).
+    artifact is copied there first (out_dir must not exist or be empty); with in_place, the artifact
+    is replaced atomically by a patched copy (see the module docstring). sources: the patch files, for
+    the ledger; check=True validates everything and writes nothing.
     """
     t0 = time.perf_counter()
     base_dir = Path(base_dir)
-    if in_place == (out_dir is not None):
+    if not check and in_place == (out_dir is not None):
         raise InputError("give exactly one of --out DIR (a patched copy) or --in-place")
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -182,72 +190,48 @@ def apply_to_onnx_dir(base_dir: Path, patches: list[Patch], out_dir: Path | None
             raise InputError(f"--out {out_dir} is the base directory; use --in-place to patch it in place")
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
             raise InputError(f"--out {out_dir}: exists and is not an empty directory; choose a new path")
-    with _exclusive(base_dir if in_place else None):
-        return _apply(base_dir, patches, out_dir, revert=revert, in_place=in_place, t0=t0, names=names)
-
-
-@contextlib.contextmanager
-def _exclusive(root: Path | None):
-    """Serialise in-place writers of one artifact (flock on names.json), so two applies cannot lose one."""
-    if root is None or not (root / NAMES_FILE).is_file():
-        yield
-        return
-    with open(root / NAMES_FILE, "rb") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    if check:  # everything validated, nothing written: no lock, no temp file
+        artifact = open_artifact(base_dir, names)
+        touched = plan_patches(artifact, patches, stack=Stack(artifact.root, patches, sources, revert=revert))
+        return {"format": "onnx", "check": True, "revert": revert, "out": None, "patches": len(patches),
+                "tensors": sum(len(p.tensors) for p in patches), "initializers": len(touched),
+                "elements": sum(int(t.positions.size) for t in touched.values())}
+    # In place, the checks and the write happen under the directory's lock, as for checkpoints.
+    with locked_dir(base_dir) if in_place else contextlib.nullcontext():
+        return _apply(base_dir, patches, out_dir, revert=revert, in_place=in_place, t0=t0, names=names,
+                      sources=sources)
 
 
 def _apply(base_dir: Path, patches: list[Patch], out_dir: Path | None, *, revert: bool, in_place: bool,
-           t0: float, names: dict | None = None) -> dict:
+           t0: float, names: dict | None = None, sources: list | None = None) -> dict:
     artifact = open_artifact(base_dir, names)  # names: a mapping made on demand (map-onnx), else names.json
-    touched = plan_patches(artifact, patches, revert=revert)
+    stack = Stack(artifact.root, patches, sources, revert=revert)
+    touched, places = _plan(artifact, patches, stack)
+    ledger = stack.ledger_after(_final_sha(touched, places))
     by_file: dict[str, list[TouchedTensor]] = {}
     for t in touched.values():
         by_file.setdefault(t.location.file, []).append(t)
 
     copy_kind, changed, pages = "none", 0, 0
-    if out_dir is not None:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
-            for src in sorted(base_dir.iterdir()):
-                if src.is_file() and src.name in by_file:
-                    copy_kind = clone_file(src, tmp / src.name)
-                elif src.is_file():
-                    shutil.copy2(src, tmp / src.name)
-                elif src.is_dir():
-                    shutil.copytree(src, tmp / src.name)
-            for file, items in by_file.items():
-                c, p = _write_touched(tmp / file, items)
-                changed, pages = changed + c, pages + p
-            for f in tmp.iterdir():
-                if f.is_file():
-                    _fsync(f)
-            if out_dir.exists():
-                out_dir.rmdir()
-            os.replace(tmp, out_dir)
-            _fsync(out_dir.parent)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    # The new artifact is built beside the destination and swapped in whole (checkpoint.atomic), with its
+    # ledger inside: weights and ledger change in one step. In place, unchanged files are hard links.
+    with atomic_dir(base_dir if in_place else out_dir, replace=in_place) as tmp:
+        for src in sorted(base_dir.iterdir()):
+            if src.is_file() and src.name in by_file:
+                copy_kind = clone_file(src, tmp / src.name)
+                shutil.copymode(src, tmp / src.name)
+            elif src.is_file():
+                (link_or_copy if in_place else shutil.copy2)(src, tmp / src.name)
+            elif src.is_dir():
+                shutil.copytree(src, tmp / src.name)
         for file, items in by_file.items():
-            dst = base_dir / file
-            fd, name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=base_dir)
-            os.close(fd)
-            tmp_file = Path(name)
-            try:
-                copy_kind = clone_file(dst, tmp_file)
-                shutil.copymode(dst, tmp_file)
-                c, p = _write_touched(tmp_file, items)
-                changed, pages = changed + c, pages + p
-                _fsync(tmp_file)
-                os.replace(tmp_file, dst)
-            finally:
-                tmp_file.unlink(missing_ok=True)
-        _fsync(base_dir)
+            c, p = _write_touched(tmp / file, items)
+            changed, pages = changed + c, pages + p
+        for file in by_file:
+            _fsync(tmp / file)
+        write_ledger(ledger, tmp)
+        if in_place:
+            fsync_files(tmp)  # cheap for hard links; a power loss after the swap must not lose data
 
     data_bytes = sum((base_dir / f).stat().st_size for f in {loc.file for loc in artifact.locations.values()})
     return {

@@ -9,6 +9,7 @@ patches that conflict. `ledger_after` gives the ledger to write with the new wei
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import numpy as np
 from ..errors import InputError
 from .ledger import Entry, Ledger, check_weights, describe, entry_for, overlapping_entries, read_ledger
 from .model import Patch, TensorPatch
-from .overlap import APPLIES, DONE, intersects, touched_state
+from .overlap import APPLIES, DONE, content_sha256, intersects, touched_state
 
 
 class Stack:
@@ -29,14 +30,15 @@ class Stack:
         if len(sources) != len(self.patches):
             raise ValueError("sources: one path (or None) per patch")
         self.ledger = read_ledger(self.root)
-        self.entries = [entry_for(p, s) for p, s in zip(self.patches, sources)]
+        self.sources = sources
+        self.contents = [content_sha256(p) for p in self.patches]
         self.labels = [f"patch {i + 1}" + (f" ({Path(s).name})" if s else "") for i, s in enumerate(sources)]
-        self.positions = [self.ledger.find(e.content_sha256) for e in self.entries]  # in the ledger, or None
+        self.positions = [self.ledger.find(c) for c in self.contents]  # in the ledger, or None
         self._seen: set[str] = set()
         self._check_ledger()
 
     def _check_ledger(self) -> None:
-        contents = [e.content_sha256 for e in self.entries]
+        contents = self.contents
         for i, (label, pos) in enumerate(zip(self.labels, self.positions)):
             if contents.index(contents[i]) != i:
                 raise InputError(f"{label} is the same patch as {self.labels[contents.index(contents[i])]}; "
@@ -109,6 +111,7 @@ class Stack:
             entries = self.ledger.entries + self.entries
         return Ledger(entries=entries, weights={**self.ledger.weights, **final_sha} if entries else {})
 
-    @property
-    def new_entries(self) -> list[Entry]:
-        return self.entries
+    @cached_property
+    def entries(self) -> list[Entry]:
+        """Ledger entries of this command's patches (a patch built in memory is encoded once, for its sha256)."""
+        return [entry_for(p, s) for p, s in zip(self.patches, self.sources)]
