@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from ..patch.model import TORCH_NAMES
-from .atomic import atomic_dir
+from ..core.atomic import atomic_dir, check_disjoint, locked_dir
+from ..core.dtypes import PATCHABLE, TORCH_NAMES
 from .copier import ShardCopier, guess_changed
 from .model_dir import ModelDir, open_model_dir
 from .rewrite import FLOAT_DTYPES, OVERLAP_BYTES
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..patch.model import Patch
 
 Progress = Callable[[int], None]
-ST_NAMES = {v: k for k, v in TORCH_NAMES.items()}  # torch dtype name -> safetensors dtype
+ST_NAMES = {TORCH_NAMES[k]: k for k in PATCHABLE}  # torch dtype name -> safetensors dtype
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{n: n for n in ST_NAMES}}
 MERGE_JOBS = 2  # changed tensors merged at once (a copy thread runs beside them)
 
@@ -81,24 +81,31 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
 
     dtype: store the merged model in this dtype (torch.bfloat16, or a name: "bf16", "bfloat16", ...);
     None keeps the base's. Either way no torch is imported (a torch dtype given is read by its name).
+    Publishing: the patch is written first, then the model directory appears by one rename (a patch
+    inside --out is written into it before the rename). A kill leaves nothing, the patch alone (valid
+    by itself; a re-run redoes the merge), or both: never a model directory without its patch.
     """
     _dtype_name(dtype)  # a bad name is an error before anything is written
-    model = open_model_dir(base_dir)
     out_dir = Path(out_dir)
     patch_path = Path(patch_path) if patch_path else default_patch_path(out_dir)
+    check_disjoint({"--out": out_dir, "--patch": patch_path}, {"--base": base_dir, "--adapter": adapter_dir})
     if not Path(adapter_dir).is_dir():  # checked before gigabytes are copied; read_adapter checks the rest
         raise InputError(f"--adapter {adapter_dir}: not a directory")
-    with atomic_dir(out_dir) as tmp:
-        copier = None if _converts(model, dtype) else ShardCopier(model, tmp, dtype_name=_dtype_name(dtype),
-                                                                   expected=guess_changed(adapter_dir, model))
-        try:
-            patch, survival, encoded = _merge(model, adapter_dir, tmp, dtype, copier, progress)
-        finally:
-            if copier is not None:
-                copier.close()
     from ..patch.io import save_patch
 
-    save_patch(patch, patch_path, encoded)
+    with locked_dir(open_model_dir(base_dir).path, shared=True):  # an in-place apply on the base waits
+        model = open_model_dir(base_dir)
+        with atomic_dir(out_dir) as tmp:
+            copier = None if _converts(model, dtype) else ShardCopier(model, tmp, dtype_name=_dtype_name(dtype),
+                                                                       expected=guess_changed(adapter_dir, model))
+            try:
+                patch, survival, encoded = _merge(model, adapter_dir, tmp, dtype, copier, progress)
+            finally:
+                if copier is not None:
+                    copier.close()
+            inside = out_dir.resolve() in patch_path.resolve().parents
+            save_patch(patch, tmp / patch_path.resolve().relative_to(out_dir.resolve()) if inside else patch_path,
+                       encoded)
     return MergeResult(out_dir=out_dir, patch_path=patch_path, patch=patch, survival=survival)
 
 

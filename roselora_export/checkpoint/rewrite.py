@@ -9,18 +9,19 @@ import json
 import math
 import os
 import shutil
+import stat
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from ..patch.model import BITS_BY_NAME, TORCH_NAMES
-from .atomic import fsync_files, link_or_copy
+from ..core.atomic import fsync_files, link_or_copy
+from ..core.dtypes import PATCHABLE, TORCH_NAMES
 from .copier import copy_side_files
 from .model_dir import INDEX_NAME, ModelDir
 from .safetensors_stream import ITEMSIZE, OutTensor, ShardWriter, TensorInfo
 
-FLOAT_DTYPES = tuple(BITS_BY_NAME)  # the dtypes merge can edit and --dtype converts
+FLOAT_DTYPES = PATCHABLE  # the dtypes merge can edit and --dtype converts
 OVERLAP_BYTES = 256 << 20  # tensors converted at once hold at most this many bytes (one alone when larger)
 Progress = Callable[[int], None]
 
@@ -65,6 +66,7 @@ def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], object
     durable=True fsyncs every new file: in-place updates need it, so that even a power loss after the
     directory swap cannot leave the user's only copy with unwritten data. New output directories skip
     it (like cp or save_pretrained); a kill still leaves them absent or whole, thanks to the rename.
+    link_unchanged=True (in-place updates) also gives every new file the permission bits of the one it replaces.
     """
     copy_side_files(model, tmp, TORCH_NAMES[dtype] if dtype is not None else None, link=link_unchanged)
     # Unchanged bytes are copied by one background thread (kernel copies, GIL released), and tensors
@@ -172,5 +174,8 @@ def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], object
         index.setdefault("metadata", {})["total_size"] = total if dtype is not None else index.get("metadata", {}).get(
             "total_size", total)
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    if link_unchanged:  # an in-place update: every file keeps the permission bits of the one it replaces
+        for src in [h.path for h in model.shards] + ([model.path / INDEX_NAME] if model.index is not None else []):
+            os.chmod(tmp / src.name, stat.S_IMODE(src.stat().st_mode))
     if durable:
         fsync_files(tmp)  # the index, and side files or shards copied where they could not be hard-linked

@@ -19,8 +19,6 @@ import binascii
 import hashlib
 import json
 import os
-import struct
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,8 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core import dtypes
+from ..core.atomic import atomic_write
+from ..core.oserrors import input_error
+from ..core.safetensors_header import parse_header, read_header_bytes
 from ..errors import InputError
 from .model import BITS_BY_NAME, FORMAT_VERSION, Patch, TensorPatch
+from .provenance import provenance_problem
 
 FORMAT_NAME = "roselora-patch"
 STREAMS = ("positions", "values")
@@ -41,7 +44,8 @@ XZ_MAX_RAW = 1 << 20  # xz (LZMA2, preset 6) runs at a few MB/s: used for stream
 CHUNK_MIN = 256 << 10  # a tensor with this many raw stream bytes deflates its parts as soon as it is encoded
 PIECE_LEVEL = 1  # zlib level of a large stream's pieces: 4x faster than level 6, about 5% larger
 XZ_MEMLIMIT = 64 << 20  # decoder memory an xz stream may ask for (preset 6 needs about 9 MiB)
-MAX_HEADER_BYTES = 64 << 20  # a real header is kilobytes; anything beyond this is refused unread
+MAX_HEADER_BYTES = 16 << 20  # a real header is about 250 bytes per tensor; anything beyond this is refused unread
+MAX_TENSORS = 1 << 16  # per patch; counted before any entry is validated
 MAX_NUMEL = 1 << 40  # per tensor; larger shapes are not real model tensors
 MAX_NDIM = 8
 MAX_VARINT_BYTES = 6  # 42 bits: enough for any index below MAX_NUMEL
@@ -275,26 +279,14 @@ def encode_patch(patch: Patch, encoded: dict[str, EncodedTensor] | None = None
 
 
 def save_patch(patch: Patch, path: str | os.PathLike, encoded: dict[str, EncodedTensor] | None = None) -> Path:
-    """Write `patch` to `path` atomically (a temp file beside it, then rename). Returns the path.
+    """Write `patch` to `path` atomically (core.atomic.atomic_write: temp file beside it, then rename). Returns the path.
 
     `encoded`: tensors already encoded, as for `encode_patch`."""
     from safetensors.numpy import save
 
     path = Path(path)
     metadata, arrays = encode_patch(patch, encoded)
-    data = save(arrays, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, save(arrays, metadata=metadata))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -382,6 +374,7 @@ def _read_entries(tensors: object) -> list[_Entry]:
     cols = [tensors[c] for c in COLUMNS]
     _need(all(isinstance(c, list) for c in cols) and len({len(c) for c in cols}) == 1,
           "the 'tensors' columns must be lists of one length")
+    _need(len(cols[0]) <= MAX_TENSORS, f"lists {len(cols[0])} tensors (limit {MAX_TENSORS}); corrupt or hostile")
     entries, names = [], set()
     for name, shape, dtype_name, nnz, rows, layout, *fps in zip(*cols):
         _need(isinstance(name, str) and name != "", "a tensor without a name")
@@ -463,6 +456,8 @@ def _decode(metadata: dict, arrays: dict[str, np.ndarray], file_bytes: int) -> P
     except ValueError as err:
         raise _Bad(f"metadata is not valid JSON ({err})") from None
     _need(isinstance(provenance, dict), "'provenance' is not an object")
+    problem = provenance_problem(provenance)
+    _need(problem is None, f"{problem}; the patch is corrupt or was not written by roselora-export")
     _need(isinstance(streams, dict) and set(streams) == set(STREAMS)
           and all(isinstance(s, dict) and set(s) == {"codec", "raw_bytes"} for s in streams.values()),
           f"'streams' must describe exactly {list(STREAMS)} by codec and raw_bytes")
@@ -499,32 +494,26 @@ def _decode(metadata: dict, arrays: dict[str, np.ndarray], file_bytes: int) -> P
     return patch
 
 
-def _read_header_len(path: Path) -> int:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if len(head) < 8:
-        raise InputError(f"{path}: truncated patch file ({size} bytes); re-download or re-create it")
-    (n,) = struct.unpack("<Q", head)
-    if n > MAX_HEADER_BYTES:
-        raise InputError(f"{path}: header claims {n} bytes (limit {MAX_HEADER_BYTES}); the file is corrupt or not a patch")
-    if n > size - 8:
-        raise InputError(f"{path}: truncated patch file (header claims {n} bytes, file has {size}); re-download or re-create it")
-    return n
-
-
 def _read_file(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    from safetensors import safe_open
-
+    """The patch file's __metadata__ and arrays, through the one safetensors header reader (core)."""
     if not path.is_file():
         raise InputError(f"{path}: no such patch file")
-    _read_header_len(path)
+    raw, size = read_header_bytes(path, MAX_HEADER_BYTES, "patch file")
+    header = parse_header(path, raw, size)
+    if len(header.tensors) > len(STREAMS):
+        raise InputError(f"{path}: holds {len(header.tensors)} arrays; a patch holds exactly {list(STREAMS)}")
+    arrays = {}
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            return (f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for every kind of malformed file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError(f"{path}: not a readable safetensors patch ({first}); the file is truncated or corrupt") from None
+        with open(path, "rb") as f:
+            for name, info in header.tensors.items():
+                f.seek(info.start)
+                data = f.read(info.nbytes)
+                if len(data) != info.nbytes:
+                    raise InputError(f"{path}: truncated while reading {name}; the file is truncated or corrupt")
+                arrays[name] = np.frombuffer(data, dtypes.NUMPY[info.dtype]).reshape(info.shape)
+    except OSError as err:
+        raise input_error(err, f"reading {path}") from None
+    return header.metadata or {}, arrays
 
 
 def load_patch(path: str | os.PathLike) -> Patch:

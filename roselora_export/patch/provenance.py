@@ -28,3 +28,25 @@ def adapter_provenance(adapter, base_name: str, base_config_fp: str | None, dtyp
         "created": now_iso(),
         "tool": "roselora-export",
     }
+
+
+# The fields commands read, and the JSON types each may have (None: absent or null). Other fields pass as they are.
+FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("kind", "source", "method", "base_model", "base_config_sha256", "base_config_fingerprint",
+                     "dtype", "created", "tool"), (str,)),
+    "base_numel": (int,),
+    **dict.fromkeys(("roselora", "lora"), (dict,)),
+}
+
+
+def provenance_problem(prov: dict) -> str | None:
+    """What is wrong with a read provenance object (a field of the wrong JSON type), or None."""
+    for key, types in FIELD_TYPES.items():
+        v = prov.get(key)
+        if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
+            want = {str: "a string", int: "an integer", dict: "an object"}[types[0]]
+            return f"provenance field {key!r} is {type(v).__name__} {str(v)[:40]!r}, not {want}"
+    if isinstance(prov.get("base_numel"), int) and prov["base_numel"] < 0:
+        return "provenance field 'base_numel' is negative"
+    return None
+
