@@ -19,7 +19,6 @@ order and any patch reverts while no later one overlaps its elements.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -32,7 +31,9 @@ import numpy as np
 
 from ..errors import InputError
 from ..patch.model import BITS_DTYPE, Patch, TensorPatch
-from ..core.atomic import atomic_dir, fsync_files, link_or_copy, locked_dir
+from ..core.atomic import atomic_dir, check_disjoint, copy_entry, fsync_files, is_temp_name, locked_dir
+from ..core.dtypes import check_finite
+from ..patch.apply import check_result
 from ..patch.ledger import write_ledger
 from ..patch.stack import Stack
 from .names import Location, OnnxArtifact, Target, open_artifact
@@ -97,14 +98,13 @@ def _plan(artifact: OnnxArtifact, patches: list[Patch], stack: Stack
             if loc.initializer not in touched:
                 touched[loc.initializer] = TouchedTensor(loc, _read_bits(artifact, loc, tp.dtype))
             entry = touched[loc.initializer]
-            want, other = (tp.patched_sha256, tp.base_sha256) if revert else (tp.base_sha256, tp.patched_sha256)
             have = _state_sha(target, entry.bits)
             pos = _storage_positions(target, tp.flat_index)
             stack.check(k, tp, have, entry.bits[pos])
             entry.bits[pos] ^= tp.xor_bits
             entry.chunks.append(pos)
-            if have == want and _state_sha(target, entry.bits) != other:
-                raise RuntimeError(f"{tp.name}: XOR did not give the expected fingerprint")
+            check_finite(tp.name, entry.bits[pos], tp.dtype_name)  # the same checks as checkpoints and live models
+            check_result(tp, have, _state_sha(target, entry.bits), revert=revert)
             places.setdefault(tp.name, (target, loc.initializer))
     return touched, places
 
@@ -172,13 +172,14 @@ def _fsync(path: Path) -> None:
 
 def apply_to_onnx_dir(base_dir: Path, patches: list[Patch], out_dir: Path | None, *, revert: bool = False,
                       in_place: bool = False, names: dict | None = None, sources: list | None = None,
-                      check: bool = False) -> dict:
+                      check: bool = False, lock_timeout: float | None = None) -> dict:
     """Apply (or revert) patches to the ONNX artifact at base_dir, into out_dir or in place; returns a report.
 
     Only the touched initializers' elements are rewritten in the external data. With out_dir, the
     artifact is copied there first (out_dir must not exist or be empty); with in_place, the artifact
     is replaced atomically by a patched copy (see the module docstring). sources: the patch files, for
-    the ledger; check=True validates everything and writes nothing.
+    the ledger; check=True validates everything and writes nothing. The artifact is read under its
+    directory lock (core.atomic: shared for --out, exclusive in place; lock_timeout bounds the wait).
     """
     t0 = time.perf_counter()
     base_dir = Path(base_dir)
@@ -188,6 +189,7 @@ def apply_to_onnx_dir(base_dir: Path, patches: list[Patch], out_dir: Path | None
         out_dir = Path(out_dir)
         if out_dir.resolve() == base_dir.resolve():
             raise InputError(f"--out {out_dir} is the base directory; use --in-place to patch it in place")
+        check_disjoint({"--out": out_dir}, {"--base": base_dir})
         if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
             raise InputError(f"--out {out_dir}: exists and is not an empty directory; choose a new path")
     if check:  # everything validated, nothing written: no lock, no temp file
@@ -196,8 +198,8 @@ def apply_to_onnx_dir(base_dir: Path, patches: list[Patch], out_dir: Path | None
         return {"format": "onnx", "check": True, "revert": revert, "out": None, "patches": len(patches),
                 "tensors": sum(len(p.tensors) for p in patches), "initializers": len(touched),
                 "elements": sum(int(t.positions.size) for t in touched.values())}
-    # In place, the checks and the write happen under the directory's lock, as for checkpoints.
-    with locked_dir(base_dir) if in_place else contextlib.nullcontext():
+    # The checks and the write happen under the directory's lock, as for checkpoints (shared for --out).
+    with locked_dir(base_dir, shared=not in_place, timeout=lock_timeout):
         return _apply(base_dir, patches, out_dir, revert=revert, in_place=in_place, t0=t0, names=names,
                       sources=sources)
 
@@ -217,13 +219,13 @@ def _apply(base_dir: Path, patches: list[Patch], out_dir: Path | None, *, revert
     # ledger inside: weights and ledger change in one step. In place, unchanged files are hard links.
     with atomic_dir(base_dir if in_place else out_dir, replace=in_place) as tmp:
         for src in sorted(base_dir.iterdir()):
-            if src.is_file() and src.name in by_file:
+            if is_temp_name(src.name):
+                continue
+            if src.name in by_file:
                 copy_kind = clone_file(src, tmp / src.name)
                 shutil.copymode(src, tmp / src.name)
-            elif src.is_file():
-                (link_or_copy if in_place else shutil.copy2)(src, tmp / src.name)
-            elif src.is_dir():
-                shutil.copytree(src, tmp / src.name)
+            else:
+                copy_entry(src, tmp / src.name, link=in_place)  # a FIFO or device is refused, not hung on
         for file, items in by_file.items():
             c, p = _write_touched(tmp / file, items)
             changed, pages = changed + c, pages + p
