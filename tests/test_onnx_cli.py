@@ -139,10 +139,59 @@ def test_onnx_generate_runs_a_patch_file_without_changing_the_artifact(art_and_p
     result = cli("onnx-generate", "--onnx", art, "--patch", patch_file, "--prompt", "The capital of France is",
                  "--max-new-tokens", "5", "--json")
     assert result.exit_code == 0, result.output
-    got = json.loads(result.stdout[result.stdout.index("{"):])["new_token_ids"]
+    got = json.loads(result.stdout)["results"][0]["new_token_ids"]
     assert dir_fingerprint(art) == before
     apply_to_onnx_dir(art, [load_patch(patch_file)], tmp_path / "patched")
     from transformers import AutoTokenizer
 
     ids = AutoTokenizer.from_pretrained(str(art))("The capital of France is")["input_ids"]
     assert got == generate_greedy(create_session(tmp_path / "patched"), ids, 5)[: len(got)]
+
+
+def test_onnx_generate_answers_every_prompt_and_each_request_with_its_target(llama_onnx, tmp_path):
+    import json
+
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps({"prompt": "Berlin is in", "subject": "Berlin", "target_new": "Spain"}) + "\n")
+    result = cli("onnx-generate", "--onnx", llama_onnx, "--prompt", "Hello", "--prompt", "The capital of France is",
+                 "--requests", requests, "--max-new-tokens", "2", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [(r["prompt"], r["target"]) for r in out["results"]] == [
+        ("Hello", None), ("The capital of France is", None), ("Berlin is in", "Spain")]
+    assert all(len(r["new_token_ids"]) == 2 for r in out["results"])
+    assert out["providers"] == ["CPUExecutionProvider"]
+
+
+def test_onnx_generate_device_auto_says_what_it_picked(llama_onnx):
+    result = cli("onnx-generate", "--onnx", llama_onnx, "--prompt", "Hello", "--max-new-tokens", "1")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("device:")]
+    assert len(notes) == 1 and "(auto" in notes[0]
+
+
+def test_onnx_generate_on_cuda_without_the_cuda_provider_is_an_input_error(llama_onnx):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA execution provider")
+    result = cli("onnx-generate", "--onnx", llama_onnx, "--prompt", "Hello", "--device", "cuda")
+    assert result.exit_code == 2 and "no CUDA execution provider" in result.stderr
+
+
+def test_onnx_generate_and_try_share_the_max_new_tokens_default():
+    from roselora_export.cli import main as group
+
+    ctx = __import__("click").Context(group)
+    defaults = {name: {p.name: p.default for p in group.get_command(ctx, name).params}["max_new_tokens"]
+                for name in ("try", "onnx-generate")}
+    assert defaults["try"] == defaults["onnx-generate"]
+
+
+def test_export_onnx_model_defaults_to_the_embedded_model(tiny_model_dirs, tmp_path, monkeypatch):
+    import roselora_export.models as models
+
+    monkeypatch.setattr(models, "demo_model_dir", lambda out=None: tiny_model_dirs["llama"])
+    result = cli("export-onnx", "--out", tmp_path / "o", "--no-check", "--json")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o" / "names.json").is_file()

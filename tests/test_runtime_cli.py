@@ -45,8 +45,10 @@ def test_try_prints_base_patched_and_reverted_answers_and_a_bit_identical_revert
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["bit_identical"] is True and out["base_sha256"] == out["reverted_sha256"]
-    assert out["patched_answer"] != out["base_answer"]
-    assert out["reverted_answer"] == out["base_answer"]
+    [answer] = out["answers"]
+    assert answer["prompt"] == "The capital of France is"
+    assert answer["patched"] != answer["base"]
+    assert answer["reverted"] == answer["base"]
     assert out["apply_ms"] > 0 and out["revert_ms"] > 0 and out["nnz"] > 0
 
 
@@ -122,3 +124,77 @@ def test_a_patch_on_smollm2_q_and_v_applies_live_and_reverts_bit_exactly(smollm_
     assert handle.nnz == patch.total_nnz and state_hash(model) != base
     rt.revert()
     assert state_hash(model) == base
+
+
+def _try(*args):
+    return CliRunner().invoke(main, ["try", *map(str, args)])
+
+
+def test_try_answers_every_prompt_given_in_order(llama_patch):
+    model_dir, patch = llama_patch
+    result = _try("--model", model_dir, "--patch", patch, "--prompt", "The capital of France is", "--prompt", "Hello",
+                  "--max-new-tokens", "3", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    answers = json.loads(result.stdout)["answers"]
+    assert [a["prompt"] for a in answers] == ["The capital of France is", "Hello"]
+    assert all(a["reverted"] == a["base"] for a in answers)
+
+
+def test_try_reads_prompts_and_targets_from_a_requests_file(llama_patch, tmp_path):
+    model_dir, patch = llama_patch
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps({"prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "target_new": "Rome"})
+                        + "\n" + json.dumps({"prompt": "Berlin is in", "subject": "Berlin", "target_new": "Spain"}) + "\n")
+    result = _try("--model", model_dir, "--patch", patch, "--prompt", "Hello", "--requests", requests,
+                  "--max-new-tokens", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("prompt:")]
+    assert lines == ["prompt:   Hello", "prompt:   The Eiffel Tower is in   (target: Rome)",
+                     "prompt:   Berlin is in   (target: Spain)"]
+
+
+def test_try_without_a_prompt_is_an_input_error(llama_patch):
+    model_dir, patch = llama_patch
+    result = _try("--model", model_dir, "--patch", patch)
+    assert result.exit_code == 2 and "error: give --prompt" in result.stderr
+
+
+def test_try_device_auto_says_in_one_line_what_it_picked(llama_patch):
+    model_dir, patch = llama_patch
+    result = _try("--model", model_dir, "--patch", patch, "--prompt", "Hi", "--max-new-tokens", "1", "--json")
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("device:")]
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert len(notes) == 1 and notes[0].startswith(f"device: {expected} (auto")
+    assert json.loads(result.stdout)["device"] == expected
+
+
+def test_try_no_progress_hides_the_model_loading_bar(llama_patch):
+    model_dir, patch = llama_patch
+    args = ["--model", model_dir, "--patch", patch, "--prompt", "Hi", "--max-new-tokens", "1", "--device", "cpu"]
+    shown, hidden = _try(*args), _try(*args, "--no-progress")
+    assert shown.exit_code == 0 and hidden.exit_code == 0, shown.output + hidden.output
+    assert "Loading weights" in shown.stderr
+    assert "Loading weights" not in hidden.stderr and hidden.stderr == ""
+
+
+def test_try_model_defaults_to_the_embedded_model(llama_patch, monkeypatch):
+    import roselora_export.models as models
+
+    model_dir, patch = llama_patch
+    monkeypatch.setattr(models, "demo_model_dir", lambda out=None: model_dir)
+    result = _try("--patch", patch, "--prompt", "Hi", "--max-new-tokens", "1", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == str(model_dir)
+
+
+def test_try_warns_in_one_line_when_a_requests_subject_is_not_in_its_prompt(llama_patch, tmp_path):
+    model_dir, patch = llama_patch
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps({"prompt": "The capital of Germany is", "subject": "Eiffel Tower",
+                                    "target_new": "Rome"}) + "\n")
+    result = _try("--model", model_dir, "--patch", patch, "--requests", requests, "--max-new-tokens", "1",
+                  "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: r.jsonl line 1: subject 'Eiffel Tower' does not occur")

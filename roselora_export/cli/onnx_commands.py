@@ -8,13 +8,13 @@ import click
 
 from . import main
 from .options import (
-    device_option, max_new_tokens_option, prompts_option, resolve_prompts, resolve_providers,
+    device_option, max_new_tokens_option, model_option, prompts_option, resolve_model, resolve_prompts,
+    resolve_providers,
 )
 
 
 @main.command("export-onnx")
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
-              help="Local Hugging Face model directory (config.json + *.safetensors).")
+@model_option("Local Hugging Face model directory (config.json + *.safetensors).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="New directory for model.onnx, model.onnx.data and names.json (must not exist or be empty).")
 @click.option("--task", type=click.Choice(["auto", "causal-lm", "sequence-classification"]), default="auto",
@@ -39,6 +39,8 @@ def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, kv_
     from tqdm import tqdm
 
     from ..onnx.export import EXPORT_PHASES, export_onnx
+
+    model_dir = resolve_model(model_dir)
 
     # One step per phase: loading and tracing dominate (SmolLM2-135M: about a minute on 2 busy cores).
     with tqdm(total=len(EXPORT_PHASES), desc=f"export {model_dir}", unit="phase", file=sys.stderr, leave=False) as bar:
@@ -105,3 +107,48 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: 
         return
     for r in results:
         click.echo(r["prompt"] + r["continuation"] + (f"   (target: {r['target']})" if r["target"] is not None else ""))
+
+
+@main.command("map-onnx")
+@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False),
+              help="The Hugging Face checkpoint directory the artifact was built from (safetensors).")
+@click.option("--onnx", "onnx_dir", required=True, type=click.Path(file_okay=False),
+              help="ONNX artifact directory from any exporter (onnxruntime-genai builder, torch.onnx, optimum, ...).")
+@click.option("--model-file", default=None, help="The graph file, where the directory holds several *.onnx.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def map_onnx_command(base_dir: str, onnx_dir: str, model_file: str | None, as_json: bool) -> None:
+    """Find where each weight of --base lives in the ONNX artifact, by exact bit equality; write names.json there.
+
+    A weight may be stored as is, transposed, as a slice of a fused initializer (q/k/v, gate/up),
+    cast to the artifact's dtype, inline or in external data. `apply --base ONNX_DIR` then patches
+    it in place. Weights that cannot be patched exactly (int4-quantized, folded into another tensor,
+    deduplicated with another weight) are listed with the reason, and patches naming them are refused.
+    """
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..onnx.mapping import map_onnx, write_names
+    from ..onnx.names import NAMES_FILE, NAMES_FORMAT_MAPPED
+
+    existing = Path(onnx_dir) / NAMES_FILE
+    if existing.is_file():
+        try:
+            fmt = json.loads(existing.read_text()).get("format", 1)
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            fmt = None
+        if fmt != NAMES_FORMAT_MAPPED:
+            raise InputError(f"--onnx {onnx_dir}: already has a {NAMES_FILE} that map-onnx did not write "
+                             "(export-onnx's, or not valid); it needs no mapping")
+    names, report = map_onnx(base_dir, onnx_dir, model_file=model_file)
+    report["names"] = str(write_names(onnx_dir, names))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    p = report["places"]
+    click.echo(f"wrote {report['names']}: {report['mapped']} of {report['keys']} state-dict keys found in "
+               f"{report['model_file']} ({report['exporter']}): {p['whole']} as is, {p['transposed']} transposed, "
+               f"{p['slice']} slices of fused initializers, {p['cast']} cast; {report['seconds']:.2f} s")
+    if report["tied"]:
+        click.echo(f"tied: {', '.join(report['tied'])}")
+    for key, why in report["reasons"].items():
+        click.echo(f"cannot be patched: {key}: {why}")

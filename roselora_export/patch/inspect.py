@@ -172,6 +172,19 @@ def fmt_value(value: object, limit: int = 160, _depth: int = 0) -> str:
 
 _HEAD = (("kind", "kind"), ("method", "method"), ("source", "source"), ("base_model", "base model"),
          ("dtype", "dtype"), ("created", "created"), ("tool", "tool"))
+# The order a reader expects (RoseLoraConfig's, the paper's); the file stores keys sorted.
+_CONFIG_ORDER = ("rank", "alpha", "dropout", "targets", "tau", "beta", "t_init", "t_final", "steps", "lr",
+                 "weight_decay", "clamp", "early_stop_loss", "seed", "r", "lora_alpha", "target_modules",
+                 "use_rslora", "fan_in_fan_out")
+
+
+def _ordered(d: object) -> object:
+    if not isinstance(d, dict):
+        return d
+    rank = {k: i for i, k in enumerate(_CONFIG_ORDER)}
+    return dict(sorted(d.items(), key=lambda kv: rank.get(kv[0], len(rank)) if isinstance(kv[0], str) else len(rank)))
+
+
 _TRAINING = ("steps_run", "final_loss", "seconds", "weights_modified", "base_weights", "fraction_modified",
              "density_bound_r_tau2", "examples", "world_size", "batch_size")
 
@@ -196,7 +209,7 @@ def provenance_lines(provenance: object, *, max_requests: int = 5) -> list[str]:
         settings = dict(settings)
         config = settings.pop("config", None)
         if config is not None:
-            lines.append(f"  settings: {fmt_value(config, 400)}")
+            lines.append(f"  settings: {fmt_value(_ordered(config), 400)}")
         requests = settings.pop("requests", None)
         training = {k: settings.pop(k) for k in _TRAINING if k in settings}
         for k in ("method", "base_model", "base_model_path"):  # already said, or local to the trainer's machine
@@ -216,12 +229,12 @@ def provenance_lines(provenance: object, *, max_requests: int = 5) -> list[str]:
         elif requests is not None:
             lines.append(f"  requests: {fmt_value(requests)}")
         if settings:
-            lines.append(f"  adapter settings: {fmt_value(settings, 400)}")
+            lines.append(f"  adapter settings: {fmt_value(_ordered(settings), 400)}")
     elif settings is not None:
         lines.append(f"  settings: {fmt_value(settings, 400)}")
     lora = prov.pop("lora", None)
     if lora is not None:
-        lines.append(f"  lora: {fmt_value(lora, 400)}")
+        lines.append(f"  lora: {fmt_value(_ordered(lora), 400)}")
     for key, value in prov.items():
         lines.append(f"  {fmt_value(key, 40)}: {fmt_value(value, 400)}")
     return lines
@@ -310,20 +323,28 @@ def _pick_panels(patterns: list[Pattern], limit: int) -> list[Pattern]:
     return sorted(picked, key=lambda p: natural_key(p.name))
 
 
-def _overview(fig, ax, patterns: list[Pattern], value: str) -> None:
+def overview_grid(patterns: list[Pattern], value: str = "density") -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(row labels: layers in order, then "other"; module columns; value per cell, NaN where nothing changed;
+    nnz per cell) for the overview heat map."""
     cells = [(_layer_module(p.name), p) for p in patterns]
     modules = sorted({mod for (_, mod), _ in cells}, key=natural_key)
-    labels = _module_labels(modules)
     layers = sorted({layer for (layer, _), _ in cells if layer is not None})
     rows = [str(layer) for layer in layers] + (["other"] if any(layer is None for (layer, _), _ in cells) else [])
-    grid = np.full((len(rows), len(modules)), np.nan)
-    nnz = np.zeros_like(grid)
+    nnz = np.zeros((len(rows), len(modules)))
+    numel = np.zeros_like(nnz)
     for (layer, mod), p in cells:
-        i = rows.index("other" if layer is None else str(layer))
-        j = modules.index(mod)
+        i, j = rows.index("other" if layer is None else str(layer)), modules.index(mod)
         nnz[i, j] += p.nnz
-        grid[i, j] = np.nansum([grid[i, j], p.nnz / p.numel if value == "density" else p.nnz])
-    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto", interpolation="nearest")
+        numel[i, j] += p.numel
+    with np.errstate(invalid="ignore", divide="ignore"):
+        grid = np.where(numel > 0, nnz / numel if value == "density" else nnz, np.nan)
+    return rows, modules, grid, nnz
+
+
+def _overview(fig, ax, patterns: list[Pattern], value: str) -> None:
+    rows, modules, grid, nnz = overview_grid(patterns, value)
+    labels = _module_labels(modules)
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="viridis", aspect="auto", interpolation="nearest", vmin=0)
     ax.set_xticks(range(len(modules)), [_safe_text(labels[m], 24) for m in modules], rotation=30, ha="right", fontsize=7)
     step = max(1, len(rows) // 32)
     ax.set_yticks(range(0, len(rows), step), rows[::step], fontsize=7)
