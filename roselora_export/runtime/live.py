@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..core.dtypes import nonfinite_message
 from ..errors import InputError
 from ..patch.model import BITS_DTYPE, DTYPE_NAMES, FORMAT_VERSION, Patch
 from ..patch.overlap import holds_base, intersects
@@ -475,8 +476,8 @@ class PatchRuntime:
     def _nonfinite_message(self, staged: Staged, new: Bits) -> str:
         for e, part in zip(staged.entries, new.parts):
             if not bool(all_finite(part, e.tp.dtype)):
-                return f"{e.tp.name}: the patch would write NaN or Inf; the patch is corrupt or for another base"
-        return "the patch would write NaN or Inf"
+                return nonfinite_message(e.tp.name)
+        return nonfinite_message("a tensor")
 
     def _overlapping(self, handle: PatchHandle) -> set[int]:
         ids = set()

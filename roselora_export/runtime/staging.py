@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch.autograd.graph import increment_version
 
+from ..core import dtypes
+from ..core.dtypes import torch_dtype
 from ..patch.model import BITS_DTYPE, TORCH_BITS_DTYPE, TensorPatch
 
 GROUP_ORDER = (torch.float32, torch.float16, torch.bfloat16)
@@ -286,7 +288,7 @@ def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.devi
 
 
 # Exponent masks: a value is finite unless all its exponent bits are set.
-EXPONENT_MASK = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+EXPONENT_MASK = {torch_dtype(k): v for k, v in dtypes.EXPONENT_MASK.items()}  # core's rule, keyed by torch dtype
 
 # Element-wise work over a whole patch on the CPU goes through numpy: torch's intra-op threads make
 # these ops 10-100x slower when the cores are busy (measured on a loaded 2-core machine), numpy's
@@ -325,8 +327,7 @@ def all_finite(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | bool:
     """Whether no bit pattern in `bits` (an integer view of `dtype` values) is Inf or NaN."""
     mask = EXPONENT_MASK[dtype]
     if _numpy(bits):
-        b = bits.numpy().view(BITS_DTYPE[dtype])
-        return not bool(np.any((b & b.dtype.type(mask)) == mask))
+        return not bool(dtypes.nonfinite(bits.numpy().view(BITS_DTYPE[dtype]), dtypes.dtype_name(dtype)).any())
     b = bits.view(TORCH_BITS_DTYPE[dtype])
     return ~((b & _signed(mask, b.dtype)) == _signed(mask, b.dtype)).any()
 
