@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InputError
+from ..core import dtypes
 
 if TYPE_CHECKING:
     import torch
@@ -23,14 +23,15 @@ FORMAT_VERSION = 2
 
 # The dtypes a patch can carry, by their safetensors names, and the unsigned integer type that holds
 # their bit patterns. The patch itself needs no torch (a fresh `merge` process never imports it).
-BITS_BY_NAME: dict[str, np.dtype] = {"F32": np.dtype("<u4"), "F16": np.dtype("<u2"), "BF16": np.dtype("<u2")}
-TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # what torch and config.json call them
+# (Both derived from the one table, core.dtypes.)
+BITS_BY_NAME: dict[str, np.dtype] = dict(dtypes.BITS)
+TORCH_NAMES = {k: dtypes.TORCH_NAMES[k] for k in dtypes.PATCHABLE}  # what torch and config.json call them
 
 
 def _torch_tables() -> dict:
     import torch
 
-    by_name = {k: getattr(torch, v) for k, v in TORCH_NAMES.items()}
+    by_name = {k: dtypes.torch_dtype(k) for k in TORCH_NAMES}
     return {
         "DTYPE_NAMES": {v: k for k, v in by_name.items()},  # torch dtype -> safetensors name
         "DTYPES_BY_NAME": by_name,
@@ -59,15 +60,8 @@ def __getattr__(name: str):
 
 
 def to_dtype_name(dtype) -> str:
-    """The safetensors name ("F32", "F16", "BF16") of a torch dtype or of such a name; InputError otherwise."""
-    if isinstance(dtype, str):
-        if dtype in BITS_BY_NAME:
-            return dtype
-    else:
-        name = _table("DTYPE_NAMES").get(dtype)
-        if name is not None:
-            return name
-    raise InputError(f"dtype {dtype} is not supported (fp32, fp16, bf16)")
+    """The safetensors name ("F32", "F16", "BF16") of a torch dtype or of any name core.dtypes knows; InputError otherwise."""
+    return dtypes.patchable_name(dtype)
 
 
 def tensor_bits(t: torch.Tensor) -> np.ndarray:
