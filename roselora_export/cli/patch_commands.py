@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +11,33 @@ import click
 
 from ..errors import InputError
 from . import main
+
+
+def _os_errors(fn):
+    """A command whose stray OSError (disk full, read-only filesystem, I/O error) ends as one `error:` line."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as err:
+            from ..core.oserrors import input_error
+
+            raise input_error(err, fn.__name__.removesuffix("_command")) from None
+    return run
+
+
+def _lock_timeout(fn):
+    """Add --lock-timeout: how long to wait for a directory another process is applying a patch to in place."""
+    @click.option("--lock-timeout", "lock_timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+                  help="Wait at most this long for a model directory that another process is updating (or "
+                       "reading); the wait is announced on stderr.  [default: no limit]")
+    @functools.wraps(fn)
+    def run(*args, lock_timeout=None, **kwargs):
+        from ..core.atomic import lock_timeout_default
+
+        with lock_timeout_default(lock_timeout):
+            return fn(*args, **kwargs)
+    return run
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 
@@ -58,6 +86,8 @@ def _fmt_bytes(n: int) -> str:
 @click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False), default=None,
               help="Also patch this ONNX artifact (from export-onnx) into OUT/onnx.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (files, sizes, edit survival) as JSON.")
+@_lock_timeout
+@_os_errors
 def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, as_json) -> None:
     """Merge an adapter into a base model: writes a complete model directory and the sparse patch.
 
@@ -114,6 +144,8 @@ def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, a
               help="Modified model directory with the same keys, shapes and dtypes.")
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False), help="Patch file to write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_lock_timeout
+@_os_errors
 def diff_command(base_dir, target_dir, out_file, as_json) -> None:
     """A patch of every element that differs between two checkpoints (bit-exact; revertible).
 
@@ -146,6 +178,8 @@ def diff_command(base_dir, target_dir, out_file, as_json) -> None:
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="PEM EC public key: every patch must carry a signature (PATCH.sig) by one of these. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_lock_timeout
+@_os_errors
 def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys, as_json) -> None:
     """Apply (or --revert) patches to a checkpoint or ONNX artifact, bit-exactly.
 
@@ -186,6 +220,7 @@ def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys
 @click.option("--plot-value", type=click.Choice(["density", "nnz"]), default="density",
               help="What the overview's colour shows.")
 @click.option("--limit", type=int, default=12, help="Most single-matrix panels in --plot (each module kind in turn).")
+@_os_errors
 def inspect_command(patch_file, as_json, plot_path, plot_value, limit) -> None:
     """Explain a patch file (or an adapter directory): where it came from, its settings, and per tensor
     nnz, density, rows and columns touched and bytes; optionally a picture.

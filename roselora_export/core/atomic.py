@@ -18,6 +18,7 @@ update. A waiter says what it waits for, and a timeout bounds the wait.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import errno
@@ -279,6 +280,19 @@ def _holder(fd: int) -> str:
     return ""
 
 
+_LOCK_TIMEOUT: contextvars.ContextVar[float | None] = contextvars.ContextVar("lock_timeout", default=None)
+
+
+@contextlib.contextmanager
+def lock_timeout_default(seconds: float | None) -> Iterator[None]:
+    """Within this block, locked_dir calls without a timeout of their own wait at most `seconds` (the CLI's --lock-timeout)."""
+    token = _LOCK_TIMEOUT.set(seconds)
+    try:
+        yield
+    finally:
+        _LOCK_TIMEOUT.reset(token)
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -289,12 +303,13 @@ def locked_dir(dest: str | os.PathLike, *, shared: bool = False, timeout: float 
     """Hold the lock of directory `dest`: exclusive for an in-place update, shared for reading it.
 
     Waits for a conflicting holder, first telling `on_wait` what it waits for; InputError after
-    `timeout` seconds (None: no limit). An in-place update swaps a new directory in, so a waiter may
+    `timeout` seconds (None: lock_timeout_default's, else no limit). An in-place update swaps a new directory in, so a waiter may
     wake holding the lock of the old one: it then retries on whatever `dest` is now. An exclusive
     holder first removes the leftovers of in-place updates killed before their swap.
     """
     dest = Path(dest).resolve()  # "." has no name to put beside it, and a symlink would be swapped, not its target
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    timeout = _LOCK_TIMEOUT.get() if timeout is None else timeout
     start = time.monotonic()
     missing_since = told = None
     while True:
