@@ -59,7 +59,8 @@ def test_merge_keeps_sharding_index_config_and_tokenizer_files(sharded, tmp_path
     base_index = json.loads((base / "model.safetensors.index.json").read_text())
     out_index = json.loads((out / "model.safetensors.index.json").read_text())
     assert out_index["weight_map"] == base_index["weight_map"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
+    # the base's files, plus the ledger recording the merged patch
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in base.iterdir()] + ["roselora-ledger.json"])
     assert (out / "tokenizer_config.json").read_text() == (base / "tokenizer_config.json").read_text()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     assert res.patch_path == tmp_path / "out.patch.safetensors" and res.patch_path.is_file()

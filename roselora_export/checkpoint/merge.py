@@ -92,6 +92,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     if not Path(adapter_dir).is_dir():  # checked before gigabytes are copied; read_adapter checks the rest
         raise InputError(f"--adapter {adapter_dir}: not a directory")
     from ..patch.io import save_patch
+    from ..patch.ledger import record_merge
 
     with locked_dir(open_model_dir(base_dir).path, shared=True):  # an in-place apply on the base waits
         model = open_model_dir(base_dir)
@@ -104,8 +105,10 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
                 if copier is not None:
                     copier.close()
             inside = out_dir.resolve() in patch_path.resolve().parents
-            save_patch(patch, tmp / patch_path.resolve().relative_to(out_dir.resolve()) if inside else patch_path,
-                       encoded)
+            written = tmp / patch_path.resolve().relative_to(out_dir.resolve()) if inside else patch_path
+            save_patch(patch, written, encoded)
+            # The base's ledger (patch.ledger) plus this patch, inside the directory that is renamed into place.
+            record_merge(model.path, tmp, patch, written, patch_path, converted=copier is None)
     return MergeResult(out_dir=out_dir, patch_path=patch_path, patch=patch, survival=survival)
 
 

@@ -174,3 +174,17 @@ def overlapping_entries(entries: list[Entry], patch: Patch, tensor: str) -> list
 
 def describe(entries: list[Entry]) -> str:
     return ", ".join(e.label() for e in entries)
+
+
+def record_merge(base_root: str | os.PathLike, out_tmp: str | os.PathLike, patch: Patch, patch_file: str | os.PathLike,
+                 final_path: str | os.PathLike, *, converted: bool) -> None:
+    """The ledger of a merge's output (`out_tmp`, before it is renamed into place): the base's ledger, if any,
+    plus the merge's patch, whose base is the base directory's state. When the merge converted dtypes, the
+    base's patches cannot be reverted in the new dtype, so only the merge's own patch is recorded."""
+    old = Ledger() if converted else read_ledger(base_root)
+    for name, tp in patch.tensors.items():
+        check_weights(old, base_root, name, tp.base_sha256)
+    entry = entry_for(patch, patch_file)
+    entry.file = str(Path(final_path).resolve())
+    write_ledger(Ledger(old.entries + [entry], {**old.weights, **{n: tp.patched_sha256 for n, tp in patch.tensors.items()}}),
+                 out_tmp)
