@@ -152,3 +152,48 @@ def map_onnx_command(base_dir: str, onnx_dir: str, model_file: str | None, as_js
         click.echo(f"tied: {', '.join(report['tied'])}")
     for key, why in report["reasons"].items():
         click.echo(f"cannot be patched: {key}: {why}")
+
+
+@main.command("map-onnx")
+@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False),
+              help="The Hugging Face checkpoint directory the artifact was built from (safetensors).")
+@click.option("--onnx", "onnx_dir", required=True, type=click.Path(file_okay=False),
+              help="ONNX artifact directory from any exporter (onnxruntime-genai builder, torch.onnx, optimum, ...).")
+@click.option("--model-file", default=None, help="The graph file, where the directory holds several *.onnx.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def map_onnx_command(base_dir: str, onnx_dir: str, model_file: str | None, as_json: bool) -> None:
+    """Find where each weight of --base lives in the ONNX artifact, by exact bit equality; write names.json there.
+
+    A weight may be stored as is, transposed, as a slice of a fused initializer (q/k/v, gate/up),
+    cast to the artifact's dtype, inline or in external data. `apply --base ONNX_DIR` then patches
+    it in place. Weights that cannot be patched exactly (int4-quantized, folded into another tensor,
+    deduplicated with another weight) are listed with the reason, and patches naming them are refused.
+    """
+    from pathlib import Path
+
+    from ..errors import InputError
+    from ..onnx.mapping import map_onnx, write_names
+    from ..onnx.names import NAMES_FILE, NAMES_FORMAT_MAPPED
+
+    existing = Path(onnx_dir) / NAMES_FILE
+    if existing.is_file():
+        try:
+            fmt = json.loads(existing.read_text()).get("format", 1)
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            fmt = None
+        if fmt != NAMES_FORMAT_MAPPED:
+            raise InputError(f"--onnx {onnx_dir}: already has a {NAMES_FILE} that map-onnx did not write "
+                             "(export-onnx's, or not valid); it needs no mapping")
+    names, report = map_onnx(base_dir, onnx_dir, model_file=model_file)
+    report["names"] = str(write_names(onnx_dir, names))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    p = report["places"]
+    click.echo(f"wrote {report['names']}: {report['mapped']} of {report['keys']} state-dict keys found in "
+               f"{report['model_file']} ({report['exporter']}): {p['whole']} as is, {p['transposed']} transposed, "
+               f"{p['slice']} slices of fused initializers, {p['cast']} cast; {report['seconds']:.2f} s")
+    if report["tied"]:
+        click.echo(f"tied: {', '.join(report['tied'])}")
+    for key, why in report["reasons"].items():
+        click.echo(f"cannot be patched: {key}: {why}")

@@ -58,12 +58,13 @@ def _is_onnx_dir(path: Path) -> bool:
     return path.is_dir() and ((path / "names.json").is_file() or any(path.glob("*.onnx")))
 
 
-def _onnx_apply(base: Path, patches, out: Path | None, *, revert: bool = False, in_place: bool = False) -> dict:
+def _onnx_apply(base: Path, patches, out: Path | None, *, revert: bool = False, in_place: bool = False,
+                base_model: str | None = None) -> dict:
     try:
-        from ..onnx.patching import apply_to_onnx_dir
+        from ..onnx.mapping import apply_mapped
     except ImportError:
         raise InputError(f"{base} is an ONNX artifact but ONNX patching is not available in this build") from None
-    return apply_to_onnx_dir(base, patches, out, revert=revert, in_place=in_place)
+    return apply_mapped(base, patches, out, base_model=base_model, revert=revert, in_place=in_place)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -175,12 +176,14 @@ def diff_command(base_dir, target_dir, out_file, as_json) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="New directory for the result.")
 @click.option("--in-place", is_flag=True, help="Modify --base atomically instead (whole old or whole new on any crash).")
 @click.option("--revert", is_flag=True, help="Take the patches back out (bit-exact).")
+@click.option("--base-model", "base_model", type=click.Path(file_okay=False), default=None,
+              help="ONNX --base without names.json: the checkpoint it was built from, mapped on demand (as map-onnx).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="PEM EC public key: every patch must carry a signature (PATCH.sig) by one of these. Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_lock_timeout
 @_os_errors
-def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys, as_json) -> None:
+def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys, as_json, base_model=None) -> None:
     """Apply (or --revert) patches to a checkpoint or ONNX artifact, bit-exactly.
 
     Every touched tensor's fingerprint is checked before anything is written; a patch for another
@@ -199,7 +202,10 @@ def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys
     patches = [load_patch(p) for p in patch_files]
     base = Path(base_dir)
     if _is_onnx_dir(base):
-        report = _onnx_apply(base, patches, Path(out_dir) if out_dir else None, revert=revert, in_place=in_place)
+        report = _onnx_apply(base, patches, Path(out_dir) if out_dir else None, revert=revert, in_place=in_place,
+                             base_model=base_model)
+    elif base_model is not None:
+        raise InputError(f"--base-model is for an ONNX --base; {base} is a checkpoint")
     else:
         with _progress(open_model_dir(base).total_bytes, "revert" if revert else "apply") as update:
             report = apply_to_checkpoint(base, patches, out_dir, revert=revert, in_place=in_place, progress=update)
