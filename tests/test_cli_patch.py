@@ -108,7 +108,7 @@ def test_apply_on_an_onnx_directory_dispatches_to_onnx_patching(dirs, tmp_path, 
     (onnx_dir / "model.onnx").write_bytes(b"")
     calls = []
     monkeypatch.setattr(patching, "apply_to_onnx_dir",
-                        lambda base_dir, patches, out_dir, revert=False, in_place=False:
+                        lambda base_dir, patches, out_dir, revert=False, in_place=False, **_:
                         calls.append((base_dir, len(patches), out_dir, revert, in_place)) or {"out": str(out_dir), "elements": 1})
     r = run("apply", "--base", onnx_dir, "--patch", tmp_path / "m.patch.safetensors", "--out", tmp_path / "o", "--revert")
     assert r.exit_code == 0, r.output
@@ -123,7 +123,7 @@ def test_merge_with_onnx_patches_the_artifact_into_out_onnx(dirs, tmp_path, monk
     calls = []
     monkeypatch.setattr(names, "open_artifact", lambda root: None)  # the dispatch is under test, not the artifact
     monkeypatch.setattr(patching, "apply_to_onnx_dir",
-                        lambda base_dir, patches, out_dir, revert=False, in_place=False:
+                        lambda base_dir, patches, out_dir, revert=False, in_place=False, **_:
                         calls.append((base_dir, [len(p.tensors) for p in patches], out_dir, revert, in_place))
                         or {"out": str(out_dir), "elements": 1})
     r = run("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "m", "--onnx", tmp_path / "art")

@@ -18,7 +18,8 @@ from ..errors import InputError, InputWarning
 
 # Every area module, and which one defines each command. A command missing from the map still works:
 # an unknown name imports every module before click looks it up (only slower).
-_MODULES = ("edit_commands", "patch_commands", "onnx_commands", "runtime_commands", "eval_commands", "serve_commands")
+_MODULES = ("edit_commands", "patch_commands", "onnx_commands", "runtime_commands", "eval_commands", "serve_commands",
+            "ledger_commands")
 _COMMAND_MODULES = {
     "edit": "edit_commands", "train": "edit_commands", "demo-model": "edit_commands",
     "merge": "patch_commands", "diff": "patch_commands", "apply": "patch_commands", "inspect": "patch_commands",
@@ -26,6 +27,7 @@ _COMMAND_MODULES = {
     "try": "runtime_commands",
     "evaluate": "eval_commands", "benchmark-edits": "eval_commands",
     "serve": "serve_commands", "sign": "serve_commands", "verify": "serve_commands",
+    "log": "ledger_commands", "combine": "ledger_commands",
 }
 
 

@@ -59,11 +59,19 @@ def _is_onnx_dir(path: Path) -> bool:
 
 
 def _onnx_apply(base: Path, patches, out: Path | None, *, revert: bool = False, in_place: bool = False,
-                base_model: str | None = None) -> dict:
+                base_model: str | None = None, sources: list | None = None, check: bool = False) -> dict:
     try:
-        from ..onnx.mapping import apply_mapped
+        from ..onnx import patching
+        from ..onnx.mapping import apply_mapped, map_onnx
+        from ..onnx.names import NAMES_FILE
     except ImportError:
         raise InputError(f"{base} is an ONNX artifact but ONNX patching is not available in this build") from None
+    if base_model is None or (base / NAMES_FILE).is_file():  # sources: the patch files, for the ledger
+        kw = {"sources": sources, "check": True} if check else {"sources": sources} if sources else {}
+        return patching.apply_to_onnx_dir(base, patches, out, revert=revert, in_place=in_place, **kw)
+    if check:  # mapped in memory: --check writes no names.json either
+        return patching.apply_to_onnx_dir(base, patches, out, revert=revert, names=map_onnx(base_model, base)[0],
+                                          sources=sources, check=True)
     return apply_mapped(base, patches, out, base_model=base_model, revert=revert, in_place=in_place)
 
 
@@ -86,17 +94,31 @@ def _fmt_bytes(n: int) -> str:
               help="Store the merged model in this dtype (the patch is relative to the base in it).  [default: keep the base's]")
 @click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False), default=None,
               help="Also patch this ONNX artifact (from export-onnx) into OUT/onnx.")
+@click.option("--check", is_flag=True, help="Validate the adapter against the base (shapes, NaN/Inf, ledger, "
+              "destinations, --onnx) and write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (files, sizes, edit survival) as JSON.")
 @_lock_timeout
 @_os_errors
-def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, as_json) -> None:
+def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, check, as_json) -> None:
     """Merge an adapter into a base model: writes a complete model directory and the sparse patch.
 
     Streams shard by shard (memory about one tensor plus the adapter), keeps the base's sharding,
     index, config and tokenizer files, and keeps tied weights tied. Reports how much of the edit
-    survives rounding into the stored dtype, and warns when most of it is rounded away.
+    survives rounding into the stored dtype, and warns when most of it is rounded away. A base with
+    a ledger (a patched directory) passes it on, with the new patch added.
     """
     from ..checkpoint import merge_checkpoint, open_model_dir  # neither imports torch, nor does the merge
+
+    if check:
+        from ..checkpoint.merge_check import check_merge
+
+        report = check_merge(base_dir, adapter_dir, out_dir, dtype=dtype, patch_path=patch_path, onnx_dir=onnx_dir)
+        if as_json:
+            click.echo(json.dumps(report, indent=2))
+        else:
+            click.echo(f"check passed: would write {report['out']} and {report['patch']} ({report['tensors']} tensors, "
+                       f"{report['total_nnz']} nonzeros); nothing written")
+        return
 
     if onnx_dir:  # fail on a bad ONNX directory before writing anything
         from ..onnx.names import open_artifact
@@ -106,7 +128,8 @@ def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, a
     with _progress(total, "merge") as update:
         res = merge_checkpoint(base_dir, adapter_dir, out_dir, dtype=dtype, patch_path=patch_path, progress=update)
     try:
-        onnx_report = _onnx_apply(Path(onnx_dir), [res.patch], Path(out_dir) / "onnx") if onnx_dir else None
+        onnx_report = (_onnx_apply(Path(onnx_dir), [res.patch], Path(out_dir) / "onnx", sources=[res.patch_path])
+                       if onnx_dir else None)
     except InputError:
         # All or nothing: the ONNX step failed (e.g. an artifact of another base), so take back what merge wrote.
         shutil.rmtree(res.out_dir, ignore_errors=True)
@@ -180,19 +203,23 @@ def diff_command(base_dir, target_dir, out_file, as_json) -> None:
               help="ONNX --base without names.json: the checkpoint it was built from, mapped on demand (as map-onnx).")
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(dir_okay=False),
               help="PEM EC public key: every patch must carry a signature (PATCH.sig) by one of these. Repeatable.")
+@click.option("--check", is_flag=True, help="Validate everything (fingerprints, overlap, NaN/Inf, ledger, signatures) "
+              "and write nothing; --out and --in-place are optional.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_lock_timeout
 @_os_errors
-def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys, as_json, base_model=None) -> None:
+def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys, check, as_json, base_model=None) -> None:
     """Apply (or --revert) patches to a checkpoint or ONNX artifact, bit-exactly.
 
-    Every touched tensor's fingerprint is checked before anything is written; a patch for another
-    base, or one already applied, is refused naming the first mismatching tensor.
+    Patches made independently on one base stack in any order when they change different elements
+    (the rule the live runtime uses); any applied patch reverts while no later patch overlaps it.
+    Everything is checked before anything is written; a refusal names the patch file, the tensor and
+    the patches it conflicts with. The directory's ledger records each patch (`roselora-export log`).
     """
     from ..checkpoint import apply_to_checkpoint, open_model_dir
     from ..patch import load_patch
 
-    if in_place == (out_dir is not None):
+    if (check and in_place and out_dir is not None) or (not check and in_place == (out_dir is not None)):
         raise InputError("give exactly one of --out DIR or --in-place")
     if trusted_keys:  # every signature checked before any patch is read
         from ..signing import verify_patch
@@ -203,14 +230,22 @@ def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys
     base = Path(base_dir)
     if _is_onnx_dir(base):
         report = _onnx_apply(base, patches, Path(out_dir) if out_dir else None, revert=revert, in_place=in_place,
-                             base_model=base_model)
+                             base_model=base_model, sources=list(patch_files), check=check)
     elif base_model is not None:
         raise InputError(f"--base-model is for an ONNX --base; {base} is a checkpoint")
+    elif check:
+        report = apply_to_checkpoint(base, patches, out_dir, revert=revert, in_place=in_place,
+                                     sources=list(patch_files), check=True)
     else:
         with _progress(open_model_dir(base).total_bytes, "revert" if revert else "apply") as update:
-            report = apply_to_checkpoint(base, patches, out_dir, revert=revert, in_place=in_place, progress=update)
+            report = apply_to_checkpoint(base, patches, out_dir, revert=revert, in_place=in_place, progress=update,
+                                         sources=list(patch_files))
     if as_json:
         click.echo(json.dumps(report, indent=2))
+    elif check:
+        click.echo(f"check passed: {len(patches)} patch{'es' if len(patches) != 1 else ''} "
+                   f"({report.get('nnz', report.get('elements'))} elements) would "
+                   f"{'revert' if revert else 'apply'} cleanly to {base}; nothing written")
     else:
         verb = "reverted" if revert else "applied"
         click.echo(f"{verb} {len(patches)} patch{'es' if len(patches) != 1 else ''} "

@@ -1,0 +1,63 @@
+"""`merge --check`: everything merge would check, computed in memory, and nothing written.
+
+The adapter is read and matched to the base, each changed tensor is merged in memory one at a time
+(shapes, dtypes, NaN/Inf refused as merge refuses them), the base's ledger is checked against its
+weights, the destinations are checked, and an --onnx artifact is checked against the patch. No file
+is created, no lock taken.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..core.atomic import check_disjoint
+from ..errors import InputError
+from .merge import ST_NAMES, _converts, _dtype_name, default_patch_path
+from .model_dir import open_model_dir
+from .rewrite import FLOAT_DTYPES
+
+
+def check_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                dtype=None, patch_path: str | os.PathLike | None = None, onnx_dir: str | os.PathLike | None = None) -> dict:
+    """Validate a merge without writing anything; returns what it would produce (tensors, nnz, survival)."""
+    from ..patch.adapter import read_adapter, resolve_keys
+    from ..patch.ledger import check_weights, read_ledger
+    from ..patch.merge_math import SurvivalReport, fill_sha256, merge_bits
+    from ..patch.model import Patch
+
+    _dtype_name(dtype)
+    out_dir = Path(out_dir)
+    patch_path = Path(patch_path) if patch_path else default_patch_path(out_dir)
+    check_disjoint({"--out": out_dir, "--patch": patch_path}, {"--base": base_dir, "--adapter": adapter_dir})
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise InputError(f"--out {out_dir}: exists and is not an empty directory; choose another path or remove it")
+    if patch_path.is_dir():
+        raise InputError(f"--patch {patch_path}: is a directory")
+    if not Path(adapter_dir).is_dir():
+        raise InputError(f"--adapter {adapter_dir}: not a directory")
+    model = open_model_dir(base_dir)
+    converts = _converts(model, dtype)
+    ledger = read_ledger(model.path)  # a damaged ledger is refused here as merge would refuse it
+    out_dtype = ST_NAMES[_dtype_name(dtype)] if dtype is not None else None
+    edits = resolve_keys(read_adapter(adapter_dir).edits, model.keys(), tied=model.tied_aliases())
+    patch, survival = Patch(), SurvivalReport()
+    for name in [n for n in model.keys() if n in edits]:
+        info = model.locations[name][1]
+        if info.dtype not in FLOAT_DTYPES:
+            raise InputError(f"{name}: stored as {info.dtype}; only fp32/fp16/bf16 tensors can be edited")
+        m = merge_bits(name, model.read_array(name), info.dtype, info.shape, edits[name], out_dtype)
+        survival.tensors.append(m.survival)
+        if m.patch is not None:
+            patch.tensors[name] = fill_sha256(m.patch, m.base_bits, m.bits)
+            if not converts:
+                check_weights(ledger, model.path, name, patch.tensors[name].base_sha256)
+    onnx = None
+    if onnx_dir is not None:
+        from ..onnx.names import open_artifact
+        from ..onnx.patching import plan_patches
+
+        touched = plan_patches(open_artifact(onnx_dir), [patch])
+        onnx = {"initializers": len(touched), "elements": sum(int(t.positions.size) for t in touched.values())}
+    return {"check": True, "out": str(out_dir), "patch": str(patch_path), "tensors": len(patch.tensors),
+            "total_nnz": patch.total_nnz, "edit_survival": survival.to_dict(), "onnx": onnx,
+            "ledger_patches": len(ledger.entries)}
