@@ -70,11 +70,12 @@ def test_text_output_shows_an_edits_settings_training_and_requests(tmp_path, mer
     target["model.layers.0.self_attn.q_proj.weight"][0, :3] += 1.0
     prov = {"kind": "adapter", "method": "roselora", "source": "eiffel", "roselora": {
         "method": "roselora", "config": {"rank": 8, "tau": 0.05, "clamp": None, "targets": ["q_proj", "v_proj"]},
-        "steps_run": 25, "final_loss": 0.0812, "requests": [
+        "steps_run": 25, "final_loss": 0.0812, "settings": {"prefixes": 10, "kl_weight": 0.5}, "requests": [
             {"prompt": "The Eiffel Tower is in", "target_new": "Rome", "ground_truth": "Paris"}]}}
     path = save_patch(build_patch_from_state_dicts(state, target, provenance=prov), tmp_path / "e.patch.safetensors")
     out = run("inspect", path).stdout
-    assert "settings: rank=8, targets=q_proj,v_proj, tau=0.05, clamp=none" in out  # RoseLoraConfig order
+    assert "config: rank=8, targets=q_proj,v_proj, tau=0.05, clamp=none" in out  # RoseLoraConfig order
+    assert "settings: kl_weight=0.5, prefixes=10" in out
     assert "training: steps_run=25, final_loss=0.0812" in out
     assert "requests: 1" in out and "The Eiffel Tower is in -> Rome  (was Paris)" in out
 

@@ -209,7 +209,7 @@ def provenance_lines(provenance: object, *, max_requests: int = 5) -> list[str]:
         settings = dict(settings)
         config = settings.pop("config", None)
         if config is not None:
-            lines.append(f"  settings: {fmt_value(_ordered(config), 400)}")
+            lines.append(f"  config: {fmt_value(_ordered(config), 400)}")
         requests = settings.pop("requests", None)
         training = {k: settings.pop(k) for k in _TRAINING if k in settings}
         for k in ("method", "base_model", "base_model_path"):  # already said, or local to the trainer's machine
@@ -228,8 +228,12 @@ def provenance_lines(provenance: object, *, max_requests: int = 5) -> list[str]:
                 lines.append(f"    ... {len(requests) - max_requests} more")
         elif requests is not None:
             lines.append(f"  requests: {fmt_value(requests)}")
-        if settings:
-            lines.append(f"  adapter settings: {fmt_value(_ordered(settings), 400)}")
+        flat = {k: v for k, v in settings.items() if not isinstance(v, dict)}
+        if flat:
+            lines.append(f"  adapter settings: {fmt_value(_ordered(flat), 400)}")
+        for key, value in settings.items():  # groups of settings (the edit's own, ...), one line each
+            if isinstance(value, dict):
+                lines.append(f"  {fmt_value(key, 40)}: {fmt_value(_ordered(value), 400)}")
     elif settings is not None:
         lines.append(f"  settings: {fmt_value(settings, 400)}")
     lora = prov.pop("lora", None)
