@@ -46,7 +46,7 @@ def build_app(model_dir: str | os.PathLike, *, device="cpu", dtype: str | None =
 
     `device` is a torch.device or a name (auto, cpu, cuda, cuda:N; see roselora_export.devices)."""
     from ..models import check_model_dir, load_model, load_tokenizer
-    from ..signing import check_public_keys
+    from ..signing import check_public_keys, verify_patch
     from .app import create_app
     from .engine import Engine
     from .patches import PatchStore
@@ -57,6 +57,8 @@ def build_app(model_dir: str | os.PathLike, *, device="cpu", dtype: str | None =
     for p in patches:
         if not Path(p).is_file():
             raise InputError(f"--patch {p}: no such file")
+        if keys:  # refused before the model loads (the store checks again as it applies)
+            verify_patch(p, keys)
     warnings = []
     if token is not None and not keys:
         warnings.append("warning: no --trusted-key: any holder of the admin token can change the model with an "

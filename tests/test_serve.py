@@ -1,0 +1,346 @@
+"""`roselora-export serve`: OpenAI-compatible answers from a live model, signed patches applied and reverted
+over HTTP (loopback only), every refusal leaving the model bit-identical, and a churn test under load."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from openai import OpenAI
+
+from roselora_export.cli import main
+from roselora_export.serve import ServerThread, build_app
+from roselora_export.serve.client import Admin, AdminError
+from roselora_export.signing import sign_patch, signature_path
+from serve_helpers import model_patch, write_keypair
+from test_runtime_helpers import state_hash
+from tiny_models import save_model_dir, tiny_llama
+
+TOKEN = "test-admin-token-0123456789abcdef"
+PROMPTS = ["The capital of France is", "Once upon a time", "The Eiffel Tower is located in"]
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def files(tiny_model_dirs, tmp_path_factory):
+    """Keys, the admin token, and signed patches for the tiny Llama: A (changes answers), C (built on top of A,
+    overlapping it), one for another base, and a corrupt copy of A."""
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = tiny_model_dirs["llama"]
+    priv, pub = write_keypair(root, "trusted")
+    stranger, _ = write_keypair(root, "stranger")
+    (root / "token").write_text(TOKEN + "\n")
+    a, a_state = model_patch(model_dir, root / "a.patch.safetensors")
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    c, _ = model_patch(model_dir, root / "c.patch.safetensors", seed=1, frac=0.2, on_top_of=a_state, keys=[q0])
+    other_dir = save_model_dir(tiny_llama(seed=1, vocab_size=49152), root / "other")
+    other, _ = model_patch(other_dir, root / "other.patch.safetensors", seed=2)
+    data = bytearray(a.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    corrupt = root / "corrupt.patch.safetensors"
+    corrupt.write_bytes(bytes(data))
+    for p in (a, c, other, corrupt):
+        sign_patch(p, priv)
+    return {"root": root, "model": model_dir, "priv": priv, "pub": pub, "stranger": stranger, "token": root / "token",
+            "a": a, "c": c, "other": other, "corrupt": corrupt}
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    served = build_app(files["model"], device="cpu", admin_token_file=files["token"], trusted_keys=[files["pub"]])
+    with ServerThread(served.app) as url:
+        yield {"url": url, "served": served, "base_hash": state_hash(served.engine.model)}
+
+
+@pytest.fixture
+def admin(server):
+    yield Admin(server["url"], TOKEN)
+    # Every test leaves the model as it found it: no patch applied, every bit the base's.
+    assert Admin(server["url"], TOKEN).list() == []
+    assert state_hash(server["served"].engine.model) == server["base_hash"]
+
+
+def client(url: str) -> OpenAI:
+    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def complete(c: OpenAI, prompt: str) -> tuple[str, str]:
+    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+    return r.choices[0].text, r.system_fingerprint
+
+
+def answers(c: OpenAI) -> dict[str, str]:
+    return {p: complete(c, p)[0] for p in PROMPTS}
+
+
+def refused(server, status: int, call) -> str:
+    """Run an admin call that must be refused with `status`; check the model did not change; the message."""
+    with pytest.raises(AdminError) as err:
+        call()
+    assert err.value.status == status, err.value.message
+    assert state_hash(server["served"].engine.model) == server["base_hash"]
+    return err.value.message
+
+
+# ---- answering ------------------------------------------------------------------------------------
+def test_health_and_models_answer_once_loaded(server):
+    c = client(server["url"])
+    assert [m.id for m in c.models.list().data] == [server["served"].engine.name]
+    with urllib.request.urlopen(server["url"] + "/health", timeout=30) as resp:
+        assert resp.status == 200
+        health = json.loads(resp.read())
+    assert health["status"] == "ok" and health["patches"] == 0 and health["device"] == "cpu"
+
+
+def test_greedy_completions_and_chat_through_the_openai_client(server):
+    c = client(server["url"])
+    first, state = complete(c, PROMPTS[0])
+    assert state == "base" and first == complete(c, PROMPTS[0])[0]
+    r = c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    assert r.usage.completion_tokens <= MAX_TOKENS and r.choices[0].finish_reason in ("length", "stop")
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
+                                     temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 4
+    assert chat.system_fingerprint == "base"
+
+
+def test_a_request_beyond_the_context_is_a_400(server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client(server["url"]).completions.create(model="tiny", prompt="Hi", max_tokens=1000, temperature=0)
+
+
+# ---- patches --------------------------------------------------------------------------------------
+def test_post_applies_a_signed_patch_and_delete_restores_every_bit(server, files, admin):
+    c = client(server["url"])
+    base = answers(c)
+    entry = admin.push(files["a"])
+    assert entry["sha256"] == hashlib.sha256(files["a"].read_bytes()).hexdigest()
+    assert entry["nnz"] > 0 and entry["provenance"]["base_model"] == files["model"].name
+    assert [e["id"] for e in admin.list()] == [entry["id"]]
+    patched = answers(c)
+    assert patched != base
+    assert complete(c, PROMPTS[0])[1] == f"patches:{entry['id']}"
+    admin.revert(entry["id"])
+    assert answers(c) == base
+
+
+def test_a_reverted_patch_can_be_posted_again(server, files, admin):
+    first = admin.push(files["a"])
+    admin.revert(first["id"])
+    second = admin.push(files["a"])
+    assert second["id"] != first["id"] and second["sha256"] == first["sha256"]
+    admin.revert(second["id"])
+
+
+def test_delete_is_409_naming_the_later_overlapping_patch(server, files, admin):
+    a = admin.push(files["a"])
+    c = admin.push(files["c"])  # built on top of A: it applies only with A in place
+    model = server["served"].engine.model
+    stacked = state_hash(model)
+    with pytest.raises(AdminError) as err:
+        admin.revert(a["id"])
+    assert err.value.status == 409 and f"patch {c['id']}" in err.value.message
+    assert [e["id"] for e in admin.list()] == [a["id"], c["id"]] and state_hash(model) == stacked
+    admin.revert(c["id"])
+    admin.revert(a["id"])
+
+
+def test_missing_or_wrong_admin_token_is_401(server, files, admin):
+    for token in (None, "wrong-token-wrong-token-wrong"):
+        other = Admin(server["url"], token)
+        refused(server, 401, lambda: other.push(files["a"]))
+        refused(server, 401, lambda: other.list())
+        refused(server, 401, lambda: other.revert("1"))
+
+
+def test_unsigned_patch_is_403(server, files, admin, tmp_path):
+    unsigned = tmp_path / "a.patch.safetensors"
+    shutil.copy(files["a"], unsigned)
+    assert "unsigned" in refused(server, 403, lambda: admin.push(unsigned))
+
+
+def test_patch_signed_by_an_untrusted_key_is_403(server, files, admin, tmp_path):
+    patch = tmp_path / "a.patch.safetensors"
+    shutil.copy(files["a"], patch)
+    sign_patch(patch, files["stranger"])
+    assert "does not verify" in refused(server, 403, lambda: admin.push(patch))
+
+
+def test_patch_changed_after_signing_is_403(server, files, admin, tmp_path):
+    patch = tmp_path / "a.patch.safetensors"
+    shutil.copy(files["corrupt"], patch)  # the corrupt bytes under A's genuine signature
+    shutil.copy(signature_path(files["a"]), signature_path(patch))
+    assert "does not verify" in refused(server, 403, lambda: admin.push(patch))
+
+
+def test_corrupt_signed_patch_is_400(server, files, admin):
+    assert "corrupt" in refused(server, 400, lambda: admin.push(files["corrupt"]))
+
+
+def test_patch_for_another_base_is_409(server, files, admin):
+    refused(server, 409, lambda: admin.push(files["other"]))
+
+
+def test_patch_already_applied_is_409(server, files, admin):
+    a = admin.push(files["a"])
+    try:
+        with pytest.raises(AdminError) as err:
+            admin.push(files["a"])
+        assert err.value.status == 409 and "already applied" in err.value.message
+    finally:
+        admin.revert(a["id"])
+
+
+def test_unknown_patch_id_is_404(server, admin):
+    refused(server, 404, lambda: admin.revert("999"))
+
+
+def test_post_without_a_patch_part_is_400(server, admin):
+    refused(server, 400, lambda: admin.request("POST", "/v1/patches", b"{}", "application/json"))
+
+
+def test_without_an_admin_token_file_the_patch_endpoints_are_off(files, tiny_model_dirs):
+    from roselora_export.models import load_tokenizer
+    from roselora_export.serve.app import create_app
+    from roselora_export.serve.engine import Engine
+    from roselora_export.serve.patches import PatchStore
+
+    engine = Engine(tiny_llama(vocab_size=49152), load_tokenizer(files["model"]), "tiny")
+    before = state_hash(engine.model)
+    with ServerThread(create_app(engine, PatchStore(engine.runtime), None)) as url:
+        with pytest.raises(AdminError) as err:
+            Admin(url, TOKEN).push(files["a"])
+    assert err.value.status == 403 and "--admin-token-file" in err.value.message
+    assert state_hash(engine.model) == before
+
+
+# ---- churn ----------------------------------------------------------------------------------------
+CLIENTS, CYCLES = 4, 24
+
+
+def test_churn_four_clients_while_a_patch_is_applied_and_reverted_dozens_of_times(server, files, admin):
+    """Zero failed requests; each answer is the base or the patched greedy answer, as its state says;
+    the bits are the base's after the last revert."""
+    c = client(server["url"])
+    base = answers(c)
+    entry = admin.push(files["a"])
+    patched = answers(c)
+    admin.revert(entry["id"])
+    assert base != patched
+
+    stop = threading.Event()
+    results: list[tuple[str, str, str]] = []  # (prompt, text, state)
+    errors: list[BaseException] = []
+    answered = threading.Condition()
+
+    def ask(k: int) -> None:
+        me, rng = client(server["url"]), random.Random(k)
+        while not stop.is_set():
+            prompt = rng.choice(PROMPTS)
+            try:
+                text, state = complete(me, prompt)
+            except BaseException as err:  # a failed request fails the test
+                errors.append(err)
+                return
+            with answered:
+                results.append((prompt, text, state))
+                answered.notify_all()
+
+    def answered_from(state: str, since: int) -> bool:
+        """Wait until a request completed after `since` results was answered from `state`."""
+        with answered:
+            return answered.wait_for(lambda: errors or any(s == state for _, _, s in results[since:]), timeout=30)
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    applied_ids = []
+    try:
+        for _ in range(CYCLES):
+            # Each state is held until some client was answered from it, so the states really interleave.
+            since = len(results)
+            applied_ids.append(admin.push(files["a"])["id"])
+            assert answered_from(f"patches:{applied_ids[-1]}", since)
+            since = len(results)
+            admin.revert(applied_ids[-1])
+            assert answered_from("base", since)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+
+    assert errors == []
+    states = {s for _, _, s in results}
+    assert states == {"base"} | {f"patches:{i}" for i in applied_ids}
+    for prompt, text, state in results:
+        assert text == (base if state == "base" else patched)[prompt], (prompt, state)
+    assert len(results) >= 2 * CYCLES
+    assert state_hash(server["served"].engine.model) == server["base_hash"]
+
+
+# ---- the command ----------------------------------------------------------------------------------
+def tree_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        h.update(p.read_bytes() if p.is_file() else b"/")
+    return h.hexdigest()
+
+
+def _quietly(call) -> None:
+    try:
+        call()
+    except Exception:  # the server may be killed under it
+        pass
+
+
+def test_serve_refuses_to_start_with_an_unsigned_startup_patch(files, tmp_path):
+    unsigned = tmp_path / "a.patch.safetensors"
+    shutil.copy(files["a"], unsigned)
+    result = CliRunner().invoke(main, ["serve", "--model", str(files["model"]), "--port", "0", "--device", "cpu",
+                                       "--trusted-key", str(files["pub"]), "--patch", str(unsigned)])
+    assert result.exit_code == 2 and "no signature" in result.output
+
+
+@pytest.mark.slow
+def test_a_killed_server_leaves_the_model_directory_as_it_was(files, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(files["model"], model)
+    before = tree_hash(model)
+    cli = Path(sys.executable).with_name("roselora-export")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(cli), "serve", "--model", str(model), "--port", "0", "--device", "cpu",
+                             "--admin-token-file", str(files["token"]), "--trusted-key", str(files["pub"]),
+                             "--patch", str(files["a"]), "--log-level", "warning"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = ""
+        deadline = time.monotonic() + 180
+        while "serving" not in line and time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+        assert "serving" in line, "the server did not start"
+        url = line.split(" on ")[1].split()[0]
+        c = client(url)
+        assert complete(c, PROMPTS[0])[1] == "patches:1"  # the start-up patch, signed beside it
+        entry = Admin(url, TOKEN).push(files["c"])
+        assert complete(c, PROMPTS[0])[1] == f"patches:1,{entry['id']}"
+        # Killed with a revert and a request possibly in flight.
+        for call in (lambda: Admin(url, TOKEN).revert(entry["id"]), lambda: complete(client(url), PROMPTS[1])):
+            threading.Thread(target=_quietly, args=(call,), daemon=True).start()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert tree_hash(model) == before
