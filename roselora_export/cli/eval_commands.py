@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
 from . import main
+from .edit_commands import _preset_options, preset_settings
 
 _CONFIG_HELP = None
 
@@ -63,63 +65,65 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, as_json):
 @main.command("benchmark-edits")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Base model directory (safetensors).")
 @click.option("--requests", "requests_path", required=True, type=click.Path(), help="Edit requests, .jsonl.")
-@click.option("--methods", default="roselora,lora,ft-l", help="Comma-separated methods to compare.")
+@click.option("--methods", default="roselora,lora,ft-l", show_default=True, help="Comma-separated methods to compare.")
 @click.option("--mass", is_flag=True, help="Train one edit carrying all requests instead of one edit per request.")
 @click.option("--limit", type=int, default=None, help="Only the first N requests.")
-@click.option("--steps", type=int, default=None, help=_help("steps") + " [default: 25]")
-@click.option("--lr", type=float, default=None, help=_help("lr") + " [default: 5e-4]")
-@click.option("--rank", type=int, default=None, help=_help("rank") + " [default: 8]")
-@click.option("--alpha", type=float, default=None, help=_help("alpha") + " [default: 32]")
-@click.option("--targets", default=None, help=_help("targets") + " [default: q_proj,v_proj]")
-@click.option("--tau", type=float, default=None, help=_help("tau") + " [default: 0.05]")
-@click.option("--clamp", default=None, help=_help("clamp") + " [default: 3e-3; 'none' = off]")
+@_preset_options()
 @click.option("--layer", type=int, default=None, help="ft-l: the layer whose MLP down-projection is trained [default: 5].")
-@click.option("--seed", type=int, default=None, help=_help("seed") + " [default: 0]")
 @click.option("--no-bit-check", is_flag=True, help="Skip the sha256 of the whole model after each revert.")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the full report (per request) as JSON to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def benchmark_edits(model_dir, requests_path, methods, mass, limit, steps, lr, rank, alpha, targets, tau, clamp,
-                    layer, seed, no_bit_check, as_json):
+def benchmark_edits(model_dir, requests_path, methods, mass, limit, layer, no_bit_check, progress, out_path, as_json,
+                    **hyper):
     """Edit each request alone from the unedited model (or all at once with --mass), measure, revert exactly.
 
     After every revert the whole model's bits are checked against the unedited model (sha256), so no
-    edit leaks into the next. All methods get the same shared settings; what differs by construction
-    is printed with the results.
+    edit leaks into the next. All methods get the same shared settings (--preset and the options
+    that override it); what differs by construction is printed with the results. On a bf16/fp16
+    checkpoint (or with --deploy-dtype) every edit is measured as merge would ship it: rounded.
     """
+    from dataclasses import replace
+
     from tqdm.auto import tqdm
 
     from ..edit.benchmark import benchmark_edits as run
+    from ..edit.deploy_rounding import round_weights_
     from ..edit.requests import load_requests
+    from ..edit.settings import resolve_deploy_dtype
     from ..errors import InputError
-    from ..method.config import RoseLoraConfig
-    from ..models import load_model, load_tokenizer
+    from ..models import check_model_dir, load_model, load_tokenizer
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names:
         raise InputError("--methods: give at least one of roselora,lora,ft-l")
-    overrides = {k: v for k, v in dict(steps=steps, lr=lr, rank=rank, alpha=alpha, targets=targets, tau=tau,
-                                        seed=seed).items() if v is not None}
-    if clamp is not None:
-        if clamp.lower() == "none":
-            overrides["clamp"] = None
-        else:
-            try:
-                overrides["clamp"] = float(clamp)
-            except ValueError:
-                raise InputError(f"--clamp {clamp}: give a number or 'none'") from None
-    config = RoseLoraConfig(**overrides)
+    config, settings = preset_settings(hyper)
     requests = load_requests(requests_path)
     if limit is not None:
         if limit < 1:
             raise InputError(f"--limit {limit}: must be >= 1")
         requests = requests[:limit]
+    if out_path is not None and out_path.exists() and out_path.is_dir():
+        raise InputError(f"--out {out_path}: is a directory; give a .json file path")
     tokenizer = load_tokenizer(model_dir)
+    # The deploy dtype is shared by every method; ft-l's stored weights are rounded to it as well.
+    settings, round_first, note = resolve_deploy_dtype(settings, check_model_dir(model_dir), "roselora")
+    if note and not as_json:
+        click.echo(f"note: {note}", err=True)
     model = load_model(model_dir)
-    bar = tqdm(total=len(names) * len(requests), desc="edits", file=sys.stderr, unit="edit")
+    if round_first:
+        round_weights_(model, settings.deploy_dtype)
+    bar = tqdm(total=len(names) * len(requests), desc="edits", file=sys.stderr, unit="edit", disable=not progress)
     try:
-        report = run(model, tokenizer, requests, names, config, mass=mass, check_bits=not no_bit_check,
-                     layer=layer, on_edit=lambda m, i: (bar.set_postfix(method=m), bar.update(1)))
+        report = run(model, tokenizer, requests, names, config, settings=settings, mass=mass,
+                     check_bits=not no_bit_check, layer=layer,
+                     on_edit=lambda m, i: (bar.set_postfix(method=m), bar.update(1)))
     finally:
         bar.close()
+    if out_path is not None:
+        _write_json(out_path, report)
+    _warn_if_edits_did_not_take(report)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -134,3 +138,26 @@ def benchmark_edits(model_dir, requests_path, methods, mass, limit, steps, lr, r
         click.echo(f"{name}: {m['differs']}")
     if all(m["bits_checked"] for m in report["methods"].values()):
         click.echo("after every revert the model's sha256 equalled the unedited model's")
+
+
+def _write_json(path, report: dict) -> None:
+    """Write beside the destination, then rename: a crash never leaves half a report."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _warn_if_edits_did_not_take(report: dict) -> None:
+    for name, m in report["methods"].items():
+        if m["reliability"] is not None and m["reliability"] < 0.1:
+            hint = " see --clamp" if m["config"].get("clamp") is not None else " try more --steps or a higher --lr"
+            click.echo(f"warning: {name}: reliability {m['reliability']:.2f}: the edit did not take;{hint}", err=True)

@@ -35,7 +35,7 @@ def context_prefixes(model: torch.nn.Module, tokenizer, n: int, length: int, see
     if not can_generate(model):
         raise InputError(f"--prefixes {n}: context prefixes need a model that generates text "
                          f"({type(model).__name__} does not); pass --prefixes 0")
-    key = (id(model), n, length, seed)
+    key = (id(model), getattr(model.config, "_name_or_path", ""), n, length, seed)
     if key not in _CACHE:
         _CACHE[key] = [_generate(model, tokenizer, SEED_WORDS[i % len(SEED_WORDS)], length, seed * 1009 + i)
                        for i in range(n)]
