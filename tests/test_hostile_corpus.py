@@ -203,7 +203,8 @@ def test_apply_out_racing_an_in_place_apply_reads_one_whole_state(world, base, t
 
 
 @pytest.mark.parametrize("attack", ["diff --out into base", "diff --out via symlink", "merge --patch into base",
-                                    "merge --out inside base", "apply --out inside base", "onnx --out inside base"])
+                                    "merge --out inside base", "apply --out inside base", "onnx --out inside base",
+                                    "merge --patch is --out", "inspect --plot onto the patch"])
 def test_an_output_inside_an_input_is_refused_and_the_input_untouched(world, base, tmp_path, attack):
     onnx = Path(shutil.copytree(world["onnx"], tmp_path / "onnx"))
     (tmp_path / "link").symlink_to(base)
@@ -218,9 +219,14 @@ def test_an_output_inside_an_input_is_refused_and_the_input_untouched(world, bas
         "merge --out inside base": ["merge", "--base", base, "--adapter", world["adapter"], "--out", base / "sub"],
         "apply --out inside base": ["apply", "--base", base, "--patch", world["p1"], "--out", base / "sub"],
         "onnx --out inside base": ["apply", "--base", onnx, "--patch", world["p1"], "--out", onnx / "sub"],
+        "merge --patch is --out": ["merge", "--base", base, "--adapter", world["adapter"], "--out", tmp_path / "m",
+                                   "--patch", tmp_path / "m"],
+        "inspect --plot onto the patch": ["inspect", tmp_path / "p.safetensors", "--plot", tmp_path / "p.safetensors"],
     }[attack]
+    shutil.copy2(world["p1"], tmp_path / "p.safetensors")
     r = _cli(*args)
     lost = int(_tree(base) != before) + int(_tree(onnx) != onnx_before)
+    lost += int((tmp_path / "p.safetensors").read_bytes() != world["p1"].read_bytes())
     _record(attack, r, expect="refused", lost=lost, leftovers=len(_temps(tmp_path, base)))
     assert not (tmp_path / "m").exists()
 

@@ -89,6 +89,8 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     out_dir = Path(out_dir)
     patch_path = Path(patch_path) if patch_path else default_patch_path(out_dir)
     check_disjoint({"--out": out_dir, "--patch": patch_path}, {"--base": base_dir, "--adapter": adapter_dir})
+    if os.path.realpath(out_dir) == os.path.realpath(patch_path):
+        raise InputError(f"--patch {patch_path} is --out itself; give the patch a path of its own")
     if not Path(adapter_dir).is_dir():  # checked before gigabytes are copied; read_adapter checks the rest
         raise InputError(f"--adapter {adapter_dir}: not a directory")
     from ..patch.io import save_patch

@@ -269,9 +269,11 @@ def inspect_command(patch_file, as_json, plot_path, plot_value, limit) -> None:
     Tensors are listed in layer order. For an adapter directory the counts are of its fp32 delta,
     before rounding into the base's dtype (merge measures that).
     """
+    from ..core.atomic import check_disjoint
     from ..patch import load_patch
     from ..patch import inspect as ins
 
+    check_disjoint({"--plot": plot_path}, {"PATCH_FILE": patch_file})  # the picture must not replace the patch
     if ins.is_adapter_dir(patch_file):
         _inspect_adapter(patch_file, as_json, plot_path, plot_value, limit)
         return
