@@ -104,10 +104,11 @@ def check_base_model(patches: list[Patch], model: ModelDir) -> None:
 
 
 def _chain(patches: list[Patch], model: ModelDir, name: str, revert: bool, stack: Stack | None,
-           order: list[int] | None = None) -> np.ndarray:
+           order: list[int] | None = None, final: dict[str, str] | None = None) -> np.ndarray:
     """The tensor's stored bits with every patch that touches it applied in order (reverted in reverse).
 
-    With `stack`, each step is checked first (whole-tensor fingerprint, else the touched-element rule)."""
+    With `stack`, each step is checked first (whole-tensor fingerprint, else the touched-element rule),
+    and `final` (if given) receives the result's whole sha256, computed on the way."""
     info = model.locations[name][1]
     bits = model.read_array(name)
     sha = _sha(bits) if stack is not None else ""
@@ -122,6 +123,8 @@ def _chain(patches: list[Patch], model: ModelDir, name: str, revert: bool, stack
         if stack is not None:
             sha, before = _sha(bits), sha
             check_result(tp, before, sha, revert=revert)  # a wrong patched (base) fingerprint: refused before any write
+    if final is not None and stack is not None:
+        final[name] = sha
     return bits
 
 
@@ -143,7 +146,9 @@ def verify_patches(patches: list[Patch], model: ModelDir, *, revert: bool = Fals
     if absent:
         raise InputError(f"the patch changes {absent[0]}, which {model.path} does not have; wrong base model?")
     names = [n for n in model.keys() if n in touched]
-    final = {name: _sha(_chain(patches, model, name, revert, stack, stack.order())) for name in names}
+    final: dict[str, str] = {}
+    for name in names:
+        _chain(patches, model, name, revert, stack, stack.order(), final)
     return names, final
 
 
