@@ -1,8 +1,9 @@
-"""CLI commands for ONNX artifacts: `export-onnx` (patching them is `apply --base ONNX_DIR`)."""
+"""CLI commands for ONNX artifacts: `export-onnx`, `map-onnx`, `onnx-generate` (patching them is `apply --base ONNX_DIR`)."""
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -74,8 +75,11 @@ def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, kv_
 @device_option(help="Where to run: auto (onnxruntime's CUDA execution provider when it has one and a GPU is "
                     "present, else the CPU), cpu, cuda or cuda:N.")
 @click.option("--json", "as_json", is_flag=True, help="Print prompts, continuations and token ids as JSON.")
+@click.option("--runtime", type=click.Choice(["auto", "ort", "genai"]), default="auto",
+              help="ort: onnxruntime on an export-onnx artifact; genai: onnxruntime-genai on a model-builder "
+                   "artifact (--patch then runs on a patched temporary copy); auto: genai where genai_config.json is.")
 def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: tuple[str, ...], requests_path,
-                          max_new_tokens: int, device: str, as_json: bool) -> None:
+                          max_new_tokens: int, device: str, as_json: bool, runtime: str = "auto") -> None:
     """Greedy continuation of each prompt by onnxruntime, with or without patches.
 
     A quick check that an ONNX artifact carries an edit: run it with --patch (overrides in memory)
@@ -85,6 +89,16 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: 
     from ..onnx.session import create_session, generate_greedy
 
     pairs = resolve_prompts(prompts, requests_path)
+    if runtime == "genai" or (runtime == "auto" and (Path(onnx_dir) / "genai_config.json").is_file()):
+        from ..onnx.genai import genai_results
+
+        results = genai_results(onnx_dir, list(patch_files), pairs, max_new_tokens)
+        if as_json:
+            click.echo(json.dumps({"patches": list(patch_files), "runtime": "onnxruntime-genai", "results": results},
+                                  indent=2))
+        for r in [] if as_json else results:
+            click.echo(r["prompt"] + r["continuation"] + (f"   (target: {r['target']})" if r["target"] is not None else ""))
+        return
     providers = resolve_providers(device)
     session = create_session(onnx_dir, list(patch_files), providers=providers)
     if providers[0] != "CPUExecutionProvider" and "CUDAExecutionProvider" not in session.get_providers():

@@ -220,16 +220,22 @@ def _runtime_check(out: Path, inputs: tuple[torch.Tensor, torch.Tensor], expecte
     return float(np.abs(got.astype(np.float64) - expected.float().numpy()).max())
 
 
+# Checkpoints this large are exported by export_large (graph without weights, weights streamed file to
+# file): the in-memory path holds the weights about three times over and stops at protobuf's 2 GB.
+STREAM_ABOVE_BYTES = 1 << 30
+
+
 def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, task: str = "auto", opset: int = 17,
                 kv_cache: bool = False, check_runtime: bool = True, seed: int = 0,
-                progress: Callable[[str], None] | None = None) -> dict:
+                progress: Callable[[str], None] | None = None, stream: bool | None = None) -> dict:
     """Export a local HF model to `out_dir` (model.onnx + aligned model.onnx.data + names.json); returns a report.
 
     Inputs input_ids and attention_mask (int64, dynamic batch and sequence), output logits. With
     kv_cache (causal LMs), also past_key_values.{i}.key/value in and present.{i}.key/value out, and
     attention_mask spans past + new tokens. Nothing is written at `out_dir` unless the whole export
     and its checks succeed. `progress`, if given, is called with the name of each finished phase
-    (EXPORT_PHASES, in order).
+    (EXPORT_PHASES, in order). `stream` (default: for checkpoints of STREAM_ABOVE_BYTES or more) exports
+    through export_large: any size, peak memory about the model's once.
     """
     done = progress or (lambda phase: None)
     t0 = time.perf_counter()
@@ -242,6 +248,13 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     if kv_cache and task != "causal-lm":
         raise InputError(f"--kv-cache needs a causal LM; {model_dir} is exported as {task}")
     dtype = _checkpoint_dtype(model_dir)
+    if stream is None:
+        stream = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) >= STREAM_ABOVE_BYTES
+    if stream:
+        from .export_large import export_streaming
+
+        return export_streaming(model_dir, out, task=task, opset=opset, kv_cache=kv_cache, check_runtime=check_runtime,
+                                seed=seed, dtype=dtype, progress=done)
     model = load_model(model_dir, task=task, dtype=dtype)
     phases = {"load_s": time.perf_counter() - t0}
     done("load")

@@ -80,3 +80,34 @@ def genai_logits(onnx_dir: str | os.PathLike, token_ids) -> np.ndarray:
     gen = og.Generator(model, params)
     gen.append_tokens(ids)
     return np.asarray(gen.get_output("logits"), dtype=np.float32).reshape(ids.size, -1)
+
+
+def genai_results(onnx_dir: str | os.PathLike, patch_files: list, pairs: list[tuple[str, object]],
+                  max_new_tokens: int) -> list[dict]:
+    """onnx-generate through onnxruntime-genai: one result per (prompt, target) pair.
+
+    With patch files, they are applied to a patched copy of the artifact in a temporary directory
+    (onnxruntime-genai takes no initializer overrides); the artifact itself is only read.
+    """
+    import shutil
+    import tempfile
+
+    from ..patch import load_patch
+    from .mapping import apply_mapped
+
+    _model(onnx_dir)  # a genai artifact, and the package is there: checked before any copy
+    tmp = None
+    try:
+        run_dir = Path(onnx_dir)
+        if patch_files:
+            tmp = Path(tempfile.mkdtemp(prefix="roselora-genai-"))
+            run_dir = tmp / "patched"
+            apply_mapped(Path(onnx_dir), [load_patch(p) for p in patch_files], run_dir, base_model=None)
+        out = []
+        for prompt, target in pairs:
+            new, text = genai_generate(run_dir, prompt, max_new_tokens)
+            out.append({"prompt": prompt, "continuation": text, "new_token_ids": new, "target": target})
+        return out
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
