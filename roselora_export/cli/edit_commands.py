@@ -9,6 +9,7 @@ import click
 from ..errors import InputError
 from ..method.config import RoseLoraConfig
 from . import main
+from .options import device_option, dtype_option, resolve_device, resolve_dtype
 
 _HELP = RoseLoraConfig.help()
 EDIT_METHODS = ("roselora", "lora", "ft-l")
@@ -224,7 +225,10 @@ def _print_summary(summary: dict, out: Path, answers: list[dict], per_module: bo
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
 @click.option("--per-module", is_flag=True, help="Also print nnz(A), nnz(B), nnz(BA), sparsity and Prop.1 bound per module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (roselora.json plus answers) as JSON.")
-def edit(model_dir, requests_path, out, method, layer, overwrite, answers, progress, per_module, as_json, **hyper):
+@device_option()
+@dtype_option(help="Dtype to load the model in for training (the adapter itself trains in fp32).  [default: fp32]")
+def edit(model_dir, requests_path, out, method, layer, overwrite, answers, progress, per_module, as_json, device, dtype,
+         **hyper):
     """Train one edit carrying every request in --requests, and save it to --out.
 
     The loss covers the target tokens only (the target continues the prompt after one space), after
@@ -247,7 +251,7 @@ def edit(model_dir, requests_path, out, method, layer, overwrite, answers, progr
     settings, round_first, note = resolve_deploy_dtype(settings, path, method)
     if note and not as_json:
         click.echo(f"note: {note}", err=True)
-    model = load_model(path)
+    model = load_model(path, dtype=resolve_dtype(dtype)).to(resolve_device(device))
     if round_first:
         round_weights_(model, settings.deploy_dtype)
     shown = requests[:5] if answers else []
@@ -294,7 +298,11 @@ _FT_DEFAULTS = RoseLoraConfig(t_init=0.1, t_final=0.7, steps=100, clamp=None, ea
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr (rank 0).")
 @click.option("--per-module", is_flag=True, help="Also print nnz(A), nnz(B), nnz(BA), sparsity and Prop.1 bound per module.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (roselora.json) as JSON.")
-def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, progress, per_module, as_json, **hyper):
+@device_option(help="Where to train: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N; "
+                    "under torchrun, cuda means each process's cuda:LOCAL_RANK.")
+@dtype_option(help="Dtype to load the model in (the adapter itself trains in fp32).  [default: fp32]")
+def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, progress, per_module, as_json, device,
+          dtype, **hyper):
     """Fine-tune a RoseLoRA (or LoRA) adapter on --data; runs unchanged under torchrun (DDP, gloo on CPU).
 
     --t-init / --t-final below 1 are fractions of --steps. Under torchrun each process takes
@@ -304,6 +312,10 @@ def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, 
     from ..edit.finetune import setup_distributed, shutdown_distributed
     from ..edit import finetune
     from ..edit.train import save_edit
+    import os
+
+    import torch
+
     from ..models import load_model, load_tokenizer
 
     _check_out(out, overwrite)
@@ -312,7 +324,10 @@ def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, 
     config = _config(hyper)
     path = _resolve_model(model_dir)
     tokenizer = load_tokenizer(path)
-    model = load_model(path)
+    target = resolve_device(device)
+    if target.type == "cuda" and "LOCAL_RANK" in os.environ:
+        target = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    model = load_model(path, dtype=resolve_dtype(dtype)).to(target)
     limit = min(max_length, model_max_length(model, tokenizer) or max_length)
     examples = load_train_data(data_path, tokenizer, limit)
     rank, world = setup_distributed()

@@ -9,6 +9,7 @@ import click
 
 from . import main
 from .edit_commands import _preset_options, preset_settings
+from .options import device_option, dtype_option, resolve_device, resolve_dtype
 
 _CONFIG_HELP = None
 
@@ -39,7 +40,8 @@ def _fmt(x, pct: bool = False) -> str:
               help="An already-edited model directory (e.g. what merge wrote), measured against --model as the "
                    "unedited reference; an fp16/bf16 one against --model rounded to that dtype.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def evaluate(model_dir, requests_path, adapter, patches, edited_dir, as_json):
+@device_option()
+def evaluate(model_dir, requests_path, adapter, patches, edited_dir, as_json, device):
     """Measure reliability, generalization, locality and efficacy of an edit against the unedited model.
 
     Without --adapter, --patch or --edited the unedited model itself is measured (locality is then 1).
@@ -48,7 +50,8 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, as_json):
     """
     from ..edit.evaluate import evaluate_dir
 
-    report = evaluate_dir(model_dir, requests_path, adapter=adapter, patches=list(patches), edited=edited_dir)
+    report = evaluate_dir(model_dir, requests_path, adapter=adapter, patches=list(patches), edited=edited_dir,
+                          device=resolve_device(device))
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -75,8 +78,10 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, as_json):
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the full report (per request) as JSON to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@device_option()
+@dtype_option(help="Dtype to load the model in for training and measuring.  [default: fp32]")
 def benchmark_edits(model_dir, requests_path, methods, mass, limit, layer, no_bit_check, progress, out_path, as_json,
-                    **hyper):
+                    device, dtype, **hyper):
     """Edit each request alone from the unedited model (or all at once with --mass), measure, revert exactly.
 
     After every revert the whole model's bits are checked against the unedited model (sha256), so no
@@ -111,7 +116,7 @@ def benchmark_edits(model_dir, requests_path, methods, mass, limit, layer, no_bi
     settings, round_first, note = resolve_deploy_dtype(settings, check_model_dir(model_dir), "roselora")
     if note and not as_json:
         click.echo(f"note: {note}", err=True)
-    model = load_model(model_dir)
+    model = load_model(model_dir, dtype=resolve_dtype(dtype)).to(resolve_device(device))
     if round_first:
         round_weights_(model, settings.deploy_dtype)
     bar = tqdm(total=len(names) * len(requests), desc="edits", file=sys.stderr, unit="edit", disable=not progress)

@@ -132,7 +132,7 @@ def _edited_weights(model: torch.nn.Module, edited: torch.nn.Module, edited_dir)
 
 def evaluate_dir(model_dir: str | os.PathLike, requests_path: str | os.PathLike, *,
                  adapter: str | os.PathLike | None = None, patches: Sequence[str | os.PathLike] = (),
-                 edited: str | os.PathLike | None = None) -> dict:
+                 edited: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> dict:
     """Evaluate a model directory on a requests file, edited by a PEFT/ft-l adapter dir, by patch files, or
     as an already-edited model directory (`edited`, e.g. what `merge` wrote).
 
@@ -149,11 +149,11 @@ def evaluate_dir(model_dir: str | os.PathLike, requests_path: str | os.PathLike,
         raise InputError("--adapter, --patch and --edited: give one or the other")
     requests = load_requests(requests_path)
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir)
+    model = load_model(model_dir).to(device)
     base_params = count_base_params(model)
     edited_model, stored = None, {}
     if edited is not None:
-        edited_model = load_model(edited, option="--edited")  # upcast to fp32, exactly
+        edited_model = load_model(edited, option="--edited").to(device)  # upcast to fp32, exactly
         stored = _stored_dtypes(edited)
         with torch.no_grad():  # the reference: each base weight rounded to the dtype its edited copy is stored in
             for name, p in model.named_parameters():
