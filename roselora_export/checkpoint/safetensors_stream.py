@@ -13,7 +13,7 @@ shards while torch is still being imported. Only reading a tensor imports it.
 from __future__ import annotations
 
 import json
-import mmap
+import mmap  # noqa: F401 (tests replace safetensors_stream.mmap.mmap)
 import os
 import struct
 import threading
@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core import dtypes
 from ..core.dtypes import ITEMSIZE, TORCH_NAMES, torch_dtype
-from ..core.safetensors_header import Header, TensorInfo, read_header  # noqa: F401 (re-exported)
+from ..core.safetensors import Header, TensorInfo, _map, read_array, read_header  # noqa: F401 (re-exported)
 from ..errors import InputError
 
 if TYPE_CHECKING:
@@ -58,63 +57,6 @@ def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = Non
         return raw.view(dtype).reshape(info.shape)
     flat = torch.frombuffer(m, dtype=dtype, count=info.nbytes // ITEMSIZE[info.dtype], offset=offset)
     return flat.reshape(info.shape)
-
-
-def read_array(info: TensorInfo, fd: int | None = None, path: Path | None = None):
-    """One tensor as a flat numpy array, mapped as read_tensor maps it, without torch.
-
-    Float tensors come as their bit patterns (core.dtypes.NUMPY): uint32 for F32, uint16 for F16 and BF16.
-    """
-    import numpy as np
-
-    dtype = dtypes.NUMPY[info.dtype]
-    if info.nbytes == 0:
-        return np.zeros(0, dtype)
-    m, offset = _map(info, fd, path, read_only=True)
-    if info.start % ITEMSIZE[info.dtype] and offset:  # misaligned (no safetensors writer does this): copy
-        return np.frombuffer(m, np.uint8, info.nbytes, offset).copy().view(dtype)
-    return np.frombuffer(m, dtype, info.nbytes // dtype.itemsize, offset)
-
-
-def _map(info: TensorInfo, fd: int | None, path: Path | None, read_only: bool = False):
-    """A private mapping of the tensor's byte range (or a buffer read from it): (buffer, offset of the tensor).
-
-    read_only: map it read-only, its pages read in at once (MAP_POPULATE: one call, not a page fault per
-    4 KiB on first use); a writable private mapping would copy every page instead.
-    """
-    own = fd is None
-    if own:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as err:
-            raise InputError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        if os.fstat(fd).st_size < info.start + info.nbytes:
-            raise InputError(f"{path or 'shard'}: truncated while reading {info.name}")
-        lo = info.start - info.start % mmap.ALLOCATIONGRANULARITY
-        try:
-            if read_only:
-                m = mmap.mmap(fd, info.start + info.nbytes - lo, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                              prot=mmap.PROT_READ, offset=lo)
-            else:
-                m = mmap.mmap(fd, info.start + info.nbytes - lo, access=mmap.ACCESS_COPY, offset=lo)
-        except OSError:  # a file system that cannot map files: read it into a buffer instead
-            m, lo = _pread(fd, info, path), info.start
-    finally:
-        if own:
-            os.close(fd)
-    return m, info.start - lo
-
-
-def _pread(fd: int, info: TensorInfo, path: Path | None) -> bytearray:
-    buf = bytearray(info.nbytes)
-    view, done = memoryview(buf), 0
-    while done < info.nbytes:
-        got = os.preadv(fd, [view[done:]], info.start + done)
-        if got <= 0:
-            raise InputError(f"{path or 'shard'}: truncated while reading {info.name}")
-        done += got
-    return buf
 
 
 def tensor_bytes(t) -> memoryview:

@@ -1,4 +1,5 @@
-"""The safetensors header: read and validate it as strictly as the safetensors library does, or stricter.
+"""The safetensors file, read: its header validated as strictly as the safetensors library does (or
+stricter), and one tensor mapped as a numpy array (read_array), without torch.
 
 The file is an 8-byte little-endian header length, a JSON object, then the tensors' data. Accepted:
 each entry has a known dtype, a shape of non-negative integers (not floats, bools or strings) and
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
+from . import dtypes
 from .dtypes import ITEMSIZE
 from .oserrors import input_error
 
@@ -121,3 +124,60 @@ def read_header(path: str | os.PathLike, max_header: int = MAX_HEADER_BYTES) -> 
     path = Path(path)
     raw, size = read_header_bytes(path, max_header)
     return parse_header(path, raw, size)
+
+
+def read_array(info: TensorInfo, fd: int | None = None, path: Path | None = None):
+    """One tensor as a flat numpy array, mapped as read_tensor maps it, without torch.
+
+    Float tensors come as their bit patterns (core.dtypes.NUMPY): uint32 for F32, uint16 for F16 and BF16.
+    """
+    import numpy as np
+
+    dtype = dtypes.NUMPY[info.dtype]
+    if info.nbytes == 0:
+        return np.zeros(0, dtype)
+    m, offset = _map(info, fd, path, read_only=True)
+    if info.start % ITEMSIZE[info.dtype] and offset:  # misaligned (no safetensors writer does this): copy
+        return np.frombuffer(m, np.uint8, info.nbytes, offset).copy().view(dtype)
+    return np.frombuffer(m, dtype, info.nbytes // dtype.itemsize, offset)
+
+
+def _map(info: TensorInfo, fd: int | None, path: Path | None, read_only: bool = False):
+    """A private mapping of the tensor's byte range (or a buffer read from it): (buffer, offset of the tensor).
+
+    read_only: map it read-only, its pages read in at once (MAP_POPULATE: one call, not a page fault per
+    4 KiB on first use); a writable private mapping would copy every page instead.
+    """
+    own = fd is None
+    if own:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as err:
+            raise input_error(err, f"reading {path}") from None
+    try:
+        if os.fstat(fd).st_size < info.start + info.nbytes:
+            raise InputError(f"{path or 'shard'}: truncated while reading {info.name}")
+        lo = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        try:
+            if read_only:
+                m = mmap.mmap(fd, info.start + info.nbytes - lo, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                              prot=mmap.PROT_READ, offset=lo)
+            else:
+                m = mmap.mmap(fd, info.start + info.nbytes - lo, access=mmap.ACCESS_COPY, offset=lo)
+        except OSError:  # a file system that cannot map files: read it into a buffer instead
+            m, lo = _pread(fd, info, path), info.start
+    finally:
+        if own:
+            os.close(fd)
+    return m, info.start - lo
+
+
+def _pread(fd: int, info: TensorInfo, path: Path | None) -> bytearray:
+    buf = bytearray(info.nbytes)
+    view, done = memoryview(buf), 0
+    while done < info.nbytes:
+        got = os.preadv(fd, [view[done:]], info.start + done)
+        if got <= 0:
+            raise InputError(f"{path or 'shard'}: truncated while reading {info.name}")
+        done += got
+    return buf

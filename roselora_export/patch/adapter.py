@@ -75,7 +75,7 @@ class _SafetensorsFile:
     """
 
     def __init__(self, path: Path):
-        from ..checkpoint.safetensors_stream import read_header
+        from ..core.safetensors import read_header
 
         self.path, self.header = path, read_header(path)
 
@@ -83,7 +83,7 @@ class _SafetensorsFile:
         return list(self.header.tensors)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        from ..checkpoint.safetensors_stream import read_array
+        from ..core.safetensors import read_array
 
         info = self.header.tensors[name]
         try:

@@ -29,7 +29,7 @@ import numpy as np
 from ..core import dtypes
 from ..core.atomic import atomic_write
 from ..core.oserrors import input_error
-from ..core.safetensors_header import parse_header, read_header_bytes
+from ..core.safetensors import parse_header, read_header_bytes
 from ..errors import InputError
 from .model import BITS_BY_NAME, FORMAT_VERSION, Patch, TensorPatch
 from .provenance import provenance_problem
