@@ -125,8 +125,14 @@ def _demo_package_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def demo_model_dir(out: str | os.PathLike | None = None) -> Path:
-    """The converted default model directory, converting it on first use (about 20 s)."""
+def demo_model_dir(out: str | os.PathLike | None = None, dtype: str = "fp32") -> Path:
+    """The converted default model directory, converting it on first use (about 20 s).
+
+    dtype bf16 or fp16: a copy stored in that dtype (as most production checkpoints are), made once
+    from the fp32 conversion by rounding each weight to nearest-even.
+    """
+    if dtype != "fp32":
+        return _demo_copy_in(dtype, Path(out) if out else cache_root() / f"{DEMO_NAME}-{dtype}")
     target = Path(out) if out else cache_root() / DEMO_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
@@ -145,6 +151,31 @@ def demo_model_dir(out: str | os.PathLike | None = None) -> Path:
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target, then rename: a crash never leaves a half-converted cache.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _demo_copy_in(dtype: str, target: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in ("bf16", "fp16"):
+        raise InputError(f"--dtype {dtype}: use one of fp32, bf16, fp16")
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    source = demo_model_dir()
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch_dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)

