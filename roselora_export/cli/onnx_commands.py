@@ -25,11 +25,14 @@ from .options import (
 @click.option("--kv-cache", is_flag=True,
               help="Causal LMs: also take past_key_values.{i}.key/value and return present.{i}.key/value, "
                    "for incremental decoding (attention_mask then spans past + new tokens).")
+@click.option("--stream/--no-stream", default=None,
+              help="Trace the graph without weights and copy the weights file to file (any size, peak memory about "
+                   "the model once).  [default: for checkpoints of 1 GiB or more]")
 @click.option("--check/--no-check", default=True,
               help="Run the exported graph in onnxruntime on a new shape and compare logits with PyTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, kv_cache: bool, check: bool,
-                        as_json: bool) -> None:
+                        as_json: bool, stream: bool | None = None) -> None:
     """Export a model to ONNX once, so patches can later be applied to it without re-exporting.
 
     The graph takes input_ids and attention_mask (dynamic batch and sequence) and returns logits.
@@ -50,7 +53,7 @@ def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, kv_
             bar.update()
 
         report = export_onnx(model_dir, out_dir, task=task, opset=opset, kv_cache=kv_cache, check_runtime=check,
-                             progress=step)
+                             progress=step, stream=stream)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
