@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from roselora_export.checkpoint import apply_to_checkpoint, fingerprints, load_state_dict, merge_checkpoint
 from roselora_export.errors import InputError
 from roselora_export.patch import build_patch_from_state_dicts, load_patch, save_patch
+from roselora_export.patch.ledger import read_ledger
 from test_patch_fixtures import DTYPES, make_adapter, tiny_llama_dir
 
 
@@ -188,13 +189,17 @@ def test_in_place_apply_killed_mid_write_leaves_old_or_new_checkpoint_whole(tmp_
         proc.wait()
         state = fingerprints(ckpt)
         assert state in (before, after), f"killed at {when}: the checkpoint is a mix of old and new tensors"
+        # the ledger is swapped in with the weights: it lists the patch exactly when the weights hold it
+        assert len(read_ledger(ckpt).entries) == (1 if state == patched_state else 0), f"killed at {when}"
         outcomes.append((when, hit, "unchanged" if state == before else "done"))
         if state == after:  # the run completed before the kill: the next one goes the other way
             before, after, revert = after, before, not revert
     assert sum(hit for _, hit, _ in outcomes) >= 3, outcomes
+    ledger = ["roselora-ledger.json"] if fingerprints(ckpt) == patched_state else []
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model-00001-of-00003.safetensors",
                                                       "model-00002-of-00003.safetensors",
-                                                      "model-00003-of-00003.safetensors", "model.safetensors.index.json"]
+                                                      "model-00003-of-00003.safetensors",
+                                                      "model.safetensors.index.json", *ledger]
 
 
 def test_concurrent_in_place_applies_both_land(tmp_path, monkeypatch):
