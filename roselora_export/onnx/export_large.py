@@ -90,6 +90,11 @@ def export_streaming(model_dir: Path, out: Path, *, task: str, opset: int, kv_ca
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         canonical[key] = by_ptr.setdefault(ident, key)
         shapes[key] = (tuple(t.shape), t.dtype)
+    params = {canonical.get(k, k) for k, _ in model.named_parameters()}
+    missing = sorted(params - set(checkpoint.locations))
+    if missing:
+        raise InputError(f"--model {model_dir}: the model's parameter {missing[0]!r} is not stored under that name in "
+                         "the checkpoint, so its bytes cannot be streamed; export with --no-stream (under 2 GB)")
     check_inputs = _example_inputs(config, 3, 5, seed + 1)
     wrapper = _LogitsOnly(model).eval()
     with torch.no_grad():

@@ -49,6 +49,9 @@ ONNX_TO_TORCH: dict[int, torch.dtype] = {
 TORCH_TO_ONNX = {v: k for k, v in ONNX_TO_TORCH.items()}
 
 
+_CLI_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+
+
 def aligned_offset(offset: int, nbytes: int) -> int:
     """The first offset at or after `offset` where a tensor of `nbytes` may start."""
     align = ALIGN_LARGE if nbytes >= LARGE_TENSOR else ALIGN_SMALL
@@ -214,7 +217,7 @@ class OnnxArtifact:
         if entry.get("dtype") and entry["dtype"] != have:
             return (f"the artifact stores it as {have}, cast from the checkpoint's {entry['dtype']}, and a {want} "
                     f"patch cannot be applied exactly to {have} values; make the patch in {have} "
-                    f"(merge --dtype {have.lower().replace('f', 'fp', 1)}, or diff against a {have} checkpoint)")
+                    f"(merge --dtype {_CLI_DTYPES.get(have, have)}, or diff against a {have} checkpoint)")
         return f"the artifact stores it as {have} but the patch is {want}"
 
 
