@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The runtime benchmark on CUDA, in under 5 minutes: one table naming the device, written into the
-# "runtime-gpu" section of docs/benchmarks.md (raw figures also to $OUT/runtime-gpu.json when $OUT is set).
+# "runtime-gpu" section of docs/benchmarks.md (raw figures also to $OUT/runtime-gpu.json when $OUT is set);
+# then the serving benchmark (bench/serve_bench.py --device cuda, about 3 minutes) into "serve-gpu".
 #
 #   bench/gpu.sh                       # on a machine with a CUDA GPU
 #   bench/gpu.sh --device cpu          # dry run on CPU: same code path, prints the table, writes nothing
@@ -25,11 +26,16 @@ if [ -z "$PY" ]; then
 fi
 if [ "$DEVICE" = cpu ]; then
   WRITE=(--no-write)
+  SERVE_WRITE=(--no-write --seconds 10 --rounds 1)
 else
   WRITE=(--section runtime-gpu)
+  SERVE_WRITE=(--section serve-gpu --seconds 20 --rounds 2)
 fi
 JSON=()
-if [ -n "${OUT:-}" ]; then JSON=(--json "$OUT/runtime-gpu.json"); fi
+SERVE_JSON=()
+if [ -n "${OUT:-}" ]; then JSON=(--json "$OUT/runtime-gpu.json"); SERVE_JSON=(--json "$OUT/serve-gpu.json"); fi
 "$PY" -c 'import torch, sys; d = sys.argv[1]; sys.exit(0 if not d.startswith("cuda") or torch.cuda.is_available() else "error: no CUDA device visible to torch; run with --device cpu for a dry run")' "$DEVICE"
-exec timeout 290 "$PY" bench/runtime.py --device "$DEVICE" --repeats 10 --gib 1 --densities 0.01,0.1 --summary \
+timeout 290 "$PY" bench/runtime.py --device "$DEVICE" --repeats 10 --gib 1 --densities 0.01,0.1 --summary \
   "${WRITE[@]}" "${JSON[@]}" "${EXTRA[@]+"${EXTRA[@]}"}"
+# Serving: the same server code path with --device cuda (latency with and without churn, patch vs restart).
+timeout 280 "$PY" bench/serve_bench.py --device "$DEVICE" "${SERVE_WRITE[@]}" "${SERVE_JSON[@]}"
