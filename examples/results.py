@@ -331,6 +331,44 @@ FINDINGS = """**What the figures say** (by hand, from the run below):
   LoRA 52-69%."""
 
 
+DEFAULTS_JSON = DOCS / "edit_defaults.json"
+
+
+def defaults_section() -> list[str]:
+    """The editing defaults' evidence and the sweep that chose them (examples/edit_defaults.py), as markdown lines."""
+    if not DEFAULTS_JSON.is_file():
+        return []
+    d = json.loads(DEFAULTS_JSON.read_text())
+    cols = ("reliability", "generalization", "locality")
+    out = []
+    for setting, title in (("fp32", "fp32 checkpoint"), ("bf16", "bf16 checkpoint, each edit merged and measured in bf16")):
+        rows = d.get(f"evidence_{setting}")
+        if not rows:
+            continue
+        n = next(iter(rows.values()))["requests"]
+        lines = [f"### Single edits with the defaults: {title} ({n} dev requests, each edited alone)", "",
+                 "| method | reliability | generalization | locality | params modified | s/edit |", "|---|---|---|---|---|---|"]
+        for label, m in rows.items():
+            lines.append(f"| {label} | " + " | ".join(pct(m[c]) for c in cols) +
+                         f" | {m['params_modified']:,.0f} ({pct(m['params_modified_fraction'], 4)}) | {m['seconds_per_edit']:.1f} |")
+        out += lines + [""]
+    if "sweep" in d:
+        choice = d.get("choice", {})
+        lines = ["### How the defaults were chosen", "",
+                 "| candidate (changes to `--preset paper`) | reliability | generalization | locality | params modified | s/edit | steps |",
+                 "|---|---|---|---|---|---|---|"]
+        for name, r in d["sweep"].items():
+            mark = " **(chosen)**" if name == choice.get("chosen") else ""
+            lines.append(f"| {name}{mark} | " + " | ".join(pct(r[c]) for c in cols) +
+                         f" | {r['params_modified']:,.0f} ({pct(r['params_modified_fraction'], 4)}) | "
+                         f"{r['seconds_per_edit']:.1f} | {r['steps']:.1f} |")
+        n = next(iter(d["sweep"].values()))["requests"]
+        lines += ["", f"RoseLoRA single edits on {n} dev requests spread evenly over the 34 "
+                      f"(`examples/edit_defaults.py sweep`). Rule (`choose`): {choice.get('rule', 'not applied yet')}."]
+        out += lines + [""]
+    return out
+
+
 def render(res: dict) -> tuple[str, str]:
     """(docs/results.md, README block)."""
     meta = res.get("meta", {})
@@ -342,6 +380,8 @@ def render(res: dict) -> tuple[str, str]:
     readme = [*head, ""]
     for out in (md, readme):
         out += [FINDINGS, ""]
+        out += defaults_section()
+        out += ["The tables below are the earlier run (2026-11-29, the authors' settings as the default).", ""]
     if "edits" in res:
         e = json.loads(json.dumps(res["edits"]))
         if "variant" in res:

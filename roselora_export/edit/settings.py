@@ -54,7 +54,9 @@ class EditSettings:
 # knowledge-editing setup, tuned for LLaMA-2-7B (../shared/METHOD.md); `default` was chosen by the
 # sweep in examples/results.py on the dev requests (docs/results.md, "How the defaults were chosen").
 PRESETS: dict[str, tuple[dict, dict]] = {
-    "default": (dict(), dict()),
+    "default": (dict(rank=8, alpha=32, dropout=0.1, targets=("mlp",), tau=0.03, beta=0.8, t_init=3, t_final=12,
+                     steps=25, lr=2e-3, weight_decay=0.0, clamp=None, early_stop_loss=0.1),
+                dict(prefixes=3, prefix_length=5, kl_weight=1.0)),
     "paper": (dict(rank=8, alpha=32, dropout=0.1, targets=("auto",), tau=0.05, beta=0.8, t_init=3, t_final=20,
                    steps=25, lr=5e-4, weight_decay=0.0, clamp=3e-3, early_stop_loss=0.1),
               dict(prefixes=0, kl_weight=0.0)),

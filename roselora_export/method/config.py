@@ -20,7 +20,8 @@ class RoseLoraConfig:
     targets: tuple[str, ...] = field(
         default=("auto",),
         metadata={"help": "Names of the modules to adapt (PEFT target_modules), e.g. q_proj,v_proj; c_attn on GPT-2; "
-                          "query,value on BERT; auto = PEFT's default for the architecture (those three)."},
+                          "query,value on BERT; auto = PEFT's default for the architecture (those three); mlp = the MLP's "
+                          "input and output projections (up_proj,down_proj; GPT-2 c_fc,mlp.c_proj)."},
     )
     tau: float = field(default=0.05, metadata={"help": "Kept fraction [tau]: each row of A and column of B keeps ceil(tau*d) entries."})
     beta: float = field(default=0.8, metadata={"help": "EMA factor [beta] of the sensitivity importance |w * dL/dw|."})

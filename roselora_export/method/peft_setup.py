@@ -30,6 +30,28 @@ def auto_targets(model: torch.nn.Module) -> list[str]:
     return list(targets)
 
 
+# The MLP's input and output projections, by the names architectures give them (first match wins).
+# Dotted names match the end of a module's path (PEFT's rule): GPT-2's attention also has a c_proj.
+_MLP_NAMES = (("up_proj", "down_proj"), ("c_fc", "mlp.c_proj"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"),
+              ("w1", "w2"), ("intermediate.dense",))
+
+
+def mlp_targets(model: torch.nn.Module) -> list[str]:
+    """The MLP projections to adapt ('mlp'): up_proj,down_proj on Llama-style models, c_fc,mlp.c_proj on GPT-2, ..."""
+    paths = _adaptable_paths(model)
+    for names in _MLP_NAMES:
+        if all(any(p == n or p.endswith("." + n) for p in paths) for n in names):
+            return list(names)
+    raise InputError("--targets mlp: this model's MLP projections have names this tool does not know; "
+                     f"name them, e.g. --targets {','.join(_named_attention(model)) or 'q_proj,v_proj'}")
+
+
+def _adaptable_paths(model: torch.nn.Module) -> list[str]:
+    from transformers.pytorch_utils import Conv1D
+
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
 def _named_attention(model: torch.nn.Module) -> list[str]:
     leaves = _adaptable_leaf_names(model)
     return [n for n in ("q_proj", "v_proj", "query", "value", "c_attn", "qkv_proj") if n in leaves]
@@ -37,9 +59,11 @@ def _named_attention(model: torch.nn.Module) -> list[str]:
 
 def resolve_targets(model: torch.nn.Module, targets) -> list[str]:
     """The target names, checked: each must name at least one Linear/Conv1D module of the model; 'auto' = auto_targets."""
-    targets = [t for name in targets for t in (auto_targets(model) if name == "auto" else [name])]
+    aliases = {"auto": auto_targets, "mlp": mlp_targets}
+    targets = [t for name in targets for t in (aliases[name](model) if name in aliases else [name])]
     leaves = _adaptable_leaf_names(model)
-    missing = [t for t in targets if t not in leaves]
+    paths = _adaptable_paths(model)
+    missing = [t for t in targets if t not in leaves and not ("." in t and any(p.endswith("." + t) for p in paths))]
     if missing:
         have = ",".join(sorted(n for n in leaves if n not in ("lm_head", "classifier", "score")))
         raise InputError(f"--targets {','.join(targets)}: no module named {','.join(missing)} in this model; "
@@ -58,7 +82,7 @@ def lora_config(config: RoseLoraConfig, model: torch.nn.Module, task_type: str |
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=targets,
-        fan_in_fan_out=any(leaves[t] for t in targets),
+        fan_in_fan_out=any(leaves.get(t.rsplit(".", 1)[-1], False) for t in targets),
         bias="none",
         task_type=task_type,
     )
