@@ -209,3 +209,25 @@ def test_mlp_targets_name_each_architectures_mlp_projections(build, expected):
     assert resolve_targets(model, ("mlp",)) == expected
     adapted = [p.base_key for p in lora_pairs(wrap_with_lora(model, RoseLoraConfig(targets=("mlp",))))]
     assert adapted and all(".attn." not in k and ".attention." not in k for k in adapted)  # GPT-2's attn.c_proj is left alone
+
+
+def test_sequential_editing_measures_after_the_last_edit_and_reverts_every_patch_to_the_base(tiny_model_dirs, tmp_path):
+    reqs = [REQ.to_dict(), {**REQ.to_dict(), "prompt": "The capital of Japan is", "subject": "Japan", "target_new": "Seoul"},
+            {**REQ.to_dict(), "prompt": "Tesla is led by its CEO", "subject": "Tesla", "target_new": "Jeff Bezos"}]
+    path = tmp_path / "req.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in reqs) + "\n")
+    out = tmp_path / "seq.json"
+    result = _cli(["benchmark-edits", "--model", tiny_model_dirs["llama"], "--requests", path, "--sequential",
+                   "--methods", "roselora,ft-l", "--steps", "4", "--t-init", "1", "--t-final", "2", "--prefixes", "1",
+                   "--prefix-length", "3", "--lr", "5e-2", "--no-progress", "--out", out])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    for m in report["methods"].values():
+        assert m["edits"] == 3 and len(m["per_request"]) == 3 and m["bits_identical_after_reverts"] is True
+        assert sorted(m["revert_order"]) == [0, 1, 2] and m["params_touched_union"] > 0
+    # ft-l edits one weight again and again: every later patch overlaps an earlier one, so reverts go LIFO
+    assert report["methods"]["ft-l"]["patches_overlapping_an_earlier_one"] == 2
+    assert report["methods"]["ft-l"]["revert_order"] == [2, 1, 0]
+    assert "bit-identical" in _cli(["benchmark-edits", "--model", tiny_model_dirs["llama"], "--requests", path,
+                                    "--sequential", "--methods", "ft-l", "--steps", "2", "--prefixes", "0",
+                                    "--no-progress", "--limit", "2"]).stdout

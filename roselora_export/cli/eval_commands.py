@@ -70,6 +70,10 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, as_json, de
 @click.option("--requests", "requests_path", required=True, type=click.Path(), help="Edit requests, .jsonl.")
 @click.option("--methods", default="roselora,lora,ft-l", show_default=True, help="Comma-separated methods to compare.")
 @click.option("--mass", is_flag=True, help="Train one edit carrying all requests instead of one edit per request.")
+@click.option("--sequential", is_flag=True,
+              help="Lifelong editing: each request edited on the model with every earlier edit applied (each its own "
+                   "patch), all measured after the last, then every patch reverted (shuffled where the overlap rule "
+                   "allows) and the bits checked against the base.")
 @click.option("--limit", type=int, default=None, help="Only the first N requests.")
 @_preset_options()
 @click.option("--layer", type=int, default=None, help="ft-l: the layer whose MLP down-projection is trained [default: 5].")
@@ -80,8 +84,8 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, as_json, de
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @device_option()
 @dtype_option(help="Dtype to load the model in for training and measuring.  [default: fp32]")
-def benchmark_edits(model_dir, requests_path, methods, mass, limit, layer, no_bit_check, progress, out_path, as_json,
-                    device, dtype, **hyper):
+def benchmark_edits(model_dir, requests_path, methods, mass, sequential, limit, layer, no_bit_check, progress, out_path,
+                    as_json, device, dtype, **hyper):
     """Edit each request alone from the unedited model (or all at once with --mass), measure, revert exactly.
 
     After every revert the whole model's bits are checked against the unedited model (sha256), so no
@@ -119,11 +123,22 @@ def benchmark_edits(model_dir, requests_path, methods, mass, limit, layer, no_bi
     model = load_model(model_dir, dtype=resolve_dtype(dtype)).to(resolve_device(device))
     if round_first:
         round_weights_(model, settings.deploy_dtype)
+    if mass and sequential:
+        raise InputError("--mass and --sequential: choose one")
     bar = tqdm(total=len(names) * len(requests), desc="edits", file=sys.stderr, unit="edit", disable=not progress)
+    tick = lambda m, i: (bar.set_postfix(method=m), bar.update(1))  # noqa: E731
     try:
-        report = run(model, tokenizer, requests, names, config, settings=settings, mass=mass,
-                     check_bits=not no_bit_check, layer=layer,
-                     on_edit=lambda m, i: (bar.set_postfix(method=m), bar.update(1)))
+        if sequential:
+            from ..edit.benchmark import sequential_edits
+            from ..edit.evaluate import count_base_params
+
+            report = {"methods": {m: sequential_edits(model, tokenizer, requests, m, config, settings=settings,
+                                                      layer=layer, on_edit=tick) for m in names},
+                      "base_params": count_base_params(model), "mode": "sequential", "requests": len(requests),
+                      "shared_config": config.to_dict(), "settings": settings.to_dict()}
+        else:
+            report = run(model, tokenizer, requests, names, config, settings=settings, mass=mass,
+                         check_bits=not no_bit_check, layer=layer, on_edit=tick)
     finally:
         bar.close()
     if out_path is not None:
@@ -133,6 +148,9 @@ def benchmark_edits(model_dir, requests_path, methods, mass, limit, layer, no_bi
         click.echo(json.dumps(report, indent=2))
         return
     click.echo(f"{report['mode']} edits, {report['requests']} requests, base {report['base_params']:,} weights")
+    if report["mode"] == "sequential":
+        _print_sequential(report)
+        return
     click.echo(f"{'method':<9} {'reliab':>7} {'general':>7} {'local':>7} {'effic':>6} {'params modified':>16} {'s/edit':>7}")
     for name, m in report["methods"].items():
         click.echo(f"{name:<9} {_fmt(m['reliability']):>7} {_fmt(m['generalization']):>7} {_fmt(m['locality']):>7} "
@@ -143,6 +161,15 @@ def benchmark_edits(model_dir, requests_path, methods, mass, limit, layer, no_bi
         click.echo(f"{name}: {m['differs']}")
     if all(m["bits_checked"] for m in report["methods"].values()):
         click.echo("after every revert the model's sha256 equalled the unedited model's")
+
+
+def _print_sequential(report: dict) -> None:
+    click.echo(f"{'method':<9} {'reliab':>7} {'general':>7} {'local':>7} {'union touched':>14} {'overlapping':>11} "
+               f"{'s/edit':>7}  reverted to base")
+    for name, m in report["methods"].items():
+        click.echo(f"{name:<9} {_fmt(m['reliability']):>7} {_fmt(m['generalization']):>7} {_fmt(m['locality']):>7} "
+                   f"{m['params_touched_union_fraction'] * 100:>13.4f}% {m['patches_overlapping_an_earlier_one']:>11} "
+                   f"{m['seconds_per_edit']:>7.2f}  {'bit-identical' if m['bits_identical_after_reverts'] else 'NO'}")
 
 
 def _write_json(path, report: dict) -> None:

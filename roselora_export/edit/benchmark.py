@@ -164,3 +164,82 @@ def benchmark_edits(
         out["methods"][method] = _aggregate(rows, seconds, time.perf_counter() - t0, len(requests) if mass else len(groups),
                                             modified, base_params, steps, losses, cfg, method, mass, checked)
     return out
+
+
+def sequential_edits(
+    model: torch.nn.Module,
+    tokenizer,
+    requests: Sequence[EditRequest],
+    method: str = "roselora",
+    config: RoseLoraConfig | None = None,
+    *,
+    settings: EditSettings | None = None,
+    layer: int | None = None,
+    seed: int = 0,
+    on_edit: Callable[[str, int], None] | None = None,
+) -> dict:
+    """Lifelong editing (the WISE protocol) with patches: edit the requests one after another, each on
+    the model with every earlier edit applied, each merged into its own patch and applied; measure all
+    of them after the last; then revert every patch, in a seeded shuffled order where the overlap rule
+    allows and the latest blocking patch first where it does not, and check the bits equal the base's.
+
+    Returns the metrics, how many patches overlap an earlier one, the fraction of weights touched by
+    their union, seconds per edit, the revert order taken, and whether the final bits matched.
+    """
+    import random
+
+    from ..runtime import PatchRuntime
+
+    if config is None or settings is None:
+        default_config, default_settings = preset("default")
+        config, settings = config or default_config, settings or default_settings
+    cfg = method_config(method, config)
+    requests = list(requests)
+    evaluator = EditEvaluator(tokenizer, requests, torch_forward(model))
+    base_params = count_base_params(model)
+    runtime = PatchRuntime(model)
+    reference = state_sha256(model)
+    handles, seconds, touched = [], [], {}
+    t0 = time.perf_counter()
+    try:
+        for i, req in enumerate(requests):
+            result = train_edit(model, tokenizer, [req], method=method, config=cfg, settings=settings, layer=layer)
+            patch = edit_patch(model, result, settings.deploy_dtype)
+            handles.append(runtime.apply(patch))
+            seconds.append(result.seconds)
+            for name, tp in patch.tensors.items():
+                touched.setdefault(name, set()).update(tp.flat_index.tolist())
+            if on_edit is not None:
+                on_edit(method, i)
+        wall = time.perf_counter() - t0
+        rows = evaluator.measure(torch_forward(model))
+        overlapping = sum(1 for h in handles if h._overlaps)
+    finally:
+        order = _revert_all(runtime, handles, random.Random(seed))
+    identical = state_sha256(model) == reference
+    out = {m: mean([r[m] for r in rows]) for m in METRICS}
+    out.update({
+        "edits": len(requests), "mode": "sequential", "params_touched_union": sum(len(v) for v in touched.values()),
+        "params_touched_union_fraction": sum(len(v) for v in touched.values()) / base_params,
+        "patches_overlapping_an_earlier_one": overlapping, "seconds_per_edit": sum(seconds) / max(len(seconds), 1),
+        "wall_seconds_per_edit": wall / max(len(requests), 1), "revert_order": order,
+        "bits_identical_after_reverts": identical, "config": cfg.to_dict(), "settings": settings.to_dict(),
+        "per_request": rows,
+    })
+    return out
+
+
+def _revert_all(runtime, handles: list, rng) -> list[int]:
+    """Revert every handle: a shuffled order, each blocked one after the patches that block it (LIFO among those)."""
+    pending = list(handles)
+    rng.shuffle(pending)
+    order = []
+    while pending:
+        handle = pending.pop(0)
+        later = runtime.blocking(handle)
+        if later is not None:  # revert what blocks it first, then come back to it
+            pending = [later] + [handle] + [h for h in pending if h is not later]
+            continue
+        runtime.revert(handle)
+        order.append(handles.index(handle))
+    return order
