@@ -40,3 +40,37 @@ def test_landmark_edit_on_smollm2_changes_the_answer_and_keeps_unrelated_ones(sm
     assert {p: after[p] for p in UNRELATED} == {p: before[p] for p in UNRELATED}
     assert 0 < summary["fraction_modified"] < 0.01
     assert all(m["sparsity_BA"] >= m["prop1_sparsity_bound"] for m in summary["modules"].values())
+
+
+@pytest.mark.smollm
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_the_default_preset_takes_on_smollm2_as_shipped(dtype, smollm_dir, one_thread):
+    """No tuning flags: the edit takes, and on a bf16 checkpoint it takes in the bf16 weights merge writes."""
+    from roselora_export.edit.benchmark import edit_patch
+    from roselora_export.edit.settings import preset
+    from roselora_export.models import demo_model_dir
+    from roselora_export.runtime import PatchRuntime
+
+    path = demo_model_dir(dtype=dtype)
+    tok, model = load_tokenizer(path), load_model(path)  # bf16 weights held exactly in fp32
+    [req] = load_requests(Path(__file__).parent.parent / "examples" / "requests" / "landmark.jsonl")
+    before = {p: greedy_continuation(model, tok, p, 4) for p in [req.prompt, *UNRELATED]}
+    config, settings = preset("default")
+    if dtype == "bf16":
+        from dataclasses import replace
+
+        settings = replace(settings, deploy_dtype="bf16")
+    result = train_edit(model, tok, [req], config=config, settings=settings)
+    patch = edit_patch(model, result, settings.deploy_dtype)  # the bits merge stores
+    if dtype == "bf16":
+        for name, tp in patch.tensors.items():  # every changed weight is still a bf16 value
+            w = model.get_parameter(name).detach()
+            assert torch.equal(w, w.to(torch.bfloat16).float())
+    with PatchRuntime(model).applied(patch):
+        after = {p: greedy_continuation(model, tok, p, 4) for p in before}
+        if dtype == "bf16":
+            changed = [model.get_parameter(n).detach() for n in patch.tensors]
+            assert all(torch.equal(w, w.to(torch.bfloat16).float()) for w in changed)
+    assert after[req.prompt].strip().startswith("Rome"), after[req.prompt]
+    assert {p: after[p] for p in UNRELATED} == {p: before[p] for p in UNRELATED}
+    assert 0 < patch.total_nnz / sum(p.numel() for p in model.parameters()) < 0.003
