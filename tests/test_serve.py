@@ -115,6 +115,20 @@ def test_greedy_completions_and_chat_through_the_openai_client(server):
     assert chat.system_fingerprint == "base"
 
 
+def test_stop_sequences_cut_the_answer_and_finish_it_with_stop(server):
+    c = client(server["url"])
+    full, _ = complete(c, PROMPTS[1])
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    r = c.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+
+
+def test_sampling_above_temperature_zero_answers_too(server):
+    r = client(server["url"]).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=3, temperature=0.8,
+                                                 top_p=0.9)
+    assert r.usage.completion_tokens <= 3 and r.system_fingerprint == "base"
+
+
 def test_a_request_beyond_the_context_is_a_400(server):
     import openai
 
