@@ -23,7 +23,7 @@ _MODULES = ("edit_commands", "patch_commands", "onnx_commands", "runtime_command
 _COMMAND_MODULES = {
     "edit": "edit_commands", "train": "edit_commands", "demo-model": "edit_commands",
     "merge": "patch_commands", "diff": "patch_commands", "apply": "patch_commands", "inspect": "patch_commands",
-    "export-onnx": "onnx_commands", "onnx-generate": "onnx_commands",
+    "export-onnx": "onnx_commands", "onnx-generate": "onnx_commands", "map-onnx": "onnx_commands",
     "try": "runtime_commands",
     "evaluate": "eval_commands", "benchmark-edits": "eval_commands",
     "serve": "serve_commands", "sign": "serve_commands", "verify": "serve_commands",
