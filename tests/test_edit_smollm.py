@@ -74,3 +74,33 @@ def test_the_default_preset_takes_on_smollm2_as_shipped(dtype, smollm_dir, one_t
     assert after[req.prompt].strip().startswith("Rome"), after[req.prompt]
     assert {p: after[p] for p in UNRELATED} == {p: before[p] for p in UNRELATED}
     assert 0 < patch.total_nnz / sum(p.numel() for p in model.parameters()) < 0.003
+
+
+@pytest.mark.smollm
+def test_a_bf16_edit_holds_in_the_bf16_directory_merge_writes(tmp_path, one_thread):
+    """edit on a bf16 checkpoint -> merge (bf16, as stored) -> evaluate --edited on the merged directory."""
+    import json
+
+    from click.testing import CliRunner
+
+    from roselora_export.cli import main
+    from roselora_export.models import demo_model_dir
+
+    base = demo_model_dir(dtype="bf16")
+    requests = Path(__file__).parent.parent / "examples" / "requests" / "landmark.jsonl"
+    run = lambda *a: CliRunner().invoke(main, [str(x) for x in a])  # noqa: E731
+    edited = run("edit", "--model", base, "--requests", requests, "--out", tmp_path / "ad", "--no-progress", "--json",
+                 "--device", "cpu")
+    assert edited.exit_code == 0, edited.output
+    assert json.loads(edited.stdout)["settings"]["deploy_dtype"] == "bf16"
+    merged = run("merge", "--base", base, "--adapter", tmp_path / "ad", "--out", tmp_path / "m",
+                 "--patch", tmp_path / "e.patch", "--json")
+    assert merged.exit_code == 0, merged.output
+    survival = json.loads(merged.stdout)["edit_survival"]
+    report = run("evaluate", "--model", base, "--requests", requests, "--edited", tmp_path / "m", "--json",
+                 "--device", "cpu")
+    assert report.exit_code == 0, report.output
+    scores = json.loads(report.stdout)
+    print(f"\nbf16 edit as shipped: reliability {scores['reliability']}, generalization {scores['generalization']}, "
+          f"locality {scores['locality']}; {survival['lost_fraction']:.1%} of the intended nonzeros rounded away")
+    assert scores["reliability"] == 1.0 and scores["locality"] >= 0.9
