@@ -170,7 +170,10 @@ def main() -> None:
     ap.add_argument("--names", default=",".join(SWEEP), help="sweep: which candidates")
     ap.add_argument("--requests", type=int, default=None, help="sweep: 8 spread evenly; evidence: 0 = all 34")
     ap.add_argument("--setting", choices=("fp32", "bf16"), default="fp32", help="evidence: the base checkpoint's dtype")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: stages run as parallel processes; more threads than free cores spin)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.stage == "sweep":
         stage_sweep([n.strip() for n in args.names.split(",") if n.strip()], 8 if args.requests is None else args.requests)
     elif args.stage == "choose":
