@@ -64,6 +64,16 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _reason(err: BaseException) -> str:
+    """model-signing's refusal in a few words (its hash mismatches print raw digest bytes)."""
+    text = _first_line(err)
+    if "Hash mismatch" in text or "Signature mismatch" in text:
+        return "the file is not the one that was signed (changed since, or another file's signature)"
+    if "Key mismatch" in text:
+        return "signed by another key"
+    return text[:160]
+
+
 def check_public_keys(keys: list[str | os.PathLike]) -> list[Path]:
     """The key paths, each checked to be a PEM EC public key (InputError naming the first bad one)."""
     paths = [Path(k) for k in keys]
@@ -117,6 +127,6 @@ def verify_patch(patch_path: str | os.PathLike, keys: list[str | os.PathLike],
             model_signing.verifying.Config().use_elliptic_key_verifier(public_key=key).verify(patch, sig)
             return key
         except Exception as err:  # model-signing raises ValueError, JSON and protobuf errors alike
-            reasons.append(f"{key.name}: {_first_line(err)[:160]}")
+            reasons.append(f"{key.name}: {_reason(err)}")
     raise SignatureError(f"{patch.name}: the signature does not verify with any trusted key "
                          f"({'; '.join(reasons)})")

@@ -314,6 +314,13 @@ def tree_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def test_serve_refuses_a_short_admin_token_before_loading_the_model(files, tmp_path):
+    (tmp_path / "token").write_text("short\n")
+    result = CliRunner().invoke(main, ["serve", "--model", str(files["model"]), "--port", "0", "--device", "cpu",
+                                       "--admin-token-file", str(tmp_path / "token")])
+    assert result.exit_code == 2 and "at least 16 characters" in result.output
+
+
 def _quietly(call) -> None:
     try:
         call()

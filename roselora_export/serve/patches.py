@@ -28,7 +28,7 @@ from ..errors import InputError
 from ..patch.model import Patch
 from ..runtime import PatchHandle, PatchRuntime
 
-LOADED_CACHE = 8  # reverted patches kept loaded by sha256: re-applying one reuses its staging
+LOADED_CACHE_BYTES = 256 << 20  # applied patches kept loaded by sha256, so re-applying one reuses its staging
 
 
 class Refused(InputError):
@@ -106,7 +106,6 @@ class PatchStore:
             try:
                 handle = self.runtime.apply(patch)
             except InputError as err:
-                self._keep(digest, patch)
                 raise Refused(409, f"{filename}: {err}") from None
             handle.source = filename
             applied = Applied(handle, digest, filename, signed_by)
@@ -147,7 +146,10 @@ class PatchStore:
             raise Refused(403, str(err)) from None
 
     def _keep(self, digest: str, patch: Patch) -> None:
-        """Keep a loaded patch for a later re-apply of the same bytes (the runtime reuses its staging)."""
+        """Keep a loaded patch for a later re-apply of the same bytes (the runtime reuses its staging),
+        the most recent first, within LOADED_CACHE_BYTES."""
         self._loaded[digest] = patch
-        while len(self._loaded) > LOADED_CACHE:
+        size = {d: sum(tp.flat_index.nbytes + tp.xor_bits.nbytes for tp in p.tensors.values())
+                for d, p in self._loaded.items()}
+        while self._loaded and sum(size[d] for d in self._loaded) > LOADED_CACHE_BYTES:
             self._loaded.popitem(last=False)

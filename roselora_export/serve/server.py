@@ -27,7 +27,7 @@ class Served:
 
 
 def read_admin_token(path: str | os.PathLike) -> str:
-    """The admin token: the file's first line, stripped; InputError if the file is missing or holds none."""
+    """The admin token: the file's first line, stripped; InputError if the file is missing or the token short."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"--admin-token-file {p}: no such file")
@@ -41,8 +41,8 @@ def read_admin_token(path: str | os.PathLike) -> str:
 
 def build_app(model_dir: str | os.PathLike, *, device="cpu", dtype: str | None = None,
               admin_token_file: str | os.PathLike | None = None, trusted_keys: list | tuple = (),
-              patches: list | tuple = (), name: str | None = None, model=None, tokenizer=None) -> Served:
-    """Everything `serve` needs, checked before the model loads; `model`/`tokenizer` skip loading (tests).
+              patches: list | tuple = (), name: str | None = None) -> Served:
+    """Everything `serve` needs: options checked (and start-up patches' signatures) before the model loads.
 
     `device` is a torch.device or a name (auto, cpu, cuda, cuda:N; see roselora_export.devices)."""
     from ..models import check_model_dir, load_model, load_tokenizer
@@ -63,13 +63,12 @@ def build_app(model_dir: str | os.PathLike, *, device="cpu", dtype: str | None =
     if token is not None and not keys:
         warnings.append("warning: no --trusted-key: any holder of the admin token can change the model with an "
                         "unsigned patch")
-    if model is None:
-        from ..devices import torch_device
+    from ..devices import torch_device
 
-        dev = device if not isinstance(device, str) else torch_device(device)[0]
-        torch_dtype = _dtype(dtype, patches)
-        tokenizer = load_tokenizer(path)
-        model = load_model(path, dtype=torch_dtype).to(dev)
+    dev = device if not isinstance(device, str) else torch_device(device)[0]
+    torch_dtype = _dtype(dtype, patches)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, dtype=torch_dtype).to(dev)
     engine = Engine(model, tokenizer, name or path.name)
     store = PatchStore(engine.runtime, keys)
     for p in patches:
