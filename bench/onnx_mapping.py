@@ -30,6 +30,7 @@ from roselora_export.models import demo_model_dir  # noqa: E402
 
 CLI = [sys.executable, "-m", "roselora_export.cli"]
 ROUNDS = 3
+KINDS = ("export-onnx", "genai fp32", "genai fp16", "torch.onnx constant-folded")
 _FOLDED = """
 import sys, warnings, torch
 from roselora_export.models import load_model
@@ -85,7 +86,10 @@ def build(kind: str, base: Path, out: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapter", type=Path, default=None, help="An edit output dir to merge (default: synthetic)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"Exporters to measure, of {', '.join(KINDS)}")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="apply/revert rounds (best of)")
     args = ap.parse_args()
+    kinds = [k.strip() for k in args.kinds.split(",")]
     base = demo_model_dir()
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="onnx-mapping-bench-", dir=os.environ.get("BENCH_TMP")) as tmp:
@@ -95,12 +99,12 @@ def main() -> None:
             adapter = tmp / "adapter"
             write_synthetic_adapter(base, adapter)
         patches = {}
-        for dtype in ("fp32", "fp16"):
+        for dtype in ("fp32", "fp16") if any("fp16" in k for k in kinds) else ("fp32",):
             extra = ["--dtype", dtype] if dtype == "fp16" else []
             timed_run(CLI + ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp / f"m{dtype}"),
                              "--json", *extra])
             patches[dtype] = tmp / f"m{dtype}.patch.safetensors"
-        for kind in ("export-onnx", "genai fp32", "genai fp16", "torch.onnx constant-folded"):
+        for kind in kinds:
             art = tmp / kind.replace(" ", "_").replace(".", "_")
             build_s = build(kind, base, art)
             map_s = map_rss = None
@@ -112,7 +116,7 @@ def main() -> None:
             patch = patches["fp16" if "fp16" in kind else "fp32"]
             before = dir_sha(art)
             applies, reverts, inner = [], [], []
-            for _ in range(ROUNDS):
+            for _ in range(args.rounds):
                 dt, r = timed_run(CLI + ["apply", "--base", str(art), "--patch", str(patch), "--in-place", "--json"])
                 applies.append(dt)
                 inner.append(json.loads(r.stdout)["seconds"])
@@ -128,7 +132,7 @@ def main() -> None:
         "",
         f"SmolLM2-135M-Instruct, an edit patch merged from {'an `edit` output' if args.adapter else 'a synthetic RoseLoRA adapter'} "
         "(q_proj/v_proj of every layer: slices of genai's fused qkv_proj). Each command a fresh process as a user runs "
-        f"it, start-up included; apply/revert best of {ROUNDS}, revert checked bit-identical. {machine_line()}; "
+        f"it, start-up included; apply/revert best of {args.rounds}, revert checked bit-identical. {machine_line()}; "
         f"load average {load:.1f} at the end (the machine was shared: times are upper bounds).",
         "",
         "| exporter | artifact | rebuild | map-onnx (once) | map peak RSS | apply --in-place (process / in library) | revert | rebuild / apply |",

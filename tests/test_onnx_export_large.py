@@ -66,6 +66,7 @@ def _sha(path: Path) -> str:
 
 @pytest.mark.large
 @pytest.mark.slow
+@pytest.mark.timeout(7200)  # minutes on an idle 2-core machine; far more on a shared one
 def test_export_of_a_2_2_gb_llama_streams_with_bounded_memory_and_patches_bit_exact(tmp_path):
     hf = tmp_path / "hf"
     subprocess.run([sys.executable, "-c", _MAKE.format(cfg=repr(LARGE)), str(hf)], check=True)

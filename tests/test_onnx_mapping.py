@@ -277,3 +277,26 @@ def test_wire_walk_finds_each_inline_initializer_at_its_bytes(folded):
     floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.raw_data]
     assert floats and all(raw[ranges[t.name][0]: sum(ranges[t.name])] == t.raw_data for t in floats)
 
+
+
+def test_onnx_generate_runtime_genai_runs_a_patch_on_a_copy_and_leaves_the_artifact(genai_dirs, copy_of, tmp_path):
+    from click.testing import CliRunner
+
+    from roselora_export.cli import main
+
+    art = copy_of("fp32")
+    write_names(art, map_onnx(genai_dirs["hf"], art)[0])
+    before = dir_fingerprint(art)
+    patch, _ = make_patch(base_state(genai_dirs["hf"]), GENAI_KEYS, scale=0.5)
+    patch.save(tmp_path / "p.patch.safetensors")
+    args = ["onnx-generate", "--onnx", str(art), "--prompt", "The capital of France is", "--max-new-tokens", "5",
+            "--json"]
+    r = CliRunner().invoke(main, args + ["--patch", str(tmp_path / "p.patch.safetensors")])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["runtime"] == "onnxruntime-genai"
+    assert dir_fingerprint(art) == before
+    apply_to_onnx_dir(art, [patch], None, in_place=True)
+    assert out["results"][0]["new_token_ids"] == genai_generate(art, "The capital of France is", 5)[0]
+    plain = json.loads(CliRunner().invoke(main, args[:-1] + ["--runtime", "genai", "--json"]).output)
+    assert plain["results"][0]["new_token_ids"] == out["results"][0]["new_token_ids"]
