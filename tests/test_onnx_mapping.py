@@ -300,3 +300,30 @@ def test_onnx_generate_runtime_genai_runs_a_patch_on_a_copy_and_leaves_the_artif
     assert out["results"][0]["new_token_ids"] == genai_generate(art, "The capital of France is", 5)[0]
     plain = json.loads(CliRunner().invoke(main, args[:-1] + ["--runtime", "genai", "--json"]).output)
     assert plain["results"][0]["new_token_ids"] == out["results"][0]["new_token_ids"]
+
+
+def test_weights_that_agree_on_every_sampled_element_but_differ_are_kept_apart(tmp_path):
+    """The value index samples 64 elements; weights equal there but not elsewhere are not 'equal-valued'."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from safetensors.numpy import save_file
+
+    a = np.linspace(1, 2, 1000, dtype=np.float32)
+    b = a.copy()
+    b[1] += 1.0  # np.linspace(0, 999, 64) samples 0, 15, 31, ...: element 1 is not among them
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file({"w.a": a, "w.b": b}, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text("{}")
+    art = tmp_path / "onnx"
+    art.mkdir()
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "A"], ["s"]), helper.make_node("Add", ["s", "B"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1000])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1000])],
+        [numpy_helper.from_array(a, "A"), numpy_helper.from_array(b, "B")])
+    onnx.save(helper.make_model(graph), str(art / "model.onnx"))
+    names, report = map_onnx(hf, art)
+    assert names["tensors"]["w.a"]["at"] == [{"initializer": "A", "transposed": False}]
+    assert names["tensors"]["w.b"]["at"] == [{"initializer": "B", "transposed": False}]
+    assert report["unmapped"] == []

@@ -283,6 +283,22 @@ def map_onnx(hf_dir: str | os.PathLike, onnx_dir: str | os.PathLike, *, model_fi
     groups: dict[tuple, list[str]] = {}
     for key, v in value_of.items():
         groups.setdefault(v, []).append(key)
+    for v, keys in list(groups.items()):  # equal samples: split into classes of truly equal bits
+        if len(keys) > 1:
+            classes: list[list[str]] = []
+            for key in keys:
+                bits = model.read_array(key)
+                for cls in classes:
+                    if np.array_equal(model.read_array(cls[0]), bits):
+                        cls.append(key)
+                        break
+                else:
+                    classes.append([key])
+            del groups[v]
+            for i, cls in enumerate(classes):
+                groups[(*v, i)] = cls
+                for key in cls:
+                    value_of[key] = (*v, i)
     tied = model.tied_aliases()
     if model.config.get("tie_word_embeddings") and "lm_head.weight" in found:
         emb = [k for k in found if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
