@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 
+from ..core.dtypes import EXPONENT_MASK, nonfinite  # noqa: F401 (nonfinite: the one rule, re-exported)
 from ..errors import InputError
 from .model import BITS_BY_NAME, TensorPatch, sha256_bits
 
 LOST_WARNING = 0.5  # warn when more than this fraction of an edit's nonzeros change no stored value
 SIGN_BIT = {"F32": 0x80000000, "F16": 0x8000, "BF16": 0x8000}  # -0.0
-EXPONENT_BITS = {"F32": 0x7F800000, "F16": 0x7C00, "BF16": 0x7F80}  # all ones: Inf or NaN
+EXPONENT_BITS = EXPONENT_MASK  # all ones: Inf or NaN (core.dtypes, the one table)
 
 
 @dataclass
@@ -313,12 +314,6 @@ def _survival(name: str, want: np.ndarray, got: np.ndarray) -> Survival:
     err = float(((got - want) ** 2).sum())
     return Survival(name=name, intended_nnz=int(intended.sum()), lost_nnz=int((got == 0).sum()), realised_nnz=0,
                     rel_l2_error=float(np.sqrt(err / norm2)) if norm2 > 0 else 0.0, norm2=norm2)
-
-
-def nonfinite(bits: np.ndarray, dtype: str) -> np.ndarray:
-    """Where stored bit patterns are NaN or Inf (exponent all ones)."""
-    exp = bits.dtype.type(EXPONENT_BITS[dtype])
-    return (bits & exp) == exp
 
 
 def pair_patch_bits(name: str, shape: tuple[int, ...], dtype: str, base_bits: np.ndarray, new_bits: np.ndarray, *,
