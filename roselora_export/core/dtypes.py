@@ -62,10 +62,10 @@ def patchable_name(dtype: object) -> str:
 
 
 def torch_dtype(name: str):
-    """The torch dtype of a safetensors name (imports torch)."""
+    """The torch dtype of a safetensors name, or of fp32/fp16/bf16 (imports torch)."""
     import torch
 
-    return getattr(torch, TORCH_NAMES[name])
+    return getattr(torch, TORCH_NAMES[dtype_name(name) or name])
 
 
 def nonfinite(bits: np.ndarray, name: str) -> np.ndarray:

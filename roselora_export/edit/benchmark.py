@@ -23,7 +23,7 @@ from ..patch.model import Patch, tensor_patch_from_pair, tensor_bits
 from .evaluate import EditEvaluator, METRICS, count_base_params
 from .metrics import mean, torch_forward
 from .requests import EditRequest
-from .settings import EditSettings, preset
+from .settings import EditSettings, edit_settings
 from .train import METHODS, EditResult, ft_l_target, train_edit
 
 METHOD_DIFFERENCES = {
@@ -61,9 +61,9 @@ def edit_patch(model: torch.nn.Module, result: EditResult, deploy_dtype: str | N
     (exactly: the model's weights must already be values of that dtype, as a bf16 checkpoint loaded
     in fp32 is), so the patch carries the bits the shipped checkpoint has.
     """
-    from .deploy_rounding import TORCH_DTYPES
+    from ..core.dtypes import torch_dtype
 
-    stored = TORCH_DTYPES[deploy_dtype] if deploy_dtype else None
+    stored = torch_dtype(deploy_dtype) if deploy_dtype else None
     patch = Patch(provenance={"kind": "benchmark", "method": result.method})
     changes = result.new_weights if result.method == "ft-l" else result.deltas()
     for key, value in changes.items():
@@ -124,9 +124,7 @@ def benchmark_edits(
     """
     from ..runtime import PatchRuntime
 
-    if config is None or settings is None:
-        default_config, default_settings = preset("default")
-        config, settings = config or default_config, settings or default_settings
+    config, settings = edit_settings(config, settings)
     for m in methods:
         method_config(m, config)
     requests = list(requests)
@@ -190,9 +188,7 @@ def sequential_edits(
 
     from ..runtime import PatchRuntime
 
-    if config is None or settings is None:
-        default_config, default_settings = preset("default")
-        config, settings = config or default_config, settings or default_settings
+    config, settings = edit_settings(config, settings)
     cfg = method_config(method, config)
     requests = list(requests)
     evaluator = EditEvaluator(tokenizer, requests, torch_forward(model))

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ..core.dtypes import torch_dtype
 
 
 def round_weights_(model: torch.nn.Module, dtype_name: str) -> None:
@@ -24,7 +24,7 @@ def round_weights_(model: torch.nn.Module, dtype_name: str) -> None:
 
     For an fp32 checkpoint that will ship in half precision: the unedited shipped model is this one.
     """
-    dtype = TORCH_DTYPES[dtype_name]
+    dtype = torch_dtype(dtype_name)
     with torch.no_grad():
         for p in model.parameters():
             if p.dtype.is_floating_point and p.dtype != dtype:
@@ -61,7 +61,7 @@ def rounded_lora_forward(peft_model: torch.nn.Module, dtype_name: str | None) ->
         return
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and m.lora_A]
     for layer in layers:
-        layer._deploy_dtype = TORCH_DTYPES[dtype_name]
+        layer._deploy_dtype = torch_dtype(dtype_name)
         layer.forward = types.MethodType(_forward, layer)
     try:
         yield

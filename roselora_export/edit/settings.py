@@ -73,6 +73,15 @@ def preset(name: str):
     return RoseLoraConfig(**config_kw), EditSettings(**settings_kw)
 
 
+def edit_settings(config=None, settings: EditSettings | None = None):
+    """(config, settings) to train with: the `default` preset for what is not given, except that a config
+    given without settings trains on the requests alone (no prefixes, no KL), as before presets existed."""
+    default_config, default_settings = preset("default")
+    if settings is None:
+        settings = default_settings if config is None else EditSettings(prefixes=0, kl_weight=0.0)
+    return config or default_config, settings
+
+
 _STORED_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
 
 

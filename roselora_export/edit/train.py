@@ -403,19 +403,18 @@ def train_edit(
 ) -> EditResult:
     """Train one edit that carries every request, on an already-loaded causal LM.
 
-    config and settings default to the `default` preset (edit/settings.py). The base model comes
+    config and settings default to the `default` preset; a config given alone trains without
+    prefixes or KL (edit/settings.edit_settings). The base model comes
     back unchanged (see the module docstring); keep_peft=True instead leaves the LoRA methods'
     PeftModel in place as result.model. ft-l trains layer `layer` (default ROME's 5); it ignores
     settings.deploy_dtype (its whole new weights are rounded when stored).
     """
     from .prefixes import context_prefixes
-    from .settings import preset
+    from .settings import edit_settings
 
     if method not in METHODS:
         raise InputError(f"--method {method}: choose one of {', '.join(METHODS)}")
-    if config is None or settings is None:
-        default_config, default_settings = preset("default")
-        config, settings = config or default_config, settings or default_settings
+    config, settings = edit_settings(config, settings)
     prefixes = context_prefixes(model, tokenizer, settings.prefixes, settings.prefix_length, config.seed)
     use_kl = settings.kl_weight > 0
     encoded = encode_edit_examples(requests, tokenizer, model_max_length(model, tokenizer), prefixes=prefixes,
