@@ -87,7 +87,7 @@ def test_evaluate_rejects_adapter_and_patch_together(tiny_model_dirs, two_reques
 @pytest.mark.smollm
 def test_smollm_two_requests_end_to_end(smollm_dir, two_requests):
     res = CliRunner().invoke(main, ["benchmark-edits", "--model", str(smollm_dir), "--requests", str(two_requests),
-                                    "--methods", "roselora", "--json"])
+                                    "--methods", "roselora", "--json", "--preset", "paper"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     rose = out["methods"]["roselora"]
