@@ -39,3 +39,17 @@ timeout 290 "$PY" bench/runtime.py --device "$DEVICE" --repeats 10 --gib 1 --den
   "${WRITE[@]}" "${JSON[@]}" "${EXTRA[@]+"${EXTRA[@]}"}"
 # Serving: the same server code path with --device cuda (latency with and without churn, patch vs restart).
 timeout 280 "$PY" bench/serve_bench.py --device "$DEVICE" "${SERVE_WRITE[@]}" "${SERVE_JSON[@]}"
+# Editing on the device: one default-preset edit and one evaluate of it (seconds printed by the commands;
+# the timings go to stdout and, with $OUT, to edit-gpu.json / evaluate-gpu.json).
+if MODEL=$("$PY" -m roselora_export.cli demo-model 2>/dev/null | tail -1) && [ -d "$MODEL" ]; then
+  EDIT_DIR=$(mktemp -d)
+  trap 'rm -rf "$EDIT_DIR"' EXIT
+  timeout 240 "$PY" -m roselora_export.cli edit --model "$MODEL" --requests examples/requests/landmark.jsonl \
+    --out "$EDIT_DIR/adapter" --device "$DEVICE" --no-progress --json > "$EDIT_DIR/edit.json"
+  "$PY" -c 'import json, sys; s = json.load(open(sys.argv[1])); print("edit on %s: %.2f s training, %d steps, answer %r" % (sys.argv[2], s["seconds"], s["steps_run"], s["answers"][0]["after"]))' "$EDIT_DIR/edit.json" "$DEVICE"
+  START=$SECONDS
+  timeout 240 "$PY" -m roselora_export.cli evaluate --model "$MODEL" --requests examples/requests/landmark.jsonl \
+    --adapter "$EDIT_DIR/adapter" --device "$DEVICE" --json > "$EDIT_DIR/evaluate.json"
+  echo "evaluate on $DEVICE: $((SECONDS - START)) s whole process"
+  if [ -n "${OUT:-}" ]; then cp "$EDIT_DIR/edit.json" "$OUT/edit-gpu.json"; cp "$EDIT_DIR/evaluate.json" "$OUT/evaluate-gpu.json"; fi
+fi

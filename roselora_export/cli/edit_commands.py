@@ -251,7 +251,7 @@ def edit(model_dir, requests_path, out, method, layer, overwrite, answers, progr
     settings, round_first, note = resolve_deploy_dtype(settings, path, method)
     if note and not as_json:
         click.echo(f"note: {note}", err=True)
-    model = load_model(path, dtype=resolve_dtype(dtype)).to(resolve_device(device))
+    model = load_model(path, dtype=resolve_dtype(dtype), progress=progress).to(resolve_device(device))
     if round_first:
         round_weights_(model, settings.deploy_dtype)
     shown = requests[:5] if answers else []
@@ -327,7 +327,7 @@ def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, 
     target = resolve_device(device)
     if target.type == "cuda" and "LOCAL_RANK" in os.environ:
         target = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    model = load_model(path, dtype=resolve_dtype(dtype)).to(target)
+    model = load_model(path, dtype=resolve_dtype(dtype), progress=progress).to(target)
     limit = min(max_length, model_max_length(model, tokenizer) or max_length)
     examples = load_train_data(data_path, tokenizer, limit)
     rank, world = setup_distributed()

@@ -120,7 +120,7 @@ def benchmark_edits(model_dir, requests_path, methods, mass, sequential, limit, 
     settings, round_first, note = resolve_deploy_dtype(settings, check_model_dir(model_dir), "roselora")
     if note and not as_json:
         click.echo(f"note: {note}", err=True)
-    model = load_model(model_dir, dtype=resolve_dtype(dtype)).to(resolve_device(device))
+    model = load_model(model_dir, dtype=resolve_dtype(dtype), progress=progress).to(resolve_device(device))
     if round_first:
         round_weights_(model, settings.deploy_dtype)
     if mass and sequential:
