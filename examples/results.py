@@ -328,6 +328,12 @@ FINDINGS = """**What the figures say** (by hand, from the runs below):
   MLP instead of q_proj/v_proj lifts both (generalization 50% -> 70%, locality 93% -> 94% on the sweep's 8).
   Held-out requests were not used. Tried earlier on 12 requests: 10 prefixes of 10 tokens (generalization
   35% -> 53%), 5x slower per edit.
+- **Sequential editing, T = 10** (`benchmark-edits --sequential --limit 10`, the first 10 dev requests one after
+  another, each its own patch on the model with the earlier ones applied; `docs/sequential_t10.json`): RoseLoRA
+  reliability 90%, generalization 52.5%, locality 83.3% (touched union 1.55% of the weights), FT-L 80% / 55% /
+  94.2%, dense LoRA 50% / 40% / 50.8%. Every patch overlapped an earlier one element-wise, so all were
+  reverted last-first, and each model was bit-identical to the base after the last revert. RoseLoRA's locality
+  misses the lifelong goal (0.85); T = 34 and 100 were not run this time.
 
 The bullets that follow describe the earlier run (2026-11-29), when the authors' settings were the default:
 
