@@ -136,3 +136,13 @@ def test_train_lora_baseline_is_dense(tiny_model_dirs, tmp_path):
                                        "--out", str(tmp_path / "l"), "--method", "lora", "--json", *FAST])
     assert result.exit_code == 0, result.output
     assert all(m["sparsity_BA"] < 0.01 for m in json.loads(result.stdout)["modules"].values())
+
+
+def test_train_shows_answers_to_the_first_prompts_before_and_after(tiny_model_dirs, tmp_path):
+    args = ["train", "--model", str(tiny_model_dirs["llama"]), "--data", str(_data(tmp_path)), *FAST]
+    shown = json.loads(CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a"), "--json"]).stdout)["answers"]
+    assert 1 <= len(shown) <= 3 and all({"prompt", "completion", "before", "after"} <= set(a) for a in shown)
+    text = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "b")]).stdout
+    assert f"prompt: {shown[0]['prompt']}" in text and "before:" in text and "after:" in text
+    quiet = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "c"), "--json", "--no-answers"]).stdout
+    assert json.loads(quiet)["answers"] == []

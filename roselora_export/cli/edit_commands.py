@@ -297,12 +297,15 @@ _FT_DEFAULTS = RoseLoraConfig(t_init=0.1, t_final=0.7, steps=100, clamp=None, ea
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out directory.")
 @click.option("--progress/--no-progress", default=True, help="Progress bar on stderr (rank 0).")
 @click.option("--per-module", is_flag=True, help="Also print nnz(A), nnz(B), nnz(BA), sparsity and Prop.1 bound per module.")
+@click.option("--answers/--no-answers", default=True,
+              help="Print the greedy answer to the first 3 prompts of --data ({\"prompt\", \"completion\"} lines) "
+                   "before and after training.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (roselora.json) as JSON.")
 @device_option(help="Where to train: auto (CUDA when torch sees a GPU, else the CPU), cpu, cuda or cuda:N; "
                     "under torchrun, cuda means each process's cuda:LOCAL_RANK.")
 @dtype_option(help="Dtype to load the model in (the adapter itself trains in fp32).  [default: fp32]")
-def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, progress, per_module, as_json, device,
-          dtype, **hyper):
+def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, progress, answers, per_module, as_json,
+          device, dtype, **hyper):
     """Fine-tune a RoseLoRA (or LoRA) adapter on --data; runs unchanged under torchrun (DDP, gloo on CPU).
 
     --t-init / --t-final below 1 are fractions of --steps. Under torchrun each process takes
@@ -311,7 +314,7 @@ def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, 
     from ..edit.data import load_train_data, model_max_length, pad_id_of
     from ..edit.finetune import setup_distributed, shutdown_distributed
     from ..edit import finetune
-    from ..edit.train import save_edit
+    from ..edit.train import greedy_continuation, save_edit
     import os
 
     import torch
@@ -332,19 +335,37 @@ def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, 
     examples = load_train_data(data_path, tokenizer, limit)
     rank, world = setup_distributed()
     try:
+        shown = _sample_prompts(data_path) if answers and rank == 0 else []
+        before = [greedy_continuation(model, tokenizer, prompt) for prompt, _ in shown]
         result = finetune.train_finetune(model, examples, config, method=method, batch_size=batch_size,
                                          pad_id=pad_id_of(tokenizer), progress=progress)
         if rank == 0:
+            with result.applied(model):
+                after = [greedy_continuation(model, tokenizer, prompt) for prompt, _ in shown]
+            qa = [{"prompt": p, "completion": c, "before": b, "after": a} for (p, c), b, a in zip(shown, before, after)]
             extra = {"base_model_path": str(path.resolve()), "examples": len(examples), "world_size": world,
                      "batch_size": batch_size}
             save_edit(result, out, overwrite=overwrite, extra=extra)
             summary = {**result.summary(), **extra}
             if as_json:
-                click.echo(json.dumps({**summary, "out": str(out)}, indent=2))
+                click.echo(json.dumps({**summary, "out": str(out), "answers": qa}, indent=2))
             else:
-                _print_summary(summary, out, [], per_module)
+                _print_summary(summary, out, qa, per_module)
     finally:
         shutdown_distributed()
+
+
+def _sample_prompts(path: Path, n: int = 3) -> list[tuple[str, str]]:
+    """(prompt, completion) of the first n {"prompt", "completion"} lines of a training file (already validated)."""
+    from ..edit.jsonl import read_jsonl_objects
+
+    out = []
+    for obj, _, _ in read_jsonl_objects(path, "--data"):
+        if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
+            out.append((obj["prompt"], obj["completion"]))
+            if len(out) == n:
+                break
+    return out
 
 
 @main.command("demo-model")
