@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from roselora_export.core.atomic import atomic_write  # noqa: E402
 from roselora_export.edit.benchmark import benchmark_edits  # noqa: E402
 from roselora_export.edit.deploy_rounding import round_weights_  # noqa: E402
 from roselora_export.edit.requests import load_requests  # noqa: E402
@@ -96,9 +97,7 @@ def update(key: str, value) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(OUT.read_text()) if OUT.is_file() else {}
         data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
-        tmp = OUT.with_name(f".{OUT.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, OUT)
+        atomic_write(OUT, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def load(dtype: str):

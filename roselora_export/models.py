@@ -10,10 +10,8 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from .errors import InputError
@@ -149,18 +147,7 @@ def demo_model_dir(out: str | os.PathLike | None = None, dtype: str = "fp32") ->
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target, then rename: a crash never leaves a half-converted cache.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _save_model_dir(model, tokenizer, target)
 
 
 def _demo_copy_in(dtype: str, target: Path) -> Path:
@@ -175,14 +162,14 @@ def _demo_copy_in(dtype: str, target: Path) -> Path:
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch_dtype, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    return _save_model_dir(model, tokenizer, target)
+
+
+def _save_model_dir(model, tokenizer, target: Path) -> Path:
+    """Write beside the target, then swap it in: a crash never leaves a half-converted cache."""
+    from .core.atomic import atomic_dir
+
+    with atomic_dir(target, replace=True) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -173,19 +173,10 @@ def _print_sequential(report: dict) -> None:
 
 
 def _write_json(path, report: dict) -> None:
-    """Write beside the destination, then rename: a crash never leaves half a report."""
-    import os
-    import tempfile
+    """Beside the destination, then renamed into place: a crash never leaves half a report."""
+    from ..core.atomic import atomic_write
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, (json.dumps(report, indent=2) + "\n").encode())
 
 
 def _warn_if_edits_did_not_take(report: dict) -> None:

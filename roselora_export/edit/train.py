@@ -11,6 +11,7 @@ copies the original bits back. The edit lives in the returned `EditResult`:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -183,12 +184,17 @@ def _losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
 
 
 def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    import inspect
-
     inner = model
     while hasattr(inner, "get_base_model") or hasattr(inner, "module"):  # PEFT and DDP wrappers pass kwargs on
         inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner.module
-    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
+    return _forward_takes_logits_to_keep(type(inner))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def run_steps(
