@@ -5,6 +5,10 @@ correctly are kept. Locality answers are the model's own greedy continuation.
 
     .venv/bin/python examples/make_dataset.py            # rebuild examples/edits and examples/probes
     .venv/bin/python examples/make_dataset.py --check    # re-verify the files as they are
+    .venv/bin/python examples/make_dataset.py --extra    # rebuild examples/edits/counterfact_extra.jsonl
+
+The extra requests (examples/extra_candidates.py) extend the dev set for the sequential benchmark
+(T = 100 edits); their locality prompts come from a pool of their own.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 EDITS = HERE / "edits" / "counterfact_dev.jsonl"
 PROBES = HERE / "probes" / "facts.jsonl"
+EXTRA = HERE / "edits" / "counterfact_extra.jsonl"
 
 # (category, prompt, subject, ground_truth, target_new, rephrase_prompts)
 EDIT_CANDIDATES = [
@@ -272,16 +277,40 @@ def locality_answer(model, tok, prompt: str) -> str:
     return text or greedy(model, tok, prompt, n=1).strip() or "."
 
 
-def build(model_dir: str, probes_only: bool = False) -> None:
-    model, tok = load(model_dir)
+def known_edits(model, tok, candidates) -> list[dict]:
+    """The candidates whose ground truth the model answers greedily, as request dicts (no locality yet)."""
     edits = []
-    for cat, prompt, subject, truth, new, rephrases in ([] if probes_only else EDIT_CANDIDATES):
+    for cat, prompt, subject, truth, new, rephrases in candidates:
         got = greedy(model, tok, prompt, answer_len(tok, truth))
         ok = answers(got, truth)
         print(f"{'KEEP' if ok else 'drop'} {prompt!r} -> {got!r} (want {truth!r})", file=sys.stderr)
         if ok:
             edits.append(dict(category=cat, prompt=prompt, subject=subject, ground_truth=truth, target_new=new,
                               rephrase_prompts=rephrases))
+    return edits
+
+
+def add_locality(model, tok, edits: list[dict], pool: list[str]) -> None:
+    """Three unrelated prompts per request, taken round the pool, with the model's own greedy answers."""
+    answers_ = {p: locality_answer(model, tok, p) for p in pool}
+    for i, e in enumerate(edits):
+        picks = [pool[(3 * i + k) % len(pool)] for k in range(3)]
+        e["locality"] = [dict(prompt=p, answer=answers_[p]) for p in picks]
+
+
+def build_extra(model_dir: str) -> None:
+    from extra_candidates import EXTRA_CANDIDATES, LOCALITY_POOL_EXTRA
+
+    model, tok = load(model_dir)
+    edits = known_edits(model, tok, EXTRA_CANDIDATES)
+    add_locality(model, tok, edits, LOCALITY_POOL_EXTRA)
+    EXTRA.write_text("".join(json.dumps(r) + "\n" for r in edits))
+    print(f"{len(edits)} of {len(EXTRA_CANDIDATES)} extra edits -> {EXTRA}", file=sys.stderr)
+
+
+def build(model_dir: str, probes_only: bool = False) -> None:
+    model, tok = load(model_dir)
+    edits = [] if probes_only else known_edits(model, tok, EDIT_CANDIDATES)
     probes = []
     for prompt, answer in PROBE_CANDIDATES:
         got = greedy(model, tok, prompt, answer_len(tok, answer))
@@ -293,10 +322,7 @@ def build(model_dir: str, probes_only: bool = False) -> None:
         PROBES.write_text("".join(json.dumps(r) + "\n" for r in probes))
         print(f"{len(probes)} probes -> {PROBES}", file=sys.stderr)
         return
-    loc_answers = {p: locality_answer(model, tok, p) for p in LOCALITY_POOL}
-    for i, e in enumerate(edits):
-        picks = [LOCALITY_POOL[(3 * i + k) % len(LOCALITY_POOL)] for k in range(3)]
-        e["locality"] = [dict(prompt=p, answer=loc_answers[p]) for p in picks]
+    add_locality(model, tok, edits, LOCALITY_POOL)
     for path, rows in ((EDITS, edits), (PROBES, probes)):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -306,7 +332,7 @@ def build(model_dir: str, probes_only: bool = False) -> None:
 def check(model_dir: str) -> int:
     model, tok = load(model_dir)
     bad = 0
-    for line in EDITS.read_text().splitlines():
+    for line in EDITS.read_text().splitlines() + (EXTRA.read_text().splitlines() if EXTRA.exists() else []):
         r = json.loads(line)
         if not answers(greedy(model, tok, r["prompt"], answer_len(tok, r["ground_truth"])), r["ground_truth"]):
             print(f"edit no longer answered: {r['prompt']!r}", file=sys.stderr)
@@ -331,7 +357,10 @@ if __name__ == "__main__":
     ap.add_argument("--model", default=None, help="model directory (default: the converted SmolLM2-135M-Instruct)")
     ap.add_argument("--check", action="store_true", help="re-verify the existing files instead of rebuilding them")
     ap.add_argument("--probes-only", action="store_true", help="rebuild only the probe file")
+    ap.add_argument("--extra", action="store_true", help="rebuild only the extra requests (counterfact_extra.jsonl)")
     args = ap.parse_args()
     torch.manual_seed(0)
     model_dir = args.model or str(demo_model_dir())
-    sys.exit(check(model_dir) if args.check else build(model_dir, args.probes_only))
+    if args.check:
+        sys.exit(check(model_dir))
+    sys.exit(build_extra(model_dir) if args.extra else build(model_dir, args.probes_only))

@@ -175,6 +175,8 @@ def sequential_edits(
     settings: EditSettings | None = None,
     layer: int | None = None,
     seed: int = 0,
+    measure_at: Sequence[int] = (),
+    keep_reverts: bool = True,
     on_edit: Callable[[str, int], None] | None = None,
 ) -> dict:
     """Lifelong editing (the WISE protocol) with patches: edit the requests one after another, each on
@@ -182,8 +184,13 @@ def sequential_edits(
     of them after the last; then revert every patch, in a seeded shuffled order where the overlap rule
     allows and the latest blocking patch first where it does not, and check the bits equal the base's.
 
-    Returns the metrics, how many patches overlap an earlier one, the fraction of weights touched by
-    their union, seconds per edit, the revert order taken, and whether the final bits matched.
+    measure_at: also measure after the T-th edit, over the first T requests (a curve of metric
+    against T; the final measurement is always taken). keep_reverts=False commits each patch as it
+    lands (no revert state is held: for dense edits, whose revert state for T patches outgrows
+    memory) and skips the revert phase.
+
+    Returns the metrics, the curve, how many patches overlap an earlier one, the fraction of weights
+    touched by their union, seconds per edit, the revert order taken, and whether the final bits matched.
     """
     import random
 
@@ -192,41 +199,65 @@ def sequential_edits(
     config, settings = edit_settings(config, settings)
     cfg = method_config(method, config)
     requests = list(requests)
+    checkpoints = sorted({t for t in measure_at if 0 < t < len(requests)})
     evaluator = EditEvaluator(tokenizer, requests, torch_forward(model))
     base_params = count_base_params(model)
     runtime = PatchRuntime(model)
-    reference = state_sha256(model)
-    handles, seconds, touched = [], [], {}
+    reference = state_sha256(model) if keep_reverts else None
+    handles, seconds, touched, curve, overlapping = [], [], {}, [], 0
     t0 = time.perf_counter()
     try:
         for i, req in enumerate(requests):
             result = train_edit(model, tokenizer, [req], method=method, config=cfg, settings=settings, layer=layer)
             patch = edit_patch(model, result, settings.deploy_dtype)
-            handles.append(runtime.apply(patch))
+            handle = runtime.apply(patch)
+            overlapping += any(_intersects_touched(touched, patch))
             seconds.append(result.seconds)
             for name, tp in patch.tensors.items():  # one flag per element: a dense edit touches tens of millions
                 mask = touched.setdefault(name, np.zeros(int(np.prod(tp.shape)), dtype=bool))
                 mask[tp.flat_index] = True
-            del patch, result
+            if keep_reverts:
+                handles.append(handle)
+            else:
+                runtime.commit(handle)
+            del patch, result, handle
+            if i + 1 in checkpoints:
+                curve.append(_curve_point(evaluator, model, i + 1, touched, base_params))
             if on_edit is not None:
                 on_edit(method, i)
         wall = time.perf_counter() - t0
         rows = evaluator.measure(torch_forward(model))
-        overlapping = sum(1 for h in handles if h._overlaps)
+        curve.append(_curve_point(evaluator, model, len(requests), touched, base_params, rows))
     finally:
         order = _revert_all(runtime, handles, random.Random(seed))
-    identical = state_sha256(model) == reference
+    identical = state_sha256(model) == reference if keep_reverts else None
     union = int(sum(int(m.sum()) for m in touched.values()))
     out = {m: mean([r[m] for r in rows]) for m in METRICS}
     out.update({
         "edits": len(requests), "mode": "sequential", "params_touched_union": union,
         "params_touched_union_fraction": union / base_params,
         "patches_overlapping_an_earlier_one": overlapping, "seconds_per_edit": sum(seconds) / max(len(seconds), 1),
-        "wall_seconds_per_edit": wall / max(len(requests), 1), "revert_order": order,
-        "bits_identical_after_reverts": identical, "config": cfg.to_dict(), "settings": settings.to_dict(),
-        "per_request": rows,
+        "wall_seconds_per_edit": wall / max(len(requests), 1), "curve": curve,
+        "reverts": "kept" if keep_reverts else "not kept (each patch committed as it landed)",
+        "revert_order": order, "bits_identical_after_reverts": identical, "config": cfg.to_dict(),
+        "settings": settings.to_dict(), "per_request": rows,
     })
     return out
+
+
+def _intersects_touched(touched: dict[str, np.ndarray], patch: Patch):
+    """Per tensor: whether the patch touches an element an earlier patch touched (committed ones included)."""
+    for name, tp in patch.tensors.items():
+        mask = touched.get(name)
+        yield mask is not None and bool(mask[tp.flat_index].any())
+
+
+def _curve_point(evaluator, model, t: int, touched: dict, base_params: int, rows: list[dict] | None = None) -> dict:
+    """The metrics over the first t requests with all t edits applied, and the union touched so far."""
+    rows = rows if rows is not None else evaluator.measure(torch_forward(model), indices=list(range(t)))
+    point = {"edits": t, **{m: mean([r[m] for r in rows]) for m in METRICS}}
+    point["params_touched_union_fraction"] = sum(int(m.sum()) for m in touched.values()) / base_params
+    return point
 
 
 def _revert_all(runtime, handles: list, rng) -> list[int]:
