@@ -237,6 +237,19 @@ class PatchRuntime:
             pos = self._active.index(handle) if handle in self._active else len(self._active)
             return next((later for later in self._active[pos + 1:] if handle.id in later._overlaps), None)
 
+    def commit(self, handle: PatchHandle) -> None:
+        """Keep an applied patch for good: its bits stay, its revert state (nnz-sized buffers) is freed,
+        and it leaves the active stack, so it can no longer be reverted, block, or be blocked."""
+        with self._mutate:
+            if handle not in self._active:
+                raise InputError(f"patch #{handle.id} is not applied (already reverted?)")
+            with self.lock.write():
+                self._active.remove(handle)
+            for later in self._active:
+                later._overlaps.discard(handle.id)
+            handle._staged = handle._old = handle._new = None
+            handle._host_index = {}
+
     # ---- apply ------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Re-read the model's parameter and buffer names (after replacing or re-tying parameters)."""
