@@ -1,19 +1,16 @@
-"""One gather and one scatter per dtype (over a span of the touched tensors) instead of one per tensor:
-the same bits as the per-tensor path, and the per-tensor fallback where tensors share memory."""
+"""One gather and one scatter per tensor, on a view of its own storage: tensors that share memory, call counts,
+autograd version counters."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from roselora_export.patch.model import Patch, sha256_tensor, tensor_patch_from_pair
-from roselora_export.runtime import PatchRuntime, live as runtime_live, staging
-from test_runtime_helpers import DTYPES, TIED, state_hash
+from roselora_export.runtime import PatchRuntime, live as runtime_live
+from test_runtime_helpers import state_hash
 from tiny_models import tiny_llama
 
-SPAN_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MATRICES = [f"model.layers.{i}.self_attn.{m}_proj.weight" for i in range(2) for m in ("q", "k", "v", "o")]
-NORM = "model.norm.weight"
 
 
 def _model(device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
@@ -56,43 +53,6 @@ def _patch_on(model, names: list[str], rng: np.random.Generator, frac: float) ->
     return Patch(tensors=tensors)
 
 
-@pytest.mark.parametrize("device", SPAN_DEVICES)
-def test_each_dtype_of_a_patch_is_one_gather_and_one_write_per_pass(device, monkeypatch):
-    model = _model(device, torch.float32)
-    patch = _patch_on(model, MATRICES + [NORM], np.random.default_rng(0), 0.1)  # 8 fp32 tensors + 1 fp16
-    calls = _counting(monkeypatch)
-    rt = PatchRuntime(model)
-    handle = rt.apply(patch)
-    assert calls == {"gather": 2, "write": 2}
-    rt.revert(handle)
-    assert calls == {"gather": 4, "write": 4}
-
-
-@pytest.mark.parametrize("device", SPAN_DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32+fp16", "fp16", "bf16"])
-def test_spans_give_the_same_bits_as_per_tensor_writes_over_stacked_overlapping_patches(device, dtype, monkeypatch):
-    rng = np.random.default_rng(1)
-    spans, per_tensor = _model(device, dtype, seed=2), _model(device, dtype, seed=2)
-    base = state_hash(spans)
-    rt_spans, rt_per_tensor = PatchRuntime(spans), PatchRuntime(per_tensor)
-    names = MATRICES + [NORM, TIED[int(rng.integers(2))]]
-    for _ in range(20):
-        handles = []
-        for _ in range(int(rng.integers(2, 5))):  # stacked, each built on the live values: they overlap
-            patch = _patch_on(spans, list(rng.choice(names, size=4, replace=False)), rng, float(rng.choice([0.05, 0.5])))
-            handles.append((rt_spans.apply(patch), None))
-            monkeypatch.setattr(staging, "BATCH_ACROSS_TENSORS", False)  # read when a patch is staged
-            handles[-1] = (handles[-1][0], rt_per_tensor.apply(patch))
-            monkeypatch.setattr(staging, "BATCH_ACROSS_TENSORS", True)
-            assert state_hash(spans) == state_hash(per_tensor)
-        while handles:
-            a, b = handles.pop()
-            rt_spans.revert(a)
-            rt_per_tensor.revert(b)
-            assert state_hash(spans) == state_hash(per_tensor)
-    assert state_hash(spans) == base
-
-
 class _SharedMemory(torch.nn.Module):
     """Two parameters over one storage, overlapping in memory: `b` is a window into `a`."""
 
@@ -116,17 +76,13 @@ def test_tensors_that_share_memory_are_written_one_by_one_and_revert_exactly(mon
     calls = _counting(monkeypatch)
     rt = PatchRuntime(model)
     handle = rt.apply(patch)
-    assert calls == {"gather": 2, "write": 2}  # no span: one scatter must not cover two tensors' memory
+    assert calls == {"gather": 2, "write": 2}
     assert torch.equal(model.a.detach().view(-1)[:512], a2.view(-1)[:512]) and torch.equal(model.b.detach(), b2)
     rt.revert(handle)
     assert state_hash(model) == base
 
 
-def test_where_a_span_cannot_be_made_each_tensor_is_written_on_its_own(monkeypatch):
-    def refuse(*args):
-        raise RuntimeError("no span on this device")
-
-    monkeypatch.setattr(staging, "_span", refuse)
+def test_each_tensor_is_one_gather_and_one_write_per_pass(monkeypatch):
     model = _model("cpu", torch.float32)
     base = state_hash(model)
     patch = _patch_on(model, MATRICES, np.random.default_rng(3), 0.1)
@@ -140,7 +96,7 @@ def test_where_a_span_cannot_be_made_each_tensor_is_written_on_its_own(monkeypat
     assert state_hash(model) == base
 
 
-def test_span_writes_bump_each_touched_parameter_version_like_in_place_writes():
+def test_writes_bump_each_touched_parameter_version_like_in_place_writes():
     """Autograd must see the weights as changed, as with any in-place write: a stale backward is refused."""
     import torch
 

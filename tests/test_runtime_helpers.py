@@ -10,8 +10,7 @@ import torch
 from roselora_export.patch.model import Patch, sha256_tensor, tensor_patch_from_pair
 
 # "cpu-torch": the CPU with the accelerator code path (torch ops instead of numpy), so CI covers it.
-# "cpu-per-tensor": one gather/scatter per tensor, the fallback where a dtype's tensors cannot share a span.
-DEVICES = ["cpu", "cpu-torch", "cpu-per-tensor"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", "cpu-torch"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Tied in the tiny Llama: both names are one tensor.
 TIED = ("model.embed_tokens.weight", "lm_head.weight")
@@ -54,9 +53,6 @@ def device(request, monkeypatch) -> str:
 
     if request.param == "cpu-torch":
         monkeypatch.setattr(staging, "NUMPY_ON_CPU", False)
-        return "cpu"
-    if request.param == "cpu-per-tensor":
-        monkeypatch.setattr(staging, "BATCH_ACROSS_TENSORS", False)
         return "cpu"
     return request.param
 

@@ -30,36 +30,18 @@ Stacking and overlap rule
     patches that do not overlap revert in any order. Overlap is per element, and a tied weight
     (e.g. lm_head / embed_tokens) is one tensor whichever name the patch uses.
 
-Each step, in order: resolve names (parameters and buffers; tied names share storage); check
-shapes and dtypes; stage indices and XOR bits (one packed buffer, pinned and copied once on CUDA);
-check indices on the device (in range, strictly increasing); gather the touched bits, check the
-base fingerprint and that the new values are finite, for every tensor; only then write. The old
-bits and the new bits (nnz-sized) stay on the device for revert, whose check compares the live bits
-with the kept new bits. If a write fails, every write started (the failing one included) is taken back,
-so the model is as before.
+Apply, in order: resolve names; check shapes and dtypes; stage (runtime.staging); check indices;
+gather the touched bits, check the base fingerprint and that the new values are finite; only then
+write. If a write fails, every write started is taken back. Revert checks that the touched elements
+still hold what apply wrote, then writes the old bits back.
 
-Re-applying the same loaded Patch object (the serving pattern: edit on, edit off, edit on) reuses its
-staging: the patch is read and staged once, and the staging is kept while the Patch object lives
-(up to STAGE_CACHE_BYTES in all) and every touched live tensor is still the one staged. Its indices
-were checked once (the staged buffer is never written). When the gathered live bits equal, bit for
-bit, the base bits that passed the sha256 check on an earlier apply of this staging, that equality
-stands in for the hash and for the finiteness check (it implies both); otherwise both run again.
-A loaded patch is read once: arrays changed in place after its first apply are not re-read
-(replacing a TensorPatch or an array, or building a new Patch, is noticed).
+Re-applying the same loaded Patch object reuses its staging (up to STAGE_CACHE_BYTES in all) while
+every touched live tensor is still the one staged; live bits equal, bit for bit, to base bits that
+already passed the sha256 and finiteness checks stand in for them. Arrays changed in place after the
+first apply are not re-read.
 
-Cost: bound by scattered memory access, measured (bench/runtime.py, section "runtime" of
-docs/benchmarks.md). Each apply and each revert reads the touched elements once, to check, then
-writes them once: one index_select and one scatter_ per dtype over a span of the touched tensors
-(runtime.staging), so the number of torch calls does not grow with the number of tensors. On the
-SmolLM2 edit patch (60 tensors, 268k elements on 173k cache lines) a pass costs 0.5-1.3 ms hot on the
-2-core EPYC (more after forward passes flushed the caches), of which ~0.15 ms is the kernel's
-per-element work (the same pass over consecutive elements) and the rest scattered access; one call
-per tensor instead adds 0.02-0.25 ms per pass. A checked apply + revert is four passes (~2.5 ms at
-best), two bit comparisons (~0.1 ms) and Python within the noise of those; the ratios the issue asks
-for (100x a reload, 50x PEFT merge_and_unload) would need ~0.75 ms, under one pass each way.
-The first apply of a Patch adds staging and the sha256 (~3-5 ms). The first patch written into weights
-that transformers loaded as a private memory map of the safetensors file also pays one copy-on-write
-page fault per touched 4 KiB page.
+Cost: each apply and each revert reads the touched elements once and writes them once (one gather and
+one scatter per tensor); ~5 ms per apply + revert of a 60-tensor SmolLM2 edit on CPU (docs/design.md).
 """
 from __future__ import annotations
 
@@ -80,8 +62,7 @@ from ..errors import InputError
 from ..patch.model import BITS_DTYPE, DTYPE_NAMES, FORMAT_VERSION, Patch
 from ..patch.overlap import holds_base, intersects
 from .lock import ServingLock
-from .staging import (Bits, Staged, StagedTensor, Unit, all_equal, all_finite, gather, indices_valid, parallel_map,
-                      scatter,
+from .staging import (Bits, Staged, StagedTensor, all_equal, all_finite, gather, indices_valid, parallel_map, scatter,
                       stage, xor)
 
 # Stagings kept for re-applying the same Patch object, in bytes (indices, XOR bits, base/new/scratch bits).
@@ -119,9 +100,9 @@ class PatchHandle:
         return f"PatchHandle(id={self.id}, tensors={len(self.names)}, nnz={self.nnz}, source={self.source!r})"
 
 
-def _write(u: Unit, values: torch.Tensor) -> None:
+def _write(e: StagedTensor, values: torch.Tensor) -> None:
     """The only place weights are written (a function of its own so tests can make it fail)."""
-    scatter(u, values)
+    scatter(e, values)
 
 
 def _load(patch_or_path) -> tuple[Patch, str | None]:
@@ -366,7 +347,7 @@ class PatchRuntime:
                     self._check_base(staged, old)
                     staged.verified = (old, new)
             t2 = time.perf_counter()
-            self._write_all(staged, new.units, old.units, done=lambda: self._active.append(handle))
+            self._write_all(staged, new.parts, old.parts, done=lambda: self._active.append(handle))
         t3 = time.perf_counter()
         # Revert state: indices, XOR bits, old and new bits, all nnz-sized and on the device.
         handle._staged, handle._old, handle._new = staged, old, new
@@ -376,26 +357,26 @@ class PatchRuntime:
 
     def _write_all(self, staged: Staged, values: list[torch.Tensor], previous: list[torch.Tensor],
                    done=None) -> None:
-        """Write every unit's values under the exclusive lock; if any write fails, put `previous` back.
+        """Write every tensor's values under the exclusive lock; if any write fails, put `previous` back.
         `done()` runs under the same lock once every write succeeded (it updates `_active`).
 
-        On failure every unit started is restored, the failing one included (it may have written part of
+        On failure every tensor started is restored, the failing one included (it may have written part of
         its elements; writing the previous bits over the rest changes nothing). The writes run in reverse
         order of the gathers that checked them, so the first lines written are the last ones read (still in
         cache); the next gather runs forwards again.
         """
-        units = staged.units
+        entries = staged.entries
         with self.lock.write():
             self._sync(staged.device)
             started: list[int] = []
             try:
-                for k in range(len(units) - 1, -1, -1):
+                for k in range(len(entries) - 1, -1, -1):
                     started.append(k)
-                    _write(units[k], values[k])
+                    _write(entries[k], values[k])
                 self._sync(staged.device)
             except BaseException:
                 for k in started:
-                    _write(units[k], previous[k])
+                    _write(entries[k], previous[k])
                 self._sync(staged.device)
                 raise
             if done is not None:
@@ -465,8 +446,8 @@ class PatchRuntime:
 
     def _gather(self, staged: Staged, out: Bits) -> Bits:
         """The live bits at every touched element into `out` (laid out like staged.xor)."""
-        for u, part in zip(staged.units, out.units):
-            gather(u, part)
+        for e, part in zip(staged.entries, out.parts):
+            gather(e, part)
         return out
 
     def _check_base(self, staged: Staged, old: Bits) -> None:
@@ -528,6 +509,6 @@ class PatchRuntime:
                     raise InputError(f"the weights patch #{handle.id} touched were changed outside the runtime; "
                                      f"refusing to revert over them")
             t1 = time.perf_counter()
-            self._write_all(staged, old.units, new.units, done)  # on failure, put back what was there: the patched bits
+            self._write_all(staged, old.parts, new.parts, done)  # on failure, put back what was there: the patched bits
         handle.timings.update({"revert_check": t1 - t0, "revert_write": time.perf_counter() - t1})
 
