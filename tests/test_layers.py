@@ -31,9 +31,6 @@ KNOWN_PACKAGE_CYCLE_EDGES = {
     ("roselora_export.checkpoint.merge_check", "roselora_export.onnx.names"),
 }
 KNOWN_MODULE_CYCLE_EDGES = {
-    # Patch.load / save / apply_to / revert_from: shortcuts on the data class, imported lazily; tests use them.
-    ("roselora_export.patch.model", "roselora_export.patch.io"),
-    ("roselora_export.patch.model", "roselora_export.patch.apply"),
     # The large-model export (another issue's work) and the export share helpers both ways.
     ("roselora_export.onnx.export_large", "roselora_export.onnx.export"),
 }

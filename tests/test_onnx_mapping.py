@@ -288,7 +288,9 @@ def test_onnx_generate_runtime_genai_runs_a_patch_on_a_copy_and_leaves_the_artif
     write_names(art, map_onnx(genai_dirs["hf"], art)[0])
     before = dir_fingerprint(art)
     patch, _ = make_patch(base_state(genai_dirs["hf"]), GENAI_KEYS, scale=0.5)
-    patch.save(tmp_path / "p.patch.safetensors")
+    from roselora_export.patch.io import save_patch
+
+    save_patch(patch, tmp_path / "p.patch.safetensors")
     args = ["onnx-generate", "--onnx", str(art), "--prompt", "The capital of France is", "--max-new-tokens", "5",
             "--json"]
     r = CliRunner().invoke(main, args + ["--patch", str(tmp_path / "p.patch.safetensors")])

@@ -293,15 +293,15 @@ def test_patch_built_from_an_adapter_records_the_base_config_fingerprint(tmp_pat
 
 
 def test_patch_verbs_round_trip_a_state_dict(tmp_path):
-    import roselora_export.patch as patch_api
+    import roselora_export.checkpoint as checkpoint_api
 
     base, merged, _ = _rose_pair(dtype=torch.bfloat16)
-    Patch(tensors={"w": tensor_patch_from_pair("w", base, merged)}).save(tmp_path / "p.safetensors")
-    patch = Patch.load(tmp_path / "p.safetensors")
-    applied = patch.apply_to({"w": base})
+    save_patch(Patch(tensors={"w": tensor_patch_from_pair("w", base, merged)}), tmp_path / "p.safetensors")
+    patch = load_patch(tmp_path / "p.safetensors")
+    applied = apply_to_state_dict(patch, {"w": base})
     assert torch.equal(applied["w"], merged)
-    assert torch.equal(patch.revert_from(applied)["w"], base)
-    assert callable(patch_api.apply_to_checkpoint) and callable(patch_api.merge_checkpoint)
+    assert torch.equal(apply_to_state_dict(patch, applied, revert=True)["w"], base)
+    assert callable(checkpoint_api.apply_to_checkpoint) and callable(checkpoint_api.merge_checkpoint)
 
 
 def test_large_patch_stream_is_one_zlib_stream_from_pieces_deflated_ahead(tmp_path):

@@ -4,8 +4,8 @@
     save_patch(patch, "edit.patch.safetensors"); patch = load_patch("edit.patch.safetensors")
     patched = apply_to_state_dict(patch, sd); base = apply_to_state_dict(patch, patched, revert=True)
 
-Checkpoint directories (streaming, atomic) live in `roselora_export.checkpoint`; its verbs
-(`merge_checkpoint`, `diff_checkpoints`, `apply_to_checkpoint`) are also reachable from here.
+Checkpoint directories (streaming, atomic) live in `roselora_export.checkpoint` (`merge_checkpoint`,
+`diff_checkpoints`, `apply_to_checkpoint`), a layer above this one.
 """
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ _EXPORTS = {
     **dict.fromkeys(("config_fingerprint", "shape_config"), ".fingerprint"),
     **dict.fromkeys(("load_patch", "save_patch"), ".io"),
     **dict.fromkeys(("FORMAT_VERSION", "Patch", "TensorPatch", "tensor_patch_from_pair"), ".model"),
-    # Lazily, so that `patch` itself depends on no other package module (checkpoint depends on patch).
-    **dict.fromkeys(("apply_to_checkpoint", "diff_checkpoints", "merge_checkpoint"), "..checkpoint"),
 }
 
 

@@ -154,32 +154,6 @@ class Patch:
     def total_nnz(self) -> int:
         return sum(t.nnz for t in self.tensors.values())
 
-    # Convenience verbs, added after the contract; they delegate to patch.io and patch.apply.
-    @classmethod
-    def load(cls, path) -> "Patch":
-        """Read and validate a patch file (see patch.io.load_patch)."""
-        from .io import load_patch
-
-        return load_patch(path)
-
-    def save(self, path):
-        """Write this patch atomically (see patch.io.save_patch)."""
-        from .io import save_patch
-
-        return save_patch(self, path)
-
-    def apply_to(self, state_dict: dict) -> dict:
-        """A new state dict with this patch applied; every touched tensor is fingerprint-checked first."""
-        from .apply import apply_to_state_dict
-
-        return apply_to_state_dict(self, state_dict)
-
-    def revert_from(self, state_dict: dict) -> dict:
-        """A new state dict with this patch taken back out, bit for bit."""
-        from .apply import apply_to_state_dict
-
-        return apply_to_state_dict(self, state_dict, revert=True)
-
 
 def tensor_patch_from_pair(name: str, base: torch.Tensor, patched: torch.Tensor) -> TensorPatch | None:
     """The patch that turns `base` into `patched` (same shape and dtype), or None if they are bit-identical."""
