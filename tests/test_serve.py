@@ -17,80 +17,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from openai import OpenAI
 
 from roselora_export.cli import main
-from roselora_export.serve import ServerThread, build_app
+from roselora_export.serve import ServerThread
 from roselora_export.serve.client import Admin, AdminError
 from roselora_export.signing import sign_patch, signature_path
-from serve_helpers import model_patch, write_keypair
+from serve_helpers import (MAX_TOKENS, PROMPTS, TOKEN, admin, answers, client, complete, files, refused,  # noqa: F401
+                           server)
 from test_runtime_helpers import state_hash
-from tiny_models import save_model_dir, tiny_llama
-
-TOKEN = "test-admin-token-0123456789abcdef"
-PROMPTS = ["The capital of France is", "Once upon a time", "The Eiffel Tower is located in"]
-MAX_TOKENS = 6
-
-
-@pytest.fixture(scope="module")
-def files(tiny_model_dirs, tmp_path_factory):
-    """Keys, the admin token, and signed patches for the tiny Llama: A (changes answers), C (built on top of A,
-    overlapping it), one for another base, and a corrupt copy of A."""
-    root = tmp_path_factory.mktemp("serve")
-    model_dir = tiny_model_dirs["llama"]
-    priv, pub = write_keypair(root, "trusted")
-    stranger, _ = write_keypair(root, "stranger")
-    (root / "token").write_text(TOKEN + "\n")
-    a, a_state = model_patch(model_dir, root / "a.patch.safetensors")
-    q0 = "model.layers.0.self_attn.q_proj.weight"
-    c, _ = model_patch(model_dir, root / "c.patch.safetensors", seed=1, frac=0.2, on_top_of=a_state, keys=[q0])
-    other_dir = save_model_dir(tiny_llama(seed=1, vocab_size=49152), root / "other")
-    other, _ = model_patch(other_dir, root / "other.patch.safetensors", seed=2)
-    data = bytearray(a.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    corrupt = root / "corrupt.patch.safetensors"
-    corrupt.write_bytes(bytes(data))
-    for p in (a, c, other, corrupt):
-        sign_patch(p, priv)
-    return {"root": root, "model": model_dir, "priv": priv, "pub": pub, "stranger": stranger, "token": root / "token",
-            "a": a, "c": c, "other": other, "corrupt": corrupt}
-
-
-@pytest.fixture(scope="module")
-def server(files):
-    served = build_app(files["model"], device="cpu", admin_token_file=files["token"], trusted_keys=[files["pub"]])
-    with ServerThread(served.app) as url:
-        yield {"url": url, "served": served, "base_hash": state_hash(served.engine.model)}
-
-
-@pytest.fixture
-def admin(server):
-    yield Admin(server["url"], TOKEN)
-    # Every test leaves the model as it found it: no patch applied, every bit the base's.
-    assert Admin(server["url"], TOKEN).list() == []
-    assert state_hash(server["served"].engine.model) == server["base_hash"]
-
-
-def client(url: str) -> OpenAI:
-    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def complete(c: OpenAI, prompt: str) -> tuple[str, str]:
-    r = c.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
-    return r.choices[0].text, r.system_fingerprint
-
-
-def answers(c: OpenAI) -> dict[str, str]:
-    return {p: complete(c, p)[0] for p in PROMPTS}
-
-
-def refused(server, status: int, call) -> str:
-    """Run an admin call that must be refused with `status`; check the model did not change; the message."""
-    with pytest.raises(AdminError) as err:
-        call()
-    assert err.value.status == status, err.value.message
-    assert state_hash(server["served"].engine.model) == server["base_hash"]
-    return err.value.message
+from tiny_models import tiny_llama
 
 
 # ---- answering ------------------------------------------------------------------------------------

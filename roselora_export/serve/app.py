@@ -9,20 +9,27 @@
     DELETE /v1/patches/{id}        admin: revert; 409 naming the later overlapping patch that blocks it
 
 Every answer's `system_fingerprint` names the weight state it came from ("base" or "patches:ID,...").
+`"stream": true` answers as server-sent events (`data: CHUNK` lines, then `data: [DONE]`), the chunks
+the openai client reads; the whole stream comes from one weight state, named in every chunk. A
+stream's generation runs on a worker thread and stops when the client goes away.
 Admin endpoints take `Authorization: Bearer TOKEN` (401 otherwise; 403 when the server has no token,
 so patches can only be given at start-up); the check runs before an upload is parsed or stored. Errors are
 OpenAI-shaped: {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
+import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -54,6 +61,7 @@ class _Sampling(BaseModel):
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     n: int | None = 1
     stream: bool | None = False
+    stream_options: dict | None = None
     stop: str | list[str] | None = None
 
 
@@ -81,8 +89,6 @@ class ChatRequest(_Sampling):
 
 
 def _check_sampling(req: _Sampling) -> list[str]:
-    if req.stream:
-        raise ApiError(400, "stream=true is not supported by this server; request the whole answer")
     if (req.n or 1) != 1:
         raise ApiError(400, "n must be 1 (one answer per request)")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -103,6 +109,67 @@ def _usage(gen: Generation) -> dict:
     prompt = sum(a.prompt_tokens for a in gen.answers)
     completion = sum(a.completion_tokens for a in gen.answers)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def stream_events(engine: Engine, prompts: list[list[int]], kwargs: dict, chunk: Callable[[str, int, dict], dict],
+                  usage_chunk: Callable[[str, dict], dict] | None) -> StreamingResponse:
+    """Generate on a worker thread and answer as server-sent events, each piece of text as it is final.
+
+    `chunk(state, index, fields)` builds one chunk from fields {"text": piece}, {"finish_reason": reason} or
+    {"start": True} (once per answer when the weight state is known; None sends nothing). `usage_chunk`,
+    where given, builds the last chunk from the usage (stream_options.include_usage)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()
+
+    def put(item) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def work() -> None:
+        try:
+            gen = engine.generate(prompts, on_state=lambda state: put(("state", state)),
+                                  on_text=lambda i, piece: put(("text", i, piece)), cancelled=gone.is_set, **kwargs)
+            put(("done", gen))
+        except BaseException as err:  # noqa: BLE001 - reported in the stream, the headers are sent already
+            put(("error", err))
+
+    async def events() -> AsyncIterator[str]:
+        worker = loop.run_in_executor(None, work)
+        state = ""
+        try:
+            while True:
+                item = await queue.get()
+                if item[0] == "state":
+                    state = item[1]
+                    for i in range(len(prompts)):
+                        first = chunk(state, i, {"start": True})
+                        if first is not None:
+                            yield _sse(first)
+                elif item[0] == "text":
+                    yield _sse(chunk(state, item[1], {"text": item[2]}))
+                elif item[0] == "done":
+                    gen = item[1]
+                    for i, a in enumerate(gen.answers):
+                        yield _sse(chunk(gen.state, i, {"finish_reason": a.finish_reason}))
+                    if usage_chunk is not None:
+                        yield _sse(usage_chunk(gen.state, _usage(gen)))
+                    yield "data: [DONE]\n\n"
+                    return
+                else:
+                    err = item[1]
+                    message = str(err) if isinstance(err, InputError) else "the server failed while generating"
+                    yield _sse({"error": {"message": message, "type": "server_error", "param": None, "code": 500}})
+                    return
+        finally:
+            gone.set()  # the client went away (or the stream ended): the worker stops after its current token
+            del worker
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def create_app(engine: Engine, store: PatchStore, admin_token: str | None) -> FastAPI:
@@ -140,6 +207,17 @@ def create_app(engine: Engine, store: PatchStore, admin_token: str | None) -> Fa
         except InputError as err:
             raise ApiError(400, str(err)) from None
 
+    def stream(prompts: list[list[int]], max_tokens: int, req: _Sampling, stop: list[str], chunk,
+               usage_chunk) -> StreamingResponse:
+        try:
+            engine.check(prompts, max_tokens)  # refused with a status, before the stream starts
+        except InputError as err:
+            raise ApiError(400, str(err)) from None
+        wants_usage = bool((req.stream_options or {}).get("include_usage"))
+        return stream_events(engine, prompts, {"max_tokens": max_tokens, "temperature": req.temperature or 0.0,
+                                               "top_p": req.top_p or 1.0, "stop": stop}, chunk,
+                             usage_chunk if wants_usage else None)
+
     # ---- public ---------------------------------------------------------------------------------
     @app.get("/health")
     def health() -> dict:
@@ -152,7 +230,26 @@ def create_app(engine: Engine, store: PatchStore, admin_token: str | None) -> Fa
                                             "owned_by": "roselora-export"}]}
 
     @app.post("/v1/completions")
-    def completions(req: CompletionRequest) -> dict:
+    async def completions(req: CompletionRequest):
+        if req.stream:
+            prompts, stop = await run_in_threadpool(completion_prompts, req)
+            cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+            def chunk(state: str, i: int, f: dict) -> dict | None:
+                if "start" in f:
+                    return None
+                return {"id": cid, "object": "text_completion", "created": created, "model": engine.name,
+                        "system_fingerprint": state, "choices": [{"index": i, "text": f.get("text", ""), "logprobs": None,
+                                                                  "finish_reason": f.get("finish_reason")}]}
+
+            def usage_chunk(state: str, usage: dict) -> dict:
+                return {"id": cid, "object": "text_completion", "created": created, "model": engine.name,
+                        "system_fingerprint": state, "choices": [], "usage": usage}
+
+            return stream(prompts, req.max_tokens or 16, req, stop, chunk, usage_chunk)
+        return await run_in_threadpool(complete, req)
+
+    def completion_prompts(req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         stop = _check_sampling(req)
         p = req.prompt
         if isinstance(p, str):
@@ -163,6 +260,10 @@ def create_app(engine: Engine, store: PatchStore, admin_token: str | None) -> Fa
             prompts = [engine.encode_text(x) if isinstance(x, str) else list(x) for x in p]
         if not prompts:
             raise ApiError(400, "prompt is empty")
+        return prompts, stop
+
+    def complete(req: CompletionRequest) -> dict:
+        prompts, stop = completion_prompts(req)
         gen = generate(prompts, req.max_tokens or 16, req, stop)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": engine.name, "system_fingerprint": gen.state,
@@ -171,13 +272,38 @@ def create_app(engine: Engine, store: PatchStore, admin_token: str | None) -> Fa
                 "usage": _usage(gen)}
 
     @app.post("/v1/chat/completions")
-    def chat_completions(req: ChatRequest) -> dict:
+    async def chat_completions(req: ChatRequest):
+        if req.stream:
+            ids, max_tokens, stop = await run_in_threadpool(chat_prompt, req)
+            cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+            def chunk(state: str, i: int, f: dict) -> dict:
+                if "start" in f:
+                    delta = {"role": "assistant", "content": ""}
+                else:
+                    delta = {"content": f["text"]} if "text" in f else {}
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
+                        "system_fingerprint": state, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                                                  "finish_reason": f.get("finish_reason")}]}
+
+            def usage_chunk(state: str, usage: dict) -> dict:
+                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
+                        "system_fingerprint": state, "choices": [], "usage": usage}
+
+            return stream([ids], max_tokens, req, stop, chunk, usage_chunk)
+        return await run_in_threadpool(chat, req)
+
+    def chat_prompt(req: ChatRequest) -> tuple[list[int], int, list[str]]:
         stop = _check_sampling(req)
         ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             room = engine.context - len(ids) if engine.context else CHAT_MAX_TOKENS
             max_tokens = max(1, min(CHAT_MAX_TOKENS, room))
+        return ids, max_tokens, stop
+
+    def chat(req: ChatRequest) -> dict:
+        ids, max_tokens, stop = chat_prompt(req)
         gen = generate([ids], max_tokens, req, stop)
         a = gen.answers[0]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
