@@ -9,7 +9,7 @@ import click
 from ..errors import InputError
 from ..method.config import RoseLoraConfig
 from . import main
-from .options import device_option, dtype_option, resolve_device, resolve_dtype
+from .options import chat_option, check_chat, device_option, dtype_option, resolve_device, resolve_dtype
 
 _HELP = RoseLoraConfig.help()
 EDIT_METHODS = ("roselora", "lora", "ft-l")
@@ -213,7 +213,8 @@ def _print_summary(summary: dict, out: Path, answers: list[dict], per_module: bo
               help="Local Hugging Face model directory [default: the embedded SmolLM2-135M-Instruct].")
 @click.option("--requests", "requests_path", type=click.Path(path_type=Path), required=True,
               help='Edit requests, one JSON object per line: {"prompt", "subject", "target_new", "ground_truth"?, '
-                   '"rephrase_prompts"?, "locality"?}.')
+                   '"rephrase_prompts"?, "locality"?, "chat"?}.')
+@chat_option("Train (and show) each request")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Output directory: a PEFT adapter (roselora, lora) or ft_l.safetensors (ft-l), plus roselora.json.")
 @click.option("--method", type=click.Choice(EDIT_METHODS), default="roselora",
@@ -227,13 +228,15 @@ def _print_summary(summary: dict, out: Path, answers: list[dict], per_module: bo
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (roselora.json plus answers) as JSON.")
 @device_option()
 @dtype_option(help="Dtype to load the model in for training (the adapter itself trains in fp32).  [default: fp32]")
-def edit(model_dir, requests_path, out, method, layer, overwrite, answers, progress, per_module, as_json, device, dtype,
+def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers, progress, per_module, as_json, device, dtype,
          **hyper):
     """Train one edit carrying every request in --requests, and save it to --out.
 
     The loss covers the target tokens only (the target continues the prompt after one space), after
     the prompt alone and after each context prefix the model generates. --preset default holds on
     the models this tool is tested with; --preset paper is the RoseLoRA authors' LLaMA-2-7B setup.
+    With --chat (or a request's "chat": true) the request is trained as a chat turn, the target
+    starting the assistant's answer, and then holds when asked that way.
     A bf16/fp16 checkpoint (or --deploy-dtype) trains the edit against its merge in that dtype.
     """
     from ..edit.deploy_rounding import round_weights_
@@ -245,8 +248,9 @@ def edit(model_dir, requests_path, out, method, layer, overwrite, answers, progr
     _check_out(out, overwrite)
     config, settings = preset_settings(hyper)
     path = _resolve_model(model_dir)
-    requests = load_requests(requests_path)
+    requests = load_requests(requests_path, chat=chat)
     tokenizer = load_tokenizer(path)
+    check_chat(tokenizer, requests, chat, requests_path)
     _check_lengths(requests, tokenizer, path, requests_path.name)  # before the (slow) model load
     settings, round_first, note = resolve_deploy_dtype(settings, path, method)
     if note and not as_json:
@@ -255,12 +259,13 @@ def edit(model_dir, requests_path, out, method, layer, overwrite, answers, progr
     if round_first:
         round_weights_(model, settings.deploy_dtype)
     shown = requests[:5] if answers else []
-    before = [greedy_continuation(model, tokenizer, r.prompt) for r in shown]
+    before = [greedy_continuation(model, tokenizer, r.prompt, chat=r.chat) for r in shown]
     result = train_edit(model, tokenizer, requests, method=method, config=config, settings=settings,
                         progress=progress, layer=layer, source=requests_path.name)
     with result.applied(model):
-        after = [greedy_continuation(model, tokenizer, r.prompt) for r in shown]
-    qa = [{"prompt": r.prompt, "target_new": r.target_new, "before": b, "after": a} for r, b, a in zip(shown, before, after)]
+        after = [greedy_continuation(model, tokenizer, r.prompt, chat=r.chat) for r in shown]
+    qa = [{"prompt": r.prompt, "target_new": r.target_new, "before": b, "after": a, **({"chat": True} if r.chat else {})}
+          for r, b, a in zip(shown, before, after)]
     save_edit(result, out, overwrite=overwrite, extra={"base_model_path": str(path.resolve())})
     summary = result.summary()
     if as_json:

@@ -9,7 +9,7 @@ import click
 
 from . import main
 from .edit_commands import _preset_options, preset_settings
-from .options import device_option, dtype_option, resolve_device, resolve_dtype
+from .options import chat_option, check_chat, device_option, dtype_option, resolve_device, resolve_dtype
 
 _CONFIG_HELP = None
 
@@ -39,9 +39,10 @@ def _fmt(x, pct: bool = False) -> str:
 @click.option("--edited", "edited_dir", type=click.Path(), default=None,
               help="An already-edited model directory (e.g. what merge wrote), measured against --model as the "
                    "unedited reference; an fp16/bf16 one against --model rounded to that dtype.")
+@chat_option("Measure each request")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @device_option()
-def evaluate(model_dir, requests_path, adapter, patches, edited_dir, as_json, device):
+def evaluate(model_dir, requests_path, adapter, patches, edited_dir, chat, as_json, device):
     """Measure reliability, generalization, locality and efficacy of an edit against the unedited model.
 
     Without --adapter, --patch or --edited the unedited model itself is measured (locality is then 1).
@@ -51,7 +52,7 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, as_json, de
     from ..edit.evaluate import evaluate_dir
 
     report = evaluate_dir(model_dir, requests_path, adapter=adapter, patches=list(patches), edited=edited_dir,
-                          device=resolve_device(device))
+                          device=resolve_device(device), chat=chat)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -75,6 +76,7 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, as_json, de
                    "patch), all measured after the last, then every patch reverted (shuffled where the overlap rule "
                    "allows) and the bits checked against the base.")
 @click.option("--limit", type=int, default=None, help="Only the first N requests.")
+@chat_option("Train and measure each request")
 @_preset_options()
 @click.option("--layer", type=int, default=None, help="ft-l: the layer whose MLP down-projection is trained [default: 5].")
 @click.option("--no-bit-check", is_flag=True, help="Skip the sha256 of the whole model after each revert.")
@@ -84,7 +86,7 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, as_json, de
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @device_option()
 @dtype_option(help="Dtype to load the model in for training and measuring.  [default: fp32]")
-def benchmark_edits(model_dir, requests_path, methods, mass, sequential, limit, layer, no_bit_check, progress, out_path,
+def benchmark_edits(model_dir, requests_path, methods, mass, sequential, limit, chat, layer, no_bit_check, progress, out_path,
                     as_json, device, dtype, **hyper):
     """Edit each request alone from the unedited model (or all at once with --mass), measure, revert exactly.
 
@@ -108,7 +110,7 @@ def benchmark_edits(model_dir, requests_path, methods, mass, sequential, limit, 
     if not names:
         raise InputError("--methods: give at least one of roselora,lora,ft-l")
     config, settings = preset_settings(hyper)
-    requests = load_requests(requests_path)
+    requests = load_requests(requests_path, chat=chat)
     if limit is not None:
         if limit < 1:
             raise InputError(f"--limit {limit}: must be >= 1")
@@ -116,6 +118,7 @@ def benchmark_edits(model_dir, requests_path, methods, mass, sequential, limit, 
     if out_path is not None and out_path.exists() and out_path.is_dir():
         raise InputError(f"--out {out_path}: is a directory; give a .json file path")
     tokenizer = load_tokenizer(model_dir)
+    check_chat(tokenizer, requests, chat, requests_path)
     # The deploy dtype is shared by every method; ft-l's stored weights are rounded to it as well.
     settings, round_first, note = resolve_deploy_dtype(settings, check_model_dir(model_dir), "roselora")
     if note and not as_json:

@@ -9,7 +9,7 @@ import click
 
 from . import main
 from .options import (
-    device_option, max_new_tokens_option, model_option, prompts_option, resolve_model, resolve_prompts,
+    chat_option, device_option, max_new_tokens_option, model_option, prompts_option, resolve_model, resolve_prompts,
     resolve_providers,
 )
 
@@ -74,6 +74,7 @@ def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, kv_
 @click.option("--patch", "patch_files", multiple=True, type=click.Path(dir_okay=False),
               help="Patch to run with, as initializer overrides (the files on disk are not changed); repeatable.")
 @prompts_option("Text to continue")
+@chat_option("Ask each prompt (ort runtime only)")
 @max_new_tokens_option()
 @device_option(help="Where to run: auto (onnxruntime's CUDA execution provider when it has one and a GPU is "
                     "present, else the CPU), cpu, cuda or cuda:N.")
@@ -82,7 +83,7 @@ def export_onnx_command(model_dir: str, out_dir: str, task: str, opset: int, kv_
               help="ort: onnxruntime on an export-onnx artifact; genai: onnxruntime-genai on a model-builder "
                    "artifact (--patch then runs on a patched temporary copy); auto: genai where genai_config.json is.")
 def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: tuple[str, ...], requests_path,
-                          max_new_tokens: int, device: str, as_json: bool, runtime: str = "auto") -> None:
+                          chat: bool, max_new_tokens: int, device: str, as_json: bool, runtime: str = "auto") -> None:
     """Greedy continuation of each prompt by onnxruntime, with or without patches.
 
     A quick check that an ONNX artifact carries an edit: run it with --patch (overrides in memory)
@@ -91,9 +92,14 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: 
     from ..errors import InputError
     from ..onnx.session import create_session, generate_greedy
 
-    pairs = resolve_prompts(prompts, requests_path)
+    items = resolve_prompts(prompts, requests_path, chat)
+    pairs = [(p, t) for p, t, _ in items]
     if runtime == "genai" or (runtime == "auto" and (Path(onnx_dir) / "genai_config.json").is_file()):
         from ..onnx.genai import genai_results
+
+        if any(c for _, _, c in items):
+            raise InputError("--chat (or a request's \"chat\" field) is not supported with onnxruntime-genai; "
+                             "use --runtime ort on an export-onnx artifact")
 
         results = genai_results(onnx_dir, list(patch_files), pairs, max_new_tokens)
         if as_json:
@@ -114,9 +120,11 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: 
     except (OSError, ValueError) as err:
         raise InputError(f"--onnx {onnx_dir}: no usable tokenizer files ({str(err).splitlines()[0]}); "
                          "re-export from a model directory that has them") from None
+    from ..chat import prompt_ids
+
     results = []
-    for prompt, target in pairs:
-        new = generate_greedy(session, tok(prompt)["input_ids"], max_new_tokens, tok.eos_token_id)
+    for prompt, target, as_chat in items:
+        new = generate_greedy(session, prompt_ids(tok, prompt, as_chat), max_new_tokens, tok.eos_token_id)
         results.append({"prompt": prompt, "continuation": tok.decode(new), "new_token_ids": new, "target": target})
     if as_json:
         click.echo(json.dumps({"patches": list(patch_files), "providers": session.get_providers(),

@@ -1,4 +1,4 @@
-"""Options shared by the commands that load a model: --model, --device, --dtype, --max-new-tokens, prompts.
+"""Options shared by the commands that load a model: --model, --device, --dtype, --max-new-tokens, prompts, --chat.
 
 Each `*_option()` returns a click decorator; each `resolve_*()` turns the parsed value into what the
 library takes, printing at most one line on stderr (what `--device auto` picked). Bad values are
@@ -93,18 +93,35 @@ def prompts_option(what: str = "Prompt to answer"):
     return decorate
 
 
-def resolve_prompts(prompts: tuple[str, ...], requests_path: Path | None) -> list[tuple[str, str | None]]:
-    """(prompt, target or None) pairs: the --prompt values in order, then each request's prompt and target_new."""
+def chat_option(what: str = "Ask each prompt"):
+    """`--chat`: prompts go through the model's chat template (a request's own "chat" field wins)."""
+    return click.option("--chat", is_flag=True,
+                        help=f"{what} as a user turn through the model's chat template (instruct models); "
+                             "the answer starts the assistant's turn. A request's own \"chat\" field overrides it.")
+
+
+def resolve_prompts(prompts: tuple[str, ...], requests_path: Path | None,
+                    chat: bool = False) -> list[tuple[str, str | None, bool]]:
+    """(prompt, target or None, chat) triples: the --prompt values in order, then each request's prompt and
+    target_new; chat is --chat, or a request's own "chat" field."""
     from ..errors import InputError
 
-    pairs: list[tuple[str, str | None]] = [(p, None) for p in prompts]
+    items: list[tuple[str, str | None, bool]] = [(p, None, chat) for p in prompts]
     for p in prompts:
         if not p.strip():
             raise InputError("--prompt: an empty prompt")
     if requests_path is not None:
         from ..edit.requests import load_requests
 
-        pairs += [(r.prompt, r.target_new) for r in load_requests(requests_path)]
-    if not pairs:
+        items += [(r.prompt, r.target_new, r.chat) for r in load_requests(requests_path, chat=chat)]
+    if not items:
         raise InputError("give --prompt TEXT (repeatable) or --requests FILE.jsonl")
-    return pairs
+    return items
+
+
+def check_chat(tokenizer, requests, chat: bool, requests_path) -> None:
+    """InputError before the model loads when some request is a chat one and the tokenizer has no template."""
+    from ..chat import require_chat_template
+
+    if any(r.chat for r in requests):
+        require_chat_template(tokenizer, "--chat" if chat else f"--requests {requests_path}: field 'chat'")

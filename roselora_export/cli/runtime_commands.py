@@ -7,7 +7,7 @@ import click
 
 from . import main
 from .options import (
-    device_option, dtype_option, max_new_tokens_option, model_option, prompts_option, resolve_device, resolve_dtype,
+    chat_option, device_option, dtype_option, max_new_tokens_option, model_option, prompts_option, resolve_device, resolve_dtype,
     resolve_model, resolve_prompts,
 )
 
@@ -16,12 +16,13 @@ from .options import (
 @model_option("Local Hugging Face model directory (the patch's base).")
 @click.option("--patch", "patch_path", required=True, type=click.Path(dir_okay=False), help="Patch file to apply live.")
 @prompts_option("Prompt to answer greedily before, with and after the patch")
+@chat_option()
 @device_option()
 @max_new_tokens_option()
 @dtype_option(help="Dtype to load the model in.  [default: the patch's dtype]")
 @click.option("--progress/--no-progress", default=True, help="Model-loading progress bar on stderr.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def try_cmd(model_dir, patch_path, prompts, requests_path, device, max_new_tokens, dtype, progress, as_json):
+def try_cmd(model_dir, patch_path, prompts, requests_path, chat, device, max_new_tokens, dtype, progress, as_json):
     """Answer each prompt with the base model, with the patch applied in place, and after reverting it.
 
     Prints the three greedy answers per prompt, the apply and revert times, and whether the reverted
@@ -29,18 +30,20 @@ def try_cmd(model_dir, patch_path, prompts, requests_path, device, max_new_token
     """
     from ..runtime.tryout import try_patch
 
-    pairs = resolve_prompts(prompts, requests_path)
+    items = resolve_prompts(prompts, requests_path, chat)
     path = resolve_model(model_dir)
     dev = resolve_device(device)
-    result = try_patch(path, patch_path, [p for p, _ in pairs], targets=[t for _, t in pairs], device=dev,
-                       max_new_tokens=max_new_tokens, dtype=resolve_dtype(dtype), progress=progress)
+    result = try_patch(path, patch_path, [p for p, _, _ in items], targets=[t for _, t, _ in items], device=dev,
+                       max_new_tokens=max_new_tokens, dtype=resolve_dtype(dtype), progress=progress,
+                       chat=[c for _, _, c in items])
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         click.echo(f"model:    {result.model} ({result.device}, {result.dtype})")
         click.echo(f"patch:    {result.patch} ({result.tensors} tensors, {result.nnz} weights)")
         for a in result.answers:
-            click.echo(f"prompt:   {a.prompt}" + (f"   (target: {a.target})" if a.target is not None else ""))
+            click.echo(f"prompt:   {a.prompt}" + ("   (chat)" if a.chat else "")
+                       + (f"   (target: {a.target})" if a.target is not None else ""))
             click.echo(f"  base:     {a.base}")
             click.echo(f"  patched:  {a.patched}")
             click.echo(f"  reverted: {a.reverted}")

@@ -40,13 +40,18 @@ def model_max_length(model, tokenizer=None) -> int | None:
     return min(limits) if limits else None
 
 
-def encode_pair(tokenizer, prompt: str, completion: str, *, sep: str = " ") -> Encoded:
+def encode_pair(tokenizer, prompt: str, completion: str, *, sep: str = " ", chat: bool = False,
+                where: str = "--chat") -> Encoded:
     """prompt ids (with the tokenizer's special tokens) + ids of sep+completion; loss on the completion only.
 
     The two parts are tokenized separately so the boundary is exact: the target starts on a token.
+    chat=True: the prompt is a user turn through the chat template and the completion starts the
+    assistant's turn, with no separator (roselora_export/chat.py).
     """
-    p = tokenizer(prompt)["input_ids"]
-    c = tokenizer(sep + completion, add_special_tokens=False)["input_ids"]
+    from ..chat import answer_sep, prompt_ids
+
+    p = prompt_ids(tokenizer, prompt, chat, where)
+    c = tokenizer((answer_sep(True) if chat else sep) + completion, add_special_tokens=False)["input_ids"]
     return Encoded(input_ids=list(p) + list(c), labels=[IGNORE] * len(p) + list(c))
 
 
@@ -67,8 +72,9 @@ def encode_requests(requests, tokenizer, max_len: int | None, source: str = "req
     """Encode edit requests (prompt + ' ' + target_new), checking each fits the model."""
     out = []
     for req in requests:
-        enc = encode_pair(tokenizer, req.prompt, req.target_new)
-        check_length(enc, max_len, f"{source} line {req.line}")
+        where = f"{source} line {req.line}"
+        enc = encode_pair(tokenizer, req.prompt, req.target_new, chat=req.chat, where=where)
+        check_length(enc, max_len, where)
         out.append(enc)
     return out
 
@@ -80,24 +86,39 @@ def encode_edit_examples(requests, tokenizer, max_len: int | None, *, prefixes: 
 
     kl_prefixes: the prefix positions carry the locality term (they precede the prompt, so the
     unedited model's predictions there are the ones to keep). kl_on_locality: each request's own
-    locality prompt + answer becomes a KL-only sequence (no target tokens).
+    locality prompt + answer becomes a KL-only sequence (no target tokens). A chat request puts the
+    prefix inside its user turn, before the prompt; the KL positions then run up to the prefix's end.
     """
     out = []
     for req in requests:
         where = f"{source} line {req.line}"
         for prefix in ("", *prefixes):
-            enc = encode_pair(tokenizer, prefix + req.prompt, req.target_new)
+            enc = encode_pair(tokenizer, prefix + req.prompt, req.target_new, chat=req.chat, where=where)
             check_length(enc, max_len, where)
             if prefix and kl_prefixes:
-                enc.kl_len = _shared_prefix_len(tokenizer(prefix.rstrip())["input_ids"], enc.input_ids)
+                enc.kl_len = _shared_prefix_len(_prefix_ids(tokenizer, prefix, req.prompt, req.chat), enc.input_ids)
             out.append(enc)
         if kl_on_locality:
             for item in req.locality:
-                ids = list(tokenizer(item["prompt"] + " " + item["answer"])["input_ids"])
+                if req.chat:
+                    ids = encode_pair(tokenizer, item["prompt"], item["answer"], chat=True, where=where).input_ids
+                else:
+                    ids = list(tokenizer(item["prompt"] + " " + item["answer"])["input_ids"])
                 if max_len is not None:
                     ids = ids[:max_len]
                 out.append(Encoded(input_ids=ids, labels=[IGNORE] * len(ids), kl_len=len(ids)))
     return out
+
+
+def _prefix_ids(tokenizer, prefix: str, prompt: str, chat: bool) -> list[int]:
+    """Token ids of everything up to the end of the prefix: the prefix alone, or the chat turn's opening and it."""
+    if not chat:
+        return tokenizer(prefix.rstrip())["input_ids"]
+    from ..chat import chat_text
+
+    text = chat_text(tokenizer, prefix + prompt)
+    head = text[:text.index(prefix + prompt) + len(prefix.rstrip())]
+    return tokenizer(head, add_special_tokens=False)["input_ids"]
 
 
 def _shared_prefix_len(a: list[int], b: list[int]) -> int:

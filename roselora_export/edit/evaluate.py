@@ -41,17 +41,17 @@ class EditEvaluator:
         self.scorer = Scorer(tokenizer)
         self.encoded = []
         self.cases: list[_Case] = []
-        for r in self.requests:
-            case = _Case(rel=self._add(r.prompt, r.target_new))
-            case.gen = [self._add(p, r.target_new) for p in r.rephrase_prompts]
-            case.loc = [self._add(x["prompt"], x["answer"]) for x in r.locality]
+        for r in self.requests:  # a chat request's prompts are all asked through the chat template
+            case = _Case(rel=self._add(r.prompt, r.target_new, r.chat))
+            case.gen = [self._add(p, r.target_new, r.chat) for p in r.rephrase_prompts]
+            case.loc = [self._add(x["prompt"], x["answer"], r.chat) for x in r.locality]
             if r.ground_truth:
-                case.truth = self._add(r.prompt, r.ground_truth)
+                case.truth = self._add(r.prompt, r.ground_truth, r.chat)
             self.cases.append(case)
         self.base = self.scorer.score(base_forward, self.encoded)
 
-    def _add(self, prompt: str, answer: str) -> int:
-        self.encoded.append(self.scorer.encode(prompt, answer))
+    def _add(self, prompt: str, answer: str, chat: bool = False) -> int:
+        self.encoded.append(self.scorer.encode(prompt, answer, chat))
         return len(self.encoded) - 1
 
     def measure(self, forward: Forward, indices: Sequence[int] | None = None) -> list[dict]:
@@ -74,6 +74,7 @@ class EditEvaluator:
             "index": i,
             "prompt": r.prompt,
             "target_new": r.target_new,
+            **({"chat": True} if r.chat else {}),
             "reliability": s[c.rel].accuracy,
             "generalization": mean([s[j].accuracy for j in c.gen]),
             "locality": mean([agreement(s[j].pred, self.base[j].pred) for j in c.loc]),
@@ -132,23 +133,28 @@ def _edited_weights(model: torch.nn.Module, edited: torch.nn.Module, edited_dir)
 
 def evaluate_dir(model_dir: str | os.PathLike, requests_path: str | os.PathLike, *,
                  adapter: str | os.PathLike | None = None, patches: Sequence[str | os.PathLike] = (),
-                 edited: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> dict:
+                 edited: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 chat: bool = False) -> dict:
     """Evaluate a model directory on a requests file, edited by a PEFT/ft-l adapter dir, by patch files, or
     as an already-edited model directory (`edited`, e.g. what `merge` wrote).
 
     The unedited model is the reference for locality. A PEFT adapter is measured as PEFT runs it
     (unmerged); an ft-l directory, and patch files, are applied in place through PatchRuntime. An
     edited directory stored in fp16 or bf16 is measured against the unedited model rounded to that
-    dtype, so that locality measures the edit rather than the rounding.
+    dtype, so that locality measures the edit rather than the rounding. chat=True asks every request
+    (that does not say otherwise) through the model's chat template.
     """
+    from ..chat import require_chat_template
     from ..models import load_model, load_tokenizer
     from ..patch import build_patch_from_adapter
     from ..runtime import PatchRuntime
 
     if sum((adapter is not None, bool(patches), edited is not None)) > 1:
         raise InputError("--adapter, --patch and --edited: give one or the other")
-    requests = load_requests(requests_path)
+    requests = load_requests(requests_path, chat=chat)
     tokenizer = load_tokenizer(model_dir)
+    if any(r.chat for r in requests):  # before the model loads
+        require_chat_template(tokenizer, "--chat" if chat else f"--requests {requests_path}: field 'chat'")
     model = load_model(model_dir).to(device)
     base_params = count_base_params(model)
     edited_model, stored = None, {}
@@ -161,6 +167,8 @@ def evaluate_dir(model_dir: str | os.PathLike, requests_path: str | os.PathLike,
                     p.copy_(p.to(stored[name]).float())
     evaluator = EditEvaluator(tokenizer, requests, torch_forward(model))
     info: dict = {"model": str(model_dir), "requests_file": str(requests_path)}
+    if any(r.chat for r in requests):
+        info["chat_requests"] = sum(r.chat for r in requests)
     if edited_model is not None:
         modified = _edited_weights(model, edited_model, edited)
         rows = evaluator.measure(torch_forward(edited_model))

@@ -94,8 +94,9 @@ class Scorer:
         self.tokenizer = tokenizer
         self.pad_id = pad_id_of(tokenizer)
 
-    def encode(self, prompt: str, answer: str) -> Encoded:
-        return encode_pair(self.tokenizer, prompt, answer)
+    def encode(self, prompt: str, answer: str, chat: bool = False) -> Encoded:
+        """The teacher-forced sequence: raw prompt + ' ' + answer, or the prompt as a chat turn + answer."""
+        return encode_pair(self.tokenizer, prompt, answer, chat=chat)
 
     def score(self, forward: Forward, encoded: Sequence[Encoded]) -> list[AnswerScore]:
         out: list[AnswerScore] = []

@@ -4,6 +4,9 @@
      "ground_truth": "Paris", "rephrase_prompts": ["..."], "locality": [{"prompt": "...", "answer": "..."}]}
 
 The target continues the prompt after one space; training puts the loss on the target tokens only.
+With `"chat": true` (or `--chat` for the lines that do not say), each of the request's prompts
+(prompt, rephrases, locality) is asked as a user turn through the model's chat template and the
+answer starts the assistant's turn (roselora_export/chat.py).
 Every error names the file, the line and the field. A subject that does not occur in its prompt
 (case aside) is accepted with an InputWarning: the edit still trains, but is probably mistyped.
 """
@@ -27,15 +30,16 @@ class EditRequest:
     ground_truth: str | None = None
     rephrase_prompts: list[str] = field(default_factory=list)
     locality: list[dict] = field(default_factory=list)  # [{"prompt": str, "answer": str}]
+    chat: bool = False  # ask every prompt of the request through the model's chat template
     line: int = field(default=0, compare=False, repr=False)  # 1-based line in its file, for error messages
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "subject": self.subject, "target_new": self.target_new,
                 "ground_truth": self.ground_truth, "rephrase_prompts": list(self.rephrase_prompts),
-                "locality": [dict(x) for x in self.locality]}
+                "locality": [dict(x) for x in self.locality], **({"chat": True} if self.chat else {})}
 
 
-def _request_from(obj, where: str, line: int) -> EditRequest:
+def _request_from(obj, where: str, line: int, chat: bool = False) -> EditRequest:
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for name in REQUIRED:
@@ -60,14 +64,20 @@ def _request_from(obj, where: str, line: int) -> EditRequest:
     for i, item in enumerate(locality):
         if not (isinstance(item, dict) and all(isinstance(item.get(k), str) and item[k].strip() for k in ("prompt", "answer"))):
             raise InputError(f"{where}: field 'locality' item {i}: needs non-empty string 'prompt' and 'answer'")
+    chat = obj.get("chat", chat)
+    if not isinstance(chat, bool):
+        raise InputError(f"{where}: field 'chat' must be true or false")
     return EditRequest(prompt=obj["prompt"], subject=obj["subject"], target_new=obj["target_new"].strip(),
                        ground_truth=gt, rephrase_prompts=list(rephrase),
-                       locality=[{"prompt": x["prompt"], "answer": x["answer"]} for x in locality], line=line)
+                       locality=[{"prompt": x["prompt"], "answer": x["answer"]} for x in locality], chat=chat,
+                       line=line)
 
 
-def load_requests(path: str | os.PathLike) -> list[EditRequest]:
-    """Parse a requests .jsonl file (blank lines skipped); InputError names the line and field of any problem."""
-    requests = [_request_from(obj, where, n) for obj, where, n in read_jsonl_objects(path, "--requests")]
+def load_requests(path: str | os.PathLike, *, chat: bool = False) -> list[EditRequest]:
+    """Parse a requests .jsonl file (blank lines skipped); InputError names the line and field of any problem.
+
+    `chat` is the default for lines without a "chat" field (the --chat flag); a line's own field wins."""
+    requests = [_request_from(obj, where, n, chat) for obj, where, n in read_jsonl_objects(path, "--requests")]
     if not requests:
         raise InputError(f"--requests {path}: no requests in the file (one JSON object per line)")
     return requests

@@ -456,9 +456,13 @@ def _attach_kl_reference(model: torch.nn.Module, micro: list[dict[str, torch.Ten
 
 
 @torch.no_grad()
-def greedy_continuation(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 8) -> str:
-    """The model's greedy continuation of `prompt` (decoded new tokens only)."""
-    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+def greedy_continuation(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 8,
+                        chat: bool = False) -> str:
+    """The model's greedy continuation of `prompt` (decoded new tokens only); chat=True asks it as a chat turn."""
+    from ..chat import prompt_ids
+
+    ids = torch.tensor([prompt_ids(tokenizer, prompt, chat)], device=next(model.parameters()).device)
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     was_training = model.training
     model.eval()
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,

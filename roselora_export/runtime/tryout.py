@@ -22,6 +22,7 @@ class Answer:
     patched: str
     reverted: str
     target: str | None = None  # the request's target_new, when the prompt came from a requests file
+    chat: bool = False  # asked through the model's chat template
 
 
 @dataclass
@@ -70,8 +71,11 @@ def patch_dtype(patch: Patch, dtype: str | torch.dtype | None) -> torch.dtype:
     return dtypes.pop() if dtypes else torch.float32
 
 
-def greedy(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+def greedy(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False) -> str:
+    from ..chat import prompt_ids
+
+    ids = torch.tensor([prompt_ids(tokenizer, prompt, chat)], device=next(model.parameters()).device)
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
@@ -90,18 +94,21 @@ def _timed(fn, device: torch.device) -> float:
 
 def try_patch(model_dir: str | os.PathLike, patch_path: str | os.PathLike, prompts: str | Sequence[str], *,
               device: str | torch.device = "cpu", max_new_tokens: int = 20, dtype: str | torch.dtype | None = None,
-              targets: Sequence[str | None] | None = None, progress: bool = True) -> TryResult:
+              targets: Sequence[str | None] | None = None, progress: bool = True,
+              chat: bool | Sequence[bool] = False) -> TryResult:
     """Greedy answers to each prompt before, with and after a live patch, with timings and the bit check.
 
     `device` is a torch.device or a name (cpu, cuda, cuda:N, auto); `targets` (optional, one per prompt)
-    are carried into the answers; `progress=False` hides the model-loading bar."""
+    are carried into the answers; `progress=False` hides the model-loading bar; `chat` (one flag, or one
+    per prompt) asks prompts through the model's chat template (InputError if it has none)."""
     from ..devices import torch_device
     from ..models import load_model, load_tokenizer
     from ..patch import load_patch
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     targets = list(targets) if targets is not None else [None] * len(prompts)
-    if not prompts or len(targets) != len(prompts):
+    chats = [chat] * len(prompts) if isinstance(chat, bool) else list(chat)
+    if not prompts or len(targets) != len(prompts) or len(chats) != len(prompts):
         raise InputError("give at least one prompt (and one target per prompt, if any)")
     dev = device if isinstance(device, torch.device) else torch_device(device)[0]
     t0 = time.perf_counter()
@@ -109,12 +116,16 @@ def try_patch(model_dir: str | os.PathLike, patch_path: str | os.PathLike, promp
     load_ms = (time.perf_counter() - t0) * 1e3
     dt = patch_dtype(patch, dtype)
     tokenizer = load_tokenizer(model_dir)
+    if any(chats):
+        from ..chat import require_chat_template
+
+        require_chat_template(tokenizer)
     model = load_model(model_dir, dtype=dt, progress=progress).to(dev)
     runtime = PatchRuntime(model)
 
     def answer_all() -> list[str]:
         with runtime.serving():
-            return [greedy(model, tokenizer, p, max_new_tokens) for p in prompts]
+            return [greedy(model, tokenizer, p, max_new_tokens, c) for p, c in zip(prompts, chats)]
 
     base = answer_all()
     base_sha = state_sha256(model)
@@ -127,5 +138,5 @@ def try_patch(model_dir: str | os.PathLike, patch_path: str | os.PathLike, promp
         model=str(model_dir), patch=str(patch_path), device=str(dev), dtype=DTYPE_NAMES[dt],
         patch_load_ms=load_ms, apply_ms=apply_ms, revert_ms=revert_ms,
         tensors=len(handles[0].names), nnz=handles[0].nnz, base_sha256=base_sha, reverted_sha256=state_sha256(model),
-        answers=[Answer(p, b, a, r, t) for p, b, a, r, t in zip(prompts, base, patched, reverted, targets)],
+        answers=[Answer(p, b, a, r, t, c) for p, b, a, r, t, c in zip(prompts, base, patched, reverted, targets, chats)],
     )
