@@ -107,7 +107,8 @@ from roselora_export.checkpoint import open_model_dir
 from roselora_export.checkpoint.safetensors_stream import _pwrite_all
 from roselora_export.patch.adapter import read_adapter, resolve_keys
 from roselora_export.patch.io import encode_tensor
-from roselora_export.patch.merge_math import fill_sha256, merge_bits
+from roselora_export.patch.merge_math import merge_bits
+from roselora_export.patch.model import fill_sha256
 model = open_model_dir(sys.argv[1])
 edits = resolve_keys(read_adapter(sys.argv[2]).edits, model.keys(), tied=model.tied_aliases())
 costs = {k: [] for k in ("read", "merge", "sha256", "encode", "write")}

@@ -249,30 +249,40 @@ def test_smollm2_roselora_patch_is_compact_and_exact_in_fp16(smollm_dir, tmp_pat
     assert sha256_tensor(apply_to_state_dict(sub, {name: applied}, revert=True)[name]) == sha256_tensor(b)
 
 
+def _contract_pair(base: torch.Tensor, merged: torch.Tensor) -> tuple:
+    """The pair-to-patch contract written out plainly: XOR of the whole tensors, its nonzeros, whole sha256."""
+    from roselora_export.patch.model import tensor_bits
+
+    a, b = tensor_bits(base), tensor_bits(merged)
+    xor = a ^ b
+    flat = np.flatnonzero(xor)
+    return (flat, xor[flat], hashlib.sha256(a.tobytes()).hexdigest(), hashlib.sha256(b.tobytes()).hexdigest(),
+            hashlib.sha256(a[flat].tobytes()).hexdigest())
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 def test_fast_pair_patch_equals_the_contract_function(dtype):
-    from roselora_export.patch.build import pair_patch
-
     base, merged, _ = _rose_pair(dtype=dtype)
     base = base.clone()
     base[0, :3] = -0.0  # -0.0 + 0.0 = +0.0: a change outside the delta's support
     merged = (base.float() + (merged.float() - base.float()) * 1).to(dtype)
-    a, b = pair_patch("w", base, merged), tensor_patch_from_pair("w", base, merged)
-    assert np.array_equal(a.flat_index, b.flat_index) and np.array_equal(a.xor_bits, b.xor_bits)
-    assert (a.base_sha256, a.patched_sha256, a.base_touched_sha256) == (b.base_sha256, b.patched_sha256, b.base_touched_sha256)
+    a, (flat, xor, base_sha, patched_sha, touched_sha) = tensor_patch_from_pair("w", base, merged), _contract_pair(base, merged)
+    assert np.array_equal(a.flat_index, flat) and np.array_equal(a.xor_bits, xor)
+    assert (a.base_sha256, a.patched_sha256, a.base_touched_sha256) == (base_sha, patched_sha, touched_sha)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
 def test_deferred_whole_tensor_hashes_equal_the_contract_fingerprints(dtype):
-    from roselora_export.patch.build import fill_sha256, pair_patch
+    import dataclasses
+
+    from roselora_export.patch.model import fill_sha256, tensor_bits
 
     base, merged, _ = _rose_pair(dtype=dtype)
-    later = []
-    a = pair_patch("w", base, merged, deferred=later)
-    assert a.base_sha256 == "" and len(later) == 1
-    fill_sha256(*later[0])
     b = tensor_patch_from_pair("w", base, merged)
-    assert (a.base_sha256, a.patched_sha256) == (b.base_sha256, b.patched_sha256)
+    a = dataclasses.replace(b, base_sha256="", patched_sha256="")
+    fill_sha256(a, tensor_bits(base), tensor_bits(merged))
+    _, _, base_sha, patched_sha, _ = _contract_pair(base, merged)
+    assert (a.base_sha256, a.patched_sha256) == (base_sha, patched_sha) == (b.base_sha256, b.patched_sha256)
 
 
 @needs_mkl

@@ -167,7 +167,8 @@ def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict
     import numpy as np
 
     from ..patch.io import encode_tensor
-    from ..patch.merge_math import fill_sha256, merge_bits
+    from ..patch.merge_math import merge_bits
+    from ..patch.model import fill_sha256
 
     def job(name: str) -> tuple:
         header, info = model.locations[name]
@@ -223,7 +224,8 @@ def _merge_converting(model: ModelDir, tmp: Path, out_dtype: str, edits: dict, k
     bits, so memory stays about that of a serial merge plus OVERLAP_BYTES.
     """
     from ..patch.io import encode_tensor
-    from ..patch.merge_math import fill_sha256, merge_bits
+    from ..patch.merge_math import merge_bits
+    from ..patch.model import fill_sha256
     from .rewrite import write_checkpoint
 
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-encode")

@@ -22,7 +22,8 @@ def check_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out
     """Validate a merge without writing anything; returns what it would produce (tensors, nnz, survival)."""
     from ..patch.adapter import read_adapter, resolve_keys
     from ..patch.ledger import check_weights, read_ledger
-    from ..patch.merge_math import SurvivalReport, fill_sha256, merge_bits
+    from ..patch.merge_math import SurvivalReport, merge_bits
+    from ..patch.model import fill_sha256
     from ..patch.model import Patch
 
     _dtype_name(dtype)

@@ -21,8 +21,7 @@ from ..core.atomic import check_disjoint
 from ..patch.apply import check_result, check_stored, xor_bits
 from ..patch.io import save_patch
 from ..patch.ledger import write_ledger
-from ..patch.merge_math import nonfinite, pair_patch_bits
-from ..patch.model import BITS_BY_NAME, Patch
+from ..patch.model import Patch, check_same_keys, diff_bits
 from ..patch.provenance import now_iso
 from ..patch.stack import Stack
 from .atomic import atomic_dir, locked_dir
@@ -57,11 +56,7 @@ def diff_checkpoints(base_dir: str | os.PathLike, target_dir: str | os.PathLike,
 def _diff(base_dir, target_dir, progress: Progress | None) -> Patch:
     base = open_model_dir(base_dir, "--base")
     target = open_model_dir(target_dir, "--target")
-    missing, extra = set(base.keys()) - set(target.keys()), set(target.keys()) - set(base.keys())
-    if missing or extra:
-        which = sorted(missing)[0] if missing else sorted(extra)[0]
-        raise InputError(f"base and target have different tensors (first: {which} is only in "
-                         f"{'--base' if missing else '--target'}); diff needs the same keys")
+    check_same_keys(base.keys(), target.keys(), "--base", "--target")
     for name in base.keys():
         a, b = base.locations[name][1], target.locations[name][1]
         if a.shape != b.shape or a.dtype != b.dtype:
@@ -81,16 +76,7 @@ def _diff(base_dir, target_dir, progress: Progress | None) -> Patch:
 
 def _diff_tensor(name: str, base: ModelDir, target: ModelDir):
     info = base.locations[name][1]
-    a, b = base.read_array(name), target.read_array(name)
-    if info.dtype not in BITS_BY_NAME:
-        if a.tobytes() != b.tobytes():  # the bytes, not the values: NaN == NaN and -0.0 != 0.0 here
-            raise InputError(f"{name}: dtype {info.dtype} differs between base and target; only fp32/fp16/bf16 can "
-                             "be patched")
-        return None
-    tp = pair_patch_bits(name, info.shape, info.dtype, a, b)
-    if tp is not None and bool(nonfinite(b[tp.flat_index], info.dtype).any()):
-        raise InputError(f"{name}: the target contains NaN or Inf; refusing to write it")
-    return tp
+    return diff_bits(name, info.shape, info.dtype, base.read_array(name), target.read_array(name))
 
 
 # ----------------------------------------------------------------------------- apply / revert

@@ -19,32 +19,18 @@ from .merge_math import (  # noqa: F401 (LOST_WARNING, Survival, SurvivalReport:
     LOST_WARNING,
     Survival,
     SurvivalReport,
-    fill_sha256,
     merge_bits,
-    pair_patch_bits,
 )
-from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, tensor_bits
+from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, check_same_keys, diff_bits, fill_sha256, tensor_bits
 from .provenance import adapter_provenance, now_iso  # noqa: F401 (re-exported)
-
-
-def pair_patch(name: str, base: torch.Tensor, patched: torch.Tensor, *, deferred: list | None = None
-               ) -> TensorPatch | None:
-    """Same result as model.tensor_patch_from_pair (tested equal), with fewer full-tensor passes and copies
-    (merge_math.pair_patch_bits; `deferred` as there)."""
-    return pair_patch_bits(name, tuple(base.shape), DTYPE_NAMES[base.dtype], tensor_bits(base.cpu()),
-                           tensor_bits(patched.cpu()), deferred=deferred)
-
-
-def check_finite(name: str, t: torch.Tensor, what: str) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise InputError(f"{name}: {what} contains NaN or Inf; refusing to write it")
 
 
 def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.dtype | None = None, *,
                  deferred: list | None = None) -> tuple[torch.Tensor, TensorPatch | None, Survival]:
     """Merge one edit into one base tensor in the stored dtype; the merged tensor, its patch and survival.
 
-    `deferred`: as in pair_patch (the whole-tensor sha256 are left to the caller's `fill_sha256`).
+    `deferred`: a list; if given, the whole-tensor sha256 are left empty and (patch, base bits, merged bits)
+    appended for the caller's `fill_sha256`.
     """
     dtype = dtype or base.dtype
     if dtype not in BITS_DTYPE or not base.is_floating_point():
@@ -93,11 +79,7 @@ def build_patch_from_adapter(adapter_dir: str | Path, base: Mapping[str, torch.T
 def build_patch_from_state_dicts(base: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
                                  provenance: dict | None = None) -> Patch:
     """A patch of every element that differs between two state dicts with the same keys, shapes and dtypes."""
-    missing, extra = set(base) - set(target), set(target) - set(base)
-    if missing or extra:
-        which = sorted(missing)[0] if missing else sorted(extra)[0]
-        raise InputError(f"base and target have different tensors (first: {which} is only in "
-                         f"{'base' if missing else 'target'}); diff needs the same keys")
+    check_same_keys(base, target, "base", "target")
     patch = Patch(provenance={"kind": "diff", "created": now_iso(), "tool": "roselora-export", **(provenance or {})})
     for name in base:
         tp = diff_tensor(name, base[name], target[name])
@@ -107,14 +89,14 @@ def build_patch_from_state_dicts(base: Mapping[str, torch.Tensor], target: Mappi
 
 
 def diff_tensor(name: str, base: torch.Tensor, target: torch.Tensor) -> TensorPatch | None:
+    """model.diff_bits of two tensors (InputError unless they have the same shape and dtype)."""
     if tuple(base.shape) != tuple(target.shape) or base.dtype != target.dtype:
         raise InputError(f"{name}: base is {tuple(base.shape)} {base.dtype}, target is {tuple(target.shape)} "
                          f"{target.dtype}; diff needs identical shapes and dtypes")
-    if base.dtype not in BITS_DTYPE:
-        if not torch.equal(base, target):
-            raise InputError(f"{name}: dtype {base.dtype} differs between base and target; only fp32/fp16/bf16 can be patched")
-        return None
-    tp = pair_patch(name, base, target)
-    if tp is not None:
-        check_finite(name, target.reshape(-1)[torch.from_numpy(tp.flat_index)], "the target")
-    return tp
+    return diff_bits(name, tuple(base.shape), DTYPE_NAMES.get(base.dtype, str(base.dtype)), _stored(base), _stored(target))
+
+
+def _stored(t: torch.Tensor):
+    """A CPU tensor's stored elements as numpy: the bit patterns of fp32/fp16/bf16, raw bytes otherwise."""
+    t = t.detach().cpu().contiguous()
+    return tensor_bits(t) if t.dtype in BITS_DTYPE else t.reshape(-1).view(torch.uint8).numpy()

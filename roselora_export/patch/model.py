@@ -9,12 +9,14 @@ knows nothing of files.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..core import dtypes
+from ..errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -161,19 +163,64 @@ def tensor_patch_from_pair(name: str, base: torch.Tensor, patched: torch.Tensor)
         raise ValueError(f"{name}: base {tuple(base.shape)} {base.dtype} vs target {tuple(patched.shape)} {patched.dtype}")
     if base.dtype not in _table("BITS_DTYPE"):
         raise ValueError(f"{name}: dtype {base.dtype} is not supported (fp32, fp16, bf16)")
-    base_bits = tensor_bits(base.cpu())
-    new_bits = tensor_bits(patched.cpu())
-    xor = base_bits ^ new_bits
-    flat_index = np.flatnonzero(xor).astype(np.int64)
-    if flat_index.size == 0:
+    return tensor_patch_from_bits(name, tuple(base.shape), to_dtype_name(base.dtype), tensor_bits(base.cpu()),
+                                  tensor_bits(patched.cpu()))
+
+
+def tensor_patch_from_bits(name: str, shape: tuple[int, ...], dtype: str, base_bits: np.ndarray,
+                           new_bits: np.ndarray) -> TensorPatch | None:
+    """The patch that turns flat bits `base_bits` into `new_bits` (dtype: "F32", "F16", "BF16"), or None if equal.
+
+    The one pair-to-patch builder: one comparison pass, XOR only at the changed elements, the common
+    prefix of both whole-tensor sha256 hashed once (fill_sha256).
+    """
+    flat = np.flatnonzero(base_bits != new_bits).astype(np.int64)
+    if flat.size == 0:
         return None
-    return TensorPatch(
-        name=name,
-        shape=tuple(base.shape),
-        dtype_name=base.dtype,
-        flat_index=flat_index,
-        xor_bits=xor[flat_index],
-        base_sha256=hashlib.sha256(base_bits.tobytes()).hexdigest(),
-        patched_sha256=hashlib.sha256(new_bits.tobytes()).hexdigest(),
-        base_touched_sha256=sha256_bits(base_bits[flat_index]),
-    )
+    old = base_bits[flat]
+    tp = TensorPatch(name=name, shape=tuple(shape), dtype_name=dtype, flat_index=flat, xor_bits=old ^ new_bits[flat],
+                     base_touched_sha256=sha256_bits(old))
+    return fill_sha256(tp, base_bits, new_bits)
+
+
+def fill_sha256(tp: TensorPatch, base_bits: np.ndarray, new_bits: np.ndarray) -> TensorPatch:
+    """Set tp's whole-tensor sha256 of base and patched bits, hashing their common prefix once.
+
+    Both arrays are equal before the first changed element, so that prefix is hashed once and the
+    hash state copied. hashlib releases the GIL, so this can run in a thread beside other work.
+    """
+    cut = int(tp.flat_index[0]) * base_bits.itemsize if tp.nnz else 0
+    b, n = memoryview(base_bits.view(np.uint8)), memoryview(new_bits.view(np.uint8))
+    h = hashlib.sha256(b[:cut])
+    hn = h.copy()
+    h.update(b[cut:])
+    hn.update(n[cut:])
+    tp.base_sha256, tp.patched_sha256 = h.hexdigest(), hn.hexdigest()
+    return tp
+
+
+def check_same_keys(base: Iterable[str], target: Iterable[str], base_label: str, target_label: str) -> None:
+    """InputError unless a diff's two sides hold the same tensor names."""
+    base, target = set(base), set(target)
+    missing, extra = base - target, target - base
+    if missing or extra:
+        which = sorted(missing)[0] if missing else sorted(extra)[0]
+        raise InputError(f"base and target have different tensors (first: {which} is only in "
+                         f"{base_label if missing else target_label}); diff needs the same keys")
+
+
+def diff_bits(name: str, shape: tuple[int, ...], dtype: str, base: np.ndarray, target: np.ndarray) -> TensorPatch | None:
+    """The one diff of one tensor: its patch (None if unchanged), from stored arrays of safetensors dtype `dtype`.
+
+    Other dtypes than fp32/fp16/bf16 must be byte-identical (NaN == NaN, -0.0 != 0.0); a target that
+    holds NaN or Inf where it differs is refused (InputError).
+    """
+    if dtype not in BITS_BY_NAME:
+        if base.tobytes() != target.tobytes():
+            raise InputError(f"{name}: dtype {dtype} differs between base and target; only fp32/fp16/bf16 can "
+                             "be patched")
+        return None
+    tp = tensor_patch_from_bits(name, shape, dtype, base, target)
+    if tp is not None and bool(dtypes.nonfinite(target[tp.flat_index], dtype).any()):
+        raise InputError(f"{name}: the target contains NaN or Inf; refusing to write it")
+    return tp
