@@ -360,6 +360,28 @@ The bullets that follow describe the earlier run (2026-11-29), when the authors'
 DEFAULTS_JSON = DOCS / "edit_defaults.json"
 
 
+def sequential_section(readme: bool) -> list[str]:
+    """Lifelong editing (examples/sequential.py): the curve table and its plot, as markdown lines."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sequential import load_reports, table
+
+    reports = load_reports()
+    if not reports:
+        return []
+    any_run = next(iter(reports.values()))
+    text = (f"The {any_run['edits']} requests (the 34 of the dev set, then the checked extra ones of "
+            f"`examples/edits/counterfact_extra.jsonl`) edited one after another with the default preset, each "
+            f"trained on the model with every earlier edit applied and shipped as its own patch; at each T the "
+            f"metrics are over the first T requests. Overlapping: patches touching an element an earlier one "
+            f"touched. Reverts: every patch reverted at the end (shuffled where the overlap rule allows, else "
+            f"last-first) and the model's sha256 compared with the base; dense LoRA's patches are committed as "
+            f"they land (`--no-reverts`: keeping the revert state of 100 patches of 39% of the weights needs tens "
+            f"of GB). Regenerate: `examples/sequential.py run --method M`, then `render`.")
+    image = "docs/sequential.png" if readme else "sequential.png"
+    return ["### Lifelong editing: edits applied in sequence", "", table(reports), "", text, "",
+            f"![metrics against the number of sequential edits]({image})", ""]
+
+
 def defaults_section() -> list[str]:
     """The editing defaults' evidence and the sweep that chose them (examples/edit_defaults.py), as markdown lines."""
     if not DEFAULTS_JSON.is_file():
@@ -423,6 +445,7 @@ def render(res: dict) -> tuple[str, str]:
         new, earlier = FINDINGS.split("\n\nThe bullets that follow", 1)
         out += [new, ""]
         out += defaults_section()
+        out += sequential_section(readme=out is readme)
         out += ["### The earlier run", "", "The bullets that follow" + earlier, ""]
         out += ["The tables below are the earlier run (2026-11-29, the authors' settings as the default; "
                 "`roselora` there is today's `--preset paper`).", ""]

@@ -1,0 +1,127 @@
+"""Lifelong editing on SmolLM2: the sequential benchmark at T = 100 with a curve, and its report.
+
+    .venv/bin/python examples/sequential.py run --method roselora       # docs/sequential/roselora.json
+    .venv/bin/python examples/sequential.py run --method lora --no-reverts
+    .venv/bin/python examples/sequential.py render                      # docs/sequential.png (+ the table, printed)
+
+The requests are the 34 of examples/edits/counterfact_dev.jsonl, then the extra checked ones of
+counterfact_extra.jsonl, in file order; each run measures after 10, 20, 34, 50 and 100 edits over the
+requests edited so far (the curve), with the default preset. One run per method, one torch thread each,
+so that two can share a 2-core machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from roselora_export.core.atomic import atomic_write  # noqa: E402
+
+EDITS = [ROOT / "examples" / "edits" / "counterfact_dev.jsonl", ROOT / "examples" / "edits" / "counterfact_extra.jsonl"]
+OUT = ROOT / "docs" / "sequential"
+CHECKPOINTS = (10, 20, 34, 50)
+METHODS = ("roselora", "lora", "ft-l")
+
+
+def run(method: str, limit: int, keep_reverts: bool, threads: int, kl_weight: float | None = None,
+        tag: str = "") -> None:
+    import torch
+
+    from roselora_export.edit.benchmark import sequential_edits
+    from roselora_export.edit.requests import load_requests
+    from roselora_export.edit.settings import preset
+    from roselora_export.models import demo_model_dir, load_model, load_tokenizer
+
+    torch.set_num_threads(threads)
+    requests = [r for path in EDITS for r in load_requests(str(path))][:limit]
+    config, settings = preset("default")
+    if kl_weight is not None:  # a side experiment; the table reads only the untagged runs
+        from dataclasses import replace
+
+        settings = replace(settings, kl_weight=kl_weight)
+    model_dir = str(demo_model_dir())
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    t0 = time.time()
+
+    def tick(m, i):
+        print(f"{m} edit {i + 1}/{len(requests)} at {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+    report = sequential_edits(model, tok, requests, method, config, settings=settings, measure_at=CHECKPOINTS,
+                              keep_reverts=keep_reverts, on_edit=tick)
+    report["threads"] = threads
+    report["requests"] = [str(p.relative_to(ROOT)) for p in EDITS]
+    OUT.mkdir(parents=True, exist_ok=True)
+    atomic_write(OUT / f"{method}{tag}.json", (json.dumps(report, indent=1) + "\n").encode())
+    print(f"{method}: {json.dumps(report['curve'])}", file=sys.stderr)
+
+
+def load_reports() -> dict[str, dict]:
+    """The runs present under docs/sequential/, by method."""
+    return {m: json.loads((OUT / f"{m}.json").read_text()) for m in METHODS if (OUT / f"{m}.json").exists()}
+
+
+def table(reports: dict[str, dict]) -> str:
+    """One markdown row per method and measurement point (T)."""
+    lines = ["| method | T | reliability | generalization | locality | union touched | overlapping | s/edit | reverts |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for m, r in reports.items():
+        for p in r["curve"]:
+            last = p["edits"] == r["edits"]
+            tail = " | | "
+            if last:
+                reverts = {True: "all bit-exact", False: "NOT exact", None: "not kept"}[r["bits_identical_after_reverts"]]
+                tail = f"{r['patches_overlapping_an_earlier_one']} | {r['seconds_per_edit']:.1f} | {reverts}"
+            lines.append(f"| {m} | {p['edits']} | {p['reliability']:.2f} | {p['generalization']:.2f} | "
+                         f"{p['locality']:.3f} | {100 * p['params_touched_union_fraction']:.2f}% | {tail} |")
+    return "\n".join(lines)
+
+
+def render() -> None:
+    reports = load_reports()
+    print(table(reports))
+    _plot(reports)
+
+
+def _plot(reports: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharey=True)
+    for ax, metric in zip(axes, ("reliability", "generalization", "locality")):
+        for m, r in reports.items():
+            ts = [p["edits"] for p in r["curve"]]
+            ax.plot(ts, [p[metric] for p in r["curve"]], marker="o", label=m)
+        ax.set_title(metric)
+        ax.set_xlabel("edits applied in sequence (T)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean over the T requests")
+    axes[0].legend()
+    fig.suptitle("Sequential editing on SmolLM2-135M-Instruct, default preset, one patch per edit")
+    fig.tight_layout()
+    fig.savefig(ROOT / "docs" / "sequential.png", dpi=110)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="one method's sequential run")
+    r.add_argument("--method", choices=METHODS, required=True)
+    r.add_argument("--limit", type=int, default=100, help="edits in the sequence (default 100)")
+    r.add_argument("--no-reverts", action="store_true", help="commit each patch (dense LoRA: revert state outgrows memory)")
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--kl-weight", type=float, default=None, help="override the preset's KL weight (side experiment)")
+    r.add_argument("--tag", default="", help="suffix of the output file name (side experiments)")
+    sub.add_parser("render", help="table and plot from docs/sequential/*.json")
+    args = ap.parse_args()
+    if args.cmd == "run":
+        run(args.method, args.limit, not args.no_reverts, args.threads, args.kl_weight, args.tag)
+    else:
+        render()
