@@ -222,9 +222,11 @@ def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys
     if (check and in_place and out_dir is not None) or (not check and in_place == (out_dir is not None)):
         raise InputError("give exactly one of --out DIR or --in-place")
     if trusted_keys:  # every signature checked before any patch is read
+        from ..patch.io import check_patch_bytes
         from ..signing import verify_patch
 
         for p in patch_files:
+            check_patch_bytes(Path(p))  # a .jsonl is "not a patch file" rather than "no signature"
             verify_patch(p, list(trusted_keys))
     patches = [load_patch(p) for p in patch_files]
     base = Path(base_dir)

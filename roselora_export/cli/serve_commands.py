@@ -96,7 +96,11 @@ def sign_command(key_path, out_path, patch_path) -> None:
 @click.argument("patch_path", type=click.Path(dir_okay=False))
 def verify_command(keys, sig_path, patch_path) -> None:
     """Check PATCH's signature against trusted public keys (exit 2 with `error:` if it does not verify)."""
+    from pathlib import Path
+
+    from ..patch.io import check_patch_bytes
     from ..signing import verify_patch
 
+    check_patch_bytes(Path(patch_path))  # a .jsonl is "not a patch file" rather than "no signature"
     key = verify_patch(patch_path, list(keys), sig_path)
     click.echo(f"{patch_path}: signature verified with {key}")

@@ -146,11 +146,13 @@ def evaluate_dir(model_dir: str | os.PathLike, requests_path: str | os.PathLike,
     """
     from ..chat import require_chat_template
     from ..models import load_model, load_tokenizer
-    from ..patch import build_patch_from_adapter
+    from ..patch import build_patch_from_adapter, load_patch
     from ..runtime import PatchRuntime
 
     if sum((adapter is not None, bool(patches), edited is not None)) > 1:
         raise InputError("--adapter, --patch and --edited: give one or the other")
+    for p in patches:  # each patch file read and checked before the model loads (a .jsonl: "not a patch file")
+        load_patch(p)
     requests = load_requests(requests_path, chat=chat)
     tokenizer = load_tokenizer(model_dir)
     if any(r.chat for r in requests):  # before the model loads

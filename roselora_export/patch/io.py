@@ -442,7 +442,7 @@ def _split_values(entries: list[_Entry], stream: np.ndarray) -> dict[str, np.nda
 
 
 def _decode(metadata: dict, arrays: dict[str, np.ndarray], file_bytes: int) -> Patch:
-    _need(metadata.get("format") == FORMAT_NAME, f"not a {FORMAT_NAME} file (no format marker in the metadata)")
+    _need(metadata.get("format") == FORMAT_NAME, f"not a patch file (a safetensors file without the {FORMAT_NAME} format marker)")
     version = metadata.get("format_version")
     _need(version == str(FORMAT_VERSION),
           f"format version {version!r} is not supported (this tool reads {FORMAT_VERSION}); "
@@ -494,14 +494,29 @@ def _decode(metadata: dict, arrays: dict[str, np.ndarray], file_bytes: int) -> P
     return patch
 
 
+def check_patch_bytes(path: Path) -> None:
+    """InputError "not a patch file" when the bytes after the 8-byte header length do not open a JSON
+    object: no safetensors file at all (a .jsonl, a config, any text). Shorter files are left to the
+    header reader, which calls them truncated."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as err:
+        raise input_error(err, f"reading {path}") from None
+    if len(head) == 9 and head[8:9] != b"{":
+        raise InputError(f"{path}: not a patch file (not safetensors; patches are what merge, diff and combine write)")
+
+
 def _read_file(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """The patch file's __metadata__ and arrays, through the one safetensors header reader (core)."""
     if not path.is_file():
         raise InputError(f"{path}: no such patch file")
+    check_patch_bytes(path)
     raw, size = read_header_bytes(path, MAX_HEADER_BYTES, "patch file")
     header = parse_header(path, raw, size)
     if len(header.tensors) > len(STREAMS):
-        raise InputError(f"{path}: holds {len(header.tensors)} arrays; a patch holds exactly {list(STREAMS)}")
+        raise InputError(f"{path}: not a patch file (a safetensors file with {len(header.tensors)} arrays; "
+                         f"a patch holds exactly {list(STREAMS)})")
     arrays = {}
     try:
         with open(path, "rb") as f:
