@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..core.atomic import atomic_dir, check_disjoint, locked_dir
-from ..core.dtypes import PATCHABLE, TORCH_NAMES
+from ..core.dtypes import PATCHABLE, TORCH_NAMES, dtype_name
 from .copier import ShardCopier, guess_changed
 from .model_dir import ModelDir, open_model_dir
 from .rewrite import FLOAT_DTYPES, OVERLAP_BYTES
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
     from ..patch.model import Patch
 
 Progress = Callable[[int], None]
-ST_NAMES = {TORCH_NAMES[k]: k for k in PATCHABLE}  # torch dtype name -> safetensors dtype
-DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", **{n: n for n in ST_NAMES}}
 MERGE_JOBS = 2  # changed tensors merged at once (a copy thread runs beside them)
 
 
@@ -53,25 +51,20 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
-    """"bfloat16" for torch.bfloat16, "bf16" or "bfloat16" (None for None), without importing torch."""
+def out_dtype(dtype: torch.dtype | str | None) -> str | None:
+    """The safetensors name (core.dtypes) to store a merge in; None keeps each tensor's own. Imports no torch."""
     if dtype is None:
         return None
-    if isinstance(dtype, str):
-        name = DTYPE_ALIASES.get(dtype.lower().removeprefix("torch."))
-        if name is None:
-            raise InputError(f"--dtype {dtype}: not one of fp32, fp16, bf16")
-        return name
-    return str(dtype).removeprefix("torch.")
+    name = dtype_name(dtype)
+    if name not in PATCHABLE:
+        raise InputError(f"--dtype {dtype}: not one of fp32, fp16, bf16")
+    return name
 
 
-def _converts(model: ModelDir, dtype) -> bool:
-    """Whether storing the merge in `dtype` changes the dtype (so the layout) of any tensor."""
-    if dtype is None:
-        return False
-    target = ST_NAMES.get(_dtype_name(dtype))
-    return target is None or any(t.dtype in FLOAT_DTYPES and t.dtype != target
-                                 for h in model.shards for t in h.tensors.values())
+def _converts(model: ModelDir, out: str | None) -> bool:
+    """Whether storing the merge in `out` (a safetensors name) changes the dtype (so the layout) of any tensor."""
+    return out is not None and any(t.dtype in FLOAT_DTYPES and t.dtype != out
+                                   for h in model.shards for t in h.tensors.values())
 
 
 def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -85,7 +78,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     inside --out is written into it before the rename). A kill leaves nothing, the patch alone (valid
     by itself; a re-run redoes the merge), or both: never a model directory without its patch.
     """
-    _dtype_name(dtype)  # a bad name is an error before anything is written
+    out = out_dtype(dtype)  # a bad name is an error before anything is written
     out_dir = Path(out_dir)
     patch_path = Path(patch_path) if patch_path else default_patch_path(out_dir)
     check_disjoint({"--out": out_dir, "--patch": patch_path}, {"--base": base_dir, "--adapter": adapter_dir})
@@ -99,8 +92,8 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     with locked_dir(open_model_dir(base_dir).path, shared=True):  # an in-place apply on the base waits
         model = open_model_dir(base_dir)
         with atomic_dir(out_dir) as tmp:
-            copier = None if _converts(model, dtype) else ShardCopier(model, tmp, dtype_name=_dtype_name(dtype),
-                                                                       expected=guess_changed(adapter_dir, model))
+            copier = None if _converts(model, out) else ShardCopier(model, tmp, dtype_name=TORCH_NAMES.get(out),
+                                                                     expected=guess_changed(adapter_dir, model))
             try:
                 patch, survival, encoded = _merge(model, adapter_dir, tmp, dtype, copier, progress)
             finally:
@@ -125,14 +118,14 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
     from ..patch.model import Patch
     from ..patch.provenance import adapter_provenance
 
-    out_dtype = ST_NAMES[_dtype_name(dtype)] if dtype is not None else None
+    out = out_dtype(dtype)
     adapter = read_adapter(adapter_dir)
     edits = resolve_keys(adapter.edits, model.keys(), tied=model.tied_aliases())
     for name in edits:
         info = model.locations[name][1]
         if info.dtype not in FLOAT_DTYPES:
             raise InputError(f"{name}: stored as {info.dtype}; only fp32/fp16/bf16 tensors can be edited")
-    prov = adapter_provenance(adapter, model.name, model.fingerprint, out_dtype)
+    prov = adapter_provenance(adapter, model.name, model.fingerprint, out)
     prov["base_numel"] = model.numel
     patch = Patch(provenance=prov)
     survival = SurvivalReport()
@@ -145,9 +138,9 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
             encoded[name] = enc
 
     if copier is None:
-        _merge_converting(model, tmp, out_dtype, edits, keep, progress)
+        _merge_converting(model, tmp, out, edits, keep, progress)
     else:
-        _merge_into_copies(model, tmp, [n for n in model.keys() if n in edits], edits, out_dtype, keep, copier,
+        _merge_into_copies(model, tmp, [n for n in model.keys() if n in edits], edits, out, keep, copier,
                            progress)
     # Keep the patch's tensor order the checkpoint's order (it is built shard by shard).
     patch.tensors = {k: patch.tensors[k] for k in model.keys() if k in patch.tensors}

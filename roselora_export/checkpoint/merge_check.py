@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..core.atomic import check_disjoint
 from ..errors import InputError
-from .merge import ST_NAMES, _converts, _dtype_name, default_patch_path
+from .merge import _converts, default_patch_path, out_dtype
 from .model_dir import open_model_dir
 from .rewrite import FLOAT_DTYPES
 
@@ -23,10 +23,9 @@ def check_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out
     from ..patch.adapter import read_adapter, resolve_keys
     from ..patch.ledger import check_weights, read_ledger
     from ..patch.merge_math import SurvivalReport, merge_bits
-    from ..patch.model import fill_sha256
-    from ..patch.model import Patch
+    from ..patch.model import Patch, fill_sha256
 
-    _dtype_name(dtype)
+    out = out_dtype(dtype)
     out_dir = Path(out_dir)
     patch_path = Path(patch_path) if patch_path else default_patch_path(out_dir)
     check_disjoint({"--out": out_dir, "--patch": patch_path}, {"--base": base_dir, "--adapter": adapter_dir})
@@ -37,16 +36,15 @@ def check_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out
     if not Path(adapter_dir).is_dir():
         raise InputError(f"--adapter {adapter_dir}: not a directory")
     model = open_model_dir(base_dir)
-    converts = _converts(model, dtype)
+    converts = _converts(model, out)
     ledger = read_ledger(model.path)  # a damaged ledger is refused here as merge would refuse it
-    out_dtype = ST_NAMES[_dtype_name(dtype)] if dtype is not None else None
     edits = resolve_keys(read_adapter(adapter_dir).edits, model.keys(), tied=model.tied_aliases())
     patch, survival = Patch(), SurvivalReport()
     for name in [n for n in model.keys() if n in edits]:
         info = model.locations[name][1]
         if info.dtype not in FLOAT_DTYPES:
             raise InputError(f"{name}: stored as {info.dtype}; only fp32/fp16/bf16 tensors can be edited")
-        m = merge_bits(name, model.read_array(name), info.dtype, info.shape, edits[name], out_dtype)
+        m = merge_bits(name, model.read_array(name), info.dtype, info.shape, edits[name], out)
         survival.tensors.append(m.survival)
         if m.patch is not None:
             patch.tensors[name] = fill_sha256(m.patch, m.base_bits, m.bits)

@@ -50,10 +50,6 @@ class ModelDir:
     def numel(self) -> int:
         return sum(int(math.prod(t.shape)) for h in self.shards for t in h.tensors.values())
 
-    @property
-    def largest_shard_bytes(self) -> int:
-        return max(h.path.stat().st_size for h in self.shards)
-
     def keys(self) -> list[str]:
         return list(self.locations)
 

@@ -39,7 +39,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_ALIASES = {**{v: k for k, v in TORCH_NAMES.items()}, "fp32": "F32", "fp16": "F16", "bf16": "BF16",
+SHORT_NAMES: dict[str, str] = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}  # what --dtype options say
+_ALIASES = {**{v: k for k, v in TORCH_NAMES.items()}, **{v: k for k, v in SHORT_NAMES.items()},
             "half": "F16", "float": "F32"}
 
 

@@ -82,14 +82,12 @@ def edit_settings(config=None, settings: EditSettings | None = None):
     return config or default_config, settings
 
 
-_STORED_NAMES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
-
-
 def stored_dtype(model_dir) -> str | None:
     """fp32, fp16 or bf16: the one dtype a checkpoint stores its floating-point weights in (None if mixed or other)."""
     from ..checkpoint import open_model_dir
+    from ..core.dtypes import SHORT_NAMES
 
-    names = {_STORED_NAMES.get(info.dtype) for _, info in open_model_dir(model_dir).locations.values()
+    names = {SHORT_NAMES.get(info.dtype) for _, info in open_model_dir(model_dir).locations.values()
              if info.dtype in ("F64", "F32", "F16", "BF16")}
     return names.pop() if len(names) == 1 else None
 

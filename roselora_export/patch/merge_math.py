@@ -16,19 +16,17 @@ alone takes longer than copying a 2 GB checkpoint).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
 
-from ..core.dtypes import EXPONENT_MASK, nonfinite  # noqa: F401 (nonfinite: the one rule, re-exported)
+from ..core.dtypes import nonfinite
 from ..errors import InputError
 from .model import BITS_BY_NAME, TensorPatch, sha256_bits
 
 LOST_WARNING = 0.5  # warn when more than this fraction of an edit's nonzeros change no stored value
 SIGN_BIT = {"F32": 0x80000000, "F16": 0x8000, "BF16": 0x8000}  # -0.0
-EXPONENT_BITS = EXPONENT_MASK  # all ones: Inf or NaN (core.dtypes, the one table)
 
 
 @dataclass

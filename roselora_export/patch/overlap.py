@@ -52,11 +52,6 @@ def intersects(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.any(b[pos] == a))
 
 
-def overlapping_tensors(a: Patch, b: Patch) -> list[str]:
-    """Names of the tensors in which `a` and `b` change at least one common element (a's order)."""
-    return [n for n, tp in a.tensors.items() if n in b.tensors and intersects(tp.flat_index, b.tensors[n].flat_index)]
-
-
 def content_sha256(patch: Patch) -> str:
     """sha256 of what a patch changes (names, shapes, dtypes, indices, XOR bits), independent of its file
     encoding: identifies one patch whether it was loaded from a file or built in memory."""
