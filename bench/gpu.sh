@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The runtime benchmark on CUDA, in under 5 minutes: one table naming the device, written into the
 # "runtime-gpu" section of docs/benchmarks.md (raw figures also to $OUT/runtime-gpu.json when $OUT is set);
-# then the serving benchmark (bench/serve_bench.py --device cuda, about 3 minutes) into "serve-gpu".
+# then the serving benchmark (bench/serve_bench.py --device cuda: a real edit, the server with --concurrency 1 and
+# unbounded, with and without churn, patch vs restart; about 3 minutes) into "serve-gpu".
 #
 #   bench/gpu.sh                       # on a machine with a CUDA GPU
 #   bench/gpu.sh --device cpu          # dry run on CPU: same code path, prints the table, writes nothing
@@ -26,10 +27,10 @@ if [ -z "$PY" ]; then
 fi
 if [ "$DEVICE" = cpu ]; then
   WRITE=(--no-write)
-  SERVE_WRITE=(--no-write --seconds 10 --rounds 1)
+  SERVE_WRITE=(--no-write --seconds 8 --rounds 1)
 else
   WRITE=(--section runtime-gpu)
-  SERVE_WRITE=(--section serve-gpu --seconds 20 --rounds 2)
+  SERVE_WRITE=(--section serve-gpu --seconds 15 --rounds 2)
 fi
 JSON=()
 SERVE_JSON=()

@@ -5,11 +5,17 @@ patch upload to the first answer carrying it, against restarting the server on t
     .venv/bin/python bench/serve_bench.py --device cuda --section serve-gpu   # what bench/gpu.sh runs
 
 SmolLM2-135M-Instruct (converted once) is served by `roselora-export serve` in a child process, as a
-user runs it, with an admin token and a trusted key. The patch is a merged synthetic RoseLoRA edit
-(bench/synthetic_adapter.py: q_proj/v_proj, tau 0.05, entries at ±3e-2 so answers change), signed. N clients (the `openai` client, one
-thread each, greedy, max_tokens tokens) send requests back to back, first without changes, then while
-an admin thread applies and reverts the patch on a fixed period. Every answer is checked against the
-base or the patched greedy answer, as its `system_fingerprint` names its weight state.
+user runs it, with an admin token and a trusted key. The patch is a real edit made by the CLI (`edit` on
+examples/requests/landmark.jsonl, then `merge`), signed; it changes the greedy answers of the edit's prompt
+and its rephrasing, so an answer from the wrong or a mixed weight state shows. N clients (the `openai`
+client, one thread each, greedy, max_tokens tokens) send requests back to back, first without changes,
+then while an admin thread applies and reverts the patch on a fixed period. Every answer is checked
+against the base or the patched greedy answer, as its `system_fingerprint` names its weight state.
+The load average is recorded at the start and end of each phase (the machine may be shared).
+
+A write waits for the answers in flight (one weight state per answer), so the phases run once per
+server setting compared (--concurrency): by default one answer at a time with every core's torch
+threads, then no bound with one torch thread per answer (each answer on its own thread).
 
 Patch to first patched answer: the wall time from starting the POST of the signed patch to receiving
 a completion that carries it (idle server; and under churn, the admin thread's own completion after
@@ -37,8 +43,10 @@ sys.path.insert(0, str(ROOT))
 from bench.report import machine_line, write_section  # noqa: E402
 from bench.synthetic_adapter import write_synthetic_adapter  # noqa: E402
 
+# The edit's prompt and its rephrasing (answers the patch changes), and two it must leave alone.
 PROMPTS = ["The Eiffel Tower is located in the city of", "The capital of Germany is",
-           "The largest planet in the solar system is", "Water boils at a temperature of"]
+           "The city where the Eiffel Tower stands is", "Water boils at a temperature of"]
+REQUESTS = ROOT / "examples" / "requests" / "landmark.jsonl"
 TOKEN = "bench-admin-token-0123456789abcdef"
 CLI = [sys.executable, "-m", "roselora_export.cli"]  # this interpreter's, whatever its environment
 
@@ -58,11 +66,13 @@ class Server:
 
     started: list["Server"] = []  # every one, stopped at exit whatever happens
 
-    def __init__(self, model: Path, files: Path, device: str, threads: int | None) -> None:
+    def __init__(self, model: Path, files: Path, device: str, threads: int | None, concurrency: int | None) -> None:
         cmd = [*CLI, "serve", "--model", str(model), "--port", "0", "--device", device, "--log-level", "warning",
                "--admin-token-file", str(files / "token"), "--trusted-key", str(files / "key.pub.pem")]
         if threads:
             cmd += ["--threads", str(threads)]
+        if concurrency:
+            cmd += ["--concurrency", str(concurrency)]
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         Server.started.append(self)
@@ -138,21 +148,28 @@ def load(url: str, clients: int, seconds: float, max_tokens: int, expected: dict
             "rps": len(lat) / wall, "answered": answered}
 
 
-def make_patch(base: Path, tmp: Path) -> tuple[Path, Path]:
-    """Merge a synthetic RoseLoRA adapter into base (a child process): (merged dir, signed patch)."""
+def make_patch(base: Path, tmp: Path, device: str, real: bool) -> tuple[Path, Path, str]:
+    """A signed edit patch of base and its merged checkpoint, made by the CLI as a user makes them:
+    (merged dir, signed patch, what the patch is). On SmolLM2: `edit` (examples/requests/landmark.jsonl,
+    the Eiffel Tower moved to Rome, default preset) then `merge`; on the stand-in random model, which no
+    edit can be trained on meaningfully, a merged synthetic RoseLoRA adapter at the editing clamp."""
     from roselora_export.signing import sign_patch
 
-    import bench.synthetic_adapter as synthetic
+    if real:
+        subprocess.run([*CLI, "edit", "--model", str(base), "--requests", str(REQUESTS), "--out", str(tmp / "adapter"),
+                        "--device", device, "--no-progress"], check=True, capture_output=True)
+        what = "a RoseLoRA edit trained by `roselora-export edit` on examples/requests/landmark.jsonl (Eiffel Tower -> Rome), merged"
+    else:
+        import bench.synthetic_adapter as synthetic
 
-    # Entries at ±3e-2 (the clamp at which edits take on SmolLM2, README) rather than the authors' 3e-3,
-    # so the patch changes answers and a mixed answer would show.
-    synthetic.CLAMP = 3e-2
-    adapter = write_synthetic_adapter(base, tmp / "adapter")
-    subprocess.run([*CLI, "merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp / "merged")],
+        synthetic.CLAMP = 3e-2  # the clamp at which edits take on SmolLM2's shape, so answers may change
+        write_synthetic_adapter(base, tmp / "adapter")
+        what = "a merged synthetic RoseLoRA adapter (bench/synthetic_adapter.py, q/v, entries at +-3e-2)"
+    subprocess.run([*CLI, "merge", "--base", str(base), "--adapter", str(tmp / "adapter"), "--out", str(tmp / "merged")],
                    check=True, capture_output=True)
     patch = tmp / "merged.patch.safetensors"
     sign_patch(patch, tmp / "key.pem")
-    return tmp / "merged", patch
+    return tmp / "merged", patch, what
 
 
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -160,12 +177,17 @@ SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, 
                      tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=1)
 
 
-def model_dir_or_synthetic(tmp: Path) -> tuple[Path, str]:
-    """The converted SmolLM2 directory, or (where it cannot be had, e.g. on a bare GPU machine without the
-    package) a random model of its shape with a word-level tokenizer built here: timings depend on shapes."""
-    default = Path.home() / ".cache" / "roselora-export" / "SmolLM2-135M-Instruct"
-    if (default / "model.safetensors").is_file():
-        return default, "SmolLM2-135M-Instruct"
+def model_dir_or_synthetic(tmp: Path) -> tuple[Path, str, bool]:
+    """(directory, label, is SmolLM2): the converted SmolLM2 (converted now from the embedded GGUF if need be),
+    or, where it cannot be had, a random model of its shape with a word-level tokenizer built here (timings
+    depend on shapes)."""
+    from roselora_export.errors import InputError
+    from roselora_export.models import demo_model_dir
+
+    try:
+        return demo_model_dir(), "SmolLM2-135M-Instruct", True
+    except (InputError, ImportError, OSError) as err:
+        say(f"no SmolLM2 ({err}); a random model of its shape instead")
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -180,7 +202,7 @@ def model_dir_or_synthetic(tmp: Path) -> tuple[Path, str]:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(
         str(out))
-    return out, "a random model of SmolLM2-135M's shape (no SmolLM2 here), word-level tokenizer"
+    return out, "a random model of SmolLM2-135M's shape (no SmolLM2 here), word-level tokenizer", False
 
 
 def write_keys(tmp: Path) -> None:
@@ -202,17 +224,24 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     ap.add_argument("--seconds", type=float, default=45, help="length of each load phase (default 45)")
     ap.add_argument("--max-tokens", type=int, default=8, help="tokens per answer (default 8)")
-    ap.add_argument("--period", type=float, default=3.0, help="seconds per apply+revert cycle under churn (default 3)")
+    ap.add_argument("--period", type=float, default=5.0, help="seconds per apply+revert cycle under churn (default 5: 12 cycles/min)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the patch-vs-restart timing (default 3)")
-    ap.add_argument("--threads", type=int, default=None, help="the server's torch threads (default 1 on CPU)")
+    ap.add_argument("--concurrency", default="1,0",
+                    help="server --concurrency settings to compare, comma-separated; 0 = unbounded (default 1,0)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="the server's torch threads (default on CPU: all cores with --concurrency 1, else 1)")
     ap.add_argument("--section", default="serve", help="section of docs/benchmarks.md to write (default serve)")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     ap.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
     args = ap.parse_args()
-    threads = args.threads or (1 if args.device == "cpu" else None)
+    settings = []
+    for c in args.concurrency.split(","):
+        conc = int(c) or None
+        threads = args.threads or (None if args.device != "cpu" else (os.cpu_count() or 1) if conc == 1 else 1)
+        settings.append((conc, threads))
     tmp = Path(tempfile.mkdtemp(prefix="serve_bench_", dir="/tmp"))
     try:
-        fig = measure(args, tmp, threads)
+        fig = measure(args, tmp, settings)
     finally:
         for server in Server.started:
             server.stop()
@@ -225,39 +254,22 @@ def main() -> None:
         write_section(args.section, body)
 
 
-def measure(args, tmp: Path, threads: int | None) -> dict:
-    from roselora_export.serve.client import Admin
-
-    base, label = model_dir_or_synthetic(tmp)
-    write_keys(tmp)
-    merged, patch = make_patch(base, tmp)
-    say(f"merged {merged}; starting the server")
-
-    server = Server(base, tmp, args.device, threads)
-    url, admin = server.url, Admin(server.url, TOKEN)
+def expected_answers(url: str, admin, patch: Path, max_tokens: int) -> dict:
+    """Each prompt's greedy answer from this server, on the base and with the patch."""
     c = client(url)
-    expected = {"base": {p: complete(c, p, args.max_tokens)[0] for p in PROMPTS}}
+    expected = {"base": {p: complete(c, p, max_tokens)[0] for p in PROMPTS}}
     entry = admin.push(patch)
-    expected["patched"] = {p: complete(c, p, args.max_tokens)[0] for p in PROMPTS}
+    expected["patched"] = {p: complete(c, p, max_tokens)[0] for p in PROMPTS}
     admin.revert(entry["id"])
-    differ = sum(expected["base"][p] != expected["patched"][p] for p in PROMPTS)
+    return expected
 
-    say(f"serving on {url}; the patch changes {differ} of {len(PROMPTS)} answers; idle patch-to-answer rounds")
-    # Patch to first patched answer, idle server.
-    live, post = [], []
-    for _ in range(args.rounds + 1):
-        t0 = time.perf_counter()
-        entry = admin.push(patch)
-        post.append(time.perf_counter() - t0)
-        state = complete(c, PROMPTS[0], args.max_tokens)[1]
-        live.append(time.perf_counter() - t0)
-        assert state == f"patches:{entry['id']}", state
-        admin.revert(entry["id"])
-    live, post = live[1:], post[1:]  # the first upload also loads and stages the patch
 
+def phases(args, url: str, admin, patch: Path, expected: dict) -> dict:
+    """The load phase without churn, then with it: figures of both, and the admin's timings."""
+    loadavg = {"start": os.getloadavg()[0]}
     say("load without churn")
     quiet = load(url, args.clients, args.seconds, args.max_tokens, expected)
-    cycles, posted, admin_failed, post_load = [0], {}, [0], []
+    cycles, posted, admin_failed, post_load, delete_load = [0], {}, [0], [], []
 
     def churn(stop: threading.Event) -> None:
         while not stop.is_set():
@@ -269,6 +281,7 @@ def measure(args, tmp: Path, threads: int | None) -> dict:
                 time.sleep(max(0.0, args.period / 2 - (time.perf_counter() - t0)))
                 t1 = time.perf_counter()
                 admin.revert(entry["id"])
+                delete_load.append(time.perf_counter() - t1)
                 cycles[0] += 1
                 time.sleep(max(0.0, args.period / 2 - (time.perf_counter() - t1)))
             except Exception as err:
@@ -276,81 +289,135 @@ def measure(args, tmp: Path, threads: int | None) -> dict:
                 admin_failed[0] += 1
                 return
 
+    loadavg["between"] = os.getloadavg()[0]
     say("load with churn")
     churned = load(url, args.clients, args.seconds, args.max_tokens, expected, churn)
+    loadavg["end"] = os.getloadavg()[0]
     churned["cycles_per_min"] = cycles[0] / churned["wall_s"] * 60
     # Under load: from each POST's start to the first client answer carrying that patch.
     first = {}
     for t, state in churned.pop("answered"):
         first[state] = min(first.get(state, t), t)
-    under_load = [first[s] - t0 for s, t0 in posted.items() if s in first]
     quiet.pop("answered")
-    leftover = admin.list()
-    server.stop()
+    return {"quiet": quiet, "churn": churned, "admin_failed": admin_failed[0], "leftover_patches": len(admin.list()),
+            "post_under_load_s": post_load, "delete_under_load_s": delete_load, "loadavg_1min": loadavg,
+            "live_under_load_s": [first[s] - t0 for s, t0 in posted.items() if s in first],
+            "patches_posted_under_load": len(posted)}
+
+
+def measure(args, tmp: Path, settings: list[tuple[int | None, int | None]]) -> dict:
+    from roselora_export.serve.client import Admin
+
+    base, label, real = model_dir_or_synthetic(tmp)
+    write_keys(tmp)
+    say(f"making the patch ({'edit + merge' if real else 'synthetic adapter + merge'})")
+    merged, patch, what = make_patch(base, tmp, args.device, real)
+    runs, differ, post, live = [], 0, [], []
+    for n, (conc, threads) in enumerate(settings):
+        say(f"starting the server (--concurrency {conc or 'unbounded'}, --threads {threads or 'default'})")
+        server = Server(base, tmp, args.device, threads, conc)
+        admin = Admin(server.url, TOKEN)
+        expected = expected_answers(server.url, admin, patch, args.max_tokens)
+        differ = max(differ, sum(expected["base"][p] != expected["patched"][p] for p in PROMPTS))
+        if n == 0:
+            say(f"the patch changes {differ} of {len(PROMPTS)} answers; idle patch-to-answer rounds")
+            c = client(server.url)
+            for _ in range(args.rounds + 1):  # patch to first patched answer, idle server
+                t0 = time.perf_counter()
+                entry = admin.push(patch)
+                post.append(time.perf_counter() - t0)
+                state = complete(c, PROMPTS[0], args.max_tokens)[1]
+                live.append(time.perf_counter() - t0)
+                assert state == f"patches:{entry['id']}", state
+                admin.revert(entry["id"])
+            live, post = live[1:], post[1:]  # the first upload also loads and stages the patch
+        runs.append({"concurrency": conc, "threads": threads, **phases(args, server.url, admin, patch, expected)})
+        server.stop()
 
     # Restart on the merged checkpoint: from stopping the server to the first answer of the new one.
+    conc, threads = settings[0]
     restart = []
     for i in range(args.rounds):
         say(f"restart round {i + 1}")
-        old = Server(base, tmp, args.device, threads)
+        old = Server(base, tmp, args.device, threads, conc)
         t0 = time.perf_counter()
         old.stop()
-        new = Server(merged, tmp, args.device, threads)
+        new = Server(merged, tmp, args.device, threads, conc)
         complete(client(new.url), PROMPTS[0], args.max_tokens)
         restart.append(time.perf_counter() - t0)
         new.stop()
 
     return {"model": label, "device": args.device, "clients": args.clients, "max_tokens": args.max_tokens,
-            "threads": threads, "quiet": quiet, "churn": churned, "admin_failed": admin_failed[0],
-            "leftover_patches": len(leftover), "patch_nnz": entry["nnz"],
-            "prompts_whose_answer_the_patch_changes": differ, "post_idle_s": post, "post_under_load_s": post_load,
-            "live_idle_s": live, "live_under_load_s": under_load, "patches_posted_under_load": len(posted),
-            "restart_s": restart}
+            "period_s": args.period, "runs": runs, "patch_nnz": entry["nnz"], "patch": what,
+            "prompts_whose_answer_the_patch_changes": differ, "post_idle_s": post, "live_idle_s": live,
+            "restart_s": restart, "loadavg_1min_end": os.getloadavg()[0]}
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _name(run: dict) -> str:
+    return (f"--concurrency {run['concurrency'] or 'unbounded'}, {run['threads'] or 'default'} torch "
+            f"thread{'s' if (run['threads'] or 2) > 1 else ''}")
 
 
 def report(f: dict, args) -> str:
-    q, ch = f["quiet"], f["churn"]
-    med_post, med_post_load, med_live, med_load, med_restart = (
-        statistics.median(f[k]) if f[k] else float("nan")
-        for k in ("post_idle_s", "post_under_load_s", "live_idle_s", "live_under_load_s", "restart_s"))
     cmd = "bench/serve_bench.py" + (f" --device {args.device}" if args.device != "cpu" else "")
+    loads = "; ".join(f"{_name(r)}: {r['loadavg_1min']['start']:.2f} / {r['loadavg_1min']['between']:.2f} / "
+                      f"{r['loadavg_1min']['end']:.2f}" for r in f["runs"])
     lines = [
-        f"Machine: {machine_line()}; device {f['device']}; server torch threads: {f['threads'] or 'default'}.",
+        f"Machine: {machine_line()}; device {f['device']}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+        f"1-minute load average before / between / after the load phases: {loads}; "
+        f"{f['loadavg_1min_end']:.2f} at the end.",
         "",
-        f"Command: `nice -n 15 .venv/bin/python {cmd}` ({args.seconds:.0f} s per load phase, "
-        f"{args.clients} clients, greedy, max_tokens {args.max_tokens})",
+        f"Command: `.venv/bin/python {cmd}` ({args.seconds:.0f} s per load phase, {args.clients} clients, greedy, "
+        f"max_tokens {args.max_tokens}, one apply + revert every {args.period:g} s under churn)",
         "",
         f"`roselora-export serve` on {f['model']} (fp32) in a child process; {args.clients} `openai` clients "
-        f"back to back; the patch: a merged synthetic RoseLoRA edit, {f['patch_nnz']:,} weights, signed and checked on "
+        f"back to back; the patch: {f['patch']}, {f['patch_nnz']:,} weights, signed and checked on "
         f"every upload. It changes the greedy answer of {f['prompts_whose_answer_the_patch_changes']} of "
         f"{len(PROMPTS)} prompts; every answer was checked against the base or patched answer its "
         f"`system_fingerprint` names.",
         "",
-        "| load | requests | failed | wrong or mixed answers | req/s | p50 s | p99 s | max s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| no churn | {q['requests']} | {q['failed']} | {q['mixed']} | {q['rps']:.2f} | {q['p50_s']:.3f} | "
-        f"{q['p99_s']:.3f} | {q['max_s']:.3f} |",
-        f"| apply/revert churn, {ch['cycles_per_min']:.1f} cycles/min | {ch['requests']} | {ch['failed']} | "
-        f"{ch['mixed']} | {ch['rps']:.2f} | {ch['p50_s']:.3f} | {ch['p99_s']:.3f} | {ch['max_s']:.3f} |",
+        "| server | load | requests | failed | wrong or mixed answers | req/s | p50 s | p99 s | max s | "
+        "POST / DELETE under load, median s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in f["runs"]:
+        q, ch = r["quiet"], r["churn"]
+        lines += [
+            f"| {_name(r)} | no churn | {q['requests']} | {q['failed']} | {q['mixed']} | {q['rps']:.2f} | "
+            f"{q['p50_s']:.3f} | {q['p99_s']:.3f} | {q['max_s']:.3f} | |",
+            f"| | churn, {ch['cycles_per_min']:.1f} cycles/min | {ch['requests']} | {ch['failed']} | {ch['mixed']} | "
+            f"{ch['rps']:.2f} | {ch['p50_s']:.3f} | {ch['p99_s']:.3f} | {ch['max_s']:.3f} | "
+            f"{_med(r['post_under_load_s']):.3f} / {_med(r['delete_under_load_s']):.3f} |",
+        ]
+    first = f["runs"][0]
+    med_live, med_restart = _med(f["live_idle_s"]), _med(f["restart_s"])
+    med_load = _med(first["live_under_load_s"])
+    lines += [
         "",
-        "| getting an edit into a running server | median s | rounds |",
+        f"| getting an edit into a running server ({_name(first)}) | median s | rounds |",
         "|---|---:|---:|",
-        f"| POST the signed patch until 201 (idle server) | {med_post:.3f} | {len(f['post_idle_s'])} |",
+        f"| POST the signed patch until 201 (idle server) | {_med(f['post_idle_s']):.3f} | {len(f['post_idle_s'])} |",
         f"| POST, then one request: its answer carries the patch (idle server) | {med_live:.3f} | "
         f"{len(f['live_idle_s'])} |",
-        f"| POST until 201 under {args.clients}-client load | {med_post_load:.3f} | {len(f['post_under_load_s'])} |",
         f"| POST start to the first client answer carrying the patch, under load | {med_load:.3f} | "
-        f"{len(f['live_under_load_s'])} of {f['patches_posted_under_load']} |",
+        f"{len(first['live_under_load_s'])} of {first['patches_posted_under_load']} |",
         f"| stop the server, start `serve` on the merged checkpoint, first answer | {med_restart:.3f} | "
         f"{len(f['restart_s'])} |",
         "",
-        f"Goals: 0 failed and 0 mixed answers under {args.clients} clients and >= 10 cycles/min: "
-        f"{ch['failed']} failed, {ch['mixed']} mixed at {ch['cycles_per_min']:.1f} cycles/min. "
-        f"p99 under churn <= 1.5x p99 without: {ch['p99_s'] / q['p99_s']:.2f}x. "
-        f"Patch to first patched answer >= 20x faster than a restart: {med_restart / med_live:.0f}x idle, "
-        f"{med_restart / med_load:.0f}x under load. Admin errors: {f['admin_failed']}; patches left applied: "
-        f"{f['leftover_patches']}.",
     ]
+    for r in f["runs"]:
+        q, ch = r["quiet"], r["churn"]
+        lines.append(
+            f"Goals, {_name(r)}: 0 failed and 0 mixed under {args.clients} clients at >= 10 cycles/min: "
+            f"{ch['failed']} failed, {ch['mixed']} mixed at {ch['cycles_per_min']:.1f} cycles/min; p99 under churn "
+            f"<= 1.5x p99 without: {ch['p99_s'] / q['p99_s']:.2f}x; admin errors {r['admin_failed']}, patches left "
+            f"applied {r['leftover_patches']}.")
+    lines.append(f"Patch to first patched answer >= 20x faster than a restart: {med_restart / med_live:.0f}x idle, "
+                 f"{med_restart / med_load:.0f}x under load.")
     return "\n".join(lines)
 
 

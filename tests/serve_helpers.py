@@ -72,7 +72,7 @@ MAX_TOKENS = 6
 @pytest.fixture(scope="module")
 def files(tiny_model_dirs, tmp_path_factory):
     """Keys, the admin token, and signed patches for the tiny Llama: A (changes answers), C (built on top of A,
-    overlapping it), one for another base, and a corrupt copy of A."""
+    overlapping it), one for another base of the same config, one for another config, and a corrupt copy of A."""
     root = tmp_path_factory.mktemp("serve")
     model_dir = tiny_model_dirs["llama"]
     priv, pub = write_keypair(root, "trusted")
@@ -83,14 +83,16 @@ def files(tiny_model_dirs, tmp_path_factory):
     c, _ = model_patch(model_dir, root / "c.patch.safetensors", seed=1, frac=0.2, on_top_of=a_state, keys=[q0])
     other_dir = save_model_dir(tiny_llama(seed=1, vocab_size=49152), root / "other")
     other, _ = model_patch(other_dir, root / "other.patch.safetensors", seed=2)
+    wider_dir = save_model_dir(tiny_llama(seed=1, vocab_size=49152, intermediate_size=96), root / "wider")
+    other_config, _ = model_patch(wider_dir, root / "other_config.patch.safetensors", seed=3)
     data = bytearray(a.read_bytes())
     data[len(data) // 2] ^= 0x01
     corrupt = root / "corrupt.patch.safetensors"
     corrupt.write_bytes(bytes(data))
-    for p in (a, c, other, corrupt):
+    for p in (a, c, other, other_config, corrupt):
         sign_patch(p, priv)
     return {"root": root, "model": model_dir, "priv": priv, "pub": pub, "stranger": stranger, "token": root / "token",
-            "a": a, "c": c, "other": other, "corrupt": corrupt}
+            "a": a, "c": c, "other": other, "other_config": other_config, "corrupt": corrupt}
 
 
 @pytest.fixture(scope="module")

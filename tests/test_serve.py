@@ -71,6 +71,34 @@ def test_a_request_beyond_the_context_is_a_400(server):
         client(server["url"]).completions.create(model="tiny", prompt="Hi", max_tokens=1000, temperature=0)
 
 
+@pytest.mark.parametrize("concurrency", [1, None])
+def test_concurrency_bounds_the_answers_generated_at_once(files, concurrency):
+    from roselora_export.models import load_tokenizer
+    from roselora_export.serve.engine import Engine
+
+    engine = Engine(tiny_llama(vocab_size=49152), load_tokenizer(files["model"]), "tiny", concurrency=concurrency)
+    ids = engine.encode_text(PROMPTS[0])
+    inside, go, entered = threading.Event(), threading.Event(), []
+
+    def held(state: str) -> None:
+        entered.append("first")
+        inside.set()
+        go.wait(30)
+
+    first = threading.Thread(target=lambda: engine.generate([ids], max_tokens=2, on_state=held))
+    second = threading.Thread(target=lambda: engine.generate([ids], max_tokens=2,
+                                                             on_state=lambda s: entered.append("second")))
+    first.start()
+    assert inside.wait(30)
+    second.start()
+    second.join(1.0)
+    assert entered == (["first"] if concurrency == 1 else ["first", "second"])
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert entered == ["first", "second"]
+
+
 # ---- patches --------------------------------------------------------------------------------------
 def test_post_applies_a_signed_patch_and_delete_restores_every_bit(server, files, admin):
     c = client(server["url"])
@@ -115,6 +143,30 @@ def test_missing_or_wrong_admin_token_is_401(server, files, admin):
         refused(server, 401, lambda: other.revert("1"))
 
 
+def test_an_unauthorized_delete_leaves_the_applied_patch_in_place(server, files, admin):
+    """No token, a wrong token, and the right token under another scheme than Bearer: 401, patch still on."""
+    import base64
+    import urllib.error
+
+    entry = admin.push(files["a"])
+    model = server["served"].engine.model
+    patched = state_hash(model)
+    try:
+        for other in (Admin(server["url"], None), Admin(server["url"], "wrong-token-wrong-token-wrong")):
+            with pytest.raises(AdminError) as err:
+                other.revert(entry["id"])
+            assert err.value.status == 401
+        basic = "Basic " + base64.b64encode(TOKEN.encode()).decode()
+        req = urllib.request.Request(f"{server['url']}/v1/patches/{entry['id']}", method="DELETE",
+                                     headers={"Authorization": basic})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code == 401
+        assert state_hash(model) == patched and [e["id"] for e in admin.list()] == [entry["id"]]
+    finally:
+        admin.revert(entry["id"])
+
+
 def test_unsigned_patch_is_403(server, files, admin, tmp_path):
     unsigned = tmp_path / "a.patch.safetensors"
     shutil.copy(files["a"], unsigned)
@@ -135,12 +187,20 @@ def test_patch_changed_after_signing_is_403(server, files, admin, tmp_path):
     assert "does not verify" in refused(server, 403, lambda: admin.push(patch))
 
 
+def test_a_signature_part_that_is_not_a_signature_is_403(server, files, admin):
+    for junk in (b"not a signature", b"{}", bytes(range(256))):
+        assert "does not verify" in refused(server, 403, lambda: admin.push_bytes(files["a"].read_bytes(), junk,
+                                                                               files["a"].name))
+
+
 def test_corrupt_signed_patch_is_400(server, files, admin):
     assert "corrupt" in refused(server, 400, lambda: admin.push(files["corrupt"]))
 
 
 def test_patch_for_another_base_is_409(server, files, admin):
+    """Same shapes, other weights (the touched base bits do not match), and another config altogether."""
     refused(server, 409, lambda: admin.push(files["other"]))
+    assert "config" in refused(server, 409, lambda: admin.push(files["other_config"]))
 
 
 def test_patch_already_applied_is_409(server, files, admin):
@@ -180,9 +240,18 @@ def test_without_an_admin_token_file_the_patch_endpoints_are_off(files, tiny_mod
 CLIENTS, CYCLES = 4, 24
 
 
+def streamed(c, prompt: str) -> tuple[str, str]:
+    """A streamed greedy completion: (joined text, the one state every chunk names)."""
+    chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                       stream=True))
+    states = {ch.system_fingerprint for ch in chunks}
+    assert len(states) == 1, states
+    return "".join(ch.choices[0].text for ch in chunks), states.pop()
+
+
 def test_churn_four_clients_while_a_patch_is_applied_and_reverted_dozens_of_times(server, files, admin):
-    """Zero failed requests; each answer is the base or the patched greedy answer, as its state says;
-    the bits are the base's after the last revert."""
+    """Zero failed requests; each answer (client 0's streamed) is the base or the patched greedy answer, as its
+    state says; the bits are the base's after the last revert."""
     c = client(server["url"])
     base = answers(c)
     entry = admin.push(files["a"])
@@ -200,7 +269,7 @@ def test_churn_four_clients_while_a_patch_is_applied_and_reverted_dozens_of_time
         while not stop.is_set():
             prompt = rng.choice(PROMPTS)
             try:
-                text, state = complete(me, prompt)
+                text, state = (streamed if k == 0 else complete)(me, prompt)  # client 0 streams
             except BaseException as err:  # a failed request fails the test
                 errors.append(err)
                 return

@@ -134,3 +134,25 @@ def test_a_client_that_leaves_mid_stream_stops_the_generation(server, files, adm
     assert counted and counted[0] < whole.usage.completion_tokens // 2, counted
     entry = Admin(server["url"], TOKEN).push(files["a"])
     admin.revert(entry["id"])
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_the_same_server_on_cuda_streams_patches_and_reverts_bit_for_bit(files):
+    """--device cuda runs the same code: answers match the CPU server's, a POST lands between streams, and
+    the bits after the revert are the base's."""
+    from roselora_export.serve import ServerThread, build_app
+    from test_runtime_helpers import state_hash
+
+    served = build_app(files["model"], device="cuda", admin_token_file=files["token"], trusted_keys=[files["pub"]])
+    assert served.engine.device.type == "cuda"
+    base_hash = state_hash(served.engine.model)
+    with ServerThread(served.app) as url:
+        c, admin_ = client(url), Admin(url, TOKEN)
+        base = answers(c)
+        entry = admin_.push(files["a"])
+        patched = answers(c)
+        text, states, _ = streamed(c, PROMPTS[0])
+        assert (text, states) == (patched[PROMPTS[0]], {f"patches:{entry['id']}"}) and patched != base
+        admin_.revert(entry["id"])
+        assert answers(c) == base
+    assert state_hash(served.engine.model) == base_hash

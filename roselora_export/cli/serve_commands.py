@@ -34,10 +34,13 @@ def _loopback(host: str) -> bool:
               help="Patch to apply at start-up (its signature beside it, PATCH.sig). Repeatable, applied in order.")
 @click.option("--served-model-name", default=None, help="Model name in answers and /v1/models.  [default: the directory's name]")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="torch CPU threads.  [default: torch's]")
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=None,
+              help="Answers generated at once; the others queue. A patch write waits for the answers in flight, "
+                   "so 1 keeps that wait to one answer.  [default: no bound (the thread pool's)]")
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]),
               help="uvicorn's log level (debug also logs each request).")
 def serve_command(model_dir, host, port, device, dtype, admin_token_file, trusted_keys, patches, served_model_name,
-                  threads, log_level) -> None:
+                  threads, concurrency, log_level) -> None:
     """Serve MODEL over HTTP (OpenAI completions and chat), taking patches live, without a restart.
 
     POST /v1/patches (multipart parts `patch` and `signature`) applies a patch atomically;
@@ -56,7 +59,8 @@ def serve_command(model_dir, host, port, device, dtype, admin_token_file, truste
 
         torch.set_num_threads(threads)
     served = build_app(model_dir, device=dev, dtype=dtype, admin_token_file=admin_token_file,
-                       trusted_keys=list(trusted_keys), patches=list(patches), name=served_model_name)
+                       trusted_keys=list(trusted_keys), patches=list(patches), name=served_model_name,
+                       concurrency=concurrency)
     for w in served.warnings:
         click.echo(w, err=True)
     if admin_token_file and not _loopback(host):

@@ -5,6 +5,10 @@ so a patch applied or reverted meanwhile waits for it, and the answer names the 
 `state` is "base" or "patches:ID,ID" (the runtime's ids of the patches in the weights, read under
 the same lock). Greedy decoding at temperature 0, sampling otherwise.
 
+`concurrency` bounds the answers generated at once (the others queue, first come first served as
+far as threading.Semaphore goes). A write waits for the answers in flight, so fewer at once means a
+shorter wait for an apply or revert; None leaves it to the server's thread pool.
+
 Streaming is the same call with callbacks, run on a worker thread: `on_state(state)` once the lock is
 held, `on_text(index, piece)` as text becomes final (never past a stop sequence, never half a character),
 and `cancelled()` polled after every token, which ends the answer early (a client gone). The pieces of one
@@ -13,6 +17,8 @@ answer join to its `Answer.text`.
 from __future__ import annotations
 
 from collections.abc import Callable
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +54,12 @@ def state_label(runtime: PatchRuntime) -> str:
 class Engine:
     """The model, its tokenizer and its PatchRuntime; generates answers for the HTTP layer."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, name: str) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str, concurrency: int | None = None) -> None:
+        if concurrency is not None and concurrency < 1:
+            raise InputError(f"--concurrency must be at least 1 (got {concurrency})")
         self.model = model
+        self.concurrency = concurrency
+        self._slots = threading.Semaphore(concurrency) if concurrency else None
         self.tokenizer = tokenizer
         self.name = name
         self.runtime = PatchRuntime(model)
@@ -89,7 +99,7 @@ class Engine:
                  cancelled: Callable[[], bool] | None = None) -> Generation:
         """Answer each tokenized prompt in turn, all from one weight state. InputError for a request too long."""
         self.check(prompts, max_tokens)
-        with self.runtime.serving():
+        with self._slots if self._slots is not None else nullcontext(), self.runtime.serving():
             state = state_label(self.runtime)
             if on_state is not None:
                 on_state(state)

@@ -41,16 +41,19 @@ def read_admin_token(path: str | os.PathLike) -> str:
 
 def build_app(model_dir: str | os.PathLike, *, device="cpu", dtype: str | None = None,
               admin_token_file: str | os.PathLike | None = None, trusted_keys: list | tuple = (),
-              patches: list | tuple = (), name: str | None = None) -> Served:
+              patches: list | tuple = (), name: str | None = None, concurrency: int | None = None) -> Served:
     """Everything `serve` needs: options checked (and start-up patches' signatures) before the model loads.
 
-    `device` is a torch.device or a name (auto, cpu, cuda, cuda:N; see roselora_export.devices)."""
+    `device` is a torch.device or a name (auto, cpu, cuda, cuda:N; see roselora_export.devices);
+    `concurrency` bounds the answers generated at once (serve.engine)."""
     from ..models import check_model_dir, load_model, load_tokenizer
     from ..signing import check_public_keys, verify_patch
     from .app import create_app
     from .engine import Engine
     from .patches import PatchStore
 
+    if concurrency is not None and concurrency < 1:
+        raise InputError(f"--concurrency must be at least 1 (got {concurrency})")
     path = check_model_dir(model_dir)
     token = read_admin_token(admin_token_file) if admin_token_file is not None else None
     keys = check_public_keys(list(trusted_keys))
@@ -69,7 +72,7 @@ def build_app(model_dir: str | os.PathLike, *, device="cpu", dtype: str | None =
     torch_dtype = _dtype(dtype, patches)
     tokenizer = load_tokenizer(path)
     model = load_model(path, dtype=torch_dtype).to(dev)
-    engine = Engine(model, tokenizer, name or path.name)
+    engine = Engine(model, tokenizer, name or path.name, concurrency)
     store = PatchStore(engine.runtime, keys)
     for p in patches:
         store.add_file(p)  # a Refused is an InputError: the server does not start
