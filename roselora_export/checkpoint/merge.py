@@ -22,7 +22,7 @@ from ..core.atomic import atomic_dir, check_disjoint, locked_dir
 from ..core.dtypes import PATCHABLE, TORCH_NAMES, dtype_name
 from .copier import ShardCopier, guess_changed
 from .model_dir import ModelDir, open_model_dir
-from .rewrite import FLOAT_DTYPES, OVERLAP_BYTES
+from .rewrite import OVERLAP_BYTES
 from .safetensors_stream import _pwrite_all
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def out_dtype(dtype: torch.dtype | str | None) -> str | None:
 
 def _converts(model: ModelDir, out: str | None) -> bool:
     """Whether storing the merge in `out` (a safetensors name) changes the dtype (so the layout) of any tensor."""
-    return out is not None and any(t.dtype in FLOAT_DTYPES and t.dtype != out
+    return out is not None and any(t.dtype in PATCHABLE and t.dtype != out
                                    for h in model.shards for t in h.tensors.values())
 
 
@@ -123,7 +123,7 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
     edits = resolve_keys(adapter.edits, model.keys(), tied=model.tied_aliases())
     for name in edits:
         info = model.locations[name][1]
-        if info.dtype not in FLOAT_DTYPES:
+        if info.dtype not in PATCHABLE:
             raise InputError(f"{name}: stored as {info.dtype}; only fp32/fp16/bf16 tensors can be edited")
     prov = adapter_provenance(adapter, model.name, model.fingerprint, out)
     prov["base_numel"] = model.numel

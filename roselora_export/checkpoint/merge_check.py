@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 
 from ..core.atomic import check_disjoint
+from ..core.dtypes import PATCHABLE
 from ..errors import InputError
 from .merge import _converts, default_patch_path, out_dtype
 from .model_dir import open_model_dir
-from .rewrite import FLOAT_DTYPES
 
 
 def check_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -42,7 +42,7 @@ def check_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out
     patch, survival = Patch(), SurvivalReport()
     for name in [n for n in model.keys() if n in edits]:
         info = model.locations[name][1]
-        if info.dtype not in FLOAT_DTYPES:
+        if info.dtype not in PATCHABLE:
             raise InputError(f"{name}: stored as {info.dtype}; only fp32/fp16/bf16 tensors can be edited")
         m = merge_bits(name, model.read_array(name), info.dtype, info.shape, edits[name], out)
         survival.tensors.append(m.survival)

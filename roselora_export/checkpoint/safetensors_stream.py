@@ -21,22 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core.dtypes import ITEMSIZE, TORCH_NAMES, torch_dtype
+from ..core.dtypes import ITEMSIZE, torch_dtype
 from ..core.safetensors import Header, TensorInfo, _map, read_array, read_header  # noqa: F401 (re-exported)
 from ..errors import InputError
 
 if TYPE_CHECKING:
     import torch
-
-
-def __getattr__(name: str):
-    # TORCH_DTYPES (safetensors name -> torch dtype) and ST_DTYPES (the reverse), built on first use so
-    # that importing this module does not import torch.
-    if name in ("TORCH_DTYPES", "ST_DTYPES"):
-        dtypes = {k: torch_dtype(k) for k in TORCH_NAMES}
-        globals().update(TORCH_DTYPES=dtypes, ST_DTYPES={v: k for k, v in dtypes.items()})
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = None) -> torch.Tensor:

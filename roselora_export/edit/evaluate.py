@@ -111,11 +111,11 @@ def _is_peft_dir(path: Path) -> bool:
 def _stored_dtypes(model_dir: str | os.PathLike) -> dict[str, torch.dtype]:
     """The dtype each floating-point weight of a checkpoint directory is stored in, by state-dict key."""
     from ..checkpoint import open_model_dir
-    from ..checkpoint.safetensors_stream import TORCH_DTYPES
+    from ..core.dtypes import TORCH_NAMES, torch_dtype
 
     out = {}
     for name, (_, info) in open_model_dir(model_dir, "--edited").locations.items():
-        dtype = TORCH_DTYPES.get(info.dtype)
+        dtype = torch_dtype(info.dtype) if info.dtype in TORCH_NAMES else None
         if dtype is not None and dtype.is_floating_point:
             out[name] = dtype
     return out
