@@ -31,6 +31,17 @@ def test_a_streamed_completion_joins_to_the_whole_answer(server):
         assert all(ch.choices[0].finish_reason is None for ch in chunks[:-1])
 
 
+def test_a_streamed_completion_of_several_prompts_indexes_each_answer(server):
+    c = client(server["url"])
+    whole = c.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=MAX_TOKENS, temperature=0)
+    chunks = list(c.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=MAX_TOKENS, temperature=0,
+                                       stream=True))
+    for choice in whole.choices:
+        mine = [ch.choices[0] for ch in chunks if ch.choices[0].index == choice.index]
+        assert "".join(m.text for m in mine) == choice.text
+        assert [m.finish_reason for m in mine if m.finish_reason] == [choice.finish_reason]
+
+
 def test_a_streamed_completion_stops_at_a_stop_sequence_without_sending_it(server):
     c = client(server["url"])
     full, _ = complete(c, PROMPTS[1])
