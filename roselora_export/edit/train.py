@@ -477,7 +477,7 @@ def greedy_continuation(model: torch.nn.Module, tokenizer, prompt: str, max_new_
 def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """A temp dir beside out_dir that becomes out_dir when the block succeeds (an existing one is
     swapped atomically with --overwrite, so a crash keeps the old adapter whole); removed if it fails."""
-    from ..checkpoint.atomic import atomic_dir as _atomic_dir
+    from ..core.atomic import atomic_dir as _atomic_dir
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
