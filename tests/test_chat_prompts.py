@@ -227,3 +227,17 @@ def test_try_with_chat_on_a_model_without_a_template(no_template_dir, patch_file
     result = _run(["try", "--model", no_template_dir, "--patch", patch_file, "--prompt", "Hello", "--chat",
                    "--device", "cpu", "--no-progress"])
     _assert_no_template_error(result)
+
+
+def test_onnx_generate_with_chat_continues_the_templated_prompt(tiny_model_dirs, tmp_path, tok):
+    from roselora_export.onnx.export import export_onnx
+    from roselora_export.onnx.session import create_session, generate_greedy
+
+    art = tmp_path / "onnx"
+    export_onnx(tiny_model_dirs["llama"], art, check_runtime=False)
+    prompt = "What is the capital of Japan?"
+    result = _run(["onnx-generate", "--onnx", art, "--prompt", prompt, "--chat", "--max-new-tokens", "3",
+                   "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    [r] = json.loads(result.stdout)["results"]
+    assert r["new_token_ids"] == generate_greedy(create_session(art), _templated(tok, prompt), 3, tok.eos_token_id)
