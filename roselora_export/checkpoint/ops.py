@@ -9,7 +9,6 @@ takes longer than applying a patch to a 500 MB checkpoint).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,14 +16,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputError
-from ..core.atomic import check_disjoint
 from ..patch.apply import check_result, check_stored, xor_bits
 from ..patch.io import save_patch
 from ..patch.ledger import write_ledger
-from ..patch.model import Patch, check_same_keys, diff_bits
+from ..patch.model import Patch, check_same_keys, diff_bits, sha256_bits
 from ..patch.provenance import now_iso
 from ..patch.stack import Stack
-from .atomic import atomic_dir, locked_dir
+from ..core.atomic import atomic_dir, check_disjoint, locked_dir
 from .merge import (  # noqa: F401 (MergeResult, default_patch_path, merge_checkpoint: re-exported)
     MergeResult,
     Progress,
@@ -97,7 +95,7 @@ def _chain(patches: list[Patch], model: ModelDir, name: str, revert: bool, stack
     and `final` (if given) receives the result's whole sha256, computed on the way."""
     info = model.locations[name][1]
     bits = model.read_array(name)
-    sha = _sha(bits) if stack is not None else ""
+    sha = sha256_bits(bits) if stack is not None else ""
     for k in order if order is not None else (range(len(patches))[::-1] if revert else range(len(patches))):
         tp = patches[k].tensors.get(name)
         if tp is None:
@@ -107,15 +105,11 @@ def _chain(patches: list[Patch], model: ModelDir, name: str, revert: bool, stack
             stack.check(k, tp, sha, bits[tp.flat_index])
         bits = xor_bits(tp, bits, revert=revert, check=False)
         if stack is not None:
-            sha, before = _sha(bits), sha
+            sha, before = sha256_bits(bits), sha
             check_result(tp, before, sha, revert=revert)  # a wrong patched (base) fingerprint: refused before any write
     if final is not None and stack is not None:
         final[name] = sha
     return bits
-
-
-def _sha(bits: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(bits)).cast("B")).hexdigest()
 
 
 def verify_patches(patches: list[Patch], model: ModelDir, *, revert: bool = False, sources: list | None = None,
@@ -175,7 +169,7 @@ def apply_to_checkpoint(base_dir: str | os.PathLike, patches: list[Patch], out_d
 
         def produce(name: str) -> np.ndarray:
             bits = _chain(patches, model, name, revert, None, stack.order())
-            if _sha(bits) != final[name]:  # what is written is what was verified, bit for bit
+            if sha256_bits(bits) != final[name]:  # what is written is what was verified, bit for bit
                 raise InputError(f"{name}: changed in {model.path} while it was being read; try again")
             return bits
 
@@ -201,7 +195,7 @@ def load_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 def fingerprints(model_dir: str | os.PathLike) -> dict[str, str]:
     """sha256 of every tensor of a checkpoint directory (what tests compare to prove bit-exactness)."""
     model = open_model_dir(model_dir)
-    return {k: hashlib.sha256(memoryview(np.ascontiguousarray(model.read_array(k))).cast("B")).hexdigest()
+    return {k: sha256_bits(model.read_array(k))
             for k in model.keys()}
 
 

@@ -1,7 +1,6 @@
 """Apply and revert a patch on tensors: the same XOR, guarded by fingerprints, bit-exact in every dtype."""
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -32,7 +31,7 @@ def check_compatible(tp: TensorPatch, t: torch.Tensor) -> None:
 
 def expected_state(tp: TensorPatch, bits: np.ndarray, *, revert: bool) -> None:
     """Check a whole tensor's fingerprint: it must be the patch's base (apply) or its result (revert)."""
-    sha = hashlib.sha256(memoryview(np.ascontiguousarray(bits)).cast("B")).hexdigest()  # no copy of the tensor
+    sha = sha256_bits(bits)
     want, other = (tp.patched_sha256, tp.base_sha256) if revert else (tp.base_sha256, tp.patched_sha256)
     if sha == want:
         return
@@ -63,12 +62,8 @@ def xor_bits(tp: TensorPatch, bits: np.ndarray, *, revert: bool = False, check: 
     tp.apply_bits(out)
     check_finite(tp.name, out[tp.flat_index], tp.dtype_name)
     if check:
-        check_result(tp, _sha(bits), _sha(out), revert=revert)
+        check_result(tp, sha256_bits(bits), sha256_bits(out), revert=revert)
     return out
-
-
-def _sha(bits: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(bits)).cast("B")).hexdigest()
 
 
 def xor_tensor(tp: TensorPatch, t: torch.Tensor, *, revert: bool = False, check: bool = True) -> torch.Tensor:

@@ -8,7 +8,6 @@ checked against it by the touched-element rule.
 """
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 
@@ -16,10 +15,6 @@ from ..errors import InputError
 from .model import Patch, TensorPatch, sha256_bits
 from .overlap import holds_base, intersects
 from .provenance import now_iso
-
-
-def _digest(bits: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(bits)).hexdigest()
 
 
 def combine_patches(patches: list[Patch], labels: list[str], *, base=None, parts: list[dict] | None = None) -> Patch:
@@ -86,5 +81,5 @@ def _fuse(name: str, owners: list[tuple[int, TensorPatch]], labels: list[str], b
     patched = bits.copy()
     patched[index] ^= xor
     return TensorPatch(name=name, shape=tuple(ref.shape), dtype_name=ref.dtype_name, flat_index=index, xor_bits=xor,
-                       base_sha256=_digest(bits), patched_sha256=_digest(patched),
+                       base_sha256=sha256_bits(bits), patched_sha256=sha256_bits(patched),
                        base_touched_sha256=sha256_bits(bits[index]))

@@ -1,6 +1,6 @@
 """The ledger: which patches a checkpoint or ONNX directory holds, oldest first, in `roselora-ledger.json`.
 
-Writers put it inside the directory they build and swap in (checkpoint.atomic), so the ledger and the
+Writers put it inside the directory they build and swap in (core.atomic), so the ledger and the
 weights change in one step and a crash never leaves them out of step. Besides the patches (file
 sha256, nnz, tensors, provenance, applied_at) it keeps the whole-tensor sha256 each touched tensor
 had after the last write: a later apply or revert compares them with the weights, which detects a

@@ -75,12 +75,12 @@ def tensor_bits(t: torch.Tensor) -> np.ndarray:
 
 def sha256_tensor(t: torch.Tensor) -> str:
     """Fingerprint of a whole tensor: sha256 of its little-endian bytes in row-major order."""
-    return hashlib.sha256(tensor_bits(t.cpu()).tobytes()).hexdigest()
+    return sha256_bits(tensor_bits(t.cpu()))
 
 
 def sha256_bits(bits: np.ndarray) -> str:
-    """Fingerprint of gathered bit patterns (the touched elements only, in index order)."""
-    return hashlib.sha256(np.ascontiguousarray(bits).tobytes()).hexdigest()
+    """sha256 of an array's bytes in row-major order (gathered bits, or a whole tensor's); no copy when contiguous."""
+    return hashlib.sha256(np.ascontiguousarray(bits)).hexdigest()
 
 
 @dataclass

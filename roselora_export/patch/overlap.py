@@ -13,23 +13,19 @@ import hashlib
 
 import numpy as np
 
-from .model import Patch, TensorPatch
+from .model import Patch, TensorPatch, sha256_bits
 
 APPLIES, DONE, CONFLICT = "applies", "done", "conflict"
 
 
-def _digest(bits: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(bits)).hexdigest()  # hashes the buffer, no copy when contiguous
-
-
 def holds_base(tp: TensorPatch, gathered: np.ndarray) -> bool:
     """Whether `gathered` (the bits at tp.flat_index, in index order) are the patch's base bits."""
-    return _digest(gathered) == tp.base_touched_sha256
+    return sha256_bits(gathered) == tp.base_touched_sha256
 
 
 def holds_patched(tp: TensorPatch, gathered: np.ndarray) -> bool:
     """Whether `gathered` are the bits the patch writes (base ^ xor_bits)."""
-    return _digest(np.asarray(gathered) ^ tp.xor_bits) == tp.base_touched_sha256
+    return sha256_bits(np.asarray(gathered) ^ tp.xor_bits) == tp.base_touched_sha256
 
 
 def touched_state(tp: TensorPatch, gathered: np.ndarray, *, revert: bool = False) -> str:
