@@ -216,7 +216,6 @@ def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys
     Everything is checked before anything is written; a refusal names the patch file, the tensor and
     the patches it conflicts with. The directory's ledger records each patch (`roselora-export log`).
     """
-    from ..checkpoint import apply_to_checkpoint, open_model_dir
     from ..patch import load_patch
 
     if (check and in_place and out_dir is not None) or (not check and in_place == (out_dir is not None)):
@@ -236,9 +235,13 @@ def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys
     elif base_model is not None:
         raise InputError(f"--base-model is for an ONNX --base; {base} is a checkpoint")
     elif check:
+        from ..checkpoint import apply_to_checkpoint  # here: an ONNX apply needs none of checkpoint's imports
+
         report = apply_to_checkpoint(base, patches, out_dir, revert=revert, in_place=in_place,
                                      sources=list(patch_files), check=True)
     else:
+        from ..checkpoint import apply_to_checkpoint, open_model_dir
+
         with _progress(open_model_dir(base).total_bytes, "revert" if revert else "apply") as update:
             report = apply_to_checkpoint(base, patches, out_dir, revert=revert, in_place=in_place, progress=update,
                                          sources=list(patch_files))

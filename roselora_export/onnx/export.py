@@ -32,7 +32,7 @@ from ..errors import InputError
 from ..models import check_model_dir, load_model
 from ..patch.model import BITS_DTYPE, DTYPE_NAMES, tensor_bits
 from .names import (
-    DATA_FILE, MODEL_FILE, NAMES_FILE, NAMES_FORMAT, ONNX_TO_TORCH, TORCH_TO_ONNX, aligned_offset, external_locations,
+    DATA_FILE, MODEL_FILE, NAMES_FILE, NAMES_FORMAT, ONNX_DTYPES, ONNX_TYPE_OF, aligned_offset, artifact_locations,
 )
 
 TASKS = ("auto", "causal-lm", "sequence-classification")
@@ -189,8 +189,7 @@ def _write_artifact(model: onnx.ModelProto, out: Path) -> None:
 
 def _verify_from_files(out: Path, names: dict, state: dict[str, torch.Tensor]) -> int:
     """Read every mapped initializer back from the data file and compare it bit for bit with the state dict."""
-    model = onnx.load(str(out / MODEL_FILE), load_external_data=False)
-    locs = external_locations(model, out)
+    locs = artifact_locations(out, MODEL_FILE, inline=False)
     data = np.memmap(out / DATA_FILE, dtype=np.uint8, mode="r")
     checked = 0
     for key, entry in names["tensors"].items():
@@ -315,11 +314,11 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     # Find each tag by value among the initializers: as stored, or transposed.
     by_hash: dict[tuple[int, str], list[onnx.TensorProto]] = {}
     for t in onnx_model.graph.initializer:
-        if t.data_type in ONNX_TO_TORCH and t.HasField("raw_data"):
+        if t.data_type in ONNX_DTYPES and t.HasField("raw_data"):
             by_hash.setdefault((t.data_type, hashlib.sha256(t.raw_data).hexdigest()), []).append(t)
 
     def find(key: str, t: torch.Tensor) -> tuple[onnx.TensorProto | None, bool]:
-        onnx_type = TORCH_TO_ONNX[t.dtype]
+        onnx_type = ONNX_TYPE_OF[DTYPE_NAMES[t.dtype]]
         for digest, transposed in tags.get(key) or _fingerprints(t):
             hits = by_hash.get((onnx_type, digest), [])
             if len(hits) > 1:

@@ -33,7 +33,7 @@ from ..checkpoint.safetensors_stream import copy_range
 from ..errors import InputError
 from ..models import load_model
 from ..patch.model import DTYPE_NAMES
-from .names import DATA_FILE, MODEL_FILE, NAMES_FILE, NAMES_FORMAT, TORCH_TO_ONNX, aligned_offset
+from .names import DATA_FILE, MODEL_FILE, NAMES_FILE, NAMES_FORMAT, ONNX_TYPE_OF, aligned_offset
 
 _CHUNK = 16 << 20
 
@@ -132,7 +132,7 @@ def export_streaming(model_dir: Path, out: Path, *, task: str, opset: int, kv_ca
             raise InputError(f"--model {model_dir}: the graph needs {key!r}, which the checkpoint does not store")
         header, info = checkpoint.locations[key]
         shape, tdtype = shapes[key]
-        if tuple(info.shape) != shape or TORCH_TO_ONNX.get(tdtype) != inp.type.tensor_type.elem_type:
+        if tuple(info.shape) != shape or ONNX_TYPE_OF.get(DTYPE_NAMES.get(tdtype)) != inp.type.tensor_type.elem_type:
             raise RuntimeError(f"export: {key} is {info.dtype} {list(info.shape)} in the checkpoint but "
                                f"{tdtype} {list(shape)} in the model")
         offset = aligned_offset(offset, info.nbytes)

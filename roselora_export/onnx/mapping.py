@@ -26,12 +26,15 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from ..errors import InputError
 from .names import NAMES_FILE, NAMES_FORMAT_MAPPED, artifact_locations, dtype_name, load_graph
+
+if TYPE_CHECKING:
+    import onnx
 
 _MAX_CANDIDATES = 4096  # a window key seen more often than this is low-entropy data (constants): not searched
 _BITS = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}
@@ -231,7 +234,7 @@ def map_onnx(hf_dir: str | os.PathLike, onnx_dir: str | os.PathLike, *, model_fi
     model = open_model_dir(hf_dir, "--base")
     mf = model_file_of(onnx_dir, model_file)
     graph = load_graph(onnx_dir / mf)
-    locations = artifact_locations(graph, onnx_dir, mf)  # external data bounds checked: truncated files refused
+    locations = artifact_locations(onnx_dir, mf)  # external data bounds checked: truncated files refused
     quantized = sorted({n.op_type for n in graph.graph.node if n.op_type in QUANTIZED_OPS})
     inits = _Initializers(onnx_dir, locations)
     artifact_dtypes = set(inits.dtypes.values())

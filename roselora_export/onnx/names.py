@@ -21,14 +21,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-import torch
-from google.protobuf.message import DecodeError
 
 from ..errors import InputError
-from ..patch.model import DTYPE_NAMES, DTYPES_BY_NAME
+
+if TYPE_CHECKING:
+    import onnx
 
 NAMES_FILE = "names.json"
 MODEL_FILE = "model.onnx"
@@ -41,12 +41,14 @@ NAMES_FORMAT_MAPPED = 2  # what map-onnx writes (layouts with slices, copies, st
 # on a 4 KiB page. The padding costs well under 1% of a real model.
 ALIGN_LARGE, ALIGN_SMALL, LARGE_TENSOR = 65536, 4096, 1 << 20
 
-ONNX_TO_TORCH: dict[int, torch.dtype] = {
-    onnx.TensorProto.FLOAT: torch.float32,
-    onnx.TensorProto.FLOAT16: torch.float16,
-    onnx.TensorProto.BFLOAT16: torch.bfloat16,
-}
-TORCH_TO_ONNX = {v: k for k, v in ONNX_TO_TORCH.items()}
+# TensorProto.DataType numbers of the floating types a patch can carry, by their safetensors names
+# (the onnx package is not imported for them: its import alone costs about a second).
+ONNX_DTYPES: dict[int, str] = {1: "F32", 10: "F16", 16: "BF16"}
+ONNX_TYPE_OF: dict[str, int] = {v: k for k, v in ONNX_DTYPES.items()}
+# Bytes per element of every TensorProto.DataType with a fixed width (4-bit types: see _nbytes).
+_ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16, 16: 2,
+                  17: 1, 18: 1, 19: 1, 20: 1}
+_ONNX_HALF_BYTE = (21, 22, 23)  # uint4, int4, float4e2m1: two elements per byte
 
 
 _CLI_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
@@ -67,7 +69,7 @@ class Location:
     offset: int
     length: int
     shape: tuple[int, ...]
-    dtype: torch.dtype | None  # None for dtypes a patch cannot carry (int64 buffers, ...)
+    dtype: str | None  # "F32", "F16", "BF16"; None for dtypes a patch cannot carry (int64 buffers, ...)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,20 @@ class Target:
                 vj = vj + start
         return vi * width + vj
 
+    def covers(self, positions: np.ndarray) -> bool:
+        """Whether any of the flat element indices of the whole initializer lies in this key's region."""
+        if positions.size == 0:
+            return False
+        if self.region is None:
+            return True
+        axis, start, stop = self.region
+        if len(self.location.shape) == 1:
+            at = positions
+        else:
+            width = self.location.shape[1]
+            at = positions // width if axis == 0 else positions % width
+        return bool(np.any((at >= start) & (at < stop)))
+
     def state_order(self, bits: np.ndarray) -> np.ndarray:
         """The key's tensor, flat in state-dict order, from the whole initializer's flat bits."""
         view = bits.reshape(self.location.shape)
@@ -139,11 +155,10 @@ def entry_places(entry: dict) -> list[dict]:
 
 @dataclass
 class OnnxArtifact:
-    """An artifact directory, opened and checked: names.json read, graph parsed (without weights)."""
+    """An artifact directory, opened and checked: names.json read, initializers located (wire.py)."""
 
     root: Path
     names: dict
-    model: onnx.ModelProto
     locations: dict[str, Location]
 
     @property
@@ -210,10 +225,10 @@ class OnnxArtifact:
 
     def _dtype_refusal(self, tp, target: Target) -> str | None:
         stored = target.location.dtype
-        if stored is None or stored == tp.dtype:
+        if stored is None or stored == tp.dtype_name:
             return None
         entry = self.names["tensors"].get(tp.name) or {}
-        have, want = dtype_name(stored) or "?", dtype_name(tp.dtype) or str(tp.dtype)
+        have, want = stored, tp.dtype_name
         if entry.get("dtype") and entry["dtype"] != have:
             return (f"the artifact stores it as {have}, cast from the checkpoint's {entry['dtype']}, and a {want} "
                     f"patch cannot be applied exactly to {have} values; make the patch in {have} "
@@ -242,7 +257,10 @@ def read_names(root: Path) -> dict:
 
 
 def load_graph(model_path: Path) -> onnx.ModelProto:
-    """The ModelProto without its external weights; InputError if the file is not ONNX."""
+    """The ModelProto without its external weights (imports onnx); InputError if the file is not ONNX."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
     if not model_path.is_file():
         raise InputError(f"{model_path}: no such ONNX model file; re-run export-onnx")
     try:
@@ -254,74 +272,83 @@ def load_graph(model_path: Path) -> onnx.ModelProto:
     return model
 
 
-def external_locations(model: onnx.ModelProto, root: Path, *, check_files: bool = True) -> dict[str, Location]:
-    """Initializer name -> Location for every externally stored initializer, checking each lies inside its file."""
+def read_graph(model_path: Path):
+    """The graph's initializers as wire.read_initializers reads them (no onnx import); InputError if not ONNX."""
+    from .wire import WireError, read_initializers
+
+    if not model_path.is_file():
+        raise InputError(f"{model_path}: no such ONNX model file; re-run export-onnx")
+    try:
+        graph = read_initializers(model_path)
+    except WireError as err:
+        raise InputError(f"{model_path}: not an ONNX model ({err}); point at an export-onnx directory") from None
+    if not graph.nodes:
+        raise InputError(f"{model_path}: not an ONNX model (it parses to an empty graph); point at an export-onnx directory")
+    return graph
+
+
+def _nbytes(data_type: int, dims: list[int]) -> int | None:
+    numel = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    if data_type in _ONNX_HALF_BYTE:
+        return (numel + 1) // 2
+    size = _ONNX_ITEMSIZE.get(data_type)
+    return None if size is None else numel * size
+
+
+def _dtype_of(data_type: int) -> str | None:
+    return ONNX_DTYPES.get(data_type)
+
+
+def artifact_locations(root: Path, model_file: str, *, inline: bool = True, graph=None) -> dict[str, Location]:
+    """Initializer name -> Location of every initializer stored in external data (each checked to lie inside
+    its file) and, with inline, of every floating one stored contiguously in the .onnx file itself."""
+    graph = graph or read_graph(root / model_file)
     sizes: dict[str, int] = {}
     out: dict[str, Location] = {}
-    for t in model.graph.initializer:
-        if t.data_location != onnx.TensorProto.EXTERNAL:
+    for t in graph.initializers:
+        shape = tuple(int(d) for d in t.dims)
+        if t.external is None:
+            if not inline or t.inline is None or _dtype_of(t.data_type) is None:
+                continue  # values in int32_data varints etc.: not a contiguous run, so not patchable in place
+            offset, length = t.inline
+            if length != _nbytes(t.data_type, t.dims):
+                continue
+            out[t.name] = Location(t.name, model_file, offset, length, shape, _dtype_of(t.data_type))
             continue
-        info = {e.key: e.value for e in t.external_data}
-        file = info.get("location", "")
+        file = t.external.get("location", "")
         if not file or os.path.isabs(file) or ".." in Path(file).parts:
             raise InputError(f"{root}: initializer {t.name!r} points outside the directory ({file!r}); re-run export-onnx")
-        offset, itemsize = int(info.get("offset", 0)), onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        length = int(info.get("length", int(np.prod(t.dims, dtype=np.int64)) * itemsize))
-        if check_files:
-            if file not in sizes:
-                path = root / file
-                if not path.is_file():
-                    raise InputError(f"{path}: external data file missing; copy the whole ONNX directory or re-run export-onnx")
-                sizes[file] = path.stat().st_size
-            if offset + length > sizes[file]:
-                raise InputError(f"{root / file}: external data truncated ({sizes[file]} bytes, initializer {t.name!r} "
-                                 f"needs {offset + length}); copy the file again or re-run export-onnx")
-        out[t.name] = Location(t.name, file, offset, length, tuple(int(d) for d in t.dims), ONNX_TO_TORCH.get(t.data_type))
+        try:
+            offset = int(t.external.get("offset", 0))
+            length = int(t.external["length"]) if "length" in t.external else _nbytes(t.data_type, t.dims)
+        except ValueError:
+            raise InputError(f"{root / model_file}: initializer {t.name!r} has a malformed external data "
+                             "offset or length; re-run export-onnx") from None
+        if length is None:
+            continue  # a type of no fixed width (strings): never patched, so its bounds do not matter here
+        if file not in sizes:
+            path = root / file
+            if not path.is_file():
+                raise InputError(f"{path}: external data file missing; copy the whole ONNX directory or re-run export-onnx")
+            sizes[file] = path.stat().st_size
+        if offset < 0 or offset + length > sizes[file]:
+            raise InputError(f"{root / file}: external data truncated ({sizes[file]} bytes, initializer {t.name!r} "
+                             f"needs {offset + length}); copy the file again or re-run export-onnx")
+        out[t.name] = Location(t.name, file, offset, length, shape, _dtype_of(t.data_type))
     return out
-
-
-def inline_locations(model: onnx.ModelProto, root: Path, model_file: str) -> dict[str, Location]:
-    """Initializer name -> Location (in the .onnx file itself) for every initializer stored inline."""
-    from .wire import WireError, inline_data_ranges
-
-    wanted = {t.name: t for t in model.graph.initializer
-              if t.data_location != onnx.TensorProto.EXTERNAL and t.data_type in ONNX_TO_TORCH}
-    if not wanted:
-        return {}
-    try:
-        ranges = inline_data_ranges(root / model_file)
-    except WireError as err:
-        raise InputError(f"{root / model_file}: cannot locate inline initializer data ({err})") from None
-    out = {}
-    for name, t in wanted.items():
-        if name not in ranges:
-            continue  # values in int32_data varints etc.: not a contiguous run, so not patchable in place
-        offset, length = ranges[name]
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-        if length != int(np.prod(t.dims, dtype=np.int64)) * itemsize:
-            continue
-        out[name] = Location(name, model_file, offset, length, tuple(int(d) for d in t.dims), ONNX_TO_TORCH[t.data_type])
-    return out
-
-
-def artifact_locations(model: onnx.ModelProto, root: Path, model_file: str) -> dict[str, Location]:
-    """External and inline initializer locations (external data bounds checked)."""
-    return {**inline_locations(model, root, model_file), **external_locations(model, root)}
 
 
 def open_artifact(root: str | os.PathLike, names: dict | None = None) -> OnnxArtifact:
-    """Open and check an ONNX artifact directory (names.json, or `names` given, graph, external data bounds)."""
+    """Open and check an ONNX artifact directory (names.json, or `names` given, graph, external data bounds).
+
+    Torch and onnx are not imported: the graph's initializers are read from the wire format (wire.py)."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: not a directory; expected an ONNX artifact directory")
     names = read_names(root) if names is None else names
     model_file = names.get("model_file", MODEL_FILE)
-    model = load_graph(root / model_file)
-    if names.get("format", NAMES_FORMAT) >= NAMES_FORMAT_MAPPED:
-        locations = artifact_locations(model, root, model_file)
-    else:
-        locations = external_locations(model, root)
-    return OnnxArtifact(root, names, model, locations)
+    inline = names.get("format", NAMES_FORMAT) >= NAMES_FORMAT_MAPPED  # export-onnx keeps every weight external
+    return OnnxArtifact(root, names, artifact_locations(root, model_file, inline=inline))
 
 
 def is_onnx_dir(path: str | os.PathLike) -> bool:
@@ -330,9 +357,9 @@ def is_onnx_dir(path: str | os.PathLike) -> bool:
     return p.is_dir() and ((p / NAMES_FILE).is_file() or any(p.glob("*.onnx")))
 
 
-def dtype_name(dtype: torch.dtype | None) -> str | None:
-    return DTYPE_NAMES.get(dtype) if dtype is not None else None
+def dtype_name(dtype) -> str | None:
+    """The safetensors name of a Location's dtype (already one) or of a torch dtype; None if not patchable."""
+    from ..core.dtypes import PATCHABLE, dtype_name as _name
 
-
-def dtype_from_name(name: str) -> torch.dtype:
-    return DTYPES_BY_NAME[name]
+    name = _name(dtype) if dtype is not None else None
+    return name if name in PATCHABLE else None

@@ -1,21 +1,22 @@
-"""Apply or revert patches on an ONNX artifact by rewriting only the touched bytes of its external data.
+"""Apply or revert patches on an ONNX artifact by rewriting only the touched bytes of its files.
 
-No re-export: names.json turns each state-dict key into (initializer, offset, transposed), the
+No re-export: names.json turns each state-dict key into (initializer, offset, layout), the
 whole-tensor fingerprint is checked on the bytes as the state dict sees them, and the XOR is written
 at the touched elements only. Apply and revert are the same XOR, so both are bit-exact.
 
-Atomicity. Nothing is written until every patch has been checked in memory. Then a new artifact is
-built beside the destination: each touched data file copied (a reflink clone where the filesystem has
-them, a kernel-side copy otherwise) and its touched elements written through an mmap, the other files
-hard-linked (in place) or copied, the ledger (patch.ledger) written beside them; it is fsynced and
-swapped in whole (checkpoint.atomic, as for checkpoints). A crash leaves the old artifact or the new
-one, never a mix and never a ledger out of step with the weights, and a running onnxruntime session
-that mmapped the old data file keeps reading the old inode unchanged. Writing the touched bytes in
-place would be cheaper on filesystems without reflinks (ext4), but a crash mid-write would leave a
-torn file that onnxruntime loads without complaint, so it is not done.
+Atomicity. Nothing is written until every patch has been checked in memory. In place, the touched
+elements and the ledger are then written where they are, under an undo journal (journal.py): a kill
+at any point leaves the old state or the new one, and the next command that opens the directory
+rolls an interrupted write back. Where a touched file is a symlink or has other hard links (writing
+it would change files outside the artifact), the artifact is instead rebuilt beside and swapped in
+whole, as --out always does: each touched file copied (a reflink clone where the filesystem has
+them, a kernel-side copy otherwise) and its touched elements written, the other files hard-linked
+(in place) or copied, the ledger written beside them, all fsynced and swapped in (core.atomic).
 
 Stacking. Patches are checked as on checkpoints (patch.stack): independent patches apply in either
 order and any patch reverts while no later one overlaps its elements.
+
+Neither torch nor onnx is imported here: a fresh `apply` process on an artifact needs numpy only.
 """
 from __future__ import annotations
 
@@ -23,20 +24,23 @@ import fcntl
 import hashlib
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..patch.model import BITS_DTYPE, Patch, TensorPatch
+from ..core import dtypes
 from ..core.atomic import atomic_dir, check_disjoint, copy_entry, fsync_files, is_temp_name, locked_dir
 from ..core.dtypes import check_finite
+from ..errors import InputError
 from ..patch.apply import check_result
-from ..patch.ledger import write_ledger
+from ..patch.ledger import LEDGER_NAME, write_ledger
+from ..patch.model import Patch, TensorPatch
 from ..patch.stack import Stack
-from .names import Location, OnnxArtifact, Target, open_artifact
+from .journal import Region, recover, write_in_place
+from .names import MODEL_FILE, Location, OnnxArtifact, Target, open_artifact
 
 _FICLONE = 0x40049409  # linux/fs.h: share the source's blocks copy-on-write (btrfs, xfs, bcachefs)
 
@@ -48,11 +52,25 @@ class TouchedTensor:
     location: Location
     bits: np.ndarray
     chunks: list = field(default_factory=list)
+    before: list = field(default_factory=list)  # per chunk: the bits at its positions before its XOR
+    _positions: tuple = (-1, None)
+
+    def original(self, positions: np.ndarray) -> np.ndarray:
+        """The bits at `positions` (changed ones, sorted) as read from the file, before any patch."""
+        full = np.empty_like(self.bits)
+        for pos, old in zip(reversed(self.chunks), reversed(self.before)):  # the first XOR's "before" wins
+            full[pos] = old
+        return full[positions]
 
     @property
     def positions(self) -> np.ndarray:
         """Sorted distinct storage positions changed by any patch."""
-        return np.unique(np.concatenate(self.chunks)) if self.chunks else np.zeros(0, dtype=np.int64)
+        if self._positions[0] != len(self.chunks):
+            mask = np.zeros(self.bits.size, dtype=bool)  # (np.unique would sort, and import numpy.ma)
+            for chunk in self.chunks:
+                mask[chunk] = True
+            self._positions = (len(self.chunks), np.flatnonzero(mask))
+        return self._positions[1]
 
 
 def _storage_positions(target: Target, flat_index: np.ndarray) -> np.ndarray:
@@ -64,13 +82,16 @@ def _state_order(target: Target, bits: np.ndarray) -> np.ndarray:
     return target.state_order(bits)
 
 
-def _read_bits(artifact: OnnxArtifact, loc: Location, dtype) -> np.ndarray:
-    with open(artifact.root / loc.file, "rb") as f:
+def _read_bits(artifact: OnnxArtifact, loc: Location, dtype: str) -> np.ndarray:
+    bits = np.empty(loc.length // dtypes.ITEMSIZE[dtype], dtype=dtypes.BITS[dtype])
+    with open(artifact.root / loc.file, "rb", buffering=0) as f:
         f.seek(loc.offset)
-        raw = f.read(loc.length)
-    if len(raw) != loc.length:
+        view, done = memoryview(bits).cast("B"), 0
+        while done < loc.length and (n := f.readinto(view[done:])):
+            done += n
+    if done != loc.length:
         raise InputError(f"{artifact.root / loc.file}: external data truncated at initializer {loc.initializer!r}")
-    return np.frombuffer(raw, dtype=BITS_DTYPE[dtype]).copy()
+    return bits
 
 
 def plan_patches(artifact: OnnxArtifact, patches: list[Patch], *, revert: bool = False,
@@ -85,44 +106,59 @@ def plan_patches(artifact: OnnxArtifact, patches: list[Patch], *, revert: bool =
     return _plan(artifact, patches, stack or Stack(artifact.root, patches, revert=revert))[0]
 
 
+class _Shas:
+    """Whole sha256 (state-dict order) of a target's tensor in its initializer's planned bits, computed again
+    only after an XOR inside the target's region (q and v slices of one fused qkv are hashed once each)."""
+
+    def __init__(self):
+        self.known: dict[Target, tuple[int, str]] = {}
+
+    def __call__(self, target: Target, entry: TouchedTensor) -> str:
+        version, sha = self.known.get(target, (-1, ""))
+        if version >= 0 and not any(target.covers(chunk) for chunk in entry.chunks[version:]):
+            version = len(entry.chunks)  # nothing written inside the region since: still its fingerprint
+        if version != len(entry.chunks):
+            sha, version = _state_sha(target, entry.bits), len(entry.chunks)
+        self.known[target] = (version, sha)
+        return sha
+
+
 def _plan(artifact: OnnxArtifact, patches: list[Patch], stack: Stack
-          ) -> tuple[dict[str, TouchedTensor], dict[str, tuple[Target, str]]]:
-    """plan_patches, plus each touched key's (first) target and initializer, for its final fingerprint."""
+          ) -> tuple[dict[str, TouchedTensor], dict[str, str]]:
+    """plan_patches, plus each touched key's final whole sha256 (state-dict order), for the ledger."""
     revert = stack.revert
     touched: dict[str, TouchedTensor] = {}
     places: dict[str, tuple[Target, str]] = {}
+    sha = _Shas()
     for k in stack.order():
         for tp, target in artifact.resolve(patches[k].tensors.values()):  # every place of every key, or refused whole
             _check_compatible(artifact, target, tp)
             loc = target.location
             if loc.initializer not in touched:
-                touched[loc.initializer] = TouchedTensor(loc, _read_bits(artifact, loc, tp.dtype))
+                touched[loc.initializer] = TouchedTensor(loc, _read_bits(artifact, loc, tp.dtype_name))
             entry = touched[loc.initializer]
-            have = _state_sha(target, entry.bits)
+            have = sha(target, entry)
             pos = _storage_positions(target, tp.flat_index)
-            stack.check(k, tp, have, entry.bits[pos])
-            entry.bits[pos] ^= tp.xor_bits
+            old = entry.bits[pos]
+            stack.check(k, tp, have, old)
+            entry.bits[pos] = old ^ tp.xor_bits
             entry.chunks.append(pos)
+            entry.before.append(old)
             check_finite(tp.name, entry.bits[pos], tp.dtype_name)  # the same checks as checkpoints and live models
-            check_result(tp, have, _state_sha(target, entry.bits), revert=revert)
+            check_result(tp, have, sha(target, entry), revert=revert)
             places.setdefault(tp.name, (target, loc.initializer))
-    return touched, places
+    return touched, {name: sha(target, touched[init]) for name, (target, init) in places.items()}
 
 
 def _state_sha(target: Target, bits: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(_state_order(target, bits))).hexdigest()
 
 
-def _final_sha(touched: dict[str, TouchedTensor], places: dict[str, tuple[Target, str]]) -> dict[str, str]:
-    """Whole sha256 (state-dict order) of every key the planned patches touch, after them (for the ledger)."""
-    return {name: _state_sha(target, touched[init].bits) for name, (target, init) in places.items()}
-
-
 def _check_compatible(artifact: OnnxArtifact, target: Target, tp: TensorPatch) -> None:
     loc = target.location
-    if loc.dtype != tp.dtype:
+    if loc.dtype != tp.dtype_name:
         raise InputError(f"{artifact.root}: tensor {tp.name!r} is {loc.dtype} in the ONNX model but the patch is "
-                         f"{tp.dtype}; export the ONNX model from the checkpoint the patch was built on")
+                         f"{tp.dtype_name}; export the ONNX model from the checkpoint the patch was built on")
     if target.state_shape != tuple(tp.shape):
         raise InputError(f"{artifact.root}: tensor {tp.name!r} has shape {target.state_shape} in the ONNX model "
                          f"but {tuple(tp.shape)} in the patch; was the patch built for another model?")
@@ -170,6 +206,41 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _writable_in_place(root: Path, by_file: dict) -> bool:
+    """Whether every touched file is a regular file of its own (not a symlink, no other hard links)."""
+    for name in by_file:
+        st = os.lstat(root / name)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return False
+    return True
+
+
+def _rebuild(base_dir: Path, out_dir: Path | None, by_file: dict[str, list[TouchedTensor]], ledger, *,
+             in_place: bool) -> tuple[str, int, int]:
+    """The artifact rebuilt beside its destination with the touched elements written, and swapped in whole
+    (core.atomic), its ledger inside: weights and ledger change in one step. In place, unchanged files
+    are hard links. Returns (how touched files were copied, bytes changed, pages dirtied)."""
+    copy_kind, changed, pages = "none", 0, 0
+    with atomic_dir(base_dir if in_place else out_dir, replace=in_place) as tmp:
+        for src in sorted(base_dir.iterdir()):
+            if is_temp_name(src.name):
+                continue
+            if src.name in by_file:
+                copy_kind = clone_file(src, tmp / src.name)
+                shutil.copymode(src, tmp / src.name)
+            else:
+                copy_entry(src, tmp / src.name, link=in_place)  # a FIFO or device is refused, not hung on
+        for file, items in by_file.items():
+            c, p = _write_touched(tmp / file, items)
+            changed, pages = changed + c, pages + p
+        for file in by_file:
+            _fsync(tmp / file)
+        write_ledger(ledger, tmp)
+        if in_place:
+            fsync_files(tmp)  # cheap for hard links; a power loss after the swap must not lose data
+    return copy_kind, changed, pages
+
+
 def apply_to_onnx_dir(base_dir: Path, patches: list[Patch], out_dir: Path | None, *, revert: bool = False,
                       in_place: bool = False, names: dict | None = None, sources: list | None = None,
                       check: bool = False, lock_timeout: float | None = None) -> dict:
@@ -178,11 +249,14 @@ def apply_to_onnx_dir(base_dir: Path, patches: list[Patch], out_dir: Path | None
     Only the touched initializers' elements are rewritten in the external data. With out_dir, the
     artifact is copied there first (out_dir must not exist or be empty); with in_place, the artifact
     is replaced atomically by a patched copy (see the module docstring). sources: the patch files, for
-    the ledger; check=True validates everything and writes nothing. The artifact is read under its
+    the ledger; check=True validates everything and writes nothing (but first, as every mode does,
+    rolls back an in-place apply that was interrupted: journal.recover). The artifact is read under its
     directory lock (core.atomic: shared for --out, exclusive in place; lock_timeout bounds the wait).
     """
     t0 = time.perf_counter()
     base_dir = Path(base_dir)
+    if base_dir.is_dir():
+        recover(base_dir)
     if not check and in_place == (out_dir is not None):
         raise InputError("give exactly one of --out DIR (a patched copy) or --in-place")
     if out_dir is not None:
@@ -208,33 +282,26 @@ def _apply(base_dir: Path, patches: list[Patch], out_dir: Path | None, *, revert
            t0: float, names: dict | None = None, sources: list | None = None) -> dict:
     artifact = open_artifact(base_dir, names)  # names: a mapping made on demand (map-onnx), else names.json
     stack = Stack(artifact.root, patches, sources, revert=revert)
-    touched, places = _plan(artifact, patches, stack)
-    ledger = stack.ledger_after(_final_sha(touched, places))
+    touched, final_sha = _plan(artifact, patches, stack)
+    ledger = stack.ledger_after(final_sha)
     by_file: dict[str, list[TouchedTensor]] = {}
     for t in touched.values():
         by_file.setdefault(t.location.file, []).append(t)
 
     copy_kind, changed, pages = "none", 0, 0
-    # The new artifact is built beside the destination and swapped in whole (checkpoint.atomic), with its
-    # ledger inside: weights and ledger change in one step. In place, unchanged files are hard links.
-    with atomic_dir(base_dir if in_place else out_dir, replace=in_place) as tmp:
-        for src in sorted(base_dir.iterdir()):
-            if is_temp_name(src.name):
-                continue
-            if src.name in by_file:
-                copy_kind = clone_file(src, tmp / src.name)
-                shutil.copymode(src, tmp / src.name)
-            else:
-                copy_entry(src, tmp / src.name, link=in_place)  # a FIFO or device is refused, not hung on
-        for file, items in by_file.items():
-            c, p = _write_touched(tmp / file, items)
-            changed, pages = changed + c, pages + p
-        for file in by_file:
-            _fsync(tmp / file)
-        write_ledger(ledger, tmp)
-        if in_place:
-            fsync_files(tmp)  # cheap for hard links; a power loss after the swap must not lose data
-
+    if in_place and _writable_in_place(base_dir, by_file):
+        regions = []
+        for t in touched.values():
+            pos, item = t.positions, t.bits.dtype.itemsize
+            regions.append(Region(t.location.file, t.location.offset, pos, t.original(pos), t.bits[pos]))
+            changed += pos.size * item
+            page = (t.location.offset + pos * item) // 4096  # sorted
+            pages += int(page.size and 1 + np.count_nonzero(np.diff(page)))
+        write_in_place(base_dir, regions, artifact.names.get("model_file", MODEL_FILE), LEDGER_NAME,
+                       lambda: write_ledger(ledger, base_dir))
+        copy_kind = "none: written in place under an undo journal"
+    else:
+        copy_kind, changed, pages = _rebuild(base_dir, out_dir, by_file, ledger, in_place=in_place)
     data_bytes = sum((base_dir / f).stat().st_size for f in {loc.file for loc in artifact.locations.values()})
     return {
         "format": "onnx", "mode": "in-place" if in_place else "copy", "revert": revert,

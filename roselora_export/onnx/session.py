@@ -30,7 +30,7 @@ import torch
 
 from ..errors import InputError
 from ..patch.model import Patch
-from .names import MODEL_FILE, TORCH_TO_ONNX, open_artifact
+from .names import MODEL_FILE, ONNX_TYPE_OF, open_artifact
 from .patching import plan_patches
 
 OVERRIDE_APIS = ("external", "initializer")
@@ -52,12 +52,13 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _ort_value(bits: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]):
+def _ort_value(bits: np.ndarray, dtype: str, shape: tuple[int, ...]):
+    """An OrtValue of the bits of dtype `dtype` ("F32", "F16", "BF16")."""
     import onnxruntime as ort
 
-    if dtype == torch.bfloat16:  # numpy has no bfloat16: hand the bits over with their ONNX type
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits.reshape(shape), TORCH_TO_ONNX[dtype])
-    return ort.OrtValue.ortvalue_from_numpy(bits.view({torch.float32: np.float32, torch.float16: np.float16}[dtype]).reshape(shape))
+    if dtype == "BF16":  # numpy has no bfloat16: hand the bits over with their ONNX type
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits.reshape(shape), ONNX_TYPE_OF[dtype])
+    return ort.OrtValue.ortvalue_from_numpy(bits.view({"F32": np.float32, "F16": np.float16}[dtype]).reshape(shape))
 
 
 def _session_options(level, threads: int | None):

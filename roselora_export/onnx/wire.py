@@ -1,19 +1,27 @@
-"""Byte ranges of inline initializer data inside a serialized .onnx file (protobuf wire format).
+"""The initializers of a serialized .onnx file, read from its protobuf wire format (no onnx import).
+
+    read_initializers(path) -> Graph: every top-level initializer's name, data type, dims, external
+                               data fields or inline byte range, and whether the graph has nodes
 
 An initializer stored inline keeps its values in the ModelProto itself: `raw_data` (field 9) or a
 packed `float_data` (field 4) of its TensorProto is one contiguous run of little-endian bytes in
 the file. Knowing where that run starts lets `apply` XOR the touched elements in the file exactly
 as it does in external data, leaving every other byte of the file as it was (re-serialising the
-model would not promise that). Only the top-level graph's initializers are walked.
+model would not promise that). Only the top-level graph's initializers are walked; node and other
+fields are skipped by their length, so reading a graph costs milliseconds and no import of onnx
+(whose import alone costs about a second).
 """
 from __future__ import annotations
 
 import mmap
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
-_TENSOR_FLOAT_DATA, _TENSOR_NAME, _TENSOR_RAW_DATA = 4, 8, 9
+_MODEL_GRAPH, _GRAPH_NODE, _GRAPH_INITIALIZER = 7, 1, 5
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_FLOAT_DATA, _TENSOR_NAME, _TENSOR_RAW_DATA = 1, 2, 4, 8, 9
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION = 13, 14
+EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 
 class WireError(ValueError):
@@ -59,32 +67,89 @@ def _fields(buf, start: int, end: int):
         pos = nxt
 
 
+@dataclass
+class Initializer:
+    """One TensorProto of the graph's initializer list, as far as locating its bytes needs."""
+
+    name: str = ""
+    data_type: int = 0
+    dims: list[int] = field(default_factory=list)
+    external: dict[str, str] | None = None  # external_data key -> value, when data_location is EXTERNAL
+    inline: tuple[int, int] | None = None   # (offset, length) of raw_data / packed float_data in the file
+
+
+@dataclass
+class Graph:
+    """The top-level graph: its initializers, and how many nodes it has (an empty graph is no model)."""
+
+    initializers: list[Initializer]
+    nodes: int
+
+
+def _text(buf, p0: int, p1: int) -> str:
+    return bytes(buf[p0:p1]).decode("utf-8", "replace")
+
+
+def _tensor(buf, t0: int, t1: int) -> Initializer:
+    init, external, location = Initializer(), {}, 0
+    for tfield, twire, p0, p1 in _fields(buf, t0, t1):
+        if tfield == _TENSOR_DIMS:
+            if twire == 0:
+                init.dims.append(_varint(buf, p0, p1)[0])
+            elif twire == 2:  # packed
+                pos = p0
+                while pos < p1:
+                    value, pos = _varint(buf, pos, p1)
+                    init.dims.append(value)
+        elif tfield == _TENSOR_DATA_TYPE and twire == 0:
+            init.data_type = _varint(buf, p0, p1)[0]
+        elif tfield == _TENSOR_DATA_LOCATION and twire == 0:
+            location = _varint(buf, p0, p1)[0]
+        elif twire != 2:
+            continue
+        elif tfield == _TENSOR_NAME:
+            init.name = _text(buf, p0, p1)
+        elif tfield in (_TENSOR_RAW_DATA, _TENSOR_FLOAT_DATA) and p1 > p0:
+            init.inline = (p0, p1 - p0)
+        elif tfield == _TENSOR_EXTERNAL_DATA:
+            key = value = ""
+            for efield, ewire, e0, e1 in _fields(buf, p0, p1):
+                if ewire == 2 and efield in (1, 2):
+                    key, value = (_text(buf, e0, e1), value) if efield == 1 else (key, _text(buf, e0, e1))
+            external[key] = value
+    if location == EXTERNAL:
+        init.external, init.inline = external, None
+    init.dims = [d - (1 << 64) if d >= 1 << 63 else d for d in init.dims]  # int64 varints
+    return init
+
+
+def read_initializers(model_path: str | os.PathLike) -> Graph:
+    """The top-level graph's initializers (and its node count) from the .onnx file at model_path.
+
+    Raises WireError if the file is not a ModelProto as far as the walk needs."""
+    path = Path(model_path)
+    size = path.stat().st_size
+    if size == 0:
+        return Graph([], 0)
+    inits, nodes = [], 0
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        for field_no, wire, g0, g1 in _fields(buf, 0, size):
+            if field_no != _MODEL_GRAPH or wire != 2:
+                continue
+            for gfield, gwire, t0, t1 in _fields(buf, g0, g1):
+                if gwire != 2:
+                    continue
+                if gfield == _GRAPH_NODE:
+                    nodes += 1
+                elif gfield == _GRAPH_INITIALIZER:
+                    inits.append(_tensor(buf, t0, t1))
+    return Graph(inits, nodes)
+
+
 def inline_data_ranges(model_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
     """Initializer name -> (offset, length) of its inline raw_data / packed float_data in the file.
 
     Initializers whose values are elsewhere (external data, int32_data varints, ...) are absent.
     Raises WireError if the file is not a ModelProto as far as the walk needs.
     """
-    path = Path(model_path)
-    size = path.stat().st_size
-    if size == 0:
-        return {}
-    out: dict[str, tuple[int, int]] = {}
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        for field, wire, g0, g1 in _fields(buf, 0, size):
-            if field != _MODEL_GRAPH or wire != 2:
-                continue
-            for gfield, gwire, t0, t1 in _fields(buf, g0, g1):
-                if gfield != _GRAPH_INITIALIZER or gwire != 2:
-                    continue
-                name, data = None, None
-                for tfield, twire, p0, p1 in _fields(buf, t0, t1):
-                    if twire != 2:
-                        continue
-                    if tfield == _TENSOR_NAME:
-                        name = bytes(buf[p0:p1]).decode("utf-8", "replace")
-                    elif tfield in (_TENSOR_RAW_DATA, _TENSOR_FLOAT_DATA) and p1 > p0:
-                        data = (p0, p1 - p0)
-                if name is not None and data is not None:
-                    out[name] = data
-    return out
+    return {t.name: t.inline for t in read_initializers(model_path).initializers if t.inline is not None}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import ml_dtypes
 import numpy as np
 
 from ..core.dtypes import nonfinite
@@ -90,7 +89,11 @@ def to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
     """The fp32 values of stored bit patterns (exact: fp16 and bf16 widen without rounding)."""
     if dtype == "F32":
         return bits.view(np.float32)
-    return bits.view(np.float16 if dtype == "F16" else ml_dtypes.bfloat16).astype(np.float32)
+    if dtype == "F16":
+        return bits.view(np.float16).astype(np.float32)
+    import ml_dtypes  # here, not at the top: its import alone costs most of a second
+
+    return bits.view(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -105,6 +108,8 @@ def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):  # beyond the range rounds to Inf, NaN stays NaN
         if dtype == "F16":
             return values.astype(np.float16).view(np.uint16)
+        import ml_dtypes
+
         return values.astype(ml_dtypes.bfloat16).view(np.uint16)
 
 
