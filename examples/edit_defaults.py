@@ -1,6 +1,6 @@
 """How the editing defaults were chosen, and the evidence that they hold (docs/results.md, first section).
 
-    .venv/bin/python examples/edit_defaults.py sweep [--names A,B] [--requests 8]   # candidates on dev requests
+    .venv/bin/python examples/edit_defaults.py sweep [--names "A;B"] [--requests 8]   # candidates on dev requests
     .venv/bin/python examples/edit_defaults.py choose                               # the rule, applied to the sweep
     .venv/bin/python examples/edit_defaults.py evidence --setting fp32|bf16 [--requests 0]
     .venv/bin/python examples/edit_defaults.py render                               # docs/results.md + README
@@ -62,6 +62,9 @@ SWEEP: dict[str, tuple[dict, dict]] = {
     "mlp tau 0.03, lr 2e-3, t_f 12, 5 prefixes x 5, KL 1": (
         {"clamp": None, "lr": 2e-3, "t_final": 12, "targets": ("mlp",), "tau": 0.03},
         {"prefixes": 5, "prefix_length": 5, "kl_weight": 1.0}),
+    "mlp tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 16": (
+        {"clamp": None, "lr": 2e-3, "t_final": 12, "targets": ("mlp",), "tau": 0.03},
+        {"prefixes": 3, "prefix_length": 5, "kl_weight": 16.0}),
     "down_proj tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 1": (
         {"clamp": None, "lr": 2e-3, "t_final": 12, "targets": ("down_proj",), "tau": 0.03},
         {"prefixes": 3, "prefix_length": 5, "kl_weight": 1.0}),
@@ -166,7 +169,7 @@ def stage_evidence(setting: str, n: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=("sweep", "choose", "evidence", "render"))
-    ap.add_argument("--names", default=",".join(SWEEP), help="sweep: which candidates")
+    ap.add_argument("--names", default=";".join(SWEEP), help="sweep: which candidates, separated by ;")
     ap.add_argument("--requests", type=int, default=None, help="sweep: 8 spread evenly; evidence: 0 = all 34")
     ap.add_argument("--setting", choices=("fp32", "bf16"), default="fp32", help="evidence: the base checkpoint's dtype")
     ap.add_argument("--threads", type=int, default=1,
@@ -174,7 +177,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.stage == "sweep":
-        stage_sweep([n.strip() for n in args.names.split(",") if n.strip()], 8 if args.requests is None else args.requests)
+        stage_sweep([n.strip() for n in args.names.split(";") if n.strip()], 8 if args.requests is None else args.requests)
     elif args.stage == "choose":
         stage_choose()
     elif args.stage == "evidence":

@@ -28,7 +28,7 @@ CHECKPOINTS = (10, 20, 34, 50)
 METHODS = ("roselora", "lora", "ft-l")
 
 
-def run(method: str, limit: int, keep_reverts: bool, threads: int, kl_weight: float | None = None,
+def run(method: str, limit: int, keep_reverts: bool, threads: int, overrides: dict | None = None,
         tag: str = "") -> None:
     import torch
 
@@ -40,10 +40,10 @@ def run(method: str, limit: int, keep_reverts: bool, threads: int, kl_weight: fl
     torch.set_num_threads(threads)
     requests = [r for path in EDITS for r in load_requests(str(path))][:limit]
     config, settings = preset("default")
-    if kl_weight is not None:  # a side experiment; the table reads only the untagged runs
+    if overrides:  # a side experiment; the table reads only the untagged runs
         from dataclasses import replace
 
-        settings = replace(settings, kl_weight=kl_weight)
+        settings = replace(settings, **overrides)
     model_dir = str(demo_model_dir())
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     t0 = time.time()
@@ -81,9 +81,31 @@ def table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def kl_table() -> str:
+    """The KL-weight side runs (roselora_kl*.json) at their last T, next to the default's point at that T."""
+    runs = sorted(OUT.glob("roselora_kl*.json"), key=lambda p: float(p.stem.split("_kl")[1]))
+    if not runs:
+        return ""
+    rows = ["| KL weight | T | reliability | generalization | locality |", "|---:|---:|---:|---:|---:|"]
+    main = load_reports().get("roselora")
+    first = json.loads(runs[0].read_text())
+    t = first["edits"]
+    if main is not None:
+        point = next((p for p in main["curve"] if p["edits"] == t), None)
+        if point is not None:
+            rows.append(f"| {main['settings']['kl_weight']:g} (default) | {t} | {point['reliability']:.2f} | "
+                        f"{point['generalization']:.2f} | {point['locality']:.3f} |")
+    for path in runs:
+        r = json.loads(path.read_text())
+        rows.append(f"| {r['settings']['kl_weight']:g} | {r['edits']} | {r['reliability']:.2f} | "
+                    f"{r['generalization']:.2f} | {r['locality']:.3f} |")
+    return "\n".join(rows)
+
+
 def render() -> None:
     reports = load_reports()
     print(table(reports))
+    print(kl_table())
     _plot(reports)
 
 
@@ -118,10 +140,14 @@ if __name__ == "__main__":
     r.add_argument("--no-reverts", action="store_true", help="commit each patch (dense LoRA: revert state outgrows memory)")
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--kl-weight", type=float, default=None, help="override the preset's KL weight (side experiment)")
+    r.add_argument("--prefixes", type=int, default=None, help="override the preset's context prefixes (side experiment)")
+    r.add_argument("--prefix-length", type=int, default=None, help="override the preset's prefix length (side experiment)")
     r.add_argument("--tag", default="", help="suffix of the output file name (side experiments)")
     sub.add_parser("render", help="table and plot from docs/sequential/*.json")
     args = ap.parse_args()
     if args.cmd == "run":
-        run(args.method, args.limit, not args.no_reverts, args.threads, args.kl_weight, args.tag)
+        overrides = {k: v for k, v in (("kl_weight", args.kl_weight), ("prefixes", args.prefixes),
+                                       ("prefix_length", args.prefix_length)) if v is not None}
+        run(args.method, args.limit, not args.no_reverts, args.threads, overrides, args.tag)
     else:
         render()
