@@ -197,3 +197,13 @@ def test_apply_and_revert_in_place_in_a_fresh_process_import_neither_torch_nor_o
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
         assert json.loads(out.stdout.strip().splitlines()[-1]) == [], args
     assert dir_fingerprint(art) == exported["before"]
+
+
+def test_an_onnxruntime_session_through_the_package_recovers_first(art, exported):
+    from roselora_export.onnx.session import create_session
+
+    r = subprocess.run([sys.executable, "-c", _CRASH, str(art), str(exported["patch"]), "element run written", "1"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 9 and not (art / "model.onnx").exists()
+    create_session(art, providers=["CPUExecutionProvider"])  # finds the graph again, with the old weights
+    assert dir_fingerprint(art) == exported["before"]

@@ -49,7 +49,11 @@ def build_genai(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, precision
 
 
 def _model(onnx_dir: str | os.PathLike):
+    from .journal import recover
+
     og = _og()
+    if Path(onnx_dir).is_dir():
+        recover(onnx_dir)  # an interrupted in-place apply is rolled back before the model is loaded
     if not (Path(onnx_dir) / "genai_config.json").is_file():
         raise InputError(f"--onnx {onnx_dir}: no genai_config.json; --runtime genai runs artifacts of "
                          "onnxruntime-genai's model builder (use --runtime ort for export-onnx's)")

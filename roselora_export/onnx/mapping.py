@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InputError
+from .journal import recover
 from .names import NAMES_FILE, NAMES_FORMAT_MAPPED, artifact_locations, dtype_name, load_graph
 
 if TYPE_CHECKING:
@@ -231,6 +232,7 @@ def map_onnx(hf_dir: str | os.PathLike, onnx_dir: str | os.PathLike, *, model_fi
     onnx_dir = Path(onnx_dir)
     if not onnx_dir.is_dir():
         raise InputError(f"--onnx {onnx_dir}: not a directory")
+    recover(onnx_dir)  # an interrupted in-place apply is rolled back before anything is read
     model = open_model_dir(hf_dir, "--base")
     mf = model_file_of(onnx_dir, model_file)
     graph = load_graph(onnx_dir / mf)

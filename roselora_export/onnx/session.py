@@ -30,6 +30,7 @@ import torch
 
 from ..errors import InputError
 from ..patch.model import Patch
+from .journal import recover
 from .names import MODEL_FILE, ONNX_TYPE_OF, open_artifact
 from .patching import plan_patches
 
@@ -152,6 +153,7 @@ def create_session(onnx_dir: str | os.PathLike, patches: Sequence[Patch | str | 
         raise ValueError(f"override_api must be one of {OVERRIDE_APIS}")
     level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimization_level is None else optimization_level
     providers = list(providers) if providers else default_providers()
+    recover(onnx_dir)  # an interrupted in-place apply is rolled back before anything is read
     artifact = open_artifact(onnx_dir)
     patches = [p if isinstance(p, Patch) else _load_patch(p) for p in patches]
     touched = plan_patches(artifact, patches)
