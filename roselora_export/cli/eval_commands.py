@@ -75,6 +75,11 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, chat, as_js
               help="Lifelong editing: each request edited on the model with every earlier edit applied (each its own "
                    "patch), all measured after the last, then every patch reverted (shuffled where the overlap rule "
                    "allows) and the bits checked against the base.")
+@click.option("--measure-at", default="", metavar="T1,T2,...",
+              help="--sequential: also measure after the T-th edit, over the first T requests (a curve against T).")
+@click.option("--no-reverts", is_flag=True,
+              help="--sequential: commit each patch as it lands and skip the revert phase (dense edits' revert "
+                   "state for many patches outgrows memory).")
 @click.option("--limit", type=int, default=None, help="Only the first N requests.")
 @chat_option("Train and measure each request")
 @_preset_options()
@@ -86,8 +91,8 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, chat, as_js
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @device_option()
 @dtype_option(help="Dtype to load the model in for training and measuring.  [default: fp32]")
-def benchmark_edits(model_dir, requests_path, methods, mass, sequential, limit, chat, layer, no_bit_check, progress, out_path,
-                    as_json, device, dtype, **hyper):
+def benchmark_edits(model_dir, requests_path, methods, mass, sequential, measure_at, no_reverts, limit, chat, layer,
+                    no_bit_check, progress, out_path, as_json, device, dtype, **hyper):
     """Edit each request alone from the unedited model (or all at once with --mass), measure, revert exactly.
 
     After every revert the whole model's bits are checked against the unedited model (sha256), so no
@@ -109,6 +114,11 @@ def benchmark_edits(model_dir, requests_path, methods, mass, sequential, limit, 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names:
         raise InputError("--methods: give at least one of roselora,lora,ft-l")
+    if mass and sequential:
+        raise InputError("--mass and --sequential: choose one")
+    if (measure_at or no_reverts) and not sequential:
+        raise InputError("--measure-at and --no-reverts apply to --sequential only")
+    checkpoints = _positive_ints(measure_at, "--measure-at")
     config, settings = preset_settings(hyper)
     requests = load_requests(requests_path, chat=chat)
     if limit is not None:
@@ -126,8 +136,6 @@ def benchmark_edits(model_dir, requests_path, methods, mass, sequential, limit, 
     model = load_model(model_dir, dtype=resolve_dtype(dtype), progress=progress).to(resolve_device(device))
     if round_first:
         round_weights_(model, settings.deploy_dtype)
-    if mass and sequential:
-        raise InputError("--mass and --sequential: choose one")
     bar = tqdm(total=len(names) * len(requests), desc="edits", file=sys.stderr, unit="edit", disable=not progress)
     tick = lambda m, i: (bar.set_postfix(method=m), bar.update(1))  # noqa: E731
     try:
@@ -136,7 +144,8 @@ def benchmark_edits(model_dir, requests_path, methods, mass, sequential, limit, 
             from ..edit.evaluate import count_base_params
 
             report = {"methods": {m: sequential_edits(model, tokenizer, requests, m, config, settings=settings,
-                                                      layer=layer, on_edit=tick) for m in names},
+                                                      layer=layer, measure_at=checkpoints,
+                                                      keep_reverts=not no_reverts, on_edit=tick) for m in names},
                       "base_params": count_base_params(model), "mode": "sequential", "requests": len(requests),
                       "shared_config": config.to_dict(), "settings": settings.to_dict()}
         else:
@@ -172,7 +181,27 @@ def _print_sequential(report: dict) -> None:
     for name, m in report["methods"].items():
         click.echo(f"{name:<9} {_fmt(m['reliability']):>7} {_fmt(m['generalization']):>7} {_fmt(m['locality']):>7} "
                    f"{m['params_touched_union_fraction'] * 100:>13.4f}% {m['patches_overlapping_an_earlier_one']:>11} "
-                   f"{m['seconds_per_edit']:>7.2f}  {'bit-identical' if m['bits_identical_after_reverts'] else 'NO'}")
+                   f"{m['seconds_per_edit']:>7.2f}  {_reverted(m['bits_identical_after_reverts'])}")
+        for point in m["curve"][:-1]:
+            click.echo(f"  after {point['edits']:>3} {_fmt(point['reliability']):>7} {_fmt(point['generalization']):>7} "
+                       f"{_fmt(point['locality']):>7}")
+
+
+def _reverted(identical: bool | None) -> str:
+    return {True: "bit-identical", False: "NO", None: "not reverted (--no-reverts)"}[identical]
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    """'10,20,34' -> [10, 20, 34]; a one-line error for anything else."""
+    from ..errors import InputError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{option} {text}: give whole numbers separated by commas") from None
+    if any(v < 1 for v in values):
+        raise InputError(f"{option} {text}: every value must be >= 1")
+    return values
 
 
 def _write_json(path, report: dict) -> None:
