@@ -10,14 +10,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
-from .io import MAX_HEADER_BYTES, file_layout, load_patch, matrix_shape
+from .io import check_patch_bytes, file_layout, load_patch, matrix_shape
 from .model import Patch
 
 MANTISSA_BITS = {"F32": 23, "F16": 10, "BF16": 7}
@@ -39,13 +38,10 @@ def check_patch_file(path: str | os.PathLike) -> Path:
     if path.is_dir():
         raise InputError(f"{path}: a directory, but not an adapter (no adapter_config.json + adapter_model.safetensors, "
                          "no ft_l.safetensors)")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        raise InputError(f"{path}: not a patch file ({len(head)} bytes)")
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > MAX_HEADER_BYTES or head[8:9] != b"{":
-        raise InputError(f"{path}: not a patch file (not safetensors; patches are what merge and diff write)")
+    size = path.stat().st_size
+    if size < 9:
+        raise InputError(f"{path}: not a patch file ({size} bytes)")
+    check_patch_bytes(path)
     return path
 
 
