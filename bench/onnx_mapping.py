@@ -8,7 +8,10 @@ to build the artifact (what a user re-runs to deploy an edit without patching), 
 memory of `map-onnx` (once per artifact), and the time of `apply --in-place` and `--revert` of an
 edit patch (RoseLoRA on q_proj/v_proj: slices of genai's fused qkv_proj), each as a fresh process
 as a user runs it (start-up included), best of 3. Revert is checked to leave every file bit-identical.
-The patch is merged from --adapter (an `edit` output), else from a synthetic RoseLoRA adapter.
+The patch is merged from --adapter (an `edit` output), else from a synthetic RoseLoRA adapter
+(merged again with --dtype fp16 for the fp16 artifact). Every command's wall time and CPU time
+(user + sys of the child, all its threads) are measured: on a shared machine the CPU time is the
+comparable figure, and the ratios are given for both.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -47,13 +51,34 @@ with warnings.catch_warnings():
 """
 
 
-def timed_run(cmd: list[str], **kw) -> tuple[float, subprocess.CompletedProcess]:
-    t0 = time.perf_counter()
+class Timing(tuple):
+    """(wall seconds, CPU seconds of the child: user + sys)."""
+
+    @property
+    def wall(self) -> float:
+        return self[0]
+
+    @property
+    def cpu(self) -> float:
+        return self[1]
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed_run(cmd: list[str], **kw) -> tuple[Timing, subprocess.CompletedProcess]:
+    c0, t0 = _children_cpu(), time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    dt = time.perf_counter() - t0
+    dt = Timing((time.perf_counter() - t0, _children_cpu() - c0))
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:6])}... failed: {r.stderr[-1500:]}")
     return dt, r
+
+
+def best(timings: list[Timing]) -> Timing:
+    return Timing((min(t.wall for t in timings), min(t.cpu for t in timings)))
 
 
 def dir_sha(root: Path) -> dict[str, str]:
@@ -68,7 +93,7 @@ def dir_sha(root: Path) -> dict[str, str]:
     return out
 
 
-def build(kind: str, base: Path, out: Path) -> float:
+def build(kind: str, base: Path, out: Path) -> Timing:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     if kind == "export-onnx":
         return timed_run(CLI + ["export-onnx", "--model", str(base), "--out", str(out), "--no-check"], env=env)[0]
@@ -111,7 +136,7 @@ def main() -> None:
             if kind != "export-onnx":
                 map_s, r = timed_run(CLI + ["map-onnx", "--base", str(base), "--onnx", str(art), "--json"])
                 rep = json.loads(r.stdout)
-                map_rss, map_inner = rep["peak_rss_mb"], rep["seconds"]
+                map_rss = rep["peak_rss_mb"]
                 assert not rep["unmapped"], rep["reasons"]
             patch = patches["fp16" if "fp16" in kind else "fp32"]
             before = dir_sha(art)
@@ -124,25 +149,28 @@ def main() -> None:
                                                 "--revert", "--json"])[0])
             assert dir_sha(art) == before, f"{kind}: revert did not restore the files"
             data = sum(p.stat().st_size for p in art.iterdir() if p.is_file())
-            rows.append((kind, build_s, map_s, map_rss, min(applies), min(inner), min(reverts), data))
-            print(rows[-1], flush=True)
-    load = os.getloadavg()[0]
+            rows.append((kind, build_s, map_s, map_rss, best(applies), min(inner), best(reverts), data))
+            print(rows[-1], os.getloadavg(), flush=True)
+    load = os.getloadavg()
     lines = [
         "## ONNX artifacts of other exporters: patch in place vs rebuild (`bench/onnx_mapping.py`)",
         "",
         f"SmolLM2-135M-Instruct, an edit patch merged from {'an `edit` output' if args.adapter else 'a synthetic RoseLoRA adapter'} "
         "(q_proj/v_proj of every layer: slices of genai's fused qkv_proj). Each command a fresh process as a user runs "
         f"it, start-up included; apply/revert best of {args.rounds}, revert checked bit-identical. {machine_line()}; "
-        f"load average {load:.1f} at the end (the machine was shared: times are upper bounds).",
+        f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) at the end: the machine was shared, "
+        "so wall times are upper bounds and CPU times (user + sys of the process) are the figures to compare.",
         "",
-        "| exporter | artifact | rebuild | map-onnx (once) | map peak RSS | apply --in-place (process / in library) | revert | rebuild / apply |",
+        "| exporter | artifact | rebuild: wall / CPU | map-onnx (once): wall / CPU | map peak RSS | "
+        "apply --in-place: wall / CPU (in library, wall) | revert: wall / CPU | rebuild / apply: by CPU (by wall) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind, build_s, map_s, map_rss, apply_s, inner_s, revert_s, data in rows:
-        mapping = "names.json at export" if map_s is None else f"{map_s:.1f} s"
+        mapping = "names.json at export" if map_s is None else f"{map_s.wall:.1f} s / {map_s.cpu:.1f} s"
         rss = "" if map_rss is None else f"{map_rss:.0f} MB"
-        lines.append(f"| {kind} | {data / 2**20:.0f} MiB | {build_s:.1f} s | {mapping} | {rss} | {apply_s:.2f} s / "
-                     f"{inner_s:.2f} s | {revert_s:.2f} s | {build_s / apply_s:.0f}x |")
+        lines.append(f"| {kind} | {data / 2**20:.0f} MiB | {build_s.wall:.1f} s / {build_s.cpu:.1f} s | {mapping} | {rss} | "
+                     f"{apply_s.wall:.2f} s / {apply_s.cpu:.2f} s ({inner_s:.2f} s) | {revert_s.wall:.2f} s / "
+                     f"{revert_s.cpu:.2f} s | {build_s.cpu / apply_s.cpu:.0f}x ({build_s.wall / apply_s.wall:.0f}x) |")
     lines += ["", "map-onnx's time is the whole process (start-up, reading both files, verifying every hit bit by bit); "
               "its peak RSS counts the memory-mapped pages of the checkpoint and the artifact it reads.", *notes]
     write_section("onnx-mapping", "\n".join(lines))

@@ -18,7 +18,8 @@ from roselora_export.onnx.names import open_artifact
 from roselora_export.onnx.patching import apply_to_onnx_dir
 from roselora_export.onnx.session import create_session
 from test_onnx_support import (
-    MAX_LOGIT_DIFF, PATCH_KEYS, base_state, dir_fingerprint, example_inputs, make_patch, reference_logits, run,
+    MAX_LOGIT_DIFF, PATCH_KEYS, base_state, dir_fingerprint, example_inputs, make_patch, masked_max_diff,
+    reference_logits, run,
 )
 
 
@@ -80,21 +81,50 @@ def test_export_of_a_2_2_gb_llama_streams_with_bounded_memory_and_patches_bit_ex
     print(json.dumps(report))
     assert report["streamed"] and report["max_abs_logit_diff"] < MAX_LOGIT_DIFF
     assert report["peak_rss_mb"] * 2**20 <= 1.5 * weight_bytes
+    patch_revert_with_parity(hf, tmp_path / "onnx")
+
+
+def patch_revert_with_parity(hf: Path, onnx_dir: Path) -> dict:
+    """Apply a patch in place (touching three tensors, lm_head among them), check the bytes and the logits
+    against the merged torch model, revert, check the data file is bit-identical. Returns the figures."""
+    import time
+
+    import onnxruntime as ort
+
     keys = ["model.layers.3.self_attn.q_proj.weight", "model.layers.7.mlp.down_proj.weight", "lm_head.weight"]
     state = {}
     for f in hf.glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             state.update({k: st.get_tensor(k) for k in keys if k in st.keys()})
     patch, patched = make_patch(state, keys, scale=0.05)
-    data = tmp_path / "onnx" / "model.onnx.data"
+    del state
+    data = onnx_dir / "model.onnx.data"
     before = _sha(data)
-    apply_to_onnx_dir(tmp_path / "onnx", [patch], None, in_place=True)
-    art = open_artifact(tmp_path / "onnx")
+    t0 = time.perf_counter()
+    report = apply_to_onnx_dir(onnx_dir, [patch], None, in_place=True)
+    apply_s = time.perf_counter() - t0
+    art = open_artifact(onnx_dir)
     mm = np.memmap(data, dtype=np.uint32, mode="r")
     for key in keys:
         loc = art.target(key).location
         got = mm[loc.offset // 4: (loc.offset + loc.length) // 4]
         assert np.array_equal(got, patched[key].view(torch.int32).numpy().view(np.uint32).reshape(-1))
     del mm
-    apply_to_onnx_dir(tmp_path / "onnx", [patch], None, in_place=True, revert=True)
+    inputs = example_inputs(LARGE["vocab_size"])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    got = run(ort.InferenceSession(str(onnx_dir / "model.onnx"), so, providers=["CPUExecutionProvider"]), inputs)
+    want = reference_logits(hf, patched, inputs)
+    diff = masked_max_diff(got, want, inputs["attention_mask"])
+    base_diff = masked_max_diff(reference_logits(hf, {}, inputs), want, inputs["attention_mask"])
+    del got, want
+    assert diff < MAX_LOGIT_DIFF and base_diff > 10 * diff  # the patch shows in the logits, and matches torch
+    t0 = time.perf_counter()
+    apply_to_onnx_dir(onnx_dir, [patch], None, in_place=True, revert=True)
+    revert_s = time.perf_counter() - t0
     assert _sha(data) == before
+    figures = {"elements": report["elements"], "bytes_written": report["bytes_written"], "apply_s": round(apply_s, 2),
+               "revert_s": round(revert_s, 2), "patched_logit_diff": diff, "patch_effect": base_diff,
+               "mode": report["mode"], "copy": report.get("copy")}
+    print(json.dumps(figures))
+    return figures

@@ -128,6 +128,37 @@ def test_fp16_artifact_of_an_fp32_checkpoint_takes_an_fp16_patch_and_refuses_an_
     assert _fp(art, skip={NAMES_FILE}) == before
 
 
+def test_fp16_artifact_takes_the_patch_of_merge_dtype_fp16_and_refuses_the_fp32_one_by_name(genai_dirs, copy_of,
+                                                                                            tmp_path):
+    # As a user does it: an edit's adapter merged twice (fp32, and --dtype fp16), applied through the CLI.
+    from click.testing import CliRunner
+
+    from roselora_export.cli import main
+    from test_patch_fixtures import make_adapter
+
+    art = copy_of("fp16")
+    before = dir_fingerprint(art)
+    adapter = make_adapter(genai_dirs["hf"], tmp_path / "adapter")
+    runner = CliRunner()
+    for dtype in ("fp32", "fp16"):
+        r = runner.invoke(main, ["merge", "--base", str(genai_dirs["hf"]), "--adapter", str(adapter), "--out",
+                                 str(tmp_path / f"m{dtype}"), "--dtype", dtype])
+        assert r.exit_code == 0, r.output
+    apply = ["apply", "--base", str(art), "--base-model", str(genai_dirs["hf"]), "--in-place", "--patch"]
+    r = runner.invoke(main, apply + [str(tmp_path / "mfp32.patch.safetensors")])
+    assert r.exit_code == 2
+    assert "q_proj.weight: the artifact stores it as F16, cast from the checkpoint's F32" in r.output
+    assert "merge --dtype fp16" in r.output
+    assert _fp(art, skip={NAMES_FILE}) == before  # refused whole: nothing written (but the mapping)
+    r = runner.invoke(main, apply + [str(tmp_path / "mfp16.patch.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert _fp(art, skip={NAMES_FILE}) != before
+    r = runner.invoke(main, ["apply", "--base", str(art), "--in-place", "--revert", "--patch",
+                             str(tmp_path / "mfp16.patch.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert _fp(art, skip={NAMES_FILE}) == before
+
+
 def test_int4_artifact_is_refused_with_the_reason(genai_dirs, copy_of):
     art = copy_of("int4")
     with pytest.raises(InputError, match="MatMulNBits"):

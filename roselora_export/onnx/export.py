@@ -15,9 +15,6 @@ import hashlib
 import io
 import json
 import os
-import resource
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -31,16 +28,11 @@ from onnx import external_data_helper
 from ..errors import InputError
 from ..models import check_model_dir, load_model
 from ..patch.model import BITS_DTYPE, DTYPE_NAMES, tensor_bits
-from .names import (
-    DATA_FILE, MODEL_FILE, NAMES_FILE, NAMES_FORMAT, ONNX_DTYPES, ONNX_TYPE_OF, aligned_offset, artifact_locations,
-)
+from .names import DATA_FILE, MODEL_FILE, ONNX_DTYPES, ONNX_TYPE_OF, aligned_offset
+from .publish import export_report, names_document, publish, verify_initializers
 
 TASKS = ("auto", "causal-lm", "sequence-classification")
 EXPORT_PHASES = ("load", "trace", "map", "write", "check")
-# Files copied beside the graph so the artifact can be served on its own (no weights: those are in the graph).
-_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
-               "tokenizer.model", "added_tokens.json")
 _PREFIX = "m"  # the wrapper's attribute holding the model; stripped from initializer names
 
 
@@ -166,13 +158,6 @@ def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
                 _rename_inputs(sub, renames)
 
 
-def _names_json(names: dict) -> str:
-    """names.json with one line per state-dict key: readable and diffable."""
-    head = json.dumps({k: v for k, v in names.items() if k != "tensors"}, indent=1)[:-2]
-    body = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in names["tensors"].items())
-    return f"{head},\n \"tensors\": {{\n{body}\n }}\n}}\n"
-
-
 def _write_artifact(model: onnx.ModelProto, out: Path) -> None:
     """Save `model` with every initializer in one external data file, each start aligned (see names.py)."""
     offset = 0
@@ -185,24 +170,6 @@ def _write_artifact(model: onnx.ModelProto, out: Path) -> None:
     # onnx writes each tensor at the end of the file, padded up to the offset set above.
     external_data_helper.write_external_data_tensors(model, str(out))
     onnx.save_model(model, str(out / MODEL_FILE))
-
-
-def _verify_from_files(out: Path, names: dict, state: dict[str, torch.Tensor]) -> int:
-    """Read every mapped initializer back from the data file and compare it bit for bit with the state dict."""
-    locs = artifact_locations(out, MODEL_FILE, inline=False)
-    data = np.memmap(out / DATA_FILE, dtype=np.uint8, mode="r")
-    checked = 0
-    for key, entry in names["tensors"].items():
-        if entry["initializer"] is None:
-            continue
-        loc, expected = locs[entry["initializer"]], state[key]
-        bits = np.frombuffer(data[loc.offset: loc.offset + loc.length], dtype=BITS_DTYPE[expected.dtype])
-        if entry["transposed"]:
-            bits = bits.reshape(loc.shape).T
-        if not np.array_equal(bits.reshape(-1), tensor_bits(expected)):
-            raise RuntimeError(f"export check failed: initializer {loc.initializer!r} differs from {key!r}")
-        checked += 1
-    return checked
 
 
 def _runtime_check(out: Path, inputs: tuple[torch.Tensor, torch.Tensor], expected: torch.Tensor,
@@ -239,14 +206,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     done = progress or (lambda phase: None)
     t0 = time.perf_counter()
     model_dir, out = check_model_dir(model_dir), Path(out_dir)
-    if task not in TASKS:
-        raise InputError(f"--task {task}: choose one of {', '.join(TASKS)}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out}: exists and is not an empty directory; choose a new path")
-    task = detect_task(model_dir) if task == "auto" else task
-    if kv_cache and task != "causal-lm":
-        raise InputError(f"--kv-cache needs a causal LM; {model_dir} is exported as {task}")
-    dtype = _checkpoint_dtype(model_dir)
+    task, dtype = check_export_args(model_dir, out, task, kv_cache)
     if stream is None:
         stream = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) >= STREAM_ABOVE_BYTES
     if stream:
@@ -254,42 +214,109 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
 
         return export_streaming(model_dir, out, task=task, opset=opset, kv_cache=kv_cache, check_runtime=check_runtime,
                                 seed=seed, dtype=dtype, progress=done)
-    model = load_model(model_dir, task=task, dtype=dtype)
+    model = load_for_export(model_dir, task, dtype)
     phases = {"load_s": time.perf_counter() - t0}
     done("load")
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")  # plain ops: exports everywhere, runs on every provider
-    model.config.use_cache = False
-    wrapper = _LogitsOnly(model).eval()
-    traced = _WithCache(model).eval() if kv_cache else wrapper
-    input_names, output_names, dynamic_axes = _graph_io(model.config, kv_cache)
-
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    # Keys sharing storage are one tensor (tied weights): the first key in state-dict order is canonical,
-    # which is the one a safetensors checkpoint keeps.
+    canonical = tied_canonical(model)
+    check_inputs = _example_inputs(model.config, 3, 5, seed + 1)  # another shape than traced: checks dynamic axes
+    with torch.no_grad():
+        expected = _LogitsOnly(model).eval()(*check_inputs)
+    config = model.config
+    t_trace = time.perf_counter()
+    onnx_model, tags = _trace_with_tags(model, canonical, kv_cache, opset, seed, dtype)
+    del model  # it holds tags, not weights, and is not needed again
+    phases["trace_s"] = time.perf_counter() - t_trace
+    done("trace")
+    t_map = time.perf_counter()
+    tensors, found = _put_weights_by_tag(onnx_model, state, canonical, tags)
+    input_names, output_names, _ = _graph_io(config, kv_cache)
+    names = names_document(task=task, input_names=input_names, output_names=output_names, opset=opset,
+                           kv_cache=_cache_geometry(config) if kv_cache else None,
+                           exporter=f"torch {torch.__version__} legacy, do_constant_folding=False", source=model_dir,
+                           dtype=DTYPE_NAMES.get(dtype), tensors=tensors)
+    phases["map_s"] = time.perf_counter() - t_map
+    done("map")
+
+    def write(tmp: Path) -> None:
+        nonlocal onnx_model
+        _write_artifact(onnx_model, tmp)
+        onnx_model = None  # the protobuf holds every weight: free it before the checks
+
+    ran = check_runtime and dtype != torch.bfloat16
+    verified, diff = publish(out, model_dir, names, write,
+                             lambda tmp: verify_initializers(tmp, names, lambda key: tensor_bits(state[key])),
+                             runtime_checker(config, kv_cache, dtype, check_inputs, expected) if ran else None,
+                             done, phases)
+    return export_report(out, names, kv_cache=kv_cache, initializers=len(found), verified=verified, diff=diff, ran=ran,
+                         check_runtime=check_runtime, t0=t0, phases=phases)
+
+
+def check_export_args(model_dir: Path, out: Path, task: str, kv_cache: bool) -> tuple[str, torch.dtype]:
+    """The task (detected for "auto") and the checkpoint's dtype; InputError for bad arguments or a non-empty out."""
+    if task not in TASKS:
+        raise InputError(f"--task {task}: choose one of {', '.join(TASKS)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {out}: exists and is not an empty directory; choose a new path")
+    task = detect_task(model_dir) if task == "auto" else task
+    if kv_cache and task != "causal-lm":
+        raise InputError(f"--kv-cache needs a causal LM; {model_dir} is exported as {task}")
+    return task, _checkpoint_dtype(model_dir)
+
+
+def load_for_export(model_dir: Path, task: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The model as it is traced: eager attention (plain ops: exports everywhere, runs on every provider), no cache."""
+    model = load_model(model_dir, task=task, dtype=dtype)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    model.config.use_cache = False
+    return model
+
+
+def tied_canonical(model: torch.nn.Module) -> dict[str, str]:
+    """State-dict key -> the key whose storage it shares (itself if none): tied weights are one tensor, named by
+    the first key in state-dict order, which is the one a safetensors checkpoint keeps."""
     by_ptr: dict[tuple, str] = {}
     canonical: dict[str, str] = {}
     for key, t in model.state_dict().items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
         canonical[key] = by_ptr.setdefault(ident, key)
-    params = {name: p for name, p in model.named_parameters()}  # deduplicated: one entry per storage
-    param_key = {}
-    for name, p in params.items():
-        ident = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.dtype)
-        param_key[name] = by_ptr.get(ident, name)
+    return canonical
 
-    # Reference logits on another shape than the traced one: checks dynamic axes at the end.
-    check_inputs = _example_inputs(model.config, 3, 5, seed + 1)
+
+def runtime_checker(config, kv_cache: bool, dtype: torch.dtype, check_inputs, expected: torch.Tensor
+                    ) -> Callable[[Path], float]:
+    """The check run on the written artifact: onnxruntime's logits against PyTorch's (RuntimeError past 1e-3 in fp32)."""
+    input_names = _graph_io(config, kv_cache)[0]
+
+    def check(root: Path) -> float:
+        empty = _empty_past(config, check_inputs[0].shape[0], 0, dtype) if kv_cache else []
+        diff = _runtime_check(root, check_inputs, expected, empty, input_names[2:])
+        if dtype == torch.float32 and diff > 1e-3:
+            raise RuntimeError(f"export check failed: onnxruntime logits differ from PyTorch by {diff:.3g}")
+        return diff
+    return check
+
+
+def _trace_with_tags(model: torch.nn.Module, canonical: dict[str, str], kv_cache: bool, opset: int, seed: int,
+                     dtype: torch.dtype) -> tuple[onnx.ModelProto, dict[str, list[tuple[str, bool]]]]:
+    """The traced graph, with every distinct parameter filled beforehand with unique random tags (the exporter
+    deduplicates initializers by value), and each key's tag fingerprints, as is and transposed."""
+    params = dict(model.named_parameters())  # deduplicated: one entry per storage
+    by_ptr = {}
+    for key, t in model.state_dict().items():
+        by_ptr.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype), canonical[key])
+    traced = _WithCache(model).eval() if kv_cache else _LogitsOnly(model).eval()
+    input_names, output_names, dynamic_axes = _graph_io(model.config, kv_cache)
+    tags: dict[str, list[tuple[str, bool]]] = {}
+    buf = io.BytesIO()
     with torch.no_grad():
-        expected = wrapper(*check_inputs)
         gen = torch.Generator().manual_seed(seed)
-        tags: dict[str, list[tuple[str, bool]]] = {}  # key -> fingerprints of its tag, as is and transposed
         for name, p in params.items():
             if p.dtype in BITS_DTYPE:
                 p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype))
-                tags[param_key[name]] = _fingerprints(p.detach())
-        buf = io.BytesIO()
-        t_trace = time.perf_counter()
+                ident = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.dtype)
+                tags[by_ptr.get(ident, name)] = _fingerprints(p.detach())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ids, mask = _example_inputs(model.config, 2, 8, seed)
@@ -300,18 +327,16 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
                 traced, (ids, mask, *past), buf, dynamo=False, do_constant_folding=False, opset_version=opset,
                 input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
             )
-    phases["trace_s"] = time.perf_counter() - t_trace
-    done("trace")
-    t_map = time.perf_counter()
-    # The model now holds tags, not weights, and is not needed again: free it before parsing the graph
-    # (and parse from the buffer without copying it) to keep the peak RSS down.
-    config = model.config
-    del model, wrapper, traced, params, past
+    del traced, params, past
     onnx_model = onnx.ModelProto()
-    onnx_model.ParseFromString(buf.getbuffer())
-    del buf
+    onnx_model.ParseFromString(buf.getbuffer())  # parsed from the buffer without copying it
+    return onnx_model, tags
 
-    # Find each tag by value among the initializers: as stored, or transposed.
+
+def _put_weights_by_tag(onnx_model: onnx.ModelProto, state: dict[str, torch.Tensor], canonical: dict[str, str],
+                        tags: dict[str, list[tuple[str, bool]]]) -> tuple[dict[str, dict], dict]:
+    """Find each key's tag among the initializers (as stored, or transposed), rename the initializer to the key
+    and put the real weights in place of the tag. Returns names.json's tensors and the initializers found."""
     by_hash: dict[tuple[int, str], list[onnx.TensorProto]] = {}
     for t in onnx_model.graph.initializer:
         if t.data_type in ONNX_DTYPES and t.HasField("raw_data"):
@@ -362,53 +387,4 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     if clashes:
         raise RuntimeError(f"cannot rename initializers to state-dict keys, names taken: {clashes[:5]}")
     _rename_inputs(onnx_model.graph, renames)
-
-    names = {
-        "format": NAMES_FORMAT, "model_file": MODEL_FILE, "data_file": DATA_FILE, "task": task,
-        "inputs": input_names, "outputs": output_names, "opset": opset,
-        "kv_cache": _cache_geometry(config) if kv_cache else None,
-        "exporter": f"torch {torch.__version__} legacy, do_constant_folding=False",
-        "source": str(model_dir), "dtype": DTYPE_NAMES.get(dtype), "tensors": tensors,
-    }
-    phases["map_s"] = time.perf_counter() - t_map
-    done("map")
-    t_write = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        _write_artifact(onnx_model, tmp)
-        del onnx_model
-        (tmp / NAMES_FILE).write_text(_names_json(names))
-        for name in _SIDE_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
-        onnx.checker.check_model(str(tmp / MODEL_FILE))  # by path: the checker then reads external data too
-        verified = _verify_from_files(tmp, names, state)
-        phases["write_verify_s"] = time.perf_counter() - t_write
-        done("write")
-        t_check = time.perf_counter()
-        # onnxruntime's CPU provider has no bf16 kernels for several ops (Where, ...): such graphs are
-        # written and verified by value, but not run here.
-        ran = check_runtime and dtype != torch.bfloat16
-        past_names = input_names[2:]
-        empty = _empty_past(config, check_inputs[0].shape[0], 0, dtype) if kv_cache else []
-        diff = _runtime_check(tmp, check_inputs, expected, empty, past_names) if ran else None
-        if diff is not None and dtype == torch.float32 and diff > 1e-3:
-            raise RuntimeError(f"export check failed: onnxruntime logits differ from PyTorch by {diff:.3g}")
-        phases["ort_check_s"] = time.perf_counter() - t_check
-        done("check")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {
-        "out": str(out), "task": task, "kv_cache": kv_cache, "dtype": DTYPE_NAMES.get(dtype), "opset": opset,
-        "initializers": len(found), "state_dict_keys": len(tensors), "verified_by_value": verified,
-        "tied": sorted(k for k, e in tensors.items() if "tied_to" in e),
-        "unmapped": sorted(k for k, e in tensors.items() if e["initializer"] is None),
-        "data_bytes": (out / DATA_FILE).stat().st_size, "max_abs_logit_diff": diff,
-        "runtime_check": "ran" if ran else ("off" if not check_runtime else "skipped: no bf16 kernels on onnxruntime CPU"),
-        "total_s": round(time.perf_counter() - t0, 3), **{k: round(v, 3) for k, v in phases.items()},
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
+    return tensors, found
