@@ -65,6 +65,9 @@ SWEEP: dict[str, tuple[dict, dict]] = {
     "mlp tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 16": (
         {"clamp": None, "lr": 2e-3, "t_final": 12, "targets": ("mlp",), "tau": 0.03},
         {"prefixes": 3, "prefix_length": 5, "kl_weight": 16.0}),
+    "mlp tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 16, 8 KL texts": (
+        {"clamp": None, "lr": 2e-3, "t_final": 12, "targets": ("mlp",), "tau": 0.03},
+        {"prefixes": 3, "prefix_length": 5, "kl_weight": 16.0, "kl_texts": 8}),
     "down_proj tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 1": (
         {"clamp": None, "lr": 2e-3, "t_final": 12, "targets": ("down_proj",), "tau": 0.03},
         {"prefixes": 3, "prefix_length": 5, "kl_weight": 1.0}),

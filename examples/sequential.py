@@ -29,7 +29,7 @@ METHODS = ("roselora", "lora", "ft-l")
 
 
 def run(method: str, limit: int, keep_reverts: bool, threads: int, overrides: dict | None = None,
-        tag: str = "") -> None:
+        tag: str = "", preset_name: str = "default") -> None:
     import torch
 
     from roselora_export.edit.benchmark import sequential_edits
@@ -39,7 +39,7 @@ def run(method: str, limit: int, keep_reverts: bool, threads: int, overrides: di
 
     torch.set_num_threads(threads)
     requests = [r for path in EDITS for r in load_requests(str(path))][:limit]
-    config, settings = preset("default")
+    config, settings = preset(preset_name)
     if overrides:  # a side experiment; the table reads only the untagged runs
         from dataclasses import replace
 
@@ -82,23 +82,20 @@ def table(reports: dict[str, dict]) -> str:
 
 
 def kl_table() -> str:
-    """The KL-weight side runs (roselora_kl*.json) at their last T, next to the default's point at that T."""
-    runs = sorted(OUT.glob("roselora_kl*.json"), key=lambda p: float(p.stem.split("_kl")[1]))
+    """The locality-term side runs (roselora_kl*.json) at their last T, next to the default's point at that T."""
+    runs = [json.loads(p.read_text()) for p in OUT.glob("roselora_kl*.json")]
     if not runs:
         return ""
-    rows = ["| KL weight | T | reliability | generalization | locality |", "|---:|---:|---:|---:|---:|"]
-    main = load_reports().get("roselora")
-    first = json.loads(runs[0].read_text())
-    t = first["edits"]
-    if main is not None:
-        point = next((p for p in main["curve"] if p["edits"] == t), None)
-        if point is not None:
-            rows.append(f"| {main['settings']['kl_weight']:g} (default) | {t} | {point['reliability']:.2f} | "
-                        f"{point['generalization']:.2f} | {point['locality']:.3f} |")
-    for path in runs:
-        r = json.loads(path.read_text())
-        rows.append(f"| {r['settings']['kl_weight']:g} | {r['edits']} | {r['reliability']:.2f} | "
-                    f"{r['generalization']:.2f} | {r['locality']:.3f} |")
+    runs.sort(key=lambda r: (r["settings"].get("kl_texts", 0), r["settings"]["kl_weight"]))
+    rows = ["| KL weight | KL texts | T | reliability | generalization | locality |", "|---:|---:|---:|---:|---:|---:|"]
+    main, t = load_reports().get("roselora"), runs[0]["edits"]
+    point = next((p for p in main["curve"] if p["edits"] == t), None) if main else None
+    if point is not None:
+        rows.append(f"| {main['settings']['kl_weight']:g} (default) | {main['settings'].get('kl_texts', 0)} | {t} | "
+                    f"{point['reliability']:.2f} | {point['generalization']:.2f} | {point['locality']:.3f} |")
+    for r in runs:
+        rows.append(f"| {r['settings']['kl_weight']:g} | {r['settings'].get('kl_texts', 0)} | {r['edits']} | "
+                    f"{r['reliability']:.2f} | {r['generalization']:.2f} | {r['locality']:.3f} |")
     return "\n".join(rows)
 
 
@@ -139,15 +136,18 @@ if __name__ == "__main__":
     r.add_argument("--limit", type=int, default=100, help="edits in the sequence (default 100)")
     r.add_argument("--no-reverts", action="store_true", help="commit each patch (dense LoRA: revert state outgrows memory)")
     r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--preset", default="default", help="the edit preset (default, lifelong, paper)")
     r.add_argument("--kl-weight", type=float, default=None, help="override the preset's KL weight (side experiment)")
     r.add_argument("--prefixes", type=int, default=None, help="override the preset's context prefixes (side experiment)")
     r.add_argument("--prefix-length", type=int, default=None, help="override the preset's prefix length (side experiment)")
+    r.add_argument("--kl-texts", type=int, default=None, help="override the preset's KL-only texts (side experiment)")
     r.add_argument("--tag", default="", help="suffix of the output file name (side experiments)")
     sub.add_parser("render", help="table and plot from docs/sequential/*.json")
     args = ap.parse_args()
     if args.cmd == "run":
         overrides = {k: v for k, v in (("kl_weight", args.kl_weight), ("prefixes", args.prefixes),
-                                       ("prefix_length", args.prefix_length)) if v is not None}
-        run(args.method, args.limit, not args.no_reverts, args.threads, overrides, args.tag)
+                                       ("prefix_length", args.prefix_length), ("kl_texts", args.kl_texts))
+                     if v is not None}
+        run(args.method, args.limit, not args.no_reverts, args.threads, overrides, args.tag, args.preset)
     else:
         render()

@@ -38,7 +38,7 @@ def test_the_paper_preset_is_the_authors_setup():
 
 
 def test_an_unknown_preset_is_an_input_error():
-    with pytest.raises(InputError, match="--preset fast: choose one of default, paper"):
+    with pytest.raises(InputError, match="--preset fast: choose one of default, lifelong, paper"):
         preset("fast")
 
 
@@ -67,6 +67,34 @@ def test_each_prefix_adds_a_training_example_whose_prefix_carries_the_kl_term(ll
     assert with_kl[0].kl_len == 0 and with_kl[1].kl_len == len(tok("I went home.")["input_ids"])
     loc = with_kl[-1]  # the locality prompt: KL only, nothing to predict
     assert loc.kl_len == len(loc.input_ids) and set(loc.labels) == {-100}
+
+
+def test_kl_texts_are_sequences_that_carry_only_the_kl_term(llama):
+    from roselora_export.edit.data import kl_only_sequences
+
+    _, tok = llama
+    seqs = kl_only_sequences(["I went home. ", "You know what I mean"], tok, 4)
+    assert [len(e.input_ids) for e in seqs] == [len(tok("I went home.")["input_ids"]), 4]  # cut at max_len
+    assert all(e.kl_len == len(e.input_ids) and set(e.labels) == {-100} for e in seqs)
+
+
+def test_an_edit_with_kl_texts_trains_on_the_models_own_texts_with_their_own_seed(llama, monkeypatch):
+    from roselora_export.edit import train as train_module
+
+    model, tok = llama
+    calls = []
+    real = train_module.kl_only_sequences
+    monkeypatch.setattr(train_module, "kl_only_sequences", lambda texts, *a: calls.append(texts) or real(texts, *a))
+    config = RoseLoraConfig(steps=2, t_init=1, t_final=1)
+    train_edit(model, tok, [REQ], config=config, settings=EditSettings(prefixes=1, prefix_length=3, kl_weight=1.0,
+                                                                       kl_texts=2))
+    assert len(calls) == 1 and len(calls[0]) == 2
+    assert calls[0] == context_prefixes(model, tok, 2, train_module.KL_TEXT_LENGTH, config.seed + 1)
+    assert calls[0][0] != context_prefixes(model, tok, 1, 3, config.seed)[0]
+    calls.clear()
+    train_edit(model, tok, [REQ], config=config, settings=EditSettings(prefixes=1, prefix_length=3, kl_weight=0.0,
+                                                                       kl_texts=2))
+    assert calls == []  # no locality term, no texts for it
 
 
 def test_the_kl_term_is_zero_for_the_unedited_model_and_grows_with_the_edit(llama):
@@ -145,8 +173,8 @@ def test_edit_records_its_preset_and_settings(tiny_model_dirs, tmp_path):
     summary = json.loads((out / "roselora.json").read_text())
     assert summary["config"]["clamp"] == 3e-3 and summary["config"]["lr"] == 5e-4  # from the preset
     assert summary["config"]["steps"] == 3  # the option overrides the preset
-    assert summary["settings"] == {"prefixes": 2, "prefix_length": 3, "kl_weight": 0.5, "kl_on_locality": False,
-                                   "deploy_dtype": None}
+    assert summary["settings"] == {"prefixes": 2, "prefix_length": 3, "kl_weight": 0.5, "kl_texts": 0,
+                                   "kl_on_locality": False, "deploy_dtype": None}
 
 
 def test_edit_on_a_bf16_checkpoint_trains_against_bf16(tmp_path, smollm_dir):
@@ -159,7 +187,8 @@ def test_edit_on_a_bf16_checkpoint_trains_against_bf16(tmp_path, smollm_dir):
 
 
 @pytest.mark.parametrize("args, pattern", [
-    (["--preset", "fast"], r"--preset fast: choose one of default, paper"),
+    (["--preset", "fast"], r"--preset fast: choose one of default, lifelong, paper"),
+    (["--kl-texts", "-2"], r"--kl-texts -2: must be a whole number >= 0"),
     (["--method", "ft-l", "--deploy-dtype", "bf16"], r"--deploy-dtype bf16: ft-l stores whole new weights"),
     (["--prefixes", "-1"], r"--prefixes -1: must be a whole number >= 0"),
     (["--kl-weight", "-1"], r"--kl-weight -1.0: must be >= 0"),

@@ -68,7 +68,9 @@ def _preset_options():
     opts = [
         click.option("--preset", default="default", show_default=True, metavar="|".join(PRESETS),
                      help="Named settings the options below override: default (chosen by measurement on "
-                          "SmolLM2-135M, docs/results.md) or paper (the RoseLoRA authors' LLaMA-2-7B settings)."),
+                          "SmolLM2-135M, docs/results.md), lifelong (default with a stronger locality term, for a "
+                          "model that takes many edits in sequence; about 3x slower per edit) or paper (the "
+                          "RoseLoRA authors' LLaMA-2-7B settings)."),
         click.option("--rank", type=int, default=None, help=_preset_help("rank", _HELP["rank"])),
         click.option("--alpha", type=float, default=None, help=_preset_help("alpha", _HELP["alpha"])),
         click.option("--dropout", type=float, default=None, help=_preset_help("dropout", _HELP["dropout"])),
@@ -87,6 +89,7 @@ def _preset_options():
         click.option("--prefixes", type=int, default=None, help=_preset_help("prefixes", shelp["prefixes"])),
         click.option("--prefix-length", type=int, default=None, help=_preset_help("prefix_length", shelp["prefix_length"])),
         click.option("--kl-weight", type=float, default=None, help=_preset_help("kl_weight", shelp["kl_weight"])),
+        click.option("--kl-texts", type=int, default=None, help=_preset_help("kl_texts", shelp["kl_texts"])),
         click.option("--kl-on-locality", is_flag=True, default=None, help=shelp["kl_on_locality"]),
         click.option("--deploy-dtype", type=click.Choice(DEPLOY_DTYPES), default=None, help=shelp["deploy_dtype"]),
     ]

@@ -110,6 +110,15 @@ def encode_edit_examples(requests, tokenizer, max_len: int | None, *, prefixes: 
     return out
 
 
+def kl_only_sequences(texts: list[str], tokenizer, max_len: int | None) -> list[Encoded]:
+    """Each text as a sequence with no target tokens whose every position carries the locality term."""
+    out = []
+    for text in texts:
+        ids = list(tokenizer(text.rstrip())["input_ids"])[:max_len]
+        out.append(Encoded(input_ids=ids, labels=[IGNORE] * len(ids), kl_len=len(ids)))
+    return out
+
+
 def _prefix_ids(tokenizer, prefix: str, prompt: str, chat: bool) -> list[int]:
     """Token ids of everything up to the end of the prefix: the prefix alone, or the chat turn's opening and it."""
     if not chat:

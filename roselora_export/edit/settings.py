@@ -23,6 +23,10 @@ class EditSettings:
         default=0.0,
         metadata={"help": "Weight of the locality term: KL(unedited || edited) of the next-token distributions "
                           "on the context prefixes (or on --kl-prompts). 0 = off."})
+    kl_texts: int = field(
+        default=0,
+        metadata={"help": "Also N texts of 16 tokens the model generates itself (seeded), each a sequence that "
+                          "carries only the locality term: more of the model's own text kept as it was. 0 = off."})
     kl_on_locality: bool = field(
         default=False,
         metadata={"help": "Also use each request's own 'locality' prompts for the locality term (they are "
@@ -37,6 +41,8 @@ class EditSettings:
             raise InputError(f"--prefixes {self.prefixes}: must be a whole number >= 0")
         if int(self.prefix_length) != self.prefix_length or self.prefix_length < 1:
             raise InputError(f"--prefix-length {self.prefix_length}: must be a whole number >= 1")
+        if int(self.kl_texts) != self.kl_texts or self.kl_texts < 0:
+            raise InputError(f"--kl-texts {self.kl_texts}: must be a whole number >= 0")
         if not self.kl_weight >= 0:
             raise InputError(f"--kl-weight {self.kl_weight}: must be >= 0")
         if self.deploy_dtype is not None and self.deploy_dtype not in DEPLOY_DTYPES:
@@ -57,6 +63,11 @@ PRESETS: dict[str, tuple[dict, dict]] = {
     "default": (dict(rank=8, alpha=32, dropout=0.1, targets=("mlp",), tau=0.03, beta=0.8, t_init=3, t_final=12,
                      steps=25, lr=2e-3, weight_decay=0.0, clamp=None, early_stop_loss=0.1),
                 dict(prefixes=3, prefix_length=5, kl_weight=1.0)),
+    # `default` with a stronger locality term, for a model that takes many edits in sequence: chosen on
+    # the dev set's first 20 sequential edits (docs/results.md, "Lifelong editing"); about 3x slower per edit.
+    "lifelong": (dict(rank=8, alpha=32, dropout=0.1, targets=("mlp",), tau=0.03, beta=0.8, t_init=3, t_final=12,
+                      steps=25, lr=2e-3, weight_decay=0.0, clamp=None, early_stop_loss=0.1),
+                 dict(prefixes=3, prefix_length=5, kl_weight=16.0, kl_texts=8)),
     "paper": (dict(rank=8, alpha=32, dropout=0.1, targets=("auto",), tau=0.05, beta=0.8, t_init=3, t_final=20,
                    steps=25, lr=5e-4, weight_decay=0.0, clamp=3e-3, early_stop_loss=0.1),
               dict(prefixes=0, kl_weight=0.0)),

@@ -29,7 +29,7 @@ from ..method.bound import density_bound, prop1_sparsity_bound
 from ..method.config import RoseLoraConfig
 from ..method.peft_setup import wrap_with_lora
 from ..method.pruner import RoseLoraPruner, lora_pairs
-from .data import IGNORE, Encoded, collate, encode_edit_examples, model_max_length, pad_id_of
+from .data import IGNORE, Encoded, collate, encode_edit_examples, kl_only_sequences, model_max_length, pad_id_of
 from .deploy_rounding import rounded_lora_forward
 from .requests import EditRequest
 from .settings import EditSettings
@@ -40,6 +40,7 @@ FT_L_FILE = "ft_l.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 ROME_LAYER = 5  # ROME's (and EasyEdit FT-L's) default layer for Llama-style models
 EDIT_BATCH = 8  # requests per forward pass; larger files accumulate gradients over chunks
+KL_TEXT_LENGTH = 16  # tokens of each --kl-texts text
 
 
 @dataclass
@@ -426,6 +427,9 @@ def train_edit(
     encoded = encode_edit_examples(requests, tokenizer, model_max_length(model, tokenizer), prefixes=prefixes,
                                    kl_prefixes=use_kl, kl_on_locality=use_kl and settings.kl_on_locality,
                                    source=source)
+    if use_kl and settings.kl_texts:  # a seed of their own: not the context prefixes again
+        texts = context_prefixes(model, tokenizer, settings.kl_texts, KL_TEXT_LENGTH, config.seed + 1)
+        encoded += kl_only_sequences(texts, tokenizer, model_max_length(model, tokenizer))
     device = next(model.parameters()).device
     micro = _to_device(_micro_batches(encoded, pad_id_of(tokenizer), EDIT_BATCH), device)
     if use_kl:
