@@ -95,21 +95,21 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
             copier = None if _converts(model, out) else ShardCopier(model, tmp, dtype_name=TORCH_NAMES.get(out),
                                                                      expected=guess_changed(adapter_dir, model))
             try:
-                patch, survival = _merge(model, adapter_dir, tmp, dtype, copier, progress)
+                patch, survival, encoded = _merge(model, adapter_dir, tmp, dtype, copier, progress)
             finally:
                 if copier is not None:
                     copier.close()
             inside = out_dir.resolve() in patch_path.resolve().parents
             written = tmp / patch_path.resolve().relative_to(out_dir.resolve()) if inside else patch_path
-            save_patch(patch, written)
+            save_patch(patch, written, encoded)
             # The base's ledger (patch.ledger) plus this patch, inside the directory that is renamed into place.
             record_merge(model.path, tmp, patch, written, patch_path, converted=copier is None)
     return MergeResult(out_dir=out_dir, patch_path=patch_path, patch=patch, survival=survival)
 
 
 def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier | None,
-           progress: Progress | None) -> tuple[Patch, SurvivalReport]:
-    """Read the adapter, merge every tensor it changes, and return the patch and survival.
+           progress: Progress | None) -> tuple[Patch, SurvivalReport, dict]:
+    """Read the adapter, merge every tensor it changes, and return the patch, survival and file encodings.
 
     numpy alone (patch.merge_math): torch is never imported.
     """
@@ -129,11 +129,13 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
     prov["base_numel"] = model.numel
     patch = Patch(provenance=prov)
     survival = SurvivalReport()
+    encoded: dict[str, object] = {}
 
-    def keep(name: str, tp, surv) -> None:
+    def keep(name: str, tp, surv, enc) -> None:
         survival.tensors.append(surv)
         if tp is not None:
             patch.tensors[name] = tp
+            encoded[name] = enc
 
     if copier is None:
         _merge_converting(model, tmp, out, edits, keep, progress)
@@ -142,7 +144,7 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
                            progress)
     # Keep the patch's tensor order the checkpoint's order (it is built shard by shard).
     patch.tensors = {k: patch.tensors[k] for k in model.keys() if k in patch.tensors}
-    return patch, survival
+    return patch, survival, encoded
 
 
 def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict, out_dtype: str | None, keep,
@@ -150,12 +152,14 @@ def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict
     """Merge the changed tensors, MERGE_JOBS at a time, each written at its offset in the copied shard.
 
     A job does all the work of one tensor: merge (numpy, patch.merge_math), the two whole-tensor
-    sha256, and last the write (once its shard is copied). numpy, hashlib and the writes release the GIL, so the jobs use the core the copier leaves. Jobs are bounded by
+    sha256, the patch encoding, and last the write (once its shard is copied). numpy, hashlib, zlib
+    and the writes release the GIL, so the jobs use the core the copier leaves. Jobs are bounded by
     OVERLAP_BYTES (two per tensor: base and merged bits), so a large tensor runs alone and memory
     stays that of a few tensors.
     """
     import numpy as np
 
+    from ..patch.io import encode_tensor
     from ..patch.merge_math import merge_bits
     from ..patch.model import fill_sha256
 
@@ -165,8 +169,9 @@ def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict
         if m.bits.nbytes != info.nbytes:
             raise RuntimeError(f"{name}: produced {m.bits.nbytes} bytes, stored {info.nbytes}")
         # Everything but the write first: the shard may still be being copied meanwhile.
+        encoded = None
         if m.patch is not None:
-            fill_sha256(m.patch, m.base_bits, m.bits)
+            encoded = encode_tensor(fill_sha256(m.patch, m.base_bits, m.bits))
         copier.wait(header)  # the shard's file exists and the copier is done with it
         fd = os.open(tmp / header.path.name, os.O_WRONLY)
         try:
@@ -174,7 +179,7 @@ def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict
         finally:
             os.close(fd)
         copier.wrote(name)
-        return m.patch, m.survival
+        return m.patch, m.survival, encoded
 
     def report(block: bool = False) -> None:
         done = copier.poll(block)
@@ -206,22 +211,23 @@ def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict
 def _merge_converting(model: ModelDir, tmp: Path, out_dtype: str, edits: dict, keep, progress: Progress | None) -> None:
     """Merge while converting tensors to `out_dtype`: every output shard is rewritten (rewrite.write_checkpoint).
 
-    Each changed tensor's two whole-tensor sha256 run in a worker thread (hashlib releases the GIL) while this thread merges and writes the next tensor. One job
+    Each changed tensor's two whole-tensor sha256 and its file encoding run in a worker thread
+    (hashlib and zlib release the GIL) while this thread merges and writes the next tensor. One job
     at a time, and none beside a large tensor's merge: the job holds one tensor's base and merged
     bits, so memory stays about that of a serial merge plus OVERLAP_BYTES.
     """
+    from ..patch.io import encode_tensor
     from ..patch.merge_math import merge_bits
     from ..patch.model import fill_sha256
     from .rewrite import write_checkpoint
 
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-hash")
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-encode")
     last: list[tuple[str, Future, int, object, object]] = []  # the job in flight: name, future, bytes, tp, survival
 
     def wait() -> None:
         while last:
             name, fut, _, tp, surv = last.pop()
-            fut.result()
-            keep(name, tp, surv)
+            keep(name, tp, surv, fut.result())
 
     def produce(name: str):
         info = model.locations[name][1]
@@ -230,9 +236,9 @@ def _merge_converting(model: ModelDir, tmp: Path, out_dtype: str, edits: dict, k
         m = merge_bits(name, model.read_array(name), info.dtype, info.shape, edits[name], out_dtype)
         wait()
         if m.patch is None:
-            keep(name, None, m.survival)
+            keep(name, None, m.survival, None)
         else:
-            job = worker.submit(fill_sha256, m.patch, m.base_bits, m.bits)
+            job = worker.submit(lambda: encode_tensor(fill_sha256(m.patch, m.base_bits, m.bits)))
             last.append((name, job, 2 * m.bits.nbytes, m.patch, m.survival))
         return m.bits
 
