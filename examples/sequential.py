@@ -51,12 +51,21 @@ def run(method: str, limit: int, keep_reverts: bool, threads: int, overrides: di
     def tick(m, i):
         print(f"{m} edit {i + 1}/{len(requests)} at {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
+    partial = OUT / f"{method}{tag}.partial.json"  # the curve so far, in case the run is cut short
+
+    def measured(point):
+        points = json.loads(partial.read_text()) if partial.exists() else []
+        atomic_write(partial, (json.dumps(points + [point], indent=1) + "\n").encode())
+        print(f"{method}: {json.dumps(point)}", file=sys.stderr, flush=True)
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)
     report = sequential_edits(model, tok, requests, method, config, settings=settings, measure_at=CHECKPOINTS,
-                              keep_reverts=keep_reverts, on_edit=tick)
+                              keep_reverts=keep_reverts, on_edit=tick, on_measure=measured)
     report["threads"] = threads
     report["requests"] = [str(p.relative_to(ROOT)) for p in EDITS]
-    OUT.mkdir(parents=True, exist_ok=True)
     atomic_write(OUT / f"{method}{tag}.json", (json.dumps(report, indent=1) + "\n").encode())
+    partial.unlink(missing_ok=True)
     print(f"{method}: {json.dumps(report['curve'])}", file=sys.stderr)
 
 

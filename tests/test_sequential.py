@@ -83,3 +83,19 @@ def test_sequential_options_are_checked(tiny_model_dirs, tmp_path, args, message
     path.write_text(json.dumps(REQUESTS[0]) + "\n")
     result = _cli(["benchmark-edits", "--model", tiny_model_dirs["llama"], "--requests", path, *args, *FAST])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_on_measure_gets_each_curve_point_as_it_is_measured(tiny_model_dirs):
+    from roselora_export.edit.benchmark import sequential_edits
+    from roselora_export.edit.requests import EditRequest
+    from roselora_export.edit.settings import EditSettings
+    from roselora_export.method import RoseLoraConfig
+    from roselora_export.models import load_model, load_tokenizer
+
+    path = tiny_model_dirs["llama"]
+    requests = [EditRequest(prompt=r["prompt"], subject=r["subject"], target_new=r["target_new"]) for r in REQUESTS]
+    seen = []
+    report = sequential_edits(load_model(path), load_tokenizer(path), requests, "ft-l",
+                              RoseLoraConfig(steps=2, t_init=1, t_final=1), settings=EditSettings(prefixes=0),
+                              measure_at=[1, 2], on_measure=seen.append)
+    assert [p["edits"] for p in seen] == [1, 2] and seen == report["curve"][:2]

@@ -178,6 +178,7 @@ def sequential_edits(
     measure_at: Sequence[int] = (),
     keep_reverts: bool = True,
     on_edit: Callable[[str, int], None] | None = None,
+    on_measure: Callable[[dict], None] | None = None,
 ) -> dict:
     """Lifelong editing (the WISE protocol) with patches: edit the requests one after another, each on
     the model with every earlier edit applied, each merged into its own patch and applied; measure all
@@ -187,7 +188,7 @@ def sequential_edits(
     measure_at: also measure after the T-th edit, over the first T requests (a curve of metric
     against T; the final measurement is always taken). keep_reverts=False commits each patch as it
     lands (no revert state is held: for dense edits, whose revert state for T patches outgrows
-    memory) and skips the revert phase.
+    memory) and skips the revert phase. on_measure(point) gets each curve point as it is measured.
 
     Returns the metrics, the curve, how many patches overlap an earlier one, the fraction of weights
     touched by their union, seconds per edit, the revert order taken, and whether the final bits matched.
@@ -223,6 +224,8 @@ def sequential_edits(
             del patch, result, handle
             if i + 1 in checkpoints:
                 curve.append(_curve_point(evaluator, model, i + 1, touched, base_params))
+                if on_measure is not None:
+                    on_measure(curve[-1])
             if on_edit is not None:
                 on_edit(method, i)
         wall = time.perf_counter() - t0
