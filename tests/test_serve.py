@@ -99,6 +99,28 @@ def test_concurrency_bounds_the_answers_generated_at_once(files, concurrency):
     assert entered == ["first", "second"]
 
 
+def test_queued_answers_get_their_slot_in_arrival_order():
+    from roselora_export.serve.engine import FifoSlots
+
+    slots, order, go = FifoSlots(1), [], threading.Event()
+    holder = threading.Thread(target=lambda: (slots.__enter__(), go.wait(30), slots.__exit__(None, None, None)))
+    holder.start()
+    waiters = []
+    for k in range(5):
+        def wait_turn(k=k):
+            with slots:
+                order.append(k)
+        waiters.append(threading.Thread(target=wait_turn))
+        waiters[-1].start()
+        deadline = time.monotonic() + 30
+        while len(slots._waiting) < k + 1 and time.monotonic() < deadline:  # queued before the next arrives
+            time.sleep(0.001)
+    go.set()
+    for t in [holder, *waiters]:
+        t.join(30)
+    assert order == [0, 1, 2, 3, 4]
+
+
 # ---- patches --------------------------------------------------------------------------------------
 def test_post_applies_a_signed_patch_and_delete_restores_every_bit(server, files, admin):
     c = client(server["url"])

@@ -5,8 +5,7 @@ so a patch applied or reverted meanwhile waits for it, and the answer names the 
 `state` is "base" or "patches:ID,ID" (the runtime's ids of the patches in the weights, read under
 the same lock). Greedy decoding at temperature 0, sampling otherwise.
 
-`concurrency` bounds the answers generated at once (the others queue, first come first served as
-far as threading.Semaphore goes). A write waits for the answers in flight, so fewer at once means a
+`concurrency` bounds the answers generated at once (the others queue, first come first served). A write waits for the answers in flight, so fewer at once means a
 shorter wait for an apply or revert; None leaves it to the server's thread pool.
 
 Streaming is the same call with callbacks, run on a worker thread: `on_state(state)` once the lock is
@@ -18,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import threading
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -45,6 +45,32 @@ class Generation:
     state: str  # the weight state every answer came from
 
 
+class FifoSlots:
+    """A semaphore that serves its waiters in arrival order (threading.Semaphore lets a newcomer barge in):
+    a freed slot is handed to the longest waiter directly."""
+
+    def __init__(self, n: int) -> None:
+        self._lock = threading.Lock()
+        self._free = n
+        self._waiting: deque[threading.Event] = deque()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._free and not self._waiting:
+                self._free -= 1
+                return
+            turn = threading.Event()
+            self._waiting.append(turn)
+        turn.wait()
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().set()
+            else:
+                self._free += 1
+
+
 def state_label(runtime: PatchRuntime) -> str:
     """'base', or 'patches:' and the active patch ids in order of application (read it inside serving())."""
     ids = [str(h.id) for h in runtime.active]
@@ -59,7 +85,7 @@ class Engine:
             raise InputError(f"--concurrency must be at least 1 (got {concurrency})")
         self.model = model
         self.concurrency = concurrency
-        self._slots = threading.Semaphore(concurrency) if concurrency else None
+        self._slots = FifoSlots(concurrency) if concurrency else None
         self.tokenizer = tokenizer
         self.name = name
         self.runtime = PatchRuntime(model)
