@@ -235,9 +235,8 @@ def main() -> None:
     body = (f"Machine: {machine_line()}; load average at the end {os.getloadavg()[0]:.1f} (the machine is shared).\n"
             f"Command: `{COMMAND} --repeats {args.repeats}`. Medians of {args.repeats} alternating runs "
             f"(re-export: {len(reexport_s)}).\n\n{table}\n\n"
-            "In-place apply copies the data file beside itself, patches the copy and renames it over the old one "
-            "(atomic; a reflink clone where the filesystem has them, a full copy on this ext4), so most of its time "
-            "is the copy, not the patch.\n")
+            "In-place apply writes the touched elements where they are under an undo journal (onnx/journal.py); "
+            "`apply --out` copies the artifact, then patches the copy.\n")
     write_section("onnx", body)
     print(body)
 
