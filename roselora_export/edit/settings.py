@@ -64,7 +64,8 @@ PRESETS: dict[str, tuple[dict, dict]] = {
                      steps=25, lr=2e-3, weight_decay=0.0, clamp=None, early_stop_loss=0.1),
                 dict(prefixes=3, prefix_length=5, kl_weight=1.0)),
     # `default` with a stronger locality term, for a model that takes many edits in sequence: chosen on
-    # the dev set's first 20 sequential edits (docs/results.md, "Lifelong editing"); about 3x slower per edit.
+    # the dev set's first 20 sequential edits (docs/results.md, "Lifelong editing"); 3.5x the time per edit
+    # (bench/edit_time.py).
     "lifelong": (dict(rank=8, alpha=32, dropout=0.1, targets=("mlp",), tau=0.03, beta=0.8, t_init=3, t_final=12,
                       steps=25, lr=2e-3, weight_decay=0.0, clamp=None, early_stop_loss=0.1),
                  dict(prefixes=3, prefix_length=5, kl_weight=16.0, kl_texts=8)),
