@@ -69,9 +69,19 @@ def run(method: str, limit: int, keep_reverts: bool, threads: int, overrides: di
     print(f"{method}: {json.dumps(report['curve'])}", file=sys.stderr)
 
 
+LABELS = {"roselora": "roselora", "lora": "lora", "ft-l": "ft-l", "roselora_lifelong": "roselora, --preset lifelong"}
+
+
 def load_reports() -> dict[str, dict]:
-    """The runs present under docs/sequential/, by method."""
-    return {m: json.loads((OUT / f"{m}.json").read_text()) for m in METHODS if (OUT / f"{m}.json").exists()}
+    """The runs present under docs/sequential/, by label; a run cut short gives its curve so far (partial)."""
+    out = {}
+    for stem, label in LABELS.items():
+        if (OUT / f"{stem}.json").exists():
+            out[label] = json.loads((OUT / f"{stem}.json").read_text())
+        elif (OUT / f"{stem}.partial.json").exists():
+            curve = json.loads((OUT / f"{stem}.partial.json").read_text())
+            out[label] = {"curve": curve, "edits": curve[-1]["edits"], "partial": True}
+    return out
 
 
 def table(reports: dict[str, dict]) -> str:
@@ -80,8 +90,8 @@ def table(reports: dict[str, dict]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for m, r in reports.items():
         for p in r["curve"]:
-            last = p["edits"] == r["edits"]
-            tail = " | | "
+            last = p["edits"] == r["edits"] and not r.get("partial")
+            tail = "run stopped here | | " if r.get("partial") and p is r["curve"][-1] else " | | "
             if last:
                 reverts = {True: "all bit-exact", False: "NOT exact", None: "not kept"}[r["bits_identical_after_reverts"]]
                 tail = f"{r['patches_overlapping_an_earlier_one']} | {r['seconds_per_edit']:.1f} | {reverts}"
