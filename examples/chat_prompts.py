@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python examples/chat_prompts.py [--requests 8]
     .venv/bin/python examples/chat_prompts.py --tables     # the markdown tables, from docs/chat_prompts.json
+    .venv/bin/python examples/chat_prompts.py --rescore    # the answer flags again, from the stored answers
 
 On SmolLM2-135M-Instruct with the default preset, for N dev requests spread evenly over
 examples/edits/counterfact_dev.jsonl, each request is edited alone twice from the unedited model:
@@ -10,13 +11,14 @@ measured on the request's own prompts raw and through the template (reliability,
 locality, efficacy), and on a question phrasing of the request asked through the template (the way
 a chat user asks: "What is the capital of Italy?"): the target's tokens at the start of the
 assistant's answer (reliability), P(target) > P(truth) there (efficacy), and whether the greedy
-answer mentions the target or the truth. Writes docs/chat_prompts.json (docs/results.md, "Raw
+answer names the target or the truth (as a whole word). Writes docs/chat_prompts.json (docs/results.md, "Raw
 prompts vs chat template").
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import replace
@@ -63,7 +65,26 @@ def question_request(r: EditRequest) -> EditRequest:
 
 
 def mentions(answer: str, text: str) -> float:
-    return float(text.lower() in answer.lower())
+    """1.0 when `text` occurs in the answer as a whole word (case-sensitive: "P" is not in "Pk", "K" not in "key")."""
+    return float(re.search(rf"(?<!\w){re.escape(text)}(?!\w)", answer) is not None)
+
+
+def summarize_rows(rows: list[dict]) -> dict:
+    """Means over the requests; the answer flags are (re)computed from the stored answers."""
+    for r in rows:
+        for trained in ("raw", "chat"):
+            t = r[f"trained_{trained}"]
+            t["answer_mentions_target"] = mentions(t["answer"], r["target_new"])
+            t["answer_mentions_truth"] = mentions(t["answer"], r["ground_truth"])
+    summary = {}
+    for trained in ("raw", "chat"):
+        keys = [k for k in rows[0][f"trained_{trained}"] if k not in ("answer", "steps")]
+        summary[f"trained_{trained}"] = {k: mean([r[f"trained_{trained}"][k] for r in rows]) for k in keys}
+    summary["unedited"] = {
+        "answer_mentions_target": mean([mentions(r["answer_unedited"], r["target_new"]) for r in rows]),
+        "answer_mentions_truth": mean([mentions(r["answer_unedited"], r["ground_truth"]) for r in rows]),
+        **{f"pre_reliability_{m}": mean([r["pre"][m] for r in rows]) for m in rows[0]["pre"]}}
+    return summary
 
 
 def _f(x) -> str:
@@ -97,7 +118,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=8, help="dev requests, spread evenly over the file")
     ap.add_argument("--tables", action="store_true", help="print the markdown tables of the last run and stop")
+    ap.add_argument("--rescore", action="store_true",
+                    help="recompute the answer flags and means of the last run from its stored answers, and stop")
     args = ap.parse_args()
+    if args.rescore:
+        report = json.loads(OUT.read_text())
+        report["summary"] = summarize_rows(report["per_request"])
+        atomic_write(OUT, (json.dumps(report, indent=2) + "\n").encode())
+        return
     if args.tables:
         print("\n".join(tables(json.loads(OUT.read_text()))))
         return
@@ -144,14 +172,7 @@ def main() -> None:
             print(f"[{time.strftime('%H:%M:%S')}] {i} trained {trained}: {json.dumps(row[f'trained_{trained}'])}",
                   file=sys.stderr, flush=True)
         rows.append(row)
-    summary = {}
-    for trained in ("raw", "chat"):
-        keys = [k for k in rows[0][f"trained_{trained}"] if k not in ("answer", "steps")]
-        summary[f"trained_{trained}"] = {k: mean([r[f"trained_{trained}"][k] for r in rows]) for k in keys}
-    summary["unedited"] = {
-        "answer_mentions_target": mean([mentions(r["answer_unedited"], r["target_new"]) for r in rows]),
-        "answer_mentions_truth": mean([mentions(r["answer_unedited"], r["ground_truth"]) for r in rows]),
-        **{f"pre_reliability_{m}": mean([r["pre"][m] for r in rows]) for m in evaluators}}
+    summary = summarize_rows(rows)
     report = {"model": model_dir.name, "preset": "default", "config": config.to_dict(), "settings": settings.to_dict(),
               "requests": len(rows), "requests_file": str(EDITS.relative_to(ROOT)), "answer_tokens": ANSWER_TOKENS,
               "summary": summary, "per_request": rows}
