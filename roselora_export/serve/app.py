@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
 import uuid
@@ -135,10 +136,12 @@ def stream_events(engine: Engine, prompts: list[list[int]], kwargs: dict, chunk:
                                   on_text=lambda i, piece: put(("text", i, piece)), cancelled=gone.is_set, **kwargs)
             put(("done", gen))
         except BaseException as err:  # noqa: BLE001 - reported in the stream, the headers are sent already
+            if not isinstance(err, InputError):
+                logging.getLogger("roselora_export.serve").exception("generation failed in a stream")
             put(("error", err))
 
     async def events() -> AsyncIterator[str]:
-        worker = loop.run_in_executor(None, work)
+        loop.run_in_executor(None, work)
         state = ""
         try:
             while True:
@@ -166,7 +169,6 @@ def stream_events(engine: Engine, prompts: list[list[int]], kwargs: dict, chunk:
                     return
         finally:
             gone.set()  # the client went away (or the stream ended): the worker stops after its current token
-            del worker
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
