@@ -32,13 +32,14 @@ _ROWS = 1 << 22  # elements compared at a time: the check holds a few MB beyond 
 def verify_initializers(root: Path, names: dict, expected: Callable[[str], np.ndarray]) -> int:
     """Compare each key's initializer in root's data file with `expected(key)`: the key's flat bits in
     state-dict order (a numpy array, memory-mapped or not). RuntimeError on the first difference;
-    returns how many initializers were checked. Each tensor's pages are let go before the next one."""
+    returns how many keys were checked (tied keys too). Each tensor's pages are let go before the next one."""
     locs = artifact_locations(root, MODEL_FILE, inline=False)
     checked = 0
     for key, entry in names["tensors"].items():
-        if entry.get("initializer") is None or entry.get("tied_to"):
+        if entry.get("initializer") is None:
             continue
-        loc, want = locs[entry["initializer"]], expected(key)
+        # A tied key shares its canonical key's initializer (and storage): it holds the canonical's weights.
+        loc, want = locs[entry["initializer"]], expected(entry.get("tied_to") or key)
         data = np.memmap(root / loc.file, dtype=want.dtype, mode="r", offset=loc.offset,
                          shape=(loc.length // want.dtype.itemsize,))
         got = data.reshape(loc.shape).T.reshape(-1) if entry.get("transposed") else data
