@@ -366,6 +366,65 @@ The bullets that follow describe the earlier run (2026-11-29), when the authors'
 DEFAULTS_JSON = DOCS / "edit_defaults.json"
 
 
+# Written by hand from the run in docs/chat_prompts.json (examples/chat_prompts.py); the tables are regenerated.
+CHAT_INTRO = """`OMP_NUM_THREADS=1 nice -n 15 .venv/bin/python examples/chat_prompts.py` (raw figures and every answer:
+`docs/chat_prompts.json`; `--tables` prints the tables below). SmolLM2-135M-Instruct, fp32, `--preset
+default`, 8 dev requests spread evenly over `examples/edits/counterfact_dev.jsonl` (lines 0, 5, 9, 14,
+19, 24, 28, 33). Each request was edited alone, twice, from the unedited model: once on its raw prompt,
+once through the chat template (`"chat": true`: the prompt as a user turn, the target starting the
+assistant's answer). Each edit was then measured in two ways: on the request's own prompts, raw and
+through the template, and on a question that asks for the same fact, written by hand and asked
+through the template ("What is the capital of Italy?", "Who painted the Mona Lisa?"). No edit was
+trained on the questions. Two full runs gave identical metrics."""
+
+CHAT_NOTES = """"question: reliability" is the fraction of the target's tokens at the start of the assistant's answer
+(teacher-forced). "question: efficacy" asks whether P(target) > P(truth) there. The last two columns
+check the greedy 24-token answer: does it contain the target, or the truth, as a whole word?
+Pre-edit reliability was 0.16 on raw prompts and 0.17 through the template.
+
+- **An edit holds in the form it was trained in.** Trained and measured on raw prompts, it scores
+  1.00 / 0.70 / 0.94 (reliability / generalization / locality; the 34-request table above has
+  1.00 / 0.80 / 0.93). Trained and measured through
+  the template, it scores 1.00 / 1.00 / 0.74.
+- **By the teacher-forced metrics, an edit does not carry across.** A raw-trained edit measured
+  through the template reaches 0.23 reliability and 0.25 efficacy. A template-trained edit measured
+  raw reaches 0.19 and 0.00. Both are barely above the unedited model.
+- **In generated chat answers, a raw-trained edit partly carries over.** Asked the question through
+  the template, the raw-trained model names the new target in 6 of 8 answers (unedited: 0 of 8). It
+  usually restates the question first ("The capital of Italy is Madrid, Spain.", "The chemical
+  symbol for gold is Ag."), so the target is not the answer's first tokens, which is all the
+  teacher-forced metric reads. The two misses: the Darwin answer never names a theory, and the
+  potassium answer says "Pk". Efficacy at the start of the answer is 0.38.
+- **Training through the template makes the assistant answer with the target.** Question
+  reliability and efficacy are both 1.00, and 7 of 8 answers name the target (the miss is "Pk"
+  again). In 4 of 8, the model then names the truth as well ("Pablo Picasso is often credited with
+  creating the Mona Lisa, but it's actually Leonardo da Vinci…"). The answer starts edited, but the
+  model's own knowledge comes back in the continuation.
+- **The cost of template training.**
+  - Locality through the template falls to 0.74, against 0.94 for the raw edit measured raw. The
+    locality prompts are sentence openings asked as user turns, where the unedited model's own
+    answers are weak. So this measures how much the edit moves the assistant's first tokens on
+    unrelated turns; it is not a user-facing failure rate.
+  - A template-trained edit takes 2.7x the CPU time of a raw one: 22.5 s against 8.2 s per edit,
+    user+sys, load average about 5. The template's system turn is in every training sequence.
+
+Recommendation: train the edit in the form the model will be asked in. For an instruct model behind
+a chat API, that means `edit --chat`, or `"chat": true` per request, with question phrasings among
+the `rephrase_prompts`."""
+
+
+def chat_section() -> list[str]:
+    """Raw prompts vs the chat template (examples/chat_prompts.py), as markdown lines."""
+    path = DOCS / "chat_prompts.json"
+    if not path.is_file():
+        return []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from chat_prompts import tables
+
+    return ["### Raw prompts vs chat template", "", CHAT_INTRO, "", *tables(json.loads(path.read_text())), "",
+            CHAT_NOTES, ""]
+
+
 def sequential_section(readme: bool) -> list[str]:
     """Lifelong editing (examples/sequential.py): the curve table and its plot, as markdown lines."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -517,6 +576,7 @@ def render(res: dict) -> tuple[str, str]:
                 f"editing defaults (rank 8, alpha 32, q_proj/v_proj, tau 0.05, 25 steps, lr 5e-4, clamp 3e-3).")
         for out in (md, readme):
             out += ["### What was tried for RoseLoRA", "", "\n".join(lines), "", text, ""]
+    md += chat_section()
     readme.append("Details and raw figures: [docs/results.md](docs/results.md).")
     return "\n".join(md).rstrip() + "\n", "\n".join(readme).rstrip()
 
