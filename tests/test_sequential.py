@@ -99,3 +99,22 @@ def test_on_measure_gets_each_curve_point_as_it_is_measured(tiny_model_dirs):
                               RoseLoraConfig(steps=2, t_init=1, t_final=1), settings=EditSettings(prefixes=0),
                               measure_at=[1, 2], on_measure=seen.append)
     assert [p["edits"] for p in seen] == [1, 2] and seen == report["curve"][:2]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "benchmark-edits", "serve"])
+def test_every_command_that_loads_a_model_defaults_model_to_the_embedded_one(command):
+    result = _cli([command, "--help"])
+    assert result.exit_code == 0 and "[default: the embedded SmolLM2-135M-Instruct]" in result.output
+
+
+def test_evaluate_without_model_measures_the_embedded_model(monkeypatch, tiny_model_dirs, tmp_path):
+    from pathlib import Path
+
+    from roselora_export import models
+
+    monkeypatch.setattr(models, "demo_model_dir", lambda *a, **k: Path(tiny_model_dirs["llama"]))
+    path = tmp_path / "req.jsonl"
+    path.write_text(json.dumps(REQUESTS[0]) + "\n")
+    result = _cli(["evaluate", "--requests", path, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["per_request"][0]["locality"] == 1.0  # the unedited model itself

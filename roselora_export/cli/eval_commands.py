@@ -9,7 +9,8 @@ import click
 
 from . import main
 from .edit_commands import _preset_options, preset_settings
-from .options import chat_option, check_chat, device_option, dtype_option, resolve_device, resolve_dtype
+from .options import (chat_option, check_chat, device_option, dtype_option, model_option, resolve_device,
+                      resolve_dtype, resolve_model)
 
 _CONFIG_HELP = None
 
@@ -30,7 +31,7 @@ def _fmt(x, pct: bool = False) -> str:
 
 
 @main.command()
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="Base model directory (safetensors).")
+@model_option("Base (unedited) model directory (safetensors).")
 @click.option("--requests", "requests_path", required=True, type=click.Path(), help="Edit requests, .jsonl.")
 @click.option("--adapter", type=click.Path(), default=None,
               help="A PEFT adapter dir (measured unmerged, as PEFT runs it) or an ft-l dir (applied as an fp32 merge).")
@@ -51,6 +52,7 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, chat, as_js
     """
     from ..edit.evaluate import evaluate_dir
 
+    model_dir = str(model_dir) if model_dir is not None else str(resolve_model(None))
     report = evaluate_dir(model_dir, requests_path, adapter=adapter, patches=list(patches), edited=edited_dir,
                           device=resolve_device(device), chat=chat)
     if as_json:
@@ -67,7 +69,7 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, chat, as_js
 
 
 @main.command("benchmark-edits")
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="Base model directory (safetensors).")
+@model_option("Base (unedited) model directory (safetensors).")
 @click.option("--requests", "requests_path", required=True, type=click.Path(), help="Edit requests, .jsonl.")
 @click.option("--methods", default="roselora,lora,ft-l", show_default=True, help="Comma-separated methods to compare.")
 @click.option("--mass", is_flag=True, help="Train one edit carrying all requests instead of one edit per request.")
@@ -127,6 +129,7 @@ def benchmark_edits(model_dir, requests_path, methods, mass, sequential, measure
         requests = requests[:limit]
     if out_path is not None and out_path.exists() and out_path.is_dir():
         raise InputError(f"--out {out_path}: is a directory; give a .json file path")
+    model_dir = str(model_dir) if model_dir is not None else str(resolve_model(None))
     tokenizer = load_tokenizer(model_dir)
     check_chat(tokenizer, requests, chat, requests_path)
     # The deploy dtype is shared by every method; ft-l's stored weights are rounded to it as well.

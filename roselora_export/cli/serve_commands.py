@@ -6,7 +6,7 @@ import ipaddress
 import click
 
 from . import main
-from .options import device_option, dtype_option
+from .options import device_option, dtype_option, model_option
 
 
 def _loopback(host: str) -> bool:
@@ -19,8 +19,7 @@ def _loopback(host: str) -> bool:
 
 
 @main.command("serve")
-@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
-              help="Local Hugging Face model directory to serve (the base the patches are built on).")
+@model_option("Local Hugging Face model directory to serve (the base the patches are built on).")
 @click.option("--host", default="127.0.0.1", help="Address to listen on (loopback by default).")
 @click.option("--port", default=8000, type=click.IntRange(0, 65535), help="Port to listen on (0: any free port).")
 @device_option()
@@ -50,9 +49,10 @@ def serve_command(model_dir, host, port, device, dtype, admin_token_file, truste
     `system_fingerprint`. Nothing is ever written to MODEL.
     """
     from ..serve.server import bind, build_app, run, url_of
-    from .options import resolve_device
+    from .options import resolve_device, resolve_model
 
     sock = bind(host, port)  # before loading: a busy port fails at once
+    model_dir = str(model_dir) if model_dir is not None else str(resolve_model(None))
     dev = resolve_device(device)
     if threads:
         import torch
