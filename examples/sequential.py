@@ -142,7 +142,7 @@ def _plot(reports: dict) -> None:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean over the T requests")
     axes[0].legend()
-    fig.suptitle("Sequential editing on SmolLM2-135M-Instruct, default preset, one patch per edit")
+    fig.suptitle("Sequential editing on SmolLM2-135M-Instruct, one patch per edit (default preset unless named)")
     fig.tight_layout()
     fig.savefig(ROOT / "docs" / "sequential.png", dpi=110)
 
