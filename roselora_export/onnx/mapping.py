@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..core import dtypes
 from ..errors import InputError
 from .journal import recover
 from .names import NAMES_FILE, NAMES_FORMAT_MAPPED, artifact_locations, dtype_name, load_graph
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     import onnx
 
 _MAX_CANDIDATES = 4096  # a window key seen more often than this is low-entropy data (constants): not searched
-_BITS = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}
 QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear", "QLinearMatMul", "MatMulInteger",
                  "DynamicQuantizeMatMul", "QMoE")
 
@@ -49,7 +49,7 @@ def _cast(bits: np.ndarray, src: str, dst: str) -> np.ndarray | None:
 
     floats = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
     with np.errstate(over="ignore", invalid="ignore"):
-        return bits.view(floats[src]).astype(floats[dst]).view(_BITS[dst])
+        return bits.view(floats[src]).astype(floats[dst]).view(dtypes.BITS[dst])
 
 
 def model_file_of(onnx_dir: Path, model_file: str | None = None) -> str:
@@ -91,12 +91,12 @@ class _Initializers:
         self.dtypes: dict[str, str] = {}
         for name, loc in locations.items():
             dtype = dtype_name(loc.dtype)
-            if dtype not in _BITS or loc.length == 0:
+            if dtype not in dtypes.PATCHABLE or loc.length == 0:
                 continue
             if loc.file not in self.maps:
                 self.maps[loc.file] = np.memmap(root / loc.file, dtype=np.uint8, mode="r")
             raw = self.maps[loc.file][loc.offset: loc.offset + loc.length]
-            self.arrays[name] = raw.view(_BITS[dtype]).reshape(loc.shape)
+            self.arrays[name] = raw.view(dtypes.BITS[dtype]).reshape(loc.shape)
             self.dtypes[name] = dtype
         self.whole: dict[tuple, list[str]] = {}
         for name, a in self.arrays.items():
@@ -255,8 +255,8 @@ def map_onnx(hf_dir: str | os.PathLike, onnx_dir: str | os.PathLike, *, model_fi
         header, info = model.locations[key]
         entry = {"shape": list(info.shape), "dtype": info.dtype}
         tensors[key] = entry
-        if info.dtype not in _BITS or not info.shape:
-            entry["reason"] = "not a floating-point tensor" if info.dtype not in _BITS else "a scalar"
+        if info.dtype not in dtypes.PATCHABLE or not info.shape:
+            entry["reason"] = "not a floating-point tensor" if info.dtype not in dtypes.PATCHABLE else "a scalar"
             continue
         bits = model.read_array(key).reshape(info.shape)
         value_of[key] = (info.dtype, tuple(info.shape), _sample(bits))

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..core.dtypes import SHORT_NAMES
 from ..errors import InputError
 
 if TYPE_CHECKING:
@@ -49,9 +50,6 @@ ONNX_TYPE_OF: dict[str, int] = {v: k for k, v in ONNX_DTYPES.items()}
 _ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16, 16: 2,
                   17: 1, 18: 1, 19: 1, 20: 1}
 _ONNX_HALF_BYTE = (21, 22, 23)  # uint4, int4, float4e2m1: two elements per byte
-
-
-_CLI_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
 
 
 def aligned_offset(offset: int, nbytes: int) -> int:
@@ -232,7 +230,7 @@ class OnnxArtifact:
         if entry.get("dtype") and entry["dtype"] != have:
             return (f"the artifact stores it as {have}, cast from the checkpoint's {entry['dtype']}, and a {want} "
                     f"patch cannot be applied exactly to {have} values; make the patch in {have} "
-                    f"(merge --dtype {_CLI_DTYPES.get(have, have)}, or diff against a {have} checkpoint)")
+                    f"(merge --dtype {SHORT_NAMES.get(have, have)}, or diff against a {have} checkpoint)")
         return f"the artifact stores it as {have} but the patch is {want}"
 
 
