@@ -343,3 +343,22 @@ def test_independent_patches_stack_on_an_onnx_artifact_with_its_ledger(onnx_base
         r = run("apply", "--base", art, "--patch", files[name], "--in-place", "--revert")
         assert r.exit_code == 0, r.output
     assert {p.name: p.read_bytes() for p in art.iterdir()} == {p.name: p.read_bytes() for p in onnx.iterdir()}
+
+
+def test_merge_check_with_onnx_checks_the_artifact_takes_the_patch_and_writes_nothing(onnx_base, tmp_path):
+    model, onnx = onnx_base
+    adapter = make_adapter(model, tmp_path / "adapter", seed=1)
+    before = snapshot(tmp_path), snapshot(onnx)
+    r = run("merge", "--base", model, "--adapter", adapter, "--out", tmp_path / "m", "--onnx", onnx, "--check", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["onnx"]["elements"] == report["total_nnz"] > 0
+    assert (snapshot(tmp_path), snapshot(onnx)) == before
+    other = tmp_path / "other-onnx"
+    from roselora_export.onnx.export import export_onnx
+
+    export_onnx(tiny_llama_dir(tmp_path / "other", seed=7), other, check_runtime=False)
+    before = snapshot(tmp_path), snapshot(onnx)
+    refused(run("merge", "--base", model, "--adapter", adapter, "--out", tmp_path / "m", "--onnx", other, "--check"),
+            "fingerprint")
+    assert (snapshot(tmp_path), snapshot(onnx)) == before

@@ -2,8 +2,8 @@
 
 The adapter is read and matched to the base, each changed tensor is merged in memory one at a time
 (shapes, dtypes, NaN/Inf refused as merge refuses them), the base's ledger is checked against its
-weights, the destinations are checked, and an --onnx artifact is checked against the patch. No file
-is created, no lock taken.
+weights and the destinations are checked. No file is created, no lock taken. (The CLI checks an
+--onnx artifact against the patch this returns: checkpoint code does not import onnx.)
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from .model_dir import open_model_dir
 
 
 def check_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                dtype=None, patch_path: str | os.PathLike | None = None, onnx_dir: str | os.PathLike | None = None) -> dict:
-    """Validate a merge without writing anything; returns what it would produce (tensors, nnz, survival)."""
+                dtype=None, patch_path: str | os.PathLike | None = None):
+    """Validate a merge without writing anything; returns (what it would produce: tensors, nnz, survival;
+    the patch it would write)."""
     from ..patch.adapter import read_adapter, resolve_keys
     from ..patch.ledger import check_weights, read_ledger
     from ..patch.merge_math import SurvivalReport, merge_bits
@@ -50,13 +51,7 @@ def check_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out
             patch.tensors[name] = fill_sha256(m.patch, m.base_bits, m.bits)
             if not converts:
                 check_weights(ledger, model.path, name, patch.tensors[name].base_sha256)
-    onnx = None
-    if onnx_dir is not None:
-        from ..onnx.names import open_artifact
-        from ..onnx.patching import plan_patches
-
-        touched = plan_patches(open_artifact(onnx_dir), [patch])
-        onnx = {"initializers": len(touched), "elements": sum(int(t.positions.size) for t in touched.values())}
-    return {"check": True, "out": str(out_dir), "patch": str(patch_path), "tensors": len(patch.tensors),
-            "total_nnz": patch.total_nnz, "edit_survival": survival.to_dict(), "onnx": onnx,
-            "ledger_patches": len(ledger.entries)}
+    report = {"check": True, "out": str(out_dir), "patch": str(patch_path), "tensors": len(patch.tensors),
+              "total_nnz": patch.total_nnz, "edit_survival": survival.to_dict(), "onnx": None,
+              "ledger_patches": len(ledger.entries)}
+    return report, patch

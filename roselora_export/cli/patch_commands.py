@@ -112,7 +112,14 @@ def merge_command(base_dir, adapter_dir, out_dir, patch_path, dtype, onnx_dir, c
     if check:
         from ..checkpoint.merge_check import check_merge
 
-        report = check_merge(base_dir, adapter_dir, out_dir, dtype=dtype, patch_path=patch_path, onnx_dir=onnx_dir)
+        report, patch = check_merge(base_dir, adapter_dir, out_dir, dtype=dtype, patch_path=patch_path)
+        if onnx_dir is not None:  # the artifact must take the patch, as merge --onnx would apply it
+            from ..onnx.names import open_artifact
+            from ..onnx.patching import plan_patches
+
+            touched = plan_patches(open_artifact(onnx_dir), [patch])
+            report["onnx"] = {"initializers": len(touched),
+                              "elements": sum(int(t.positions.size) for t in touched.values())}
         if as_json:
             click.echo(json.dumps(report, indent=2))
         else:
