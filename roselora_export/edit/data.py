@@ -104,19 +104,18 @@ def encode_edit_examples(requests, tokenizer, max_len: int | None, *, prefixes: 
                     ids = encode_pair(tokenizer, item["prompt"], item["answer"], chat=True, where=where).input_ids
                 else:
                     ids = list(tokenizer(item["prompt"] + " " + item["answer"])["input_ids"])
-                if max_len is not None:
-                    ids = ids[:max_len]
-                out.append(Encoded(input_ids=ids, labels=[IGNORE] * len(ids), kl_len=len(ids)))
+                out.append(_kl_only(ids[:max_len]))
     return out
 
 
 def kl_only_sequences(texts: list[str], tokenizer, max_len: int | None) -> list[Encoded]:
     """Each text as a sequence with no target tokens whose every position carries the locality term."""
-    out = []
-    for text in texts:
-        ids = list(tokenizer(text.rstrip())["input_ids"])[:max_len]
-        out.append(Encoded(input_ids=ids, labels=[IGNORE] * len(ids), kl_len=len(ids)))
-    return out
+    return [_kl_only(list(tokenizer(text.rstrip())["input_ids"])[:max_len]) for text in texts]
+
+
+def _kl_only(ids: list[int]) -> Encoded:
+    """A sequence with nothing to predict: every position carries the locality term only."""
+    return Encoded(input_ids=ids, labels=[IGNORE] * len(ids), kl_len=len(ids))
 
 
 def _prefix_ids(tokenizer, prefix: str, prompt: str, chat: bool) -> list[int]:
