@@ -10,14 +10,12 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
 from roselora_export.cli import main
 from roselora_export.edit.data import IGNORE, encode_edit_examples, encode_pair
 from roselora_export.edit.evaluate import EditEvaluator
 from roselora_export.edit.requests import EditRequest, load_requests
 from roselora_export.errors import InputError
-from roselora_export.patch import build_patch_from_state_dicts, config_fingerprint, save_patch
 
 GOOD = {"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower", "target_new": "Rome",
         "ground_truth": "Paris", "rephrase_prompts": ["The city of the Eiffel Tower is"],
@@ -61,17 +59,9 @@ def no_template_dir(tiny_model_dirs, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def patch_file(tiny_model_dirs, tmp_path_factory) -> Path:
     """A patch that rewrites a third of every matrix of the tiny Llama: answers change."""
-    model_dir = tiny_model_dirs["llama"]
-    base = load_file(str(model_dir / "model.safetensors"))
-    target = {k: v.clone() for k, v in base.items()}
-    g = torch.Generator().manual_seed(0)
-    for t in target.values():
-        if t.dim() == 2:
-            mask = torch.rand(t.shape, generator=g) < 0.3
-            t[mask] = torch.randn(int(mask.sum()), generator=g) * 5
-    config = json.loads((model_dir / "config.json").read_text())
-    patch = build_patch_from_state_dicts(base, target, provenance={"base_config_sha256": config_fingerprint(config)})
-    return save_patch(patch, tmp_path_factory.mktemp("patch") / "edit.patch.safetensors")
+    from test_runtime_cli import _scrambled_patch
+
+    return _scrambled_patch(tiny_model_dirs["llama"], tmp_path_factory.mktemp("patch") / "edit.patch.safetensors")
 
 
 # ----------------------------------------------------------------------------- the library
