@@ -3,9 +3,8 @@
 Every import of a package module counts, at module level or inside a function (a lazy import is
 still a dependency). A package may import
 packages of its own rank or below, never above; the package graph has no cycle; no module imports
-itself back through others; the bottom layer imports no torch and nothing above it. KNOWN lists
-today's exceptions, each with why: the list may only shrink (a test fails when an entry is no longer
-needed, so it gets removed).
+itself back through others; the bottom layer imports no torch and nothing above it; no torch._C.
+There are no exceptions.
 """
 from __future__ import annotations
 
@@ -23,14 +22,6 @@ RANK = {
     "edit": 3, "serve": 3,
     "cli": 4,
 }
-
-# Today's exceptions (module -> module it imports), to shrink.
-KNOWN_PACKAGE_CYCLE_EDGES: set[tuple[str, str]] = set()
-KNOWN_MODULE_CYCLE_EDGES = {
-    # The large-model export (another issue's work) and the export share helpers both ways.
-    ("roselora_export.onnx.export_large", "roselora_export.onnx.export"),
-}
-KNOWN_PRIVATE_TORCH: set[str] = set()  # no torch._C in the package
 
 
 def _module_name(path: Path) -> str:
@@ -118,26 +109,19 @@ def test_no_package_imports_a_package_above_it():
     assert upward == []
 
 
-def test_the_package_graph_has_no_cycle_beyond_the_known_edges():
-    imports = _imports()
+def test_the_package_graph_has_no_cycle():
     graph: dict[str, set[str]] = {}
-    for a, bs in imports.items():
+    for a, bs in _imports().items():
         for b in bs:
-            if _top(a) and _top(b) and _top(a) != _top(b) and (a, b) not in KNOWN_PACKAGE_CYCLE_EDGES:
+            if _top(a) and _top(b) and _top(a) != _top(b):
                 graph.setdefault(_top(a), set()).add(_top(b))
     assert _cycles(graph) == []
-    present = {(a, b) for a, bs in imports.items() for b in bs}
-    assert KNOWN_PACKAGE_CYCLE_EDGES <= present, "an exception is gone: remove it from KNOWN_PACKAGE_CYCLE_EDGES"
 
 
-def test_no_module_imports_itself_back_beyond_the_known_edges():
-    imports = _imports()
-    graph = {a: {b for b in bs if (a, b) not in KNOWN_MODULE_CYCLE_EDGES | KNOWN_PACKAGE_CYCLE_EDGES
-                 and not (b == a.rpartition(".")[0])}  # a module may use its own package's lazy __init__
-             for a, bs in imports.items()}
+def test_no_module_imports_itself_back():
+    graph = {a: {b for b in bs if b != a.rpartition(".")[0]}  # a module may use its own package's lazy __init__
+             for a, bs in _imports().items()}
     assert _cycles(graph) == []
-    present = {(a, b) for a, bs in imports.items() for b in bs}
-    assert KNOWN_MODULE_CYCLE_EDGES <= present, "an exception is gone: remove it from KNOWN_MODULE_CYCLE_EDGES"
 
 
 def test_the_bottom_layer_imports_neither_torch_nor_anything_above_it():
@@ -155,6 +139,6 @@ def test_the_bottom_layer_imports_neither_torch_nor_anything_above_it():
             assert {_top(b) for b in bs} <= {"core", "errors"}, f"{a} imports {sorted(bs)}"
 
 
-def test_private_torch_apis_only_where_known():
+def test_no_private_torch_api():
     users = {_module_name(p) for p in PKG.rglob("*.py") if "torch._C" in p.read_text()}
-    assert users == KNOWN_PRIVATE_TORCH
+    assert users == set()

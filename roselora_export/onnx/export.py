@@ -12,150 +12,32 @@ names.json lists under both keys. The map is then verified by value, from the wr
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from onnx import external_data_helper
 
-from ..errors import InputError
-from ..models import check_model_dir, load_model
+from ..models import check_model_dir
 from ..patch.model import BITS_DTYPE, DTYPE_NAMES, tensor_bits
+from .export_large import export_streaming
 from .names import DATA_FILE, MODEL_FILE, ONNX_DTYPES, ONNX_TYPE_OF, aligned_offset
 from .publish import export_report, names_document, publish, verify_initializers
+from .trace import (
+    cache_geometry, check_export_args, graph_io, load_for_export, reference_logits, rename_inputs, runtime_checker,
+    tied_canonical, trace,
+)
 
-TASKS = ("auto", "causal-lm", "sequence-classification")
 EXPORT_PHASES = ("load", "trace", "map", "write", "check")
-_PREFIX = "m"  # the wrapper's attribute holding the model; stripped from initializer names
-
-
-class _LogitsOnly(torch.nn.Module):
-    """(input_ids, attention_mask) -> logits, with the cache off: the graph's whole interface."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        setattr(self, _PREFIX, model)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        model = getattr(self, _PREFIX)
-        kwargs = {"use_cache": False} if _is_causal(model) else {}
-        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-
-
-class _WithCache(torch.nn.Module):
-    """(input_ids, attention_mask over past+new, past key/value per layer) -> logits, present key/values.
-
-    The cache travels as plain tensors, [batch, kv_heads, past, head_dim] each, so the legacy exporter
-    can trace it; inside, a DynamicCache is rebuilt from them (an empty past works: length 0).
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        setattr(self, _PREFIX, model)
-        self.layers = int(model.config.num_hidden_layers)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
-        from transformers import DynamicCache
-
-        model = getattr(self, _PREFIX)
-        cache = DynamicCache(config=model.config)
-        for i in range(self.layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-        present = []
-        for layer in out.past_key_values.layers[: self.layers]:
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
-
-
-def _cache_geometry(config) -> dict:
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return {"layers": int(config.num_hidden_layers), "kv_heads": kv_heads, "head_dim": head_dim}
-
-
-def _graph_io(config, kv_cache: bool) -> tuple[list[str], list[str], dict]:
-    """Input names, output names and dynamic axes of the exported graph."""
-    inputs, outputs = ["input_ids", "attention_mask"], ["logits"]
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            "logits": {0: "batch", 1: "sequence"}}
-    if kv_cache:
-        axes["attention_mask"] = {0: "batch", 1: "total_sequence"}
-        for i in range(int(config.num_hidden_layers)):
-            for kind in ("key", "value"):
-                inputs.append(f"past_key_values.{i}.{kind}")
-                outputs.append(f"present.{i}.{kind}")
-                axes[inputs[-1]] = {0: "batch", 2: "past_sequence"}
-                axes[outputs[-1]] = {0: "batch", 2: "total_sequence"}
-    return inputs, outputs, axes
-
-
-def _empty_past(config, batch: int, past: int, dtype: torch.dtype, gen: torch.Generator | None = None) -> list[torch.Tensor]:
-    g = _cache_geometry(config)
-    shape = (batch, g["kv_heads"], past, g["head_dim"])
-    return [torch.randn(shape, generator=gen).to(dtype) if gen is not None else torch.zeros(shape, dtype=dtype)
-            for _ in range(2 * g["layers"])]
-
-
-def _is_causal(model) -> bool:
-    return not type(model).__name__.endswith("ForSequenceClassification")
-
-
-def detect_task(model_dir: Path) -> str:
-    """'causal-lm' or 'sequence-classification', from config.json's architectures."""
-    archs = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        return "sequence-classification"
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "causal-lm"
-    raise InputError(f"--model {model_dir}: cannot tell the task from architectures {archs}; pass --task")
-
-
-def _checkpoint_dtype(model_dir: Path) -> torch.dtype:
-    """The floating dtype the checkpoint stores (patches carry it), read from the safetensors headers."""
-    from safetensors import safe_open
-
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            for key in f.keys():
-                dtype = f.get_slice(key).get_dtype()
-                if dtype in ("F32", "F16", "BF16"):
-                    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
-    return torch.float32
-
-
-def _example_inputs(config, batch: int, seq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    vocab = int(getattr(config, "vocab_size", 128))
-    ids = torch.randint(0, min(vocab, 1000), (batch, seq), generator=g)
-    mask = torch.ones_like(ids)
-    if batch > 1:
-        mask[-1, seq - 2:] = 0  # right padding in one row: the mask path is exercised
-    return ids, mask
 
 
 def _fingerprints(t: torch.Tensor) -> list[tuple[str, bool]]:
     """sha256 of the tensor's bits as stored and, for a matrix, transposed: how it is found in the graph."""
     views = [(t, False)] + ([(t.T, True)] if t.dim() == 2 else [])
     return [(hashlib.sha256(tensor_bits(v).tobytes()).hexdigest(), tr) for v, tr in views]
-
-
-def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                _rename_inputs(sub, renames)
 
 
 def _write_artifact(model: onnx.ModelProto, out: Path) -> None:
@@ -170,20 +52,6 @@ def _write_artifact(model: onnx.ModelProto, out: Path) -> None:
     # onnx writes each tensor at the end of the file, padded up to the offset set above.
     external_data_helper.write_external_data_tensors(model, str(out))
     onnx.save_model(model, str(out / MODEL_FILE))
-
-
-def _runtime_check(out: Path, inputs: tuple[torch.Tensor, torch.Tensor], expected: torch.Tensor,
-                   past: list[torch.Tensor], past_names: list[str]) -> float:
-    """Max abs difference between onnxruntime's logits and PyTorch's on the same inputs (another shape than traced)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(str(out / MODEL_FILE), so, providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": inputs[0].numpy(), "attention_mask": inputs[1].numpy()}
-    feeds.update({name: t.numpy() for name, t in zip(past_names, past)})
-    got = sess.run(["logits"], feeds)[0]
-    return float(np.abs(got.astype(np.float64) - expected.float().numpy()).max())
 
 
 # Checkpoints this large are exported by export_large (graph without weights, weights streamed file to
@@ -210,8 +78,6 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     if stream is None:
         stream = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) >= STREAM_ABOVE_BYTES
     if stream:
-        from .export_large import export_streaming
-
         return export_streaming(model_dir, out, task=task, opset=opset, kv_cache=kv_cache, check_runtime=check_runtime,
                                 seed=seed, dtype=dtype, progress=done)
     model = load_for_export(model_dir, task, dtype)
@@ -219,9 +85,7 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     done("load")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     canonical = tied_canonical(model)
-    check_inputs = _example_inputs(model.config, 3, 5, seed + 1)  # another shape than traced: checks dynamic axes
-    with torch.no_grad():
-        expected = _LogitsOnly(model).eval()(*check_inputs)
+    check_inputs, expected = reference_logits(model, seed)
     config = model.config
     t_trace = time.perf_counter()
     onnx_model, tags = _trace_with_tags(model, canonical, kv_cache, opset, seed, dtype)
@@ -230,9 +94,9 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     done("trace")
     t_map = time.perf_counter()
     tensors, found = _put_weights_by_tag(onnx_model, state, canonical, tags)
-    input_names, output_names, _ = _graph_io(config, kv_cache)
+    input_names, output_names, _ = graph_io(config, kv_cache)
     names = names_document(task=task, input_names=input_names, output_names=output_names, opset=opset,
-                           kv_cache=_cache_geometry(config) if kv_cache else None,
+                           kv_cache=cache_geometry(config) if kv_cache else None,
                            exporter=f"torch {torch.__version__} legacy, do_constant_folding=False", source=model_dir,
                            dtype=DTYPE_NAMES.get(dtype), tensors=tensors)
     phases["map_s"] = time.perf_counter() - t_map
@@ -252,52 +116,6 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
                          check_runtime=check_runtime, t0=t0, phases=phases)
 
 
-def check_export_args(model_dir: Path, out: Path, task: str, kv_cache: bool) -> tuple[str, torch.dtype]:
-    """The task (detected for "auto") and the checkpoint's dtype; InputError for bad arguments or a non-empty out."""
-    if task not in TASKS:
-        raise InputError(f"--task {task}: choose one of {', '.join(TASKS)}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out}: exists and is not an empty directory; choose a new path")
-    task = detect_task(model_dir) if task == "auto" else task
-    if kv_cache and task != "causal-lm":
-        raise InputError(f"--kv-cache needs a causal LM; {model_dir} is exported as {task}")
-    return task, _checkpoint_dtype(model_dir)
-
-
-def load_for_export(model_dir: Path, task: str, dtype: torch.dtype) -> torch.nn.Module:
-    """The model as it is traced: eager attention (plain ops: exports everywhere, runs on every provider), no cache."""
-    model = load_model(model_dir, task=task, dtype=dtype)
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-    model.config.use_cache = False
-    return model
-
-
-def tied_canonical(model: torch.nn.Module) -> dict[str, str]:
-    """State-dict key -> the key whose storage it shares (itself if none): tied weights are one tensor, named by
-    the first key in state-dict order, which is the one a safetensors checkpoint keeps."""
-    by_ptr: dict[tuple, str] = {}
-    canonical: dict[str, str] = {}
-    for key, t in model.state_dict().items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        canonical[key] = by_ptr.setdefault(ident, key)
-    return canonical
-
-
-def runtime_checker(config, kv_cache: bool, dtype: torch.dtype, check_inputs, expected: torch.Tensor
-                    ) -> Callable[[Path], float]:
-    """The check run on the written artifact: onnxruntime's logits against PyTorch's (RuntimeError past 1e-3 in fp32)."""
-    input_names = _graph_io(config, kv_cache)[0]
-
-    def check(root: Path) -> float:
-        empty = _empty_past(config, check_inputs[0].shape[0], 0, dtype) if kv_cache else []
-        diff = _runtime_check(root, check_inputs, expected, empty, input_names[2:])
-        if dtype == torch.float32 and diff > 1e-3:
-            raise RuntimeError(f"export check failed: onnxruntime logits differ from PyTorch by {diff:.3g}")
-        return diff
-    return check
-
-
 def _trace_with_tags(model: torch.nn.Module, canonical: dict[str, str], kv_cache: bool, opset: int, seed: int,
                      dtype: torch.dtype) -> tuple[onnx.ModelProto, dict[str, list[tuple[str, bool]]]]:
     """The traced graph, with every distinct parameter filled beforehand with unique random tags (the exporter
@@ -306,31 +124,16 @@ def _trace_with_tags(model: torch.nn.Module, canonical: dict[str, str], kv_cache
     by_ptr = {}
     for key, t in model.state_dict().items():
         by_ptr.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype), canonical[key])
-    traced = _WithCache(model).eval() if kv_cache else _LogitsOnly(model).eval()
-    input_names, output_names, dynamic_axes = _graph_io(model.config, kv_cache)
     tags: dict[str, list[tuple[str, bool]]] = {}
-    buf = io.BytesIO()
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
         for name, p in params.items():
             if p.dtype in BITS_DTYPE:
                 p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype))
                 ident = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.dtype)
                 tags[by_ptr.get(ident, name)] = _fingerprints(p.detach())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ids, mask = _example_inputs(model.config, 2, 8, seed)
-            past = _empty_past(model.config, 2, 3, dtype, gen) if kv_cache else []
-            if kv_cache:  # the mask covers the 3 past positions too
-                mask = torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], dim=1)
-            torch.onnx.export(
-                traced, (ids, mask, *past), buf, dynamo=False, do_constant_folding=False, opset_version=opset,
-                input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
-            )
-    del traced, params, past
-    onnx_model = onnx.ModelProto()
-    onnx_model.ParseFromString(buf.getbuffer())  # parsed from the buffer without copying it
-    return onnx_model, tags
+    del params
+    return trace(model, kv_cache, opset, seed, dtype, gen), tags
 
 
 def _put_weights_by_tag(onnx_model: onnx.ModelProto, state: dict[str, torch.Tensor], canonical: dict[str, str],
@@ -386,5 +189,5 @@ def _put_weights_by_tag(onnx_model: onnx.ModelProto, state: dict[str, torch.Tens
     clashes = sorted(new_names & others)
     if clashes:
         raise RuntimeError(f"cannot rename initializers to state-dict keys, names taken: {clashes[:5]}")
-    _rename_inputs(onnx_model.graph, renames)
+    rename_inputs(onnx_model.graph, renames)
     return tensors, found

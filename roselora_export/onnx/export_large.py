@@ -15,10 +15,8 @@ The artifact has the layout and names.json of export.py's (format 1), so apply/r
 from __future__ import annotations
 
 import gc
-import io
 import os
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +29,9 @@ from ..errors import InputError
 from ..patch.model import DTYPE_NAMES
 from .names import DATA_FILE, MODEL_FILE, ONNX_TYPE_OF, aligned_offset
 from .publish import export_report, names_document, publish, verify_initializers
+from .trace import (
+    PREFIX, cache_geometry, graph_io, load_for_export, reference_logits, rename_inputs, runtime_checker, tied_canonical, trace,
+)
 
 
 def _weightless(model: torch.nn.Module) -> None:
@@ -50,10 +51,6 @@ def _weightless(model: torch.nn.Module) -> None:
 def export_streaming(model_dir: Path, out: Path, *, task: str, opset: int, kv_cache: bool, check_runtime: bool,
                      seed: int, dtype: torch.dtype, progress: Callable[[str], None]) -> dict:
     """export_onnx's work for a checked model_dir and empty out (see export.export_onnx for the contract)."""
-    from .export import (
-        _LogitsOnly, _cache_geometry, _example_inputs, _graph_io, load_for_export, runtime_checker, tied_canonical,
-    )
-
     t0 = time.perf_counter()
     checkpoint = open_model_dir(model_dir, "--model")
     model = load_for_export(model_dir, task, dtype)
@@ -67,21 +64,19 @@ def export_streaming(model_dir: Path, out: Path, *, task: str, opset: int, kv_ca
     if missing:
         raise InputError(f"--model {model_dir}: the model's parameter {missing[0]!r} is not stored under that name in "
                          "the checkpoint, so its bytes cannot be streamed; export with --no-stream (under 2 GB)")
-    check_inputs = _example_inputs(config, 3, 5, seed + 1)
-    with torch.no_grad():
-        expected = _LogitsOnly(model).eval()(*check_inputs)
+    check_inputs, expected = reference_logits(model, seed)
     _weightless(model)  # the real weights are freed here: the graph is traced without them
     gc.collect()
 
     t_trace = time.perf_counter()
-    graph = _trace_weightless(model, kv_cache, opset, seed, dtype)
+    graph = trace(model, kv_cache, opset, seed, dtype, torch.Generator().manual_seed(seed), export_params=False)
     del model
     gc.collect()
     phases["trace_s"] = time.perf_counter() - t_trace
     progress("trace")
 
     t_map = time.perf_counter()
-    sources, data_bytes = _inputs_to_initializers(graph, checkpoint, shapes, model_dir, set(_graph_io(config, kv_cache)[0]))
+    sources, data_bytes = _inputs_to_initializers(graph, checkpoint, shapes, model_dir, set(graph_io(config, kv_cache)[0]))
     graph_keys = {key for key, *_ in sources}
     tensors = {}
     for key, (shape, tdtype) in shapes.items():
@@ -93,9 +88,9 @@ def export_streaming(model_dir: Path, out: Path, *, task: str, opset: int, kv_ca
         if entry["initializer"] is None:
             entry["reason"] = "not a parameter of the graph (a buffer, or unused)"
         tensors[key] = entry
-    input_names, output_names, _ = _graph_io(config, kv_cache)
+    input_names, output_names, _ = graph_io(config, kv_cache)
     names = names_document(task=task, input_names=input_names, output_names=output_names, opset=opset,
-                           kv_cache=_cache_geometry(config) if kv_cache else None,
+                           kv_cache=cache_geometry(config) if kv_cache else None,
                            exporter=f"torch {torch.__version__} legacy, export_params=False, weights streamed",
                            source=model_dir, dtype=DTYPE_NAMES.get(dtype), tensors=tensors)
     phases["map_s"] = time.perf_counter() - t_map
@@ -116,42 +111,16 @@ def export_streaming(model_dir: Path, out: Path, *, task: str, opset: int, kv_ca
                          ran=ran, check_runtime=check_runtime, t0=t0, phases=phases, streamed=True)
 
 
-def _trace_weightless(model: torch.nn.Module, kv_cache: bool, opset: int, seed: int, dtype: torch.dtype
-                      ) -> onnx.ModelProto:
-    """The graph traced with export_params=False: each parameter a graph input named by its state-dict key."""
-    from .export import _LogitsOnly, _WithCache, _empty_past, _example_inputs, _graph_io
-
-    config = model.config
-    input_names, output_names, dynamic_axes = _graph_io(config, kv_cache)
-    traced = _WithCache(model).eval() if kv_cache else _LogitsOnly(model).eval()
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ids, mask = _example_inputs(config, 2, 8, seed)
-        past = _empty_past(config, 2, 3, dtype, torch.Generator().manual_seed(seed)) if kv_cache else []
-        if kv_cache:
-            mask = torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], dim=1)
-        torch.onnx.export(traced, (ids, mask, *past), buf, dynamo=False, do_constant_folding=False, export_params=False,
-                          opset_version=opset, input_names=input_names, output_names=output_names,
-                          dynamic_axes=dynamic_axes)
-    del traced, past
-    graph = onnx.ModelProto()
-    graph.ParseFromString(buf.getbuffer())
-    return graph
-
-
 def _inputs_to_initializers(graph: onnx.ModelProto, checkpoint, shapes: dict, model_dir: Path, real_inputs: set[str]
                             ) -> tuple[list[tuple], int]:
     """Parameter inputs -> external initializers named by their state-dict keys, at aligned offsets of the data
     file. Returns (key, shard path, start in the shard, offset in the data file, bytes) per initializer, and
     the data file's size."""
-    from .export import _rename_inputs
-
     params = [i for i in graph.graph.input if i.name not in real_inputs]
     renames, sources = {}, []
     offset = 0
     for inp in params:
-        key = inp.name.split(".", 1)[1] if inp.name.startswith("m.") else inp.name
+        key = inp.name.removeprefix(f"{PREFIX}.")
         if key not in checkpoint.locations:
             raise InputError(f"--model {model_dir}: the graph needs {key!r}, which the checkpoint does not store")
         header, info = checkpoint.locations[key]
@@ -171,7 +140,7 @@ def _inputs_to_initializers(graph: onnx.ModelProto, checkpoint, shapes: dict, mo
     keep = [i for i in graph.graph.input if i.name in real_inputs]
     del graph.graph.input[:]
     graph.graph.input.extend(keep)
-    _rename_inputs(graph.graph, renames)
+    rename_inputs(graph.graph, renames)
     return sources, offset
 
 
