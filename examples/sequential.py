@@ -43,7 +43,9 @@ def run(method: str, limit: int, keep_reverts: bool, threads: int, overrides: di
     if overrides:  # a side experiment; the table reads only the untagged runs
         from dataclasses import replace
 
-        settings = replace(settings, **overrides)
+        config_names = set(config.to_dict())
+        config = type(config).from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if k in config_names}})
+        settings = replace(settings, **{k: v for k, v in overrides.items() if k not in config_names})
     model_dir = str(demo_model_dir())
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     t0 = time.time()
@@ -160,12 +162,15 @@ if __name__ == "__main__":
     r.add_argument("--prefixes", type=int, default=None, help="override the preset's context prefixes (side experiment)")
     r.add_argument("--prefix-length", type=int, default=None, help="override the preset's prefix length (side experiment)")
     r.add_argument("--kl-texts", type=int, default=None, help="override the preset's KL-only texts (side experiment)")
+    r.add_argument("--layers", default=None, help="override the preset's adapted layers, e.g. 2-6 (side experiment)")
+    r.add_argument("--tau", type=float, default=None, help="override the preset's kept fraction (side experiment)")
     r.add_argument("--tag", default="", help="suffix of the output file name (side experiments)")
     sub.add_parser("render", help="table and plot from docs/sequential/*.json")
     args = ap.parse_args()
     if args.cmd == "run":
         overrides = {k: v for k, v in (("kl_weight", args.kl_weight), ("prefixes", args.prefixes),
-                                       ("prefix_length", args.prefix_length), ("kl_texts", args.kl_texts))
+                                       ("prefix_length", args.prefix_length), ("kl_texts", args.kl_texts),
+                                       ("layers", args.layers), ("tau", args.tau))
                      if v is not None}
         run(args.method, args.limit, not args.no_reverts, args.threads, overrides, args.tag, args.preset)
     else:

@@ -192,6 +192,8 @@ def test_edit_on_a_bf16_checkpoint_trains_against_bf16(tmp_path, smollm_dir):
     (["--method", "ft-l", "--deploy-dtype", "bf16"], r"--deploy-dtype bf16: ft-l stores whole new weights"),
     (["--prefixes", "-1"], r"--prefixes -1: must be a whole number >= 0"),
     (["--kl-weight", "-1"], r"--kl-weight -1.0: must be >= 0"),
+    (["--layers", "7"], r"--layers 7: the model has layers 0\.\.1$"),
+    (["--layers", "two"], r"--layers two: give layer numbers such as 2-6"),
 ])
 def test_bad_edit_settings_are_one_line_errors(tiny_model_dirs, tmp_path, args, pattern):
     import re
@@ -225,6 +227,20 @@ def test_the_default_preset_moves_every_architecture_towards_the_target(tiny_mod
         after = _target_logprob(model, tok)
     assert after > before + 0.05
     assert result.settings == preset("default")[1] and result.config == preset("default")[0]
+
+
+def test_layers_restrict_the_edit_to_those_layers(tiny_model_dirs):
+    from dataclasses import replace
+
+    model, tok = load_model(tiny_model_dirs["llama"]), load_tokenizer(tiny_model_dirs["llama"])
+    config, settings = preset("default")
+    config = replace(config, steps=3, t_init=1, t_final=2)
+    config.layers = (1,)
+    result = train_edit(model, tok, [REQ], config=config, settings=replace(settings, prefixes=1, prefix_length=3))
+    touched = [k for k, d in result.deltas().items() if d.count_nonzero()]
+    assert touched and all(".layers.1.mlp." in k for k in touched), touched
+    assert RoseLoraConfig.from_dict(result.config.to_dict()).layers == (1,)
+    assert RoseLoraConfig(layers="3-5,1").layers == (1, 3, 4, 5) and RoseLoraConfig(layers="all").layers is None
 
 
 @pytest.mark.parametrize("build, expected", [

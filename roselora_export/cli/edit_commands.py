@@ -55,8 +55,8 @@ def _preset_help(name: str, help_text: str) -> str:
         config, settings = preset(pname)
         value = getattr(config, name, getattr(settings, name, None))
         if isinstance(value, tuple):
-            value = ",".join(value)
-        shown.append(f"{pname}: {'none' if value is None else value}")
+            value = ",".join(map(str, value))
+        shown.append(f"{pname}: {('all' if name == 'layers' else 'none') if value is None else value}")
     return f"{help_text}  [{'; '.join(shown)}]"
 
 
@@ -75,6 +75,7 @@ def _preset_options():
         click.option("--alpha", type=float, default=None, help=_preset_help("alpha", _HELP["alpha"])),
         click.option("--dropout", type=float, default=None, help=_preset_help("dropout", _HELP["dropout"])),
         click.option("--targets", default=None, help=_preset_help("targets", _HELP["targets"] + " Comma-separated.")),
+        click.option("--layers", default=None, help=_preset_help("layers", _HELP["layers"])),
         click.option("--tau", type=float, default=None, help=_preset_help("tau", _HELP["tau"])),
         click.option("--beta", type=float, default=None, help=_preset_help("beta", _HELP["beta"])),
         click.option("--t-init", type=float, default=None, help=_preset_help("t_init", _HELP["t_init"])),
@@ -128,6 +129,7 @@ def _hyper_options(d: RoseLoraConfig):
         click.option("--alpha", type=float, default=d.alpha, help=_HELP["alpha"]),
         click.option("--dropout", type=float, default=d.dropout, help=_HELP["dropout"]),
         click.option("--targets", default=",".join(d.targets), help=_HELP["targets"] + " Comma-separated."),
+        click.option("--layers", default=None, help=_HELP["layers"]),
         click.option("--tau", type=float, default=d.tau, help=_HELP["tau"]),
         click.option("--beta", type=float, default=d.beta, help=_HELP["beta"]),
         click.option("--t-init", type=float, default=d.t_init, help=_HELP["t_init"]),

@@ -23,6 +23,11 @@ class RoseLoraConfig:
                           "query,value on BERT; auto = PEFT's default for the architecture (those three); mlp = the MLP's "
                           "input and output projections (up_proj,down_proj; GPT-2 c_fc,mlp.c_proj)."},
     )
+    layers: tuple[int, ...] | None = field(
+        default=None,
+        metadata={"help": "Adapt only these decoder layers (PEFT layers_to_transform), e.g. 2-6 or 1,3,5; "
+                          "all = every layer."},
+    )
     tau: float = field(default=0.05, metadata={"help": "Kept fraction [tau]: each row of A and column of B keeps ceil(tau*d) entries."})
     beta: float = field(default=0.8, metadata={"help": "EMA factor [beta] of the sensitivity importance |w * dL/dw|."})
     t_init: float = field(default=3, metadata={"help": "Steps before pruning starts [t_i]; below 1 = fraction of the total steps."})
@@ -45,6 +50,7 @@ class RoseLoraConfig:
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         self.targets = tuple(self.targets)
+        self.layers = parse_layers(self.layers)
         self.validate()
 
     def validate(self) -> None:
@@ -94,6 +100,7 @@ class RoseLoraConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["targets"] = list(self.targets)
+        d["layers"] = None if self.layers is None else list(self.layers)
         return d
 
     @classmethod
@@ -105,3 +112,23 @@ class RoseLoraConfig:
     def help(cls) -> dict[str, str]:
         """Field name -> help text (used for CLI help)."""
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+
+
+def parse_layers(value) -> tuple[int, ...] | None:
+    """Layer indices from '2-6', '1,3,5', 'all'/'none' (every layer) or a sequence of ints; sorted, unique."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "all", "none")):
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    out: set[int] = set()
+    try:
+        for part in parts:
+            if isinstance(part, str) and "-" in part.strip()[1:]:
+                lo, hi = part.split("-", 1)
+                out.update(range(int(lo), int(hi) + 1))
+            else:
+                out.add(int(part))
+    except ValueError:
+        raise InputError(f"--layers {value}: give layer numbers such as 2-6 or 1,3,5") from None
+    if not out or min(out) < 0:
+        raise InputError(f"--layers {value}: give layer numbers >= 0, such as 2-6 or 1,3,5")
+    return tuple(sorted(out))

@@ -78,6 +78,7 @@ def lora_config(config: RoseLoraConfig, model: torch.nn.Module, task_type: str |
     targets = resolve_targets(model, config.targets)
     leaves = _adaptable_leaf_names(model)
     return LoraConfig(
+        layers_to_transform=_checked_layers(model, config.layers),
         r=int(config.rank),
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
@@ -86,6 +87,16 @@ def lora_config(config: RoseLoraConfig, model: torch.nn.Module, task_type: str |
         bias="none",
         task_type=task_type,
     )
+
+
+def _checked_layers(model: torch.nn.Module, layers: tuple[int, ...] | None) -> list[int] | None:
+    """The --layers list, checked against the model's layer count (None = every layer)."""
+    if layers is None:
+        return None
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if count is not None and max(layers) >= count:
+        raise InputError(f"--layers {','.join(map(str, layers))}: the model has layers 0..{count - 1}")
+    return list(layers)
 
 
 def wrap_with_lora(model: torch.nn.Module, config: RoseLoraConfig, task_type: str | None = None):
