@@ -17,10 +17,15 @@ A write waits for the answers in flight (one weight state per answer), so the ph
 server setting compared (--concurrency): by default one answer at a time with every core's torch
 threads, then no bound with one torch thread per answer (each answer on its own thread).
 
-Patch to first patched answer: the wall time from starting the POST of the signed patch to receiving
-a completion that carries it (idle server; and under churn, the admin thread's own completion after
-its POST). Restart: from stopping the server to the first answer of a fresh `serve` on the merged
-checkpoint (process start, imports, model load, first answer), what a user does without live patches.
+Patch to first patched answer, two measures of "the first answer carrying the patch", each round:
+the whole answer (from starting the POST of the signed patch to receiving a non-streamed completion
+that carries it), and the first streamed token (from starting the POST to the first chunk, with text, of
+a `"stream": true` completion whose chunks all name the patched state and whose pieces join to the
+patched greedy answer). Under churn: from each POST to the first client answer carrying that patch.
+Restart, what a user does without live patches: from stopping the server to the whole first answer, or
+to the first streamed token, of a fresh `serve` on the merged checkpoint (process start, imports, model
+load, a GET /health, the answer); each restart stops the previous one's server, and the time until
+/health answers 200 is kept apart.
 """
 from __future__ import annotations
 
@@ -103,6 +108,38 @@ def client(url: str):
 def complete(c, prompt: str, max_tokens: int) -> tuple[str, str]:
     r = c.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0)
     return r.choices[0].text, r.system_fingerprint
+
+
+def stream_timed(c, prompt: str, max_tokens: int) -> dict:
+    """A streamed greedy completion: perf_counter at its first chunk with text ("first") and at its end
+    ("end"; "first" is "end" when no chunk had text), the joined text, and the system_fingerprints of its
+    chunks ("states")."""
+    first, pieces, states = None, [], set()
+    for ch in c.completions.create(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True):
+        states.add(ch.system_fingerprint)
+        text = ch.choices[0].text if ch.choices else ""
+        if text and first is None:
+            first = time.perf_counter()
+        pieces.append(text)
+    end = time.perf_counter()
+    return {"first": first or end, "end": end, "text": "".join(pieces), "states": states}
+
+
+def wait_health(url: str, limit: float = 120.0) -> None:
+    """Return once GET /health answers 200."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.perf_counter() + limit
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=10) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            if time.perf_counter() > deadline:
+                raise
+        time.sleep(0.01)
 
 
 def load(url: str, clients: int, seconds: float, max_tokens: int, expected: dict, churn=None) -> dict:
@@ -312,7 +349,8 @@ def measure(args, tmp: Path, settings: list[tuple[int | None, int | None]]) -> d
     write_keys(tmp)
     say(f"making the patch ({'edit + merge' if real else 'synthetic adapter + merge'})")
     merged, patch, what = make_patch(base, tmp, args.device, real)
-    runs, differ, post, live = [], 0, [], []
+    runs, differ = [], 0
+    idle = {"post_s": [], "answer_s": [], "post_stream_s": [], "first_token_s": [], "stream_end_s": []}
     for n, (conc, threads) in enumerate(settings):
         say(f"starting the server (--concurrency {conc or 'unbounded'}, --threads {threads or 'default'})")
         server = Server(base, tmp, args.device, threads, conc)
@@ -321,36 +359,58 @@ def measure(args, tmp: Path, settings: list[tuple[int | None, int | None]]) -> d
         differ = max(differ, sum(expected["base"][p] != expected["patched"][p] for p in PROMPTS))
         if n == 0:
             say(f"the patch changes {differ} of {len(PROMPTS)} answers; idle patch-to-answer rounds")
+            want = expected["patched"][PROMPTS[0]]
             c = client(server.url)
-            for _ in range(args.rounds + 1):  # patch to first patched answer, idle server
+            for _ in range(args.rounds + 1):  # patch to first patched answer, idle server, both measures
                 t0 = time.perf_counter()
                 entry = admin.push(patch)
-                post.append(time.perf_counter() - t0)
-                state = complete(c, PROMPTS[0], args.max_tokens)[1]
-                live.append(time.perf_counter() - t0)
-                assert state == f"patches:{entry['id']}", state
+                idle["post_s"].append(time.perf_counter() - t0)
+                text, state = complete(c, PROMPTS[0], args.max_tokens)
+                idle["answer_s"].append(time.perf_counter() - t0)
+                assert state == f"patches:{entry['id']}" and text == want, (state, text)
                 admin.revert(entry["id"])
-            live, post = live[1:], post[1:]  # the first upload also loads and stages the patch
+                t0 = time.perf_counter()
+                entry = admin.push(patch)
+                idle["post_stream_s"].append(time.perf_counter() - t0)
+                s = stream_timed(c, PROMPTS[0], args.max_tokens)
+                idle["first_token_s"].append(s["first"] - t0)
+                idle["stream_end_s"].append(s["end"] - t0)
+                assert s["states"] == {f"patches:{entry['id']}"} and s["text"] == want, (s["states"], s["text"])
+                admin.revert(entry["id"])
+            idle = {k: v[1:] for k, v in idle.items()}  # the first upload also loads and stages the patch
         runs.append({"concurrency": conc, "threads": threads, **phases(args, server.url, admin, patch, expected)})
         server.stop()
 
-    # Restart on the merged checkpoint: from stopping the server to the first answer of the new one.
+    # Restart on the merged checkpoint: from stopping the server to the first answer (whole, or its first
+    # streamed token) of a fresh one; each restart stops the server the previous one started.
     conc, threads = settings[0]
     restart = []
+    old = Server(base, tmp, args.device, threads, conc)
     for i in range(args.rounds):
-        say(f"restart round {i + 1}")
-        old = Server(base, tmp, args.device, threads, conc)
-        t0 = time.perf_counter()
-        old.stop()
-        new = Server(merged, tmp, args.device, threads, conc)
-        complete(client(new.url), PROMPTS[0], args.max_tokens)
-        restart.append(time.perf_counter() - t0)
-        new.stop()
+        for how in ("answer", "stream"):
+            say(f"restart round {i + 1}, {how}")
+            t0 = time.perf_counter()
+            old.stop()
+            new = Server(merged, tmp, args.device, threads, conc)
+            t_serving = time.perf_counter()
+            wait_health(new.url)
+            t_health = time.perf_counter()
+            if how == "answer":
+                text, state = complete(client(new.url), PROMPTS[0], args.max_tokens)
+                first = end = time.perf_counter()
+            else:
+                s = stream_timed(client(new.url), PROMPTS[0], args.max_tokens)
+                text, state, first, end = s["text"], ",".join(sorted(s["states"])), s["first"], s["end"]
+            restart.append({"how": how, "serving_s": t_serving - t0, "health_s": t_health - t0,
+                            "first_s": first - t0, "end_s": end - t0, "state": state,
+                            "patched_answer": text == expected["patched"][PROMPTS[0]]})
+            old = new
+    old.stop()
 
     return {"model": label, "device": args.device, "clients": args.clients, "max_tokens": args.max_tokens,
             "period_s": args.period, "runs": runs, "patch_nnz": entry["nnz"], "patch": what,
-            "prompts_whose_answer_the_patch_changes": differ, "post_idle_s": post, "live_idle_s": live,
-            "restart_s": restart, "loadavg_1min_end": os.getloadavg()[0]}
+            "prompts_whose_answer_the_patch_changes": differ, "idle": idle, "restart": restart,
+            "loadavg_1min_end": os.getloadavg()[0]}
 
 
 def _med(xs: list[float]) -> float:
@@ -393,20 +453,37 @@ def report(f: dict, args) -> str:
             f"{ch['rps']:.2f} | {ch['p50_s']:.3f} | {ch['p99_s']:.3f} | {ch['max_s']:.3f} | "
             f"{_med(r['post_under_load_s']):.3f} / {_med(r['delete_under_load_s']):.3f} |",
         ]
-    first = f["runs"][0]
-    med_live, med_restart = _med(f["live_idle_s"]), _med(f["restart_s"])
+    first, idle = f["runs"][0], f["idle"]
+    whole = [r for r in f["restart"] if r["how"] == "answer"]
+    streamed = [r for r in f["restart"] if r["how"] == "stream"]
+    live_answer, live_token = _med(idle["answer_s"]), _med(idle["first_token_s"])
+    restart_answer = _med([r["end_s"] for r in whole])
+    restart_token = _med([r["first_s"] for r in streamed])
     med_load = _med(first["live_under_load_s"])
+    health = _med([r["health_s"] for r in f["restart"]])
+    patched = sum(r["patched_answer"] for r in f["restart"])
     lines += [
         "",
-        f"| getting an edit into a running server ({_name(first)}) | median s | rounds |",
-        "|---|---:|---:|",
-        f"| POST the signed patch until 201 (idle server) | {_med(f['post_idle_s']):.3f} | {len(f['post_idle_s'])} |",
-        f"| POST, then one request: its answer carries the patch (idle server) | {med_live:.3f} | "
-        f"{len(f['live_idle_s'])} |",
-        f"| POST start to the first client answer carrying the patch, under load | {med_load:.3f} | "
+        f"| getting an edit into a running server ({_name(first)}) | whole answer, median s | "
+        f"first streamed token, median s | rounds |",
+        "|---|---:|---:|---:|",
+        f"| POST the signed patch until 201 (idle server) | {_med(idle['post_s']):.3f} | "
+        f"{_med(idle['post_stream_s']):.3f} | {len(idle['post_s'])} + {len(idle['post_stream_s'])} |",
+        f"| POST start, then one request: its answer carries the patch (idle server) | {live_answer:.3f} | "
+        f"{live_token:.3f} | {len(idle['answer_s'])} + {len(idle['first_token_s'])} |",
+        f"| POST start to the first client answer carrying the patch, under load | {med_load:.3f} | | "
         f"{len(first['live_under_load_s'])} of {first['patches_posted_under_load']} |",
-        f"| stop the server, start `serve` on the merged checkpoint, first answer | {med_restart:.3f} | "
-        f"{len(f['restart_s'])} |",
+        f"| restart: stop the server, start `serve` on the merged checkpoint, until GET /health is 200 | "
+        f"{health:.3f} | | {len(f['restart'])} |",
+        f"| restart: the same, then the first answer | {restart_answer:.3f} | {restart_token:.3f} | "
+        f"{len(whole)} + {len(streamed)} |",
+        f"| **restart / live patch (idle)** | **{restart_answer / live_answer:.1f}x** | "
+        f"**{restart_token / live_token:.1f}x** | |",
+        "",
+        f"Every live answer above carried the patch in every chunk and equalled the patched greedy answer; "
+        f"{patched} of {len(f['restart'])} restarted servers' first answers equalled it too. A streamed answer's "
+        f"end came {_med(idle['stream_end_s']):.3f} s after the POST (live) and "
+        f"{_med([r['end_s'] for r in streamed]):.3f} s after the stop (restart).",
         "",
     ]
     for r in f["runs"]:
@@ -416,8 +493,9 @@ def report(f: dict, args) -> str:
             f"{ch['failed']} failed, {ch['mixed']} mixed at {ch['cycles_per_min']:.1f} cycles/min; p99 under churn "
             f"<= 1.5x p99 without: {ch['p99_s'] / q['p99_s']:.2f}x; admin errors {r['admin_failed']}, patches left "
             f"applied {r['leftover_patches']}.")
-    lines.append(f"Patch to first patched answer >= 20x faster than a restart: {med_restart / med_live:.0f}x idle, "
-                 f"{med_restart / med_load:.0f}x under load.")
+    lines.append(f"Patch to first patched answer >= 20x faster than a restart: whole answer "
+                 f"{restart_answer / live_answer:.0f}x idle, {restart_answer / med_load:.0f}x under load; "
+                 f"first streamed token {restart_token / live_token:.0f}x idle.")
     return "\n".join(lines)
 
 
