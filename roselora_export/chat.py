@@ -36,10 +36,20 @@ def chat_text(tokenizer, prompt: str, where: str = "--chat") -> str:
                                          tokenize=False)
 
 
+def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation ({"role", "content"} dicts) up to the assistant's turn, through the chat
+    template; a tokenizer without one gets plain 'role: content' lines and 'assistant:'."""
+    if has_chat_template(tokenizer):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")["input_ids"])
+
+
 def prompt_ids(tokenizer, prompt: str, chat: bool = False, where: str = "--chat") -> list[int]:
     """Token ids of the prompt: raw (with the tokenizer's special tokens) or through the chat template."""
     if chat:
-        return list(tokenizer(chat_text(tokenizer, prompt, where), add_special_tokens=False)["input_ids"])
+        require_chat_template(tokenizer, where)
+        return conversation_ids(tokenizer, [{"role": "user", "content": prompt}])
     return list(tokenizer(prompt)["input_ids"])
 
 

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..chat import conversation_ids
 from ..errors import InputError
 from .engine import CHAT_MAX_TOKENS, Engine, Generation
 from .patches import PatchStore, Refused
@@ -297,7 +298,7 @@ def create_app(engine: Engine, store: PatchStore, admin_token: str | None) -> Fa
 
     def chat_prompt(req: ChatRequest) -> tuple[list[int], int, list[str]]:
         stop = _check_sampling(req)
-        ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+        ids = conversation_ids(engine.tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             room = engine.context - len(ids) if engine.context else CHAT_MAX_TOKENS

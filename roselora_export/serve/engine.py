@@ -101,14 +101,6 @@ class Engine:
     def encode_text(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt)["input_ids"]
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of a chat, through the tokenizer's chat template (plain 'role: content' lines without one)."""
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.encode_text(text)
-
     # ---- generation ---------------------------------------------------------------------------
     def check(self, prompts: list[list[int]], max_tokens: int) -> None:
         """InputError for an empty prompt or one that does not fit the context with max_tokens."""
