@@ -151,6 +151,15 @@ def _try_lock(path: Path) -> int | None:
         return None
 
 
+def _try_flock(fd: int, mode: int) -> bool:
+    """Take flock `mode` on fd without waiting; False if a conflicting holder has it."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -293,54 +302,48 @@ def lock_timeout_default(seconds: float | None) -> Iterator[None]:
         _LOCK_TIMEOUT.reset(token)
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _open_dir(dest: Path) -> int:
+    """An fd on directory `dest`; a missing one is waited for up to 5 s (exchange_dirs' two-rename fallback)."""
+    missing_since = time.monotonic()
+    while True:
+        try:
+            return os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            if time.monotonic() - missing_since > 5:
+                raise InputError(f"{dest}: no such directory") from None
+            time.sleep(0.01)
+        except OSError as err:
+            raise input_error(err, f"opening {dest} to lock it") from None
 
 
 @contextlib.contextmanager
-def locked_dir(dest: str | os.PathLike, *, shared: bool = False, timeout: float | None = None,
-               on_wait: Callable[[str], None] | None = _say) -> Iterator[Path]:
+def locked_dir(dest: str | os.PathLike, *, shared: bool = False, timeout: float | None = None) -> Iterator[Path]:
     """Hold the lock of directory `dest`: exclusive for an in-place update, shared for reading it.
 
-    Waits for a conflicting holder, first telling `on_wait` what it waits for; InputError after
-    `timeout` seconds (None: lock_timeout_default's, else no limit). An in-place update swaps a new directory in, so a waiter may
-    wake holding the lock of the old one: it then retries on whatever `dest` is now. An exclusive
-    holder first removes the leftovers of in-place updates killed before their swap.
+    Waits for a conflicting holder, first saying on stderr what it waits for; InputError after `timeout`
+    seconds (None: lock_timeout_default's, else no limit). A waiter woken holding the lock of a directory
+    swapped out meanwhile retries on whatever `dest` is now. An exclusive holder first removes the
+    leftovers of in-place updates killed before their swap.
     """
     dest = Path(dest).resolve()  # "." has no name to put beside it, and a symlink would be swapped, not its target
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     timeout = _LOCK_TIMEOUT.get() if timeout is None else timeout
-    start = time.monotonic()
-    missing_since = told = None
+    start, told = time.monotonic(), False
     while True:
+        fd = _open_dir(dest)
         try:
-            fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            # Only the two-rename fallback of exchange_dirs leaves `dest` missing, for an instant.
-            missing_since = missing_since or time.monotonic()
-            if time.monotonic() - missing_since > 5:
-                raise InputError(f"{dest}: no such directory") from None
-            time.sleep(0.01)
-            continue
-        except OSError as err:
-            raise input_error(err, f"opening {dest} to lock it") from None
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    waited = time.monotonic() - start
-                    if timeout is not None and waited >= timeout:
-                        raise InputError(f"{dest}: still locked by another process{_holder(fd)} after {waited:.0f} s "
-                                         "(an in-place apply, or a reader of it); try again later, or raise "
-                                         "--lock-timeout") from None
-                    if not told and on_wait is not None:
-                        told = True
-                        on_wait(f"waiting for the lock on {dest}: another process{_holder(fd)} is "
-                                f"{'updating it in place' if shared else 'reading or updating it'}"
-                                + ("" if timeout is not None else "; --lock-timeout SECONDS bounds the wait"))
-                    time.sleep(0.05)
+            while not _try_flock(fd, mode):
+                waited = time.monotonic() - start
+                if timeout is not None and waited >= timeout:
+                    raise InputError(f"{dest}: still locked by another process{_holder(fd)} after {waited:.0f} s "
+                                     "(an in-place apply, or a reader of it); try again later, or raise --lock-timeout")
+                if not told:
+                    told = True
+                    print(f"waiting for the lock on {dest}: another process{_holder(fd)} is "
+                          f"{'updating it in place' if shared else 'reading or updating it'}"
+                          + ("" if timeout is not None else "; --lock-timeout SECONDS bounds the wait"),
+                          file=sys.stderr, flush=True)
+                time.sleep(0.05)
             with contextlib.suppress(FileNotFoundError):
                 if os.fstat(fd).st_ino == os.stat(dest).st_ino:
                     break
