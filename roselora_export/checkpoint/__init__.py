@@ -9,33 +9,22 @@ arithmetic with numpy).
 """
 from __future__ import annotations
 
-import importlib
+from ..core.lazy import lazy_exports
 
 _EXPORTS = {
-    "LazyStateDict": "model_dir",
-    "ModelDir": "model_dir",
-    "open_model_dir": "model_dir",
-    "MergeResult": "merge",
-    "default_patch_path": "merge",
-    "merge_checkpoint": "merge",
-    "apply_to_checkpoint": "ops",
-    "diff_checkpoints": "ops",
-    "fingerprints": "ops",
-    "load_state_dict": "ops",
-    "verify_patches": "ops",
+    "LazyStateDict": ".model_dir",
+    "ModelDir": ".model_dir",
+    "open_model_dir": ".model_dir",
+    "MergeResult": ".merge",
+    "default_patch_path": ".merge",
+    "merge_checkpoint": ".merge",
+    "apply_to_checkpoint": ".ops",
+    "diff_checkpoints": ".ops",
+    "fingerprints": ".ops",
+    "load_state_dict": ".ops",
+    "verify_patches": ".ops",
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 __all__ = sorted(_EXPORTS)

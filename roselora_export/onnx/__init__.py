@@ -10,7 +10,7 @@ torch nor onnx, whose imports alone cost more than the patch; export and session
 """
 from __future__ import annotations
 
-import importlib
+from ..core.lazy import lazy_exports
 
 _EXPORTS = {
     **dict.fromkeys(("NAMES_FILE", "is_onnx_dir", "open_artifact"), ".names"),
@@ -19,17 +19,5 @@ _EXPORTS = {
     "export_onnx": ".export",
 }
 
-__all__ = ["NAMES_FILE", "is_onnx_dir", "open_artifact", "apply_to_onnx_dir", "create_session", "OverrideIgnoredError",
-           "generate_greedy", "export_onnx"]
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
+__all__ = list(_EXPORTS)

@@ -9,7 +9,7 @@ Checkpoint directories (streaming, atomic) live in `roselora_export.checkpoint` 
 """
 from __future__ import annotations
 
-import importlib
+from ..core.lazy import lazy_exports
 
 # Each name is imported on first use, so that the torch-free parts (model, io, adapter, merge_math) load
 # without torch: a fresh `merge` process merges and writes the patch without ever importing it.
@@ -24,38 +24,5 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    try:  # a submodule (`roselora_export.patch.io`), as an eager package would have offered it
-        return importlib.import_module(f".{name}", __name__)
-    except ModuleNotFoundError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
-
-
-__all__ = [
-    "FORMAT_VERSION",
-    "Patch",
-    "Survival",
-    "SurvivalReport",
-    "TensorPatch",
-    "apply_patches_to_state_dict",
-    "apply_to_state_dict",
-    "build_patch_from_adapter",
-    "build_patch_from_state_dicts",
-    "config_fingerprint",
-    "delta_csr",
-    "load_patch",
-    "merge_tensor",
-    "save_patch",
-    "shape_config",
-    "tensor_patch_from_pair",
-    "touched_fingerprint",
-    "xor_tensor",
-]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals(), submodules=True)
+__all__ = sorted(_EXPORTS)
