@@ -12,12 +12,9 @@ facts the base model answers: the fraction still answered the same way after fin
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -58,15 +55,6 @@ def make_task(n_train: int = 512, n_test: int = 200, seed: int = 0) -> tuple[lis
     held = {e["prompt"] for e in test}
     train = [e for e in make_split(n_train + n_test, seed) if e["prompt"] not in held][:n_train]
     return train, test
-
-
-def write_jsonl(rows: Sequence[dict], path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-    return path
 
 
 def exact_match(model: torch.nn.Module, tokenizer, rows: Sequence[dict], *, prompt_key: str = "prompt",
