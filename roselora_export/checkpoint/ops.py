@@ -4,8 +4,7 @@ written atomically.
 Memory stays a few tensors (plus the adapter's deltas) whatever the model size: tensors are read one at a
 time, each output shard is written header first and then tensor by tensor at fixed offsets, and unchanged
 bytes are copied file to file in the kernel by a background thread while changed tensors are computed.
-Tensors are handled as numpy bit arrays: none of diff, apply and revert imports torch (its import alone
-takes longer than applying a patch to a 500 MB checkpoint).
+Tensors are handled as numpy bit arrays: none of diff, apply and revert imports torch.
 """
 from __future__ import annotations
 
@@ -23,12 +22,7 @@ from ..patch.model import Patch, check_same_keys, diff_bits, sha256_bits
 from ..patch.provenance import now_iso
 from ..patch.stack import Stack
 from ..core.atomic import atomic_dir, check_disjoint, locked_dir
-from .merge import (  # noqa: F401 (MergeResult, default_patch_path, merge_checkpoint: re-exported)
-    MergeResult,
-    Progress,
-    default_patch_path,
-    merge_checkpoint,
-)
+from .merge import Progress
 from .model_dir import ModelDir, open_model_dir
 from .rewrite import write_checkpoint
 

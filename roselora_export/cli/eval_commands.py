@@ -102,8 +102,6 @@ def benchmark_edits(model_dir, requests_path, methods, mass, sequential, measure
     that override it); what differs by construction is printed with the results. On a bf16/fp16
     checkpoint (or with --deploy-dtype) every edit is measured as merge would ship it: rounded.
     """
-    from dataclasses import replace
-
     from tqdm.auto import tqdm
 
     from ..edit.benchmark import benchmark_edits as run

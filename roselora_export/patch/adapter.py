@@ -144,7 +144,7 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
             # modules_to_save / trained biases: full replacement values under the base key.
             k = re.sub(r"\.modules_to_save\.[^.]+", "", k)
             edits[k] = AdapterEdit(key=k, replacement=tensors[key])
-    r_default, alpha_default = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    alpha_default = cfg.get("lora_alpha", 8)
     for module, ab in pairs.items():
         embedding = "lora_embedding_A" in ab or "lora_embedding_B" in ab
         a = ab.get("lora_embedding_A" if embedding else "lora_A")

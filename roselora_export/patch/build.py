@@ -15,14 +15,9 @@ import torch
 from ..errors import InputError
 from .adapter import AdapterEdit, read_adapter, resolve_keys
 from .fingerprint import config_fingerprint
-from .merge_math import (  # noqa: F401 (LOST_WARNING, Survival, SurvivalReport: re-exported)
-    LOST_WARNING,
-    Survival,
-    SurvivalReport,
-    merge_bits,
-)
+from .merge_math import Survival, SurvivalReport, merge_bits
 from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, check_same_keys, diff_bits, fill_sha256, tensor_bits
-from .provenance import adapter_provenance, now_iso  # noqa: F401 (re-exported)
+from .provenance import adapter_provenance, now_iso
 
 
 def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.dtype | None = None, *,

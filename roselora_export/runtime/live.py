@@ -41,7 +41,7 @@ already passed the sha256 and finiteness checks stand in for them. Arrays change
 first apply are not re-read.
 
 Cost: each apply and each revert reads the touched elements once and writes them once (one gather and
-one scatter per tensor); ~5 ms per apply + revert of a 60-tensor SmolLM2 edit on CPU (docs/design.md).
+one scatter per tensor); figures in docs/benchmarks.md ("runtime").
 """
 from __future__ import annotations
 
@@ -319,7 +319,6 @@ class PatchRuntime:
             if len(devices) > 1:
                 raise InputError("the patch touches tensors on several devices; load the model on one device to patch it")
             staged = stage(items, devices.pop() if devices else torch.device("cpu"), self._pool)
-        device = staged.device
         handle = PatchHandle(id=next(self._ids), provenance=dict(patch.provenance or {}), source=source,
                              names=staged.names, nnz=int(staged.index.numel()))
         handle._host_index, handle._data_ptrs = staged.host_index, staged.data_ptrs  # shared, read-only
