@@ -53,6 +53,32 @@ def prompt_ids(tokenizer, prompt: str, chat: bool = False, where: str = "--chat"
     return list(tokenizer(prompt)["input_ids"])
 
 
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's pad token id, else its end-of-sequence id, else 0."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def greedy_continuation(model, tokenizer, prompt: str, max_new_tokens: int = 8, chat: bool = False) -> str:
+    """The model's greedy continuation of `prompt` (new tokens only, decoded without special tokens), run in
+    eval mode; chat=True asks it as a chat turn."""
+    import torch
+
+    ids = torch.tensor([prompt_ids(tokenizer, prompt, chat)], device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad_id_of(tokenizer))
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 def answer_sep(chat: bool) -> str:
     """What joins a prompt and its answer: nothing after a chat turn, one space after a raw prompt."""
     return CHAT_SEP if chat else RAW_SEP

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..chat import pad_id_of  # noqa: F401 (edit's modules and the CLI import it from here)
 from ..errors import InputError
 from .jsonl import read_jsonl_objects
 
@@ -156,14 +157,6 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
             kl[i, : e.kl_len] = True
         out["kl_mask"] = kl
     return out
-
-
-def pad_id_of(tokenizer) -> int:
-    for attr in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def load_train_data(path: str | os.PathLike, tokenizer, max_len: int | None, *, truncate: bool = True) -> list[Encoded]:

@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..chat import greedy_continuation  # noqa: F401 (the CLI, tests and examples import it from here)
 from ..errors import InputError
 from ..method.bound import density_bound, prop1_sparsity_bound
 from ..method.config import RoseLoraConfig
@@ -457,22 +458,6 @@ def _attach_kl_reference(model: torch.nn.Module, micro: list[dict[str, torch.Ten
                 b["kl_ref"] = torch.log_softmax(logits[b["kl_mask"]].float(), dim=-1)
     finally:
         model.train(was_training)
-
-
-@torch.no_grad()
-def greedy_continuation(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 8,
-                        chat: bool = False) -> str:
-    """The model's greedy continuation of `prompt` (decoded new tokens only); chat=True asks it as a chat turn."""
-    from ..chat import prompt_ids
-
-    ids = torch.tensor([prompt_ids(tokenizer, prompt, chat)], device=next(model.parameters()).device)
-    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    was_training = model.training
-    model.eval()
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad_id_of(tokenizer))
-    model.train(was_training)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 # --------------------------------------------------------------------------------------------- saving

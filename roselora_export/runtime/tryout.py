@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..chat import greedy_continuation
 from ..errors import InputError
 from ..patch.model import DTYPE_NAMES, Patch, tensor_bits
 from .live import PatchRuntime
@@ -71,17 +72,6 @@ def patch_dtype(patch: Patch, dtype: str | torch.dtype | None) -> torch.dtype:
     return dtypes.pop() if dtypes else torch.float32
 
 
-def greedy(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool = False) -> str:
-    from ..chat import prompt_ids
-
-    ids = torch.tensor([prompt_ids(tokenizer, prompt, chat)], device=next(model.parameters()).device)
-    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
 def _timed(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -125,7 +115,7 @@ def try_patch(model_dir: str | os.PathLike, patch_path: str | os.PathLike, promp
 
     def answer_all() -> list[str]:
         with runtime.serving():
-            return [greedy(model, tokenizer, p, max_new_tokens, c) for p, c in zip(prompts, chats)]
+            return [greedy_continuation(model, tokenizer, p, max_new_tokens, c).strip() for p, c in zip(prompts, chats)]
 
     base = answer_all()
     base_sha = state_sha256(model)
