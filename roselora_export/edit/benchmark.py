@@ -10,7 +10,6 @@ batch); `METHOD_DIFFERENCES` states what differs by construction.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import replace
 from typing import Callable, Sequence
@@ -20,7 +19,8 @@ import torch
 
 from ..errors import InputError
 from ..method.config import RoseLoraConfig
-from ..patch.model import Patch, tensor_patch_from_pair, tensor_bits
+from ..patch.model import Patch, tensor_patch_from_pair
+from ..runtime.tryout import state_sha256
 from .evaluate import EditEvaluator, METRICS, count_base_params
 from .metrics import mean, torch_forward
 from .requests import EditRequest
@@ -33,25 +33,6 @@ METHOD_DIFFERENCES = {
     "lora": "LoRA on the same targets, rank, alpha, dropout; no pruning, no clamp; early stop from step 1",
     "ft-l": "no LoRA: fine-tunes one MLP down-projection (ROME's layer 5) in place with |W - W0| <= clamp",
 }
-
-
-def state_sha256(model: torch.nn.Module) -> str:
-    """sha256 over the bits of every parameter and buffer, in name order (tied tensors once)."""
-    h = hashlib.sha256()
-    seen = set()
-    tensors = dict(model.named_parameters())
-    tensors.update(dict(model.named_buffers()))
-    for name in sorted(tensors):
-        t = tensors[name]
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        h.update(name.encode())
-        if t.dtype.is_floating_point and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            h.update(tensor_bits(t.detach().cpu()).tobytes())
-        else:
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def edit_patch(model: torch.nn.Module, result: EditResult, deploy_dtype: str | None = None) -> Patch:

@@ -50,11 +50,16 @@ class TryResult:
 
 
 def state_sha256(model: torch.nn.Module) -> str:
-    """sha256 over every state-dict entry (name and raw bytes, in name order)."""
+    """sha256 over the names and bits of every parameter and buffer, in name order (tied tensors once)."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor_bits(t.detach().cpu()) if t.dtype in DTYPE_NAMES else t.detach().cpu().numpy().tobytes())
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    seen = set()
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            h.update(name.encode())
+            h.update(tensor_bits(t.cpu()) if t.dtype in DTYPE_NAMES else t.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
