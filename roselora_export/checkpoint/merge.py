@@ -4,8 +4,7 @@ When no tensor changes dtype (the usual case), the output shards are the base's 
 included, copied by a background thread (copier.ShardCopier) with the changed tensors written at
 their offsets. Converting tensors to another dtype (--dtype) rewrites every shard instead
 (rewrite.write_checkpoint). The merge itself is numpy (patch.merge_math): torch is never imported,
-so a fresh `roselora-export merge` process spends its time on the copy and on the changed tensors,
-not on torch's import (which alone takes longer than copying a 2 GB checkpoint).
+so a fresh `roselora-export merge` process spends its time on the copy and the changed tensors.
 """
 from __future__ import annotations
 

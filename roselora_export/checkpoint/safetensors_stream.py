@@ -32,9 +32,8 @@ if TYPE_CHECKING:
 def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = None) -> torch.Tensor:
     """One tensor, mapped from the file: a private copy-on-write mapping of just its byte range.
 
-    No copy and no zero-filled buffer (a pread into a fresh buffer cost ~6 ms per 16 MiB tensor, the
-    mapping ~1 ms); writes to the tensor stay private to this process, and the range is unmapped when
-    the tensor (and every view of it) is gone, so memory still holds only the tensors in use.
+    No copy and no zero-filled buffer; writes to the tensor stay private to this process, and the range
+    is unmapped when the tensor (and every view of it) is gone, so memory holds only the tensors in use.
     """
     import torch
 

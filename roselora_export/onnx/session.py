@@ -2,20 +2,14 @@
 
 The patched tensors (whole initializers, XOR applied in memory) are handed to onnxruntime with
 `SessionOptions.add_external_initializers`, which replaces the graph's initializers *before* graph
-optimisation. Measured on onnxruntime 1.32: `add_initializer` instead is applied after constant
-folding, so under the default optimisation level a weight that feeds a Transpose (every Linear
-exported by torch) keeps its old value silently; and an unknown name is accepted silently.
-
-So every session is verified at creation: each override must name an external initializer of the
-graph with the patch's dtype and shape (names.json and the graph are checked, never trusted), and a
-canary must show every override in its outputs: a small model on external data whose weights are
-consumed the ways exported transformers consume them (Transpose->MatMul, Gather, Mul, Gemm+bias),
-run with the same onnxruntime build, options, providers and override call. Whether an override is
-ignored is a property of onnxruntime's load pipeline (injection before or after folding and fusion),
-not of the tensor's values, so the canary answers for the real graph at a cost of milliseconds; its
-verdict is cached per configuration and process. (A probe on the real graph would need a second
-session for reference outputs, doubling creation time, and still could not tell which override was
-ignored.)
+optimisation (`add_initializer` does not: docs/design.md). Every session is verified at creation: each
+override must name an external initializer of the graph with the patch's dtype and shape (names.json
+and the graph are checked, never trusted), and a canary must show every override in its outputs: a
+small model on external data whose weights are consumed the ways exported transformers consume them
+(Transpose->MatMul, Gather, Mul, Gemm+bias), run with the same onnxruntime build, options, providers
+and override call. Whether an override is ignored is a property of onnxruntime's load pipeline, not of
+the tensor's values, so the canary answers for the real graph at a cost of milliseconds; its verdict
+is cached per configuration and process.
 """
 from __future__ import annotations
 

@@ -5,9 +5,8 @@ The file holds two U8 arrays, `positions` and `values`, each one stream for the 
 tensor's part one after another), and JSON strings in `__metadata__` that say which tensor owns
 which part. Positions are CSR with untouched rows left out (touched rows, row pointers and column
 indices, each delta-encoded as varints), values the byte planes of the XOR bit patterns; each
-stream is stored xz- or zlib-compressed when that is smaller. Two streams rather
-than arrays per tensor: each array costs header bytes, and one stream compresses better than many
-small ones (a small edit's fixed costs were most of its file).
+stream is stored xz- or zlib-compressed when that is smaller. Two streams rather than arrays per
+tensor: each array costs header bytes, and one stream compresses better than many small ones.
 
 The reader charges everything it allocates to one budget proportional to the file size, so no
 hostile header or compressed stream can make it allocate gigabytes.
@@ -194,8 +193,7 @@ def _deflate_part(part: np.ndarray) -> bytes:
 def _zlib_of_parts(parts: list[np.ndarray], deflated: list[bytes | None]) -> bytes:
     """One zlib stream (RFC 1950) of the parts' concatenation, from pieces deflated ahead where given.
 
-    Kept for merge: on the 2 GB benchmark (20 tensors, 3.7 MB patch) deflating in merge's jobs leaves
-    0.015 s CPU to save_patch at the end, against 0.16 s for one zlib.compress there (docs/benchmarks.md).
+    Kept for merge: it takes the patch's deflate off merge's critical path (10x less CPU, docs/benchmarks.md).
     """
     adler = 1
     pieces = [b"\x78\x01"]  # zlib header: deflate, 32 KiB window, fastest level

@@ -11,8 +11,7 @@ fp64 rounding could have moved the result across an fp32 tie), so the merged bit
 every machine, whatever its BLAS or device. Conversions between fp32, fp16 and bf16 round to
 nearest-even as torch does (bf16 through ml_dtypes, since numpy has none).
 
-No torch here: a fresh `roselora-export merge` process merges without importing it (torch's import
-alone takes longer than copying a 2 GB checkpoint).
+No torch here: a fresh `roselora-export merge` process merges without importing it.
 """
 from __future__ import annotations
 
@@ -99,8 +98,7 @@ def to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
 def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     """The bit patterns of fp32 values rounded to `dtype` (nearest, ties to even), as torch's .to(dtype).
 
-    bf16 through ml_dtypes (numpy has no bf16; it is the bf16 dtype JAX and onnx use): one C pass,
-    5x faster than the same rounding done with numpy integer ops, 2x faster than torch's.
+    bf16 through ml_dtypes (numpy has no bf16; it is the bf16 dtype JAX and onnx use): one C pass.
     """
     values = np.ascontiguousarray(values, dtype=np.float32)
     if dtype == "F32":

@@ -93,8 +93,8 @@ class TensorPatch:
     The patched bits there are base_touched ^ xor_bits, so they need no fingerprint of their own.
 
     The dtype may be given as a torch dtype or a safetensors name ("F32", "F16", "BF16"), as
-    `dtype_name` or (as before this class needed no torch) `dtype`; it is kept as the name, and
-    `dtype` gives the torch dtype (importing torch on first use).
+    `dtype_name` or `dtype`; it is kept as the name, and `dtype` gives the torch dtype (importing
+    torch on first use).
     """
 
     name: str

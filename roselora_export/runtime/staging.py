@@ -9,7 +9,7 @@ E is the number of tensors, staged in dtype order (fp32, fp16, bf16), so the bit
 contiguous. The header lets the device check the bounds and ordering of every tensor's indices in a
 constant number of vectorised operations, before anything is gathered. Each tensor is then gathered
 and written with one index_select / scatter_ on a flat integer view of its own storage (public torch
-only); one call per tensor costs ~1 ms per apply + revert of a 60-tensor patch on CPU (docs/benchmarks.md).
+only; what one call per tensor costs is in docs/benchmarks.md).
 """
 from __future__ import annotations
 
