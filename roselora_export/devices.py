@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from .core import dtypes
 from .errors import InputError
 
 DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
@@ -45,15 +46,12 @@ def torch_device(name: str = "auto"):
 
 def torch_dtype(name: str | None):
     """The torch dtype for fp32 / bf16 / fp16 (None stays None: the caller's default)."""
-    import torch
-
     if name is None:
         return None
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    try:
-        return table[str(name).strip().lower()]
-    except KeyError:
-        raise InputError(f"--dtype {name}: use one of {', '.join(DTYPE_NAMES)}") from None
+    short = str(name).strip().lower()
+    if short not in DTYPE_NAMES:
+        raise InputError(f"--dtype {name}: use one of {', '.join(DTYPE_NAMES)}")
+    return dtypes.torch_dtype(short)
 
 
 def ort_providers(name: str = "auto") -> tuple[list, str | None]:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .core import dtypes
 from .errors import InputError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -151,7 +152,6 @@ def demo_model_dir(out: str | os.PathLike | None = None, dtype: str = "fp32") ->
 
 
 def _demo_copy_in(dtype: str, target: Path) -> Path:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in ("bf16", "fp16"):
@@ -159,8 +159,7 @@ def _demo_copy_in(dtype: str, target: Path) -> Path:
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     source = demo_model_dir()
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch_dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtypes.torch_dtype(dtype), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
     return _save_model_dir(model, tokenizer, target)
 

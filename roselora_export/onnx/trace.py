@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import torch
 
+from ..core.dtypes import PATCHABLE, torch_dtype
 from ..errors import InputError
 from ..models import load_model
 from .names import MODEL_FILE
@@ -118,8 +119,8 @@ def _checkpoint_dtype(model_dir: Path) -> torch.dtype:
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
                 dtype = f.get_slice(key).get_dtype()
-                if dtype in ("F32", "F16", "BF16"):
-                    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+                if dtype in PATCHABLE:
+                    return torch_dtype(dtype)
     return torch.float32
 
 
