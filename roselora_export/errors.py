@@ -14,3 +14,9 @@ class InputWarning(UserWarning):
 
     Library code never prints: the CLI shows each one as a single `warning:` line on stderr.
     """
+
+
+def first_line(err: BaseException) -> str:
+    """A foreign exception's message reduced to its first line (its type name when it has none), for an InputError."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from .core import dtypes
-from .errors import InputError
+from .errors import InputError, first_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,11 +49,6 @@ def check_model_dir(model_dir: str | os.PathLike, option: str = "--model") -> Pa
     return path
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_tokenizer(model_dir: str | os.PathLike):
     from transformers import AutoTokenizer
 
@@ -61,7 +56,7 @@ def load_tokenizer(model_dir: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as err:  # any failure here means the directory is not a usable model
-        raise InputError(f"--model {path}: cannot load its tokenizer ({_first_line(err)})") from None
+        raise InputError(f"--model {path}: cannot load its tokenizer ({first_line(err)})") from None
 
 
 def load_config(model_dir: str | os.PathLike):
@@ -71,7 +66,7 @@ def load_config(model_dir: str | os.PathLike):
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as err:
-        raise InputError(f"--model {path}: cannot read config.json ({_first_line(err)})") from None
+        raise InputError(f"--model {path}: cannot read config.json ({first_line(err)})") from None
 
 
 @contextlib.contextmanager
@@ -109,7 +104,7 @@ def load_model(model_dir: str | os.PathLike, *, task: str = "causal-lm", dtype=N
             model = auto.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
                                          dtype=dtype or torch.float32)
     except Exception as err:  # corrupt weights (SafetensorError), wrong architecture, missing keys…
-        raise InputError(f"{option} {path}: cannot load as a {task} model ({_first_line(err)})") from None
+        raise InputError(f"{option} {path}: cannot load as a {task} model ({first_line(err)})") from None
     return model.eval()
 
 

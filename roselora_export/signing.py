@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 SIG_SUFFIX = ".sig"
 
@@ -51,7 +51,7 @@ def _read_key(path: Path, private: bool):
     except (ValueError, UnsupportedAlgorithm) as err:
         hint = "" if private or b"PRIVATE KEY" not in data else " (this is a private key; give its public half: " \
                                                                   "openssl ec -in KEY -pubout)"
-        raise InputError(f"--key {path}: not a PEM EC {what} key{hint} ({_first_line(err)})") from None
+        raise InputError(f"--key {path}: not a PEM EC {what} key{hint} ({first_line(err)})") from None
     kind = ec.EllipticCurvePrivateKey if private else ec.EllipticCurvePublicKey
     if not isinstance(key, kind):
         raise InputError(f"--key {path}: a {type(key).__name__.lstrip('_')}, not an EC {what} key; make one with "
@@ -59,14 +59,9 @@ def _read_key(path: Path, private: bool):
     return key
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _reason(err: BaseException) -> str:
     """model-signing's refusal in a few words (its hash mismatches print raw digest bytes)."""
-    text = _first_line(err)
+    text = first_line(err)
     if "Hash mismatch" in text or "Signature mismatch" in text:
         return "the file is not the one that was signed (changed since, or another file's signature)"
     if "Key mismatch" in text:

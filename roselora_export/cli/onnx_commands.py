@@ -89,7 +89,7 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: 
     A quick check that an ONNX artifact carries an edit: run it with --patch (overrides in memory)
     and without, or on a directory patched by `apply --base ONNX_DIR`.
     """
-    from ..errors import InputError
+    from ..errors import InputError, first_line
     from ..onnx.session import create_session, generate_greedy
 
     items = resolve_prompts(prompts, requests_path, chat)
@@ -118,7 +118,7 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: 
 
         tok = AutoTokenizer.from_pretrained(onnx_dir, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise InputError(f"--onnx {onnx_dir}: no usable tokenizer files ({str(err).splitlines()[0]}); "
+        raise InputError(f"--onnx {onnx_dir}: no usable tokenizer files ({first_line(err)}); "
                          "re-export from a model directory that has them") from None
     from ..chat import prompt_ids
 
