@@ -53,11 +53,6 @@ def _progress(total: int, desc: str):
         bar.close()
 
 
-def _is_onnx_dir(path: Path) -> bool:
-    # Either marker is enough, so an ONNX dir missing names.json gets the ONNX error that names it.
-    return path.is_dir() and ((path / "names.json").is_file() or any(path.glob("*.onnx")))
-
-
 def _onnx_apply(base: Path, patches, out: Path | None, *, revert: bool = False, in_place: bool = False,
                 base_model: str | None = None, sources: list | None = None, check: bool = False) -> dict:
     try:
@@ -236,7 +231,9 @@ def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys
             verify_patch(p, list(trusted_keys))
     patches = [load_patch(p) for p in patch_files]
     base = Path(base_dir)
-    if _is_onnx_dir(base):
+    from ..onnx.names import is_onnx_dir
+
+    if is_onnx_dir(base):  # either marker: an ONNX dir missing names.json gets the ONNX error that names it
         report = _onnx_apply(base, patches, Path(out_dir) if out_dir else None, revert=revert, in_place=in_place,
                              base_model=base_model, sources=list(patch_files), check=check)
     elif base_model is not None:
