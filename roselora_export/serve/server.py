@@ -81,18 +81,13 @@ def build_app(model_dir: str | os.PathLike, *, device="cpu", dtype: str | None =
 
 def _dtype(name: str | None, patches):
     """The dtype given, else the first start-up patch's (a patch applies only in its own dtype), else fp32."""
-    import torch
-
     from ..devices import torch_dtype
+    from ..patch.io import load_patch
+    from ..runtime.tryout import patch_dtype
 
-    if name is not None:
-        return torch_dtype(name)
-    if patches:
-        from ..patch.io import load_patch
-        from ..runtime.tryout import patch_dtype
-
+    if name is None and patches:
         return patch_dtype(load_patch(patches[0]), None)
-    return torch.float32
+    return torch_dtype(name or "fp32")
 
 
 def bind(host: str, port: int) -> socket.socket:
