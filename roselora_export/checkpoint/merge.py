@@ -12,7 +12,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,7 +47,6 @@ class MergeResult:
     patch: Patch
     survival: SurvivalReport
     onnx: dict | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def out_dtype(dtype: torch.dtype | str | None) -> str | None:
