@@ -8,8 +8,9 @@ it). What is replaced keeps its permission bits; what is new follows the umask.
 
 Temporaries: `.NAME.tmp-PID-XXXXXXXX` beside NAME, flock-ed by their owner for their whole life.
 Every writer first removes the stale ones of its destination: those whose owner process is gone and
-whose lock is free, never a live one. In-place temporaries (`.NAME.inplace-XXXXXXXX`) are made only
-under the directory's exclusive lock, so its next holder removes them.
+whose lock is free, never a live one; recovering a directory written in place (onnx/journal.py)
+removes those of all its entries by the same rule. In-place temporaries (`.NAME.inplace-XXXXXXXX`)
+are made only under the directory's exclusive lock, so its next holder removes them.
 
 Locks: flock on the directory itself. In-place writers hold it exclusively around check-and-swap;
 readers (apply --out, diff, merge) hold it shared while they read, so they never see a half-applied
@@ -168,11 +169,13 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def stale_temps(parent: Path, name: str) -> list[Path]:
-    """The temporaries of `parent/name` whose owner is gone: its pid dead, its lock free."""
-    pattern = re.compile(rf"^\.{re.escape(name)}{re.escape(TEMP_MARK)}(\d+)-[a-z0-9_]{{8}}$")
+def stale_temps(parent: Path, name: str | None = None) -> list[Path]:
+    """The temporaries of `parent/name` (name None: of any entry of `parent`) whose owner is gone: its pid
+    dead, its lock free. A missing or unreadable `parent` has none."""
+    stem = r".+" if name is None else re.escape(name)
+    pattern = re.compile(rf"^\.{stem}{re.escape(TEMP_MARK)}(\d+)-[a-z0-9_]{{8}}$")
     out = []
-    for p in parent.glob(glob.escape(f".{name}{TEMP_MARK}") + "*"):
+    for p in Path(parent).glob(".*" if name is None else glob.escape(f".{name}{TEMP_MARK}") + "*"):
         m = pattern.match(p.name)
         if m and not _alive(int(m.group(1))):
             fd = _try_lock(p)
@@ -182,10 +185,13 @@ def stale_temps(parent: Path, name: str) -> list[Path]:
     return out
 
 
-def remove_stale_temps(parent: Path, name: str) -> None:
-    """Remove the temporaries of `parent/name` left by killed runs (never a live owner's)."""
-    for p in stale_temps(parent, name):
+def remove_stale_temps(parent: Path, name: str | None = None) -> list[Path]:
+    """Remove the temporaries of `parent/name` (name None: of every entry of `parent`) left by killed runs,
+    never a live owner's; returns those removed. Safe without any directory lock (see stale_temps)."""
+    stale = stale_temps(parent, name)
+    for p in stale:
         _remove(p)
+    return stale
 
 
 def is_temp_name(name: str) -> bool:

@@ -17,8 +17,9 @@ elements are written where they are, in this order, each step durable before the
 
 A failure in 2-4 rolls back at once; a kill or power loss leaves the journal, and the next command
 that opens the directory (apply in any mode, onnx-generate, map-onnx) calls `recover` first, which
-puts the old bits and the old ledger back, renames the graph back and removes the journal. So a
-kill at any point leaves, to every reader going through this package, the old state or the new one.
+puts the old bits and the old ledger back, renames the graph back and removes the journal, and
+removes the temporary files (journal's, ledger's) of writers killed before their rename. So a kill
+at any point leaves, to every reader going through this package, the old state or the new one.
 Recovery refuses (one line, nothing written) when a file was replaced or an element holds neither
 its old nor its new bits since the interruption: then the journal does not describe the files.
 
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.atomic import atomic_write, fsync_dir, locked_dir
+from ..core.atomic import atomic_write, fsync_dir, locked_dir, remove_stale_temps
 from ..errors import InputError
 
 JOURNAL = ".roselora-undo.journal"
@@ -202,9 +203,12 @@ def _roll_back(root: Path, head: dict, regions: list[Region], *, check: bool) ->
 def recover(root: str | os.PathLike) -> bool:
     """Roll back an in-place write that was interrupted (the journal is there); True if one was.
 
-    Takes the directory's exclusive lock (a writer still running holds it, and removes its journal
-    before letting go); call it before taking any lock of your own on `root`."""
+    First removes the temporaries that killed writers left in `root` (the journal's, the ledger's:
+    core.atomic's rule, never a live writer's), journal or not. Takes the directory's exclusive lock
+    (a writer still running holds it, and removes its journal before letting go); call it before
+    taking any lock of your own on `root`."""
     root = Path(root)
+    remove_stale_temps(root)
     if not (root / JOURNAL).exists():
         return False
     with locked_dir(root):

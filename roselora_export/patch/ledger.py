@@ -13,10 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..core.atomic import atomic_write
 from ..errors import InputError
 from .model import Patch
 from .overlap import content_sha256, intersects
@@ -126,17 +126,8 @@ def write_ledger(ledger: Ledger, root: str | os.PathLike) -> None:
     if not ledger.entries:
         path.unlink(missing_ok=True)
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{LEDGER_NAME}.", suffix=".tmp", dir=root)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(ledger.to_json(), f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # An owner-locked temporary: one a kill leaves behind is removed by the next writer or recovery.
+    atomic_write(path, (json.dumps(ledger.to_json(), indent=1) + "\n").encode())
 
 
 def check_weights(ledger: Ledger, root: str | os.PathLike, name: str, sha: str) -> None:
