@@ -60,6 +60,17 @@ def _state(art: Path, exported: dict) -> str:
     return "mixed"
 
 
+def _difference(art: Path, exported: dict) -> str:
+    """How the directory differs from the old files and from the new ones (the message of a "mixed" state)."""
+    fp = dir_fingerprint(art)
+    out = []
+    for name in ("before", "after"):
+        want = exported[name]
+        out.append(f"vs {name}: extra {sorted(set(fp) - set(want))}, missing {sorted(set(want) - set(fp))}, "
+                   f"changed {sorted(k for k in set(fp) & set(want) if fp[k] != want[k])}")
+    return "; ".join(out)
+
+
 def test_in_place_apply_writes_only_the_touched_elements_and_leaves_no_journal(art, exported):
     report = apply_to_onnx_dir(art, [load_patch(exported["patch"])], None, in_place=True)
     assert report["copy"].startswith("none") and report["bytes_written"] > 0
@@ -143,7 +154,7 @@ def test_sigkill_at_random_moments_never_leaves_a_mix(art, exported):
         proc.wait()
         journal.recover(art)
         state = _state(art, exported)
-        assert state in ("old", "new")
+        assert state in ("old", "new"), f"killed after {delay} s: {_difference(art, exported)}"
         seen.add(state)
         if state == "new":
             apply_to_onnx_dir(art, [load_patch(exported["patch"])], None, in_place=True, revert=True)
