@@ -65,18 +65,33 @@ def test_recovery_keeps_a_temporary_whose_owner_lives_or_holds_its_lock(tmp_path
 _DIE_WITH_TEMP = """
 import os, sys, tempfile
 from pathlib import Path
-from roselora_export.onnx.patching import apply_to_onnx_dir
-from roselora_export.patch import load_patch
 
 real = tempfile.mkstemp
 def mkstemp(*args, **kwargs):  # the writer of `name` dies, as under SIGKILL, once its temporary exists
     out = real(*args, **kwargs)
-    if kwargs.get("prefix", "").startswith("." + sys.argv[3]):
+    if kwargs.get("prefix", "").startswith("." + sys.argv[1]):
         os._exit(9)
     return out
 tempfile.mkstemp = mkstemp
-apply_to_onnx_dir(Path(sys.argv[1]), [load_patch(sys.argv[2])], None, in_place=True, sources=[sys.argv[2]])
 """
+_APPLY = """
+from roselora_export.onnx.patching import apply_to_onnx_dir
+from roselora_export.patch import load_patch
+apply_to_onnx_dir(Path(sys.argv[2]), [load_patch(sys.argv[3])], None, in_place=True, sources=[sys.argv[3]])
+"""
+
+
+def test_a_map_onnx_killed_while_writing_names_json_leaves_nothing_after_recovery(tmp_path):
+    (tmp_path / "names.json").write_text("{}")
+    keep = _tree(tmp_path)
+    code = _DIE_WITH_TEMP + ("from roselora_export.onnx.mapping import write_names\n"
+                             "write_names(sys.argv[2], {'format': 2, 'tensors': {'w': []}})")
+    r = subprocess.run([sys.executable, "-c", code, "names.json", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 9, r.stderr[-2000:]
+    assert len(_tree(tmp_path)) == len(keep) + 1  # the killed writer's temporary
+    journal.recover(tmp_path)  # what map-onnx, apply and sessions run first
+    assert _tree(tmp_path) == keep
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +108,7 @@ def test_a_kill_while_a_temporary_exists_leaves_the_old_files_after_recovery(exp
     art = Path(shutil.copytree(exported / "art", tmp_path / "art"))
     before = dir_fingerprint(art)  # every file, hidden ones included
     patch = exported / "edit.patch.safetensors"
-    r = subprocess.run([sys.executable, "-c", _DIE_WITH_TEMP, str(art), str(patch), name],
+    r = subprocess.run([sys.executable, "-c", _DIE_WITH_TEMP + _APPLY, name, str(art), str(patch)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 9, r.stderr[-2000:]
     assert (art / journal.JOURNAL).exists() == journal_left

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import resource
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..core import dtypes
+from ..core.atomic import atomic_write
 from ..errors import InputError
 from .journal import recover
 from .names import NAMES_FILE, NAMES_FORMAT_MAPPED, artifact_locations, dtype_name, load_graph
@@ -377,20 +377,9 @@ def names_json_text(names: dict) -> str:
 
 
 def write_names(onnx_dir: str | os.PathLike, names: dict) -> Path:
-    """Write names.json into onnx_dir atomically (a temp file renamed over it)."""
-    onnx_dir = Path(onnx_dir)
-    dest = onnx_dir / NAMES_FILE
-    fd, tmp = tempfile.mkstemp(prefix=f".{NAMES_FILE}.", suffix=".tmp", dir=onnx_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(names_json_text(names))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+    """Write names.json into onnx_dir atomically (core.atomic: an owner-locked temp file renamed over it,
+    which recovery removes if the writer is killed before the rename)."""
+    return atomic_write(Path(onnx_dir) / NAMES_FILE, names_json_text(names).encode())
 
 
 __all__ = ["map_onnx", "write_names", "model_file_of", "names_json_text", "QUANTIZED_OPS"]
