@@ -430,7 +430,7 @@ def chat_section() -> list[str]:
 def sequential_section(readme: bool) -> list[str]:
     """Lifelong editing (examples/sequential.py): the curve table and its plot, as markdown lines."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from sequential import kl_table, load_reports, table
+    from sequential import load_reports, side_table, table
 
     reports = load_reports()
     if not reports:
@@ -449,9 +449,11 @@ def sequential_section(readme: bool) -> list[str]:
     image = "docs/sequential.png" if readme else "sequential.png"
     out = ["### Lifelong editing: edits applied in sequence", "", table(reports), "", text, "",
            f"![metrics against the number of sequential edits]({image})", ""]
-    kl = kl_table()
-    if kl:
-        out += ["RoseLoRA with a stronger KL term (`--kl-weight`), the same sequence cut at T = 20:", "", kl, ""]
+    side = side_table()
+    if side:
+        out += ["Side runs, the same sequence cut at T = 20: RoseLoRA with a stronger KL term (`--kl-weight`, "
+                "`--kl-texts`) or adapting only some layers (`--layers`). s/edit there is wall time on a machine "
+                "shared with other runs, so it compares only roughly:", "", side, ""]
     return out
 
 
@@ -487,16 +489,23 @@ def defaults_section() -> list[str]:
     if "sweep" in d:
         choice = d.get("choice", {})
         lines = ["### How the defaults were chosen", "",
-                 "| candidate (changes to `--preset paper`) | reliability | generalization | locality | params modified | s/edit | steps |",
-                 "|---|---|---|---|---|---|---|"]
+                 "| candidate (changes to `--preset paper`) | reliability | generalization | locality | params modified | "
+                 "s/edit | steps | T = 20 in sequence: reliability / locality |",
+                 "|---|---|---|---|---|---|---|---|"]
+        sequential = choice.get("sequential", {})
         for name, r in d["sweep"].items():
             mark = " **(chosen)**" if name == choice.get("chosen") else ""
+            point = sequential.get(name)
+            seq = f"{point['reliability']:.2f} / {point['locality']:.3f}" if point else ""
             lines.append(f"| {name}{mark} | " + " | ".join(pct(r[c]) for c in cols) +
                          f" | {r['params_modified']:,.0f} ({pct(r['params_modified_fraction'], 4)}) | "
-                         f"{r['seconds_per_edit']:.1f} | {r['steps']:.1f} |")
+                         f"{r['seconds_per_edit']:.1f} | {r['steps']:.1f} | {seq} |")
         n = next(iter(d["sweep"].values()))["requests"]
         lines += ["", f"RoseLoRA single edits on {n} dev requests spread evenly over the 34 "
-                      f"(`examples/edit_defaults.py sweep`). Rule (`choose`): {choice.get('rule', 'not applied yet')}. "
+                      f"(`examples/edit_defaults.py sweep`); the last column: the first 20 dev requests edited one after "
+                      f"another with the candidate's settings (`examples/sequential.py run --limit 20`), run for every "
+                      f"candidate whose single-edit score could still win. Rule (`choose`): "
+                      f"{choice.get('rule', 'not applied yet')}. "
                       f"{d.get('meta', {}).get('sweep', '')}. The bf16 check of the chosen candidate on the same 8 "
                       f"requests: " + ", ".join(f"{k} {pct(v)}" for k, v in
                                                 next(iter(d.get('sweep_bf16_check', {None: {}}).values())).items()

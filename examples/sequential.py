@@ -102,28 +102,39 @@ def table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def kl_table() -> str:
-    """The locality-term side runs (roselora_kl*.json) at their last T, next to the default's point at that T."""
-    runs = [json.loads(p.read_text()) for p in OUT.glob("roselora_kl*.json")]
+def side_table() -> str:
+    """The side runs (roselora_<tag>.json other than the preset runs) at their last T, next to the default's
+    point at that T: which layers, KL weight and KL texts, and what they gave."""
+    runs = [json.loads(p.read_text()) for p in OUT.glob("roselora_*.json")
+            if not p.name.endswith(".partial.json") and p.stem not in LABELS]
     if not runs:
         return ""
-    runs.sort(key=lambda r: (r["settings"].get("kl_texts", 0), r["settings"]["kl_weight"]))
-    rows = ["| KL weight | KL texts | T | reliability | generalization | locality |", "|---:|---:|---:|---:|---:|---:|"]
+
+    def layers(r):
+        ls = r["config"].get("layers")
+        return "all" if not ls else (f"{ls[0]}-{ls[-1]}" if ls == list(range(ls[0], ls[-1] + 1)) else ",".join(map(str, ls)))
+
+    runs.sort(key=lambda r: (layers(r) != "all", (r["config"].get("layers") or [0])[0], r["settings"].get("kl_texts", 0),
+                             r["settings"]["kl_weight"]))
+    rows = ["| layers | KL weight | KL texts | T | reliability | generalization | locality | union touched | s/edit |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     main, t = load_reports().get("roselora"), runs[0]["edits"]
     point = next((p for p in main["curve"] if p["edits"] == t), None) if main else None
     if point is not None:
-        rows.append(f"| {main['settings']['kl_weight']:g} (default) | {main['settings'].get('kl_texts', 0)} | {t} | "
-                    f"{point['reliability']:.2f} | {point['generalization']:.2f} | {point['locality']:.3f} |")
+        rows.append(f"| all (default) | {main['settings']['kl_weight']:g} | {main['settings'].get('kl_texts', 0)} | {t} | "
+                    f"{point['reliability']:.2f} | {point['generalization']:.2f} | {point['locality']:.3f} | "
+                    f"{100 * point['params_touched_union_fraction']:.2f}% | |")
     for r in runs:
-        rows.append(f"| {r['settings']['kl_weight']:g} | {r['settings'].get('kl_texts', 0)} | {r['edits']} | "
-                    f"{r['reliability']:.2f} | {r['generalization']:.2f} | {r['locality']:.3f} |")
+        rows.append(f"| {layers(r)} | {r['settings']['kl_weight']:g} | {r['settings'].get('kl_texts', 0)} | {r['edits']} | "
+                    f"{r['reliability']:.2f} | {r['generalization']:.2f} | {r['locality']:.3f} | "
+                    f"{100 * r['params_touched_union_fraction']:.2f}% | {r['seconds_per_edit']:.1f} |")
     return "\n".join(rows)
 
 
 def render() -> None:
     reports = load_reports()
     print(table(reports))
-    print(kl_table())
+    print(side_table())
     _plot(reports)
 
 
@@ -164,13 +175,17 @@ if __name__ == "__main__":
     r.add_argument("--kl-texts", type=int, default=None, help="override the preset's KL-only texts (side experiment)")
     r.add_argument("--layers", default=None, help="override the preset's adapted layers, e.g. 2-6 (side experiment)")
     r.add_argument("--tau", type=float, default=None, help="override the preset's kept fraction (side experiment)")
+    r.add_argument("--t-final", type=float, default=None, help="override the preset's t_f (side experiment)")
+    r.add_argument("--targets", default=None, help="override the preset's targets (side experiment)")
     r.add_argument("--tag", default="", help="suffix of the output file name (side experiments)")
     sub.add_parser("render", help="table and plot from docs/sequential/*.json")
     args = ap.parse_args()
     if args.cmd == "run":
         overrides = {k: v for k, v in (("kl_weight", args.kl_weight), ("prefixes", args.prefixes),
                                        ("prefix_length", args.prefix_length), ("kl_texts", args.kl_texts),
-                                       ("layers", args.layers), ("tau", args.tau))
+                                       ("layers", args.layers), ("tau", args.tau),
+                                       ("t_final", args.t_final),
+                                       ("targets", args.targets and tuple(args.targets.split(","))))
                      if v is not None}
         run(args.method, args.limit, not args.no_reverts, args.threads, overrides, args.tag, args.preset)
     else:
