@@ -68,9 +68,8 @@ def _preset_options():
     opts = [
         click.option("--preset", default="default", show_default=True, metavar="|".join(PRESETS),
                      help="Named settings the options below override: default (chosen by measurement on "
-                          "SmolLM2-135M, docs/results.md), lifelong (for a model that takes many edits in "
-                          "sequence: adapts layers 4-8 only, so the rest of the model drifts less as edits pile up; "
-                          "lower generalization on a single edit) or paper (the "
+                          "SmolLM2-135M, docs/results.md), lifelong (default with a stronger locality term, for a "
+                          "model that takes many edits in sequence; about 3.5x the time per edit) or paper (the "
                           "RoseLoRA authors' LLaMA-2-7B settings)."),
         click.option("--rank", type=int, default=None, help=_preset_help("rank", _HELP["rank"])),
         click.option("--alpha", type=float, default=None, help=_preset_help("alpha", _HELP["alpha"])),
