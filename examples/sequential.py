@@ -116,16 +116,31 @@ def side_table() -> str:
 
     runs.sort(key=lambda r: (layers(r) != "all", (r["config"].get("layers") or [0])[0], r["settings"].get("kl_texts", 0),
                              r["settings"]["kl_weight"]))
-    rows = ["| layers | KL weight | KL texts | T | reliability | generalization | locality | union touched | s/edit |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    from roselora_export.edit.settings import EditSettings, preset
+    from roselora_export.method.config import RoseLoraConfig
+
+    base_config, base_settings = (x.to_dict() for x in preset("default"))
+
+    def other(r):  # what else differs from the default preset
+        config = RoseLoraConfig.from_dict(r["config"]).to_dict()
+        settings = EditSettings(**r["settings"]).to_dict()
+        diff = [f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in config.items()
+                if k != "layers" and v != base_config[k]]
+        diff += [f"{k} {v}" for k, v in settings.items() if k not in ("kl_weight", "kl_texts") and v != base_settings[k]]
+        return ", ".join(diff)
+
+    rows = ["| layers | KL weight | KL texts | other changes | T | reliability | generalization | locality | "
+            "union touched | s/edit |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     main, t = load_reports().get("roselora"), runs[0]["edits"]
     point = next((p for p in main["curve"] if p["edits"] == t), None) if main else None
     if point is not None:
-        rows.append(f"| all (default) | {main['settings']['kl_weight']:g} | {main['settings'].get('kl_texts', 0)} | {t} | "
+        rows.append(f"| all (default) | {main['settings']['kl_weight']:g} | {main['settings'].get('kl_texts', 0)} | | {t} | "
                     f"{point['reliability']:.2f} | {point['generalization']:.2f} | {point['locality']:.3f} | "
                     f"{100 * point['params_touched_union_fraction']:.2f}% | |")
     for r in runs:
-        rows.append(f"| {layers(r)} | {r['settings']['kl_weight']:g} | {r['settings'].get('kl_texts', 0)} | {r['edits']} | "
+        rows.append(f"| {layers(r)} | {r['settings']['kl_weight']:g} | {r['settings'].get('kl_texts', 0)} | {other(r)} | "
+                    f"{r['edits']} | "
                     f"{r['reliability']:.2f} | {r['generalization']:.2f} | {r['locality']:.3f} | "
                     f"{100 * r['params_touched_union_fraction']:.2f}% | {r['seconds_per_edit']:.1f} |")
     return "\n".join(rows)
