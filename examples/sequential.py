@@ -191,6 +191,7 @@ if __name__ == "__main__":
     r.add_argument("--layers", default=None, help="override the preset's adapted layers, e.g. 2-6 (side experiment)")
     r.add_argument("--tau", type=float, default=None, help="override the preset's kept fraction (side experiment)")
     r.add_argument("--t-final", type=float, default=None, help="override the preset's t_f (side experiment)")
+    r.add_argument("--lr", type=float, default=None, help="override the preset's learning rate (side experiment)")
     r.add_argument("--targets", default=None, help="override the preset's targets (side experiment)")
     r.add_argument("--tag", default="", help="suffix of the output file name (side experiments)")
     sub.add_parser("render", help="table and plot from docs/sequential/*.json")
@@ -199,7 +200,7 @@ if __name__ == "__main__":
         overrides = {k: v for k, v in (("kl_weight", args.kl_weight), ("prefixes", args.prefixes),
                                        ("prefix_length", args.prefix_length), ("kl_texts", args.kl_texts),
                                        ("layers", args.layers), ("tau", args.tau),
-                                       ("t_final", args.t_final),
+                                       ("t_final", args.t_final), ("lr", args.lr),
                                        ("targets", args.targets and tuple(args.targets.split(","))))
                      if v is not None}
         run(args.method, args.limit, not args.no_reverts, args.threads, overrides, args.tag, args.preset)
