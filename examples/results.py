@@ -518,7 +518,7 @@ def defaults_section() -> list[str]:
                       f"{d.get('meta', {}).get('sweep', '')}. The bf16 check of the chosen candidate on the same 8 "
                       f"requests: " + ", ".join(f"{k} {pct(v)}" for k, v in
                                                 next(iter(d.get('sweep_bf16_check', {None: {}}).values())).items()
-                                                if k in cols)]
+                                                if k in cols) + "."]
         if choice.get("missing_sequential_runs"):
             lines[-1] += (" Not run (time), so not decided by the second rule, though every layers 4-8 run above fell "
                           "apart by T = 100: " + "; ".join(choice["missing_sequential_runs"]) + ".")
