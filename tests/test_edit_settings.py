@@ -173,8 +173,8 @@ def test_edit_records_its_preset_and_settings(tiny_model_dirs, tmp_path):
     summary = json.loads((out / "roselora.json").read_text())
     assert summary["config"]["clamp"] == 3e-3 and summary["config"]["lr"] == 5e-4  # from the preset
     assert summary["config"]["steps"] == 3  # the option overrides the preset
-    assert summary["settings"] == {"prefixes": 2, "prefix_length": 3, "kl_weight": 0.5, "kl_texts": 0,
-                                   "kl_on_locality": False, "deploy_dtype": None}
+    assert summary["settings"] == {"prefixes": 2, "prefix_length": 3, "kl_weight": 0.5, "kl_texts": 0, "keep_edits": 0,
+                                   "pin_kl_texts": False, "kl_on_locality": False, "deploy_dtype": None}
 
 
 def test_edit_on_a_bf16_checkpoint_trains_against_bf16(tmp_path, smollm_dir):

@@ -91,6 +91,7 @@ def _preset_options():
         click.option("--prefix-length", type=int, default=None, help=_preset_help("prefix_length", shelp["prefix_length"])),
         click.option("--kl-weight", type=float, default=None, help=_preset_help("kl_weight", shelp["kl_weight"])),
         click.option("--kl-texts", type=int, default=None, help=_preset_help("kl_texts", shelp["kl_texts"])),
+        click.option("--keep-edits", type=int, default=None, help=_preset_help("keep_edits", shelp["keep_edits"])),
         click.option("--kl-on-locality", is_flag=True, default=None, help=shelp["kl_on_locality"]),
         click.option("--deploy-dtype", type=click.Choice(DEPLOY_DTYPES), default=None, help=shelp["deploy_dtype"]),
     ]
@@ -265,8 +266,9 @@ def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers,
         round_weights_(model, settings.deploy_dtype)
     shown = requests[:5] if answers else []
     before = [greedy_continuation(model, tokenizer, r.prompt, chat=r.chat) for r in shown]
+    keep = _earlier_edits(path, settings, config.seed, as_json)
     result = train_edit(model, tokenizer, requests, method=method, config=config, settings=settings,
-                        progress=progress, layer=layer, source=requests_path.name)
+                        progress=progress, layer=layer, source=requests_path.name, keep=keep)
     with result.applied(model):
         after = [greedy_continuation(model, tokenizer, r.prompt, chat=r.chat) for r in shown]
     qa = [{"prompt": r.prompt, "target_new": r.target_new, "before": b, "after": a, **({"chat": True} if r.chat else {})}
@@ -278,6 +280,21 @@ def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers,
     else:
         _print_summary(summary, out, qa, per_module)
     _warn_if_not_taken(qa, summary, config, method)
+
+
+def _earlier_edits(path: Path, settings, seed: int, quiet: bool) -> list:
+    """Up to --keep-edits of the edits the model directory's ledger records (a seeded draw when there are more)."""
+    import random
+
+    from ..edit.requests import recorded_requests
+
+    if not settings.keep_edits or not settings.kl_weight:
+        return []
+    earlier = recorded_requests(path)
+    keep = earlier if len(earlier) <= settings.keep_edits else random.Random(seed).sample(earlier, settings.keep_edits)
+    if not quiet:
+        click.echo(f"note: keeping {len(keep)} of the {len(earlier)} earlier edit(s) its ledger records", err=True)
+    return keep
 
 
 def _warn_if_not_taken(answers: list[dict], summary: dict, config: RoseLoraConfig, method: str = "roselora") -> None:

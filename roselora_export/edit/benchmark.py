@@ -187,10 +187,15 @@ def sequential_edits(
     runtime = PatchRuntime(model)
     reference = state_sha256(model) if keep_reverts else None
     handles, seconds, touched, curve, overlapping = [], [], {}, [], 0
+    pinned = {} if settings.pin_kl_texts else None  # the KL texts' reference, as the first edit found it
+    draw = random.Random(seed)
     t0 = time.perf_counter()
     try:
         for i, req in enumerate(requests):
-            result = train_edit(model, tokenizer, [req], method=method, config=cfg, settings=settings, layer=layer)
+            earlier = requests[:i]
+            keep = earlier if len(earlier) <= settings.keep_edits else draw.sample(earlier, settings.keep_edits)
+            result = train_edit(model, tokenizer, [req], method=method, config=cfg, settings=settings, layer=layer,
+                                keep=keep, kl_text_reference=pinned)
             patch = edit_patch(model, result, settings.deploy_dtype)
             handle = runtime.apply(patch)
             overlapping += any(_intersects_touched(touched, patch))

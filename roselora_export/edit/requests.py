@@ -81,3 +81,19 @@ def load_requests(path: str | os.PathLike, *, chat: bool = False) -> list[EditRe
     if not requests:
         raise InputError(f"--requests {path}: no requests in the file (one JSON object per line)")
     return requests
+
+
+def recorded_requests(model_dir: str | os.PathLike) -> list[EditRequest]:
+    """The requests of the edits a patched directory carries, oldest first, from its ledger's provenance
+    (`merge` records an edit's requests there). Empty for a directory without a ledger; InputError
+    for a damaged ledger or a recorded request that does not parse."""
+    from ..patch.ledger import LEDGER_NAME, read_ledger
+
+    out = []
+    for entry in read_ledger(model_dir).entries:
+        recorded = (entry.provenance.get("roselora") or {}).get("requests") or []
+        where = f"{os.path.join(model_dir, LEDGER_NAME)}: patch {entry.label()}"
+        if not isinstance(recorded, list):
+            raise InputError(f"{where}: its recorded requests are not a list")
+        out += [_request_from(obj, f"{where}, request {i + 1}", 0) for i, obj in enumerate(recorded)]
+    return out

@@ -27,6 +27,15 @@ class EditSettings:
         default=0,
         metadata={"help": "Also N texts of 16 tokens the model generates itself (seeded), each a sequence that "
                           "carries only the locality term: more of the model's own text kept as it was. 0 = off."})
+    keep_edits: int = field(
+        default=0,
+        metadata={"help": "On a model that carries earlier edits: up to N of them (drawn at random when there are "
+                          "more) each become a sequence that carries only the locality term, so the new edit keeps "
+                          "them as the model answers them now. Needs --kl-weight > 0. 0 = off."})
+    pin_kl_texts: bool = field(
+        default=False,
+        metadata={"help": "In a sequence of edits: the --kl-texts keep the first model's predictions, not those of "
+                          "the model each edit starts from, so drift does not add up over the sequence."})
     kl_on_locality: bool = field(
         default=False,
         metadata={"help": "Also use each request's own 'locality' prompts for the locality term (they are "
@@ -43,8 +52,12 @@ class EditSettings:
             raise InputError(f"--prefix-length {self.prefix_length}: must be a whole number >= 1")
         if int(self.kl_texts) != self.kl_texts or self.kl_texts < 0:
             raise InputError(f"--kl-texts {self.kl_texts}: must be a whole number >= 0")
+        if int(self.keep_edits) != self.keep_edits or self.keep_edits < 0:
+            raise InputError(f"--keep-edits {self.keep_edits}: must be a whole number >= 0")
         if not self.kl_weight >= 0:
             raise InputError(f"--kl-weight {self.kl_weight}: must be >= 0")
+        if self.keep_edits and not self.kl_weight:
+            raise InputError(f"--keep-edits {self.keep_edits}: needs the locality term (--kl-weight > 0)")
         if self.deploy_dtype is not None and self.deploy_dtype not in DEPLOY_DTYPES:
             raise InputError(f"--deploy-dtype {self.deploy_dtype}: choose one of {', '.join(DEPLOY_DTYPES)}")
 

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,8 @@ from ..method.bound import density_bound, prop1_sparsity_bound
 from ..method.config import RoseLoraConfig
 from ..method.peft_setup import wrap_with_lora
 from ..method.pruner import RoseLoraPruner, lora_pairs
-from .data import IGNORE, Encoded, collate, encode_edit_examples, kl_only_sequences, model_max_length, pad_id_of
+from .data import (IGNORE, Encoded, collate, encode_edit_examples, encode_requests, kl_only_sequences,
+                   model_max_length, pad_id_of)
 from .deploy_rounding import rounded_lora_forward
 from .requests import EditRequest
 from .settings import EditSettings
@@ -408,6 +409,8 @@ def train_edit(
     layer: int | None = None,
     keep_peft: bool = False,
     source: str = "requests",
+    keep: Sequence[EditRequest] = (),
+    kl_text_reference: dict | None = None,
 ) -> EditResult:
     """Train one edit that carries every request, on an already-loaded causal LM.
 
@@ -416,6 +419,11 @@ def train_edit(
     back unchanged (see the module docstring); keep_peft=True instead leaves the LoRA methods'
     PeftModel in place as result.model. ft-l trains layer `layer` (default ROME's 5); it ignores
     settings.deploy_dtype (its whole new weights are rounded when stored).
+
+    keep: earlier edits the model carries; each one's prompt -> target becomes a sequence that carries
+    only the locality term, so this edit keeps them as the model answers them now. kl_text_reference:
+    a cache of the KL texts' reference log-probabilities; the same dict passed to every edit of a
+    sequence pins those texts to the model as the first edit found it, not as each later edit finds it.
     """
     from .prefixes import context_prefixes
     from .settings import edit_settings
@@ -428,13 +436,19 @@ def train_edit(
     encoded = encode_edit_examples(requests, tokenizer, model_max_length(model, tokenizer), prefixes=prefixes,
                                    kl_prefixes=use_kl, kl_on_locality=use_kl and settings.kl_on_locality,
                                    source=source)
-    if use_kl and settings.kl_texts:  # a seed of their own: not the context prefixes again
-        texts = context_prefixes(model, tokenizer, settings.kl_texts, KL_TEXT_LENGTH, config.seed + 1)
-        encoded += kl_only_sequences(texts, tokenizer, model_max_length(model, tokenizer))
-    device = next(model.parameters()).device
-    micro = _to_device(_micro_batches(encoded, pad_id_of(tokenizer), EDIT_BATCH), device)
+    pad, device = pad_id_of(tokenizer), next(model.parameters()).device
+    micro = _to_device(_micro_batches(encoded, pad, EDIT_BATCH), device)
+    if use_kl and keep:
+        kept = [_kl_only_of(e) for e in encode_requests(keep, tokenizer, model_max_length(model, tokenizer), "kept edits")]
+        micro += _to_device(_micro_batches(kept, pad, EDIT_BATCH), device)
     if use_kl:
         _attach_kl_reference(model, micro)
+    if use_kl and settings.kl_texts:  # a seed of their own: not the context prefixes again
+        texts = context_prefixes(model, tokenizer, settings.kl_texts, KL_TEXT_LENGTH, config.seed + 1)
+        text_micro = _to_device(_micro_batches(kl_only_sequences(texts, tokenizer, model_max_length(model, tokenizer)),
+                                               pad, EDIT_BATCH), device)
+        _attach_kl_reference(model, text_micro, kl_text_reference)
+        micro += text_micro
     torch.manual_seed(config.seed)
     if method == "ft-l":
         result = train_ft_l(model, lambda t: micro, config, layer=layer, progress=progress, kl_weight=settings.kl_weight)
@@ -447,17 +461,30 @@ def train_edit(
 
 
 @torch.no_grad()
-def _attach_kl_reference(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]]) -> None:
-    """Store the unedited model's log-probabilities at each batch's KL positions (`kl_ref`), computed once."""
+def _attach_kl_reference(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], cache: dict | None = None) -> None:
+    """Store the unedited model's log-probabilities at each batch's KL positions (`kl_ref`), computed once;
+    with `cache`, a batch whose tokens it holds takes the log-probabilities stored there."""
     was_training = model.training
     model.eval()
     try:
         for b in micro:
-            if "kl_mask" in b:
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                b["kl_ref"] = torch.log_softmax(logits[b["kl_mask"]].float(), dim=-1)
+            if "kl_mask" not in b:
+                continue
+            key = tuple(b["input_ids"].flatten().tolist())
+            if cache is not None and key in cache:
+                b["kl_ref"] = cache[key].to(b["input_ids"].device)
+                continue
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            b["kl_ref"] = torch.log_softmax(logits[b["kl_mask"]].float(), dim=-1)
+            if cache is not None:
+                cache[key] = b["kl_ref"]
     finally:
         model.train(was_training)
+
+
+def _kl_only_of(enc: Encoded) -> Encoded:
+    """An encoded prompt -> target with nothing to learn: its every position carries the locality term."""
+    return Encoded(input_ids=enc.input_ids, labels=[IGNORE] * len(enc.input_ids), kl_len=len(enc.input_ids))
 
 
 # --------------------------------------------------------------------------------------------- saving

@@ -1,0 +1,122 @@
+"""Editing on top of earlier edits: the earlier edits kept by the locality term (--keep-edits, from the
+directory's ledger) and KL texts pinned to the first model of a sequence (pin_kl_texts)."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from roselora_export.cli import main
+from roselora_export.edit import train as train_module
+from roselora_export.edit.data import IGNORE
+from roselora_export.edit.requests import EditRequest, recorded_requests
+from roselora_export.edit.settings import EditSettings
+from roselora_export.edit.train import train_edit
+from roselora_export.errors import InputError
+from roselora_export.method import RoseLoraConfig
+from roselora_export.models import load_model, load_tokenizer
+from roselora_export.patch.ledger import Entry, Ledger, write_ledger
+
+FIRST = EditRequest(prompt="The Eiffel Tower is located in the city of", subject="Eiffel Tower", target_new="Rome")
+SECOND = EditRequest(prompt="The capital of Japan is", subject="Japan", target_new="Seoul")
+FAST = RoseLoraConfig(rank=2, tau=0.5, t_init=1, t_final=2, steps=3, lr=1e-2, clamp=None, early_stop_loss=None)
+KL = EditSettings(prefixes=0, kl_weight=1.0)
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dirs):
+    path = tiny_model_dirs["llama"]
+    return load_model(path), load_tokenizer(path)
+
+
+def _spy_batches(monkeypatch) -> list:
+    """Every micro-batch train_edit hands to the loop, in order."""
+    seen = []
+    real = train_module.train_lora
+
+    def spy(model, batches, config, **kw):
+        seen.extend(batches(1))
+        return real(model, batches, config, **kw)
+
+    monkeypatch.setattr(train_module, "train_lora", spy)
+    return seen
+
+
+def test_a_kept_edit_is_a_sequence_that_carries_only_the_locality_term(llama, monkeypatch):
+    model, tok = llama
+    seen = _spy_batches(monkeypatch)
+    train_edit(model, tok, [SECOND], config=FAST, settings=KL, keep=[FIRST])
+    want = tok(FIRST.prompt)["input_ids"] + tok(" " + FIRST.target_new, add_special_tokens=False)["input_ids"]
+    rows = [(b, i) for b in seen for i in range(len(b["input_ids"]))
+            if b["input_ids"][i, :len(want)].tolist() == want]
+    assert len(rows) == 1, "the kept edit is one training sequence"
+    b, i = rows[0]
+    assert (b["labels"][i] == IGNORE).all()  # nothing to learn from it...
+    assert b["kl_mask"][i, :len(want)].all()  # ...every position keeps the model's predictions
+    assert torch.allclose(b["kl_ref"].exp().sum(-1), torch.ones(b["kl_ref"].shape[0]))
+
+
+def test_without_the_locality_term_nothing_is_kept(llama, monkeypatch):
+    model, tok = llama
+    seen = _spy_batches(monkeypatch)
+    train_edit(model, tok, [SECOND], config=FAST, settings=EditSettings(prefixes=0, kl_weight=0.0), keep=[FIRST])
+    assert sum(len(b["input_ids"]) for b in seen) == 1
+    with pytest.raises(InputError, match=r"--keep-edits 4: needs the locality term \(--kl-weight > 0\)"):
+        EditSettings(kl_weight=0.0, keep_edits=4)
+    with pytest.raises(InputError, match="--keep-edits -1: must be a whole number >= 0"):
+        EditSettings(keep_edits=-1)
+
+
+def test_pinned_kl_texts_keep_the_first_models_predictions(llama):
+    model, tok = llama
+    settings = replace(KL, kl_texts=2)
+    pinned = {}
+    train_edit(model, tok, [FIRST], config=FAST, settings=settings, kl_text_reference=pinned)
+    assert len(pinned) == 1  # the two texts form one micro-batch
+    first = {k: v.clone() for k, v in pinned.items()}
+    weight = model.model.layers[0].mlp.down_proj.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(1.5)  # another model now: its own predictions on the texts differ
+    try:
+        train_edit(model, tok, [SECOND], config=FAST, settings=settings, kl_text_reference=pinned)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert pinned.keys() == first.keys() and all(torch.equal(pinned[k], first[k]) for k in first)
+
+
+def _ledger_with(root: Path, requests) -> None:
+    entry = Entry(sha256="0" * 64, content_sha256="1" * 64, nnz=1, tensors=["w"], applied_at="2026-12-02T00:00:00",
+                  provenance={"kind": "adapter", "roselora": {"requests": requests}}, file="first.patch")
+    write_ledger(Ledger([entry], {}), root)
+
+
+def test_recorded_requests_come_from_the_ledger_and_a_bad_one_is_named(tmp_path):
+    assert recorded_requests(tmp_path) == []  # no ledger: no earlier edits
+    _ledger_with(tmp_path, [FIRST.to_dict()])
+    assert recorded_requests(tmp_path) == [FIRST]
+    _ledger_with(tmp_path, [{"prompt": "x", "subject": 3, "target_new": "y"}])
+    with pytest.raises(InputError, match=r"roselora-ledger.json: patch first.patch .*request 1: field 'subject' must be a string"):
+        recorded_requests(tmp_path)
+
+
+def test_edit_on_a_patched_directory_keeps_the_edits_its_ledger_records(tiny_model_dirs, tmp_path):
+    base = tiny_model_dirs["llama"]
+    small = ["--steps", "3", "--t-init", "1", "--t-final", "2", "--rank", "2", "--no-progress", "--no-answers"]
+    for name, req in (("first", FIRST), ("second", SECOND)):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(req.to_dict()) + "\n")
+    assert run("edit", "--model", base, "--requests", tmp_path / "first.jsonl", "--out", tmp_path / "a1", *small).exit_code == 0
+    assert run("merge", "--base", base, "--adapter", tmp_path / "a1", "--out", tmp_path / "m1").exit_code == 0
+    assert recorded_requests(tmp_path / "m1") == [FIRST]
+    r = run("edit", "--model", tmp_path / "m1", "--requests", tmp_path / "second.jsonl", "--out", tmp_path / "a2",
+            "--keep-edits", "8", *small)
+    assert r.exit_code == 0, r.output
+    assert "note: keeping 1 of the 1 earlier edit(s) its ledger records" in r.stderr
+    assert json.loads((tmp_path / "a2" / "roselora.json").read_text())["settings"]["keep_edits"] == 8
