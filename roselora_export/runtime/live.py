@@ -9,39 +9,20 @@ Usage::
     runtime.revert(handle)                 # or runtime.revert() for the most recent
     with runtime.applied(patch): ...       # apply, then revert on exit
 
-Thread-safety contract
-    Serving code takes `with runtime.serving():` around every forward pass (or a whole
-    `generate` call, if one answer must come from a single state). Any number of threads may
-    serve at once. `apply` and `revert` do their checks (reads only) while serving continues, and
-    hold the lock exclusively only while writing the touched elements; a forward pass therefore
-    sees the model either wholly before or wholly after a patch, never a mix. On CUDA the device is
-    synchronised before and after the write, so kernels queued by a forward on any stream finish
-    first. Calls to apply/revert from several threads are serialised. Calling them inside
-    `serving()` on the same thread raises RuntimeError (it would deadlock). Writes made to the
-    weights by anyone else are not covered (and are detected at revert). `active` changes under the
-    same exclusive lock as the weights, so read inside `serving()` it names exactly the patches in
-    the weights being served.
+Thread-safety: serving code holds `runtime.serving()` around every forward pass (or a whole
+`generate`); any number of threads may serve at once. apply/revert check while serving goes on and
+hold the lock exclusively only to write the touched elements (CUDA synchronised before and after), so
+a forward pass sees the model wholly before or wholly after a patch. apply/revert calls are
+serialised; calling them inside `serving()` on the same thread raises RuntimeError. `active` changes
+under the same lock as the weights. Writes by anyone else are not covered (revert detects them).
 
-Stacking and overlap rule
-    Every patch is checked against the live values it touches: the sha256 of the gathered base
-    bits must equal the patch's `base_touched_sha256`. A patch that overlaps an active one is thus
-    accepted only if it was built on top of it (on the values the model holds now). A patch can be
-    reverted only while no later active patch overlaps it (LIFO among overlapping patches);
-    patches that do not overlap revert in any order. Overlap is per element, and a tied weight
-    (e.g. lm_head / embed_tokens) is one tensor whichever name the patch uses.
-
-Apply, in order: resolve names; check shapes and dtypes; stage (runtime.staging); check indices;
-gather the touched bits, check the base fingerprint and that the new values are finite; only then
-write. If a write fails, every write started is taken back. Revert checks that the touched elements
-still hold what apply wrote, then writes the old bits back.
+Stacking: every patch must match the sha256 of the live bits it touches (`base_touched_sha256`), so a
+patch overlapping an active one is accepted only if built on top of it. A patch reverts only while no
+later active patch overlaps it (per element; a tied weight is one tensor under any name).
 
 Re-applying the same loaded Patch object reuses its staging (up to STAGE_CACHE_BYTES in all) while
-every touched live tensor is still the one staged; live bits equal, bit for bit, to base bits that
-already passed the sha256 and finiteness checks stand in for them. Arrays changed in place after the
-first apply are not re-read.
-
-Cost: each apply and each revert reads the touched elements once and writes them once (one gather and
-one scatter per tensor); figures in docs/benchmarks.md ("runtime").
+every touched live tensor is still the one staged. The steps, and the cost (one gather and one scatter
+per tensor, each way), are in docs/design.md "The runtime on a live model".
 """
 from __future__ import annotations
 
@@ -74,7 +55,6 @@ class _CacheEntry:
     ref: "weakref.ref[Patch]"
     names: tuple  # PatchRuntime._names when staged (refresh() invalidates)
     tensors: list  # (name, TensorPatch, flat_index, xor_bits, base_touched_sha256, dtype, shape), by identity
-    items: list  # resolved (canonical name, live tensor, TensorPatch)
     staged: Staged
     size: int
 
@@ -259,12 +239,8 @@ class PatchRuntime:
         items = []
         seen: dict[str, str] = {}
         for name, tp in patch.tensors.items():
-            found = name if name in live else None
-            if found is None and prefix:
-                for alt in (f"{prefix}.{name}", name.removeprefix(prefix + ".")):
-                    if alt in live:
-                        found = alt
-                        break
+            candidates = (name, f"{prefix}.{name}", name.removeprefix(prefix + ".")) if prefix else (name,)
+            found = next((alt for alt in candidates if alt in live), None)
             if found is None:
                 raise InputError(f"patch tensor {name} is not in the live model (no parameter or buffer of that name); "
                                  f"is the patch for another model?")
@@ -309,10 +285,8 @@ class PatchRuntime:
         if patch.format_version != FORMAT_VERSION:
             raise InputError(f"patch format version {patch.format_version} is not supported (this tool reads "
                              f"version {FORMAT_VERSION})")
-        cached = self._staged_for(patch)
-        if cached is not None:  # checked against this model's config, names, shapes and device when staged
-            staged = cached[1]
-        else:
+        staged = self._staged_for(patch)  # a cached one was checked against this model's config, names and device
+        if staged is None:
             _check_config(patch, self.model)
             items = self._resolve(patch)
             devices = {target.device for _, target, _ in items}
@@ -356,14 +330,9 @@ class PatchRuntime:
 
     def _write_all(self, staged: Staged, values: list[torch.Tensor], previous: list[torch.Tensor],
                    done=None) -> None:
-        """Write every tensor's values under the exclusive lock; if any write fails, put `previous` back.
-        `done()` runs under the same lock once every write succeeded (it updates `_active`).
-
-        On failure every tensor started is restored, the failing one included (it may have written part of
-        its elements; writing the previous bits over the rest changes nothing). The writes run in reverse
-        order of the gathers that checked them, so the first lines written are the last ones read (still in
-        cache); the next gather runs forwards again.
-        """
+        """Write every tensor's values under the exclusive lock; if any write fails, put `previous` back into
+        every tensor started, the failing one included. `done()` runs under the same lock once all succeeded.
+        Writes run in reverse order of the gathers, so the first lines written are the last read (in cache)."""
         entries = staged.entries
         with self.lock.write():
             self._sync(staged.device)
@@ -382,18 +351,14 @@ class PatchRuntime:
                 done()
 
     # ---- staging cache ----------------------------------------------------------------------
-    def _staged_for(self, patch: Patch) -> tuple[list, Staged] | None:
-        """The cached staging of this very Patch object, if it is still valid for the live model.
-
-        Valid while the Patch holds the same TensorPatch objects and arrays (a loaded patch is read
-        once: arrays changed in place after the first apply are not re-read) and every touched live
-        tensor is still the one staged (same name map, address, dtype, shape, contiguity).
-        """
+    def _staged_for(self, patch: Patch) -> Staged | None:
+        """The cached staging of this very Patch object, while it holds the same TensorPatch objects and arrays
+        (not re-read if changed in place) and every touched live tensor is still the one staged."""
         entry = self._stage_cache.get(id(patch))
         if entry is None or entry.ref() is not patch:
             return None
         if self._cache_entry_valid(entry, patch):
-            return entry.items, entry.staged
+            return entry.staged
         self._stage_cache.pop(id(patch), None)  # stale: drop it (it holds views of the old storages)
         return None
 
@@ -438,10 +403,9 @@ class PatchRuntime:
             if entry is not None and entry.ref is ref:
                 cache.pop(key, None)
 
-        items = [(e.name, e.target, e.tp) for e in staged.entries]
         tensors = [(name, tp, tp.flat_index, tp.xor_bits, tp.base_touched_sha256, tp.dtype, tp.shape)
                    for name, tp in patch.tensors.items()]
-        cache[key] = _CacheEntry(weakref.ref(patch, forget), self._names, tensors, items, staged, size)
+        cache[key] = _CacheEntry(weakref.ref(patch, forget), self._names, tensors, staged, size)
 
     def _gather(self, staged: Staged, out: Bits) -> Bits:
         """The live bits at every touched element into `out` (laid out like staged.xor)."""
