@@ -43,6 +43,10 @@ def run(method: str, limit: int, keep_reverts: bool, threads: int, overrides: di
     if overrides:  # a side experiment; the table reads only the untagged runs
         from dataclasses import replace
 
+        for name in ("kl_weight", "kl_texts"):  # as the CLI: a value given for every edit holds on edited models
+            if name in overrides:
+                overrides.setdefault(f"{name}_when_edited", None)
+
         config_names = set(config.to_dict())
         config = type(config).from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if k in config_names}})
         settings = replace(settings, **{k: v for k, v in overrides.items() if k not in config_names})

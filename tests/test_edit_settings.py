@@ -173,7 +173,8 @@ def test_edit_records_its_preset_and_settings(tiny_model_dirs, tmp_path):
     summary = json.loads((out / "roselora.json").read_text())
     assert summary["config"]["clamp"] == 3e-3 and summary["config"]["lr"] == 5e-4  # from the preset
     assert summary["config"]["steps"] == 3  # the option overrides the preset
-    assert summary["settings"] == {"prefixes": 2, "prefix_length": 3, "kl_weight": 0.5, "kl_texts": 0, "keep_edits": 0,
+    assert summary["settings"] == {"prefixes": 2, "prefix_length": 3, "kl_weight": 0.5, "kl_texts": 0, "kl_weight_when_edited": None,
+                                   "kl_texts_when_edited": None, "keep_edits": 0,
                                    "pin_kl_texts": False, "kl_on_locality": False, "deploy_dtype": None}
 
 

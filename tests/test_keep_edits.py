@@ -51,21 +51,22 @@ def _spy_batches(monkeypatch) -> list:
 def test_a_kept_edit_is_a_sequence_that_carries_only_the_locality_term(llama, monkeypatch):
     model, tok = llama
     seen = _spy_batches(monkeypatch)
-    train_edit(model, tok, [SECOND], config=FAST, settings=KL, keep=[FIRST])
+    train_edit(model, tok, [SECOND], config=FAST, settings=replace(KL, keep_edits=4), earlier=[FIRST])
     want = tok(FIRST.prompt)["input_ids"] + tok(" " + FIRST.target_new, add_special_tokens=False)["input_ids"]
     rows = [(b, i) for b in seen for i in range(len(b["input_ids"]))
             if b["input_ids"][i, :len(want)].tolist() == want]
     assert len(rows) == 1, "the kept edit is one training sequence"
     b, i = rows[0]
     assert (b["labels"][i] == IGNORE).all()  # nothing to learn from it...
-    assert b["kl_mask"][i, :len(want)].all()  # ...every position keeps the model's predictions
+    n_prompt = len(tok(FIRST.prompt)["input_ids"])  # ...the positions that predict the target keep their predictions
+    assert b["kl_mask"][i].nonzero().flatten().tolist() == list(range(n_prompt - 1, len(want) - 1))
     assert torch.allclose(b["kl_ref"].exp().sum(-1), torch.ones(b["kl_ref"].shape[0]))
 
 
 def test_without_the_locality_term_nothing_is_kept(llama, monkeypatch):
     model, tok = llama
     seen = _spy_batches(monkeypatch)
-    train_edit(model, tok, [SECOND], config=FAST, settings=EditSettings(prefixes=0, kl_weight=0.0), keep=[FIRST])
+    train_edit(model, tok, [SECOND], config=FAST, settings=EditSettings(prefixes=0, kl_weight=0.0), earlier=[FIRST])
     assert sum(len(b["input_ids"]) for b in seen) == 1
     with pytest.raises(InputError, match=r"--keep-edits 4: needs the locality term \(--kl-weight > 0\)"):
         EditSettings(kl_weight=0.0, keep_edits=4)
@@ -118,5 +119,31 @@ def test_edit_on_a_patched_directory_keeps_the_edits_its_ledger_records(tiny_mod
     r = run("edit", "--model", tmp_path / "m1", "--requests", tmp_path / "second.jsonl", "--out", tmp_path / "a2",
             "--keep-edits", "8", *small)
     assert r.exit_code == 0, r.output
-    assert "note: keeping 1 of the 1 earlier edit(s) its ledger records" in r.stderr
+    assert ("note: the model carries 1 patch(es) (its ledger): locality term weight 16 on 8 KL text(s), "
+            "keeping 1 of 1 earlier edit(s)") in r.stderr
     assert json.loads((tmp_path / "a2" / "roselora.json").read_text())["settings"]["keep_edits"] == 8
+
+
+def test_an_edited_model_trains_with_the_settings_for_one(llama):
+    settings = EditSettings(prefixes=0, kl_weight=1.0, kl_weight_when_edited=16.0, kl_texts_when_edited=2)
+    edited = settings.when_edited()
+    assert (edited.kl_weight, edited.kl_texts, edited.kl_weight_when_edited) == (16.0, 2, None)
+    assert EditSettings(kl_weight=3.0).when_edited().kl_weight == 3.0  # unset: the same as for a fresh model
+    model, tok = llama
+    fresh = train_edit(model, tok, [FIRST], config=FAST, settings=settings)
+    later = train_edit(model, tok, [SECOND], config=FAST, settings=settings, carries_edits=True)
+    assert fresh.settings.kl_weight == 1.0 and later.settings.kl_weight == 16.0 and later.settings.kl_texts == 2
+
+
+def test_a_kl_weight_given_on_the_command_line_holds_on_an_edited_model_too(tiny_model_dirs, tmp_path):
+    base = tiny_model_dirs["llama"]
+    small = ["--steps", "3", "--t-init", "1", "--t-final", "2", "--rank", "2", "--no-progress", "--no-answers"]
+    (tmp_path / "first.jsonl").write_text(json.dumps(FIRST.to_dict()) + "\n")
+    (tmp_path / "second.jsonl").write_text(json.dumps(SECOND.to_dict()) + "\n")
+    assert run("edit", "--model", base, "--requests", tmp_path / "first.jsonl", "--out", tmp_path / "a1", *small).exit_code == 0
+    assert run("merge", "--base", base, "--adapter", tmp_path / "a1", "--out", tmp_path / "m1").exit_code == 0
+    r = run("edit", "--model", tmp_path / "m1", "--requests", tmp_path / "second.jsonl", "--out", tmp_path / "a2",
+            "--kl-weight", "2", *small)
+    assert r.exit_code == 0, r.output
+    assert "locality term weight 2 on 8 KL text(s)" in r.stderr  # each field on its own: --kl-texts not given
+    assert json.loads((tmp_path / "a2" / "roselora.json").read_text())["settings"]["kl_weight"] == 2.0

@@ -91,6 +91,10 @@ def _preset_options():
         click.option("--prefix-length", type=int, default=None, help=_preset_help("prefix_length", shelp["prefix_length"])),
         click.option("--kl-weight", type=float, default=None, help=_preset_help("kl_weight", shelp["kl_weight"])),
         click.option("--kl-texts", type=int, default=None, help=_preset_help("kl_texts", shelp["kl_texts"])),
+        click.option("--kl-weight-when-edited", type=float, default=None,
+                     help=_preset_help("kl_weight_when_edited", shelp["kl_weight_when_edited"])),
+        click.option("--kl-texts-when-edited", type=int, default=None,
+                     help=_preset_help("kl_texts_when_edited", shelp["kl_texts_when_edited"])),
         click.option("--keep-edits", type=int, default=None, help=_preset_help("keep_edits", shelp["keep_edits"])),
         click.option("--kl-on-locality", is_flag=True, default=None, help=shelp["kl_on_locality"]),
         click.option("--deploy-dtype", type=click.Choice(DEPLOY_DTYPES), default=None, help=shelp["deploy_dtype"]),
@@ -117,6 +121,9 @@ def preset_settings(kw: dict):
             value = kw.pop(name)
             if value is not None:
                 given[name] = None if value == OFF else value
+    for name in ("kl_weight", "kl_texts"):  # a value given for every edit holds on an edited model too
+        if name in given:
+            given.setdefault(f"{name}_when_edited", None)
     config_names = {f.name for f in fields(RoseLoraConfig)}
     config = RoseLoraConfig(**{**config.to_dict(), **{k: v for k, v in given.items() if k in config_names}})
     settings = replace(settings, **{k: v for k, v in given.items() if k not in config_names})
@@ -266,9 +273,10 @@ def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers,
         round_weights_(model, settings.deploy_dtype)
     shown = requests[:5] if answers else []
     before = [greedy_continuation(model, tokenizer, r.prompt, chat=r.chat) for r in shown]
-    keep = _earlier_edits(path, settings, config.seed, as_json)
+    carried, earlier = _carried_edits(path, settings, as_json)
     result = train_edit(model, tokenizer, requests, method=method, config=config, settings=settings,
-                        progress=progress, layer=layer, source=requests_path.name, keep=keep)
+                        progress=progress, layer=layer, source=requests_path.name, earlier=earlier,
+                        carries_edits=bool(carried))
     with result.applied(model):
         after = [greedy_continuation(model, tokenizer, r.prompt, chat=r.chat) for r in shown]
     qa = [{"prompt": r.prompt, "target_new": r.target_new, "before": b, "after": a, **({"chat": True} if r.chat else {})}
@@ -282,19 +290,23 @@ def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers,
     _warn_if_not_taken(qa, summary, config, method)
 
 
-def _earlier_edits(path: Path, settings, seed: int, quiet: bool) -> list:
-    """Up to --keep-edits of the edits the model directory's ledger records (a seeded draw when there are more)."""
-    import random
-
+def _carried_edits(path: Path, settings, quiet: bool) -> tuple[list, list]:
+    """(the patches the model directory's ledger records, the requests of those that were edits), read only
+    when the settings for an edited model differ from the others; a note says what changes."""
     from ..edit.requests import recorded_requests
+    from ..patch.ledger import read_ledger
 
-    if not settings.keep_edits or not settings.kl_weight:
-        return []
-    earlier = recorded_requests(path)
-    keep = earlier if len(earlier) <= settings.keep_edits else random.Random(seed).sample(earlier, settings.keep_edits)
-    if not quiet:
-        click.echo(f"note: keeping {len(keep)} of the {len(earlier)} earlier edit(s) its ledger records", err=True)
-    return keep
+    edited = settings.when_edited()
+    if edited == settings and not settings.keep_edits:
+        return [], []
+    carried = read_ledger(path).entries
+    earlier = recorded_requests(path) if carried else []
+    if carried and not quiet:
+        kept = min(len(earlier), edited.keep_edits) if edited.kl_weight else 0
+        click.echo(f"note: the model carries {len(carried)} patch(es) (its ledger): locality term weight "
+                   f"{edited.kl_weight:g} on {edited.kl_texts} KL text(s), keeping {kept} of {len(earlier)} "
+                   f"earlier edit(s)", err=True)
+    return carried, earlier
 
 
 def _warn_if_not_taken(answers: list[dict], summary: dict, config: RoseLoraConfig, method: str = "roselora") -> None:

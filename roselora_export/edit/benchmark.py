@@ -188,14 +188,11 @@ def sequential_edits(
     reference = state_sha256(model) if keep_reverts else None
     handles, seconds, touched, curve, overlapping = [], [], {}, [], 0
     pinned = {} if settings.pin_kl_texts else None  # the KL texts' reference, as the first edit found it
-    draw = random.Random(seed)
     t0 = time.perf_counter()
     try:
         for i, req in enumerate(requests):
-            earlier = requests[:i]
-            keep = earlier if len(earlier) <= settings.keep_edits else draw.sample(earlier, settings.keep_edits)
             result = train_edit(model, tokenizer, [req], method=method, config=cfg, settings=settings, layer=layer,
-                                keep=keep, kl_text_reference=pinned)
+                                earlier=requests[:i], kl_text_reference=pinned)
             patch = edit_patch(model, result, settings.deploy_dtype)
             handle = runtime.apply(patch)
             overlapping += any(_intersects_touched(touched, patch))

@@ -23,7 +23,8 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
-    kl_len: int = 0  # the first kl_len positions carry the locality (KL) term, if training uses one
+    kl_len: int = 0  # positions kl_from..kl_len-1 carry the locality (KL) term, if training uses one
+    kl_from: int = 0
 
 
 def model_max_length(model, tokenizer=None) -> int | None:
@@ -154,7 +155,7 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     if any(e.kl_len for e in batch):
         kl = torch.zeros((len(batch), n), dtype=torch.bool)
         for i, e in enumerate(batch):
-            kl[i, : e.kl_len] = True
+            kl[i, e.kl_from: e.kl_len] = True
         out["kl_mask"] = kl
     return out
 

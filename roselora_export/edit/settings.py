@@ -5,7 +5,7 @@ named presets (`default`, `paper`) that set both. docs/results.md explains how t
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from ..errors import InputError
 
@@ -27,6 +27,13 @@ class EditSettings:
         default=0,
         metadata={"help": "Also N texts of 16 tokens the model generates itself (seeded), each a sequence that "
                           "carries only the locality term: more of the model's own text kept as it was. 0 = off."})
+    kl_weight_when_edited: float | None = field(
+        default=None,
+        metadata={"help": "The locality term's weight on a model that already carries edits (its ledger records "
+                          "some, or earlier edits of the same sequence). Default: --kl-weight."})
+    kl_texts_when_edited: int | None = field(
+        default=None,
+        metadata={"help": "The KL-only texts on a model that already carries edits. Default: --kl-texts."})
     keep_edits: int = field(
         default=0,
         metadata={"help": "On a model that carries earlier edits: up to N of them (drawn at random when there are "
@@ -52,17 +59,37 @@ class EditSettings:
             raise InputError(f"--prefix-length {self.prefix_length}: must be a whole number >= 1")
         if int(self.kl_texts) != self.kl_texts or self.kl_texts < 0:
             raise InputError(f"--kl-texts {self.kl_texts}: must be a whole number >= 0")
+        if self.kl_texts_when_edited is not None and (int(self.kl_texts_when_edited) != self.kl_texts_when_edited
+                                                      or self.kl_texts_when_edited < 0):
+            raise InputError(f"--kl-texts-when-edited {self.kl_texts_when_edited}: must be a whole number >= 0")
+        if self.kl_weight_when_edited is not None and not self.kl_weight_when_edited >= 0:
+            raise InputError(f"--kl-weight-when-edited {self.kl_weight_when_edited}: must be >= 0")
         if int(self.keep_edits) != self.keep_edits or self.keep_edits < 0:
             raise InputError(f"--keep-edits {self.keep_edits}: must be a whole number >= 0")
         if not self.kl_weight >= 0:
             raise InputError(f"--kl-weight {self.kl_weight}: must be >= 0")
-        if self.keep_edits and not self.kl_weight:
+        if self.keep_edits and not (self.kl_weight or self.kl_weight_when_edited):
             raise InputError(f"--keep-edits {self.keep_edits}: needs the locality term (--kl-weight > 0)")
         if self.deploy_dtype is not None and self.deploy_dtype not in DEPLOY_DTYPES:
             raise InputError(f"--deploy-dtype {self.deploy_dtype}: choose one of {', '.join(DEPLOY_DTYPES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def when_edited(self) -> EditSettings:
+        """The settings that train an edit on a model that already carries edits."""
+        return replace(self, kl_weight=_given(self.kl_weight_when_edited, self.kl_weight),
+                       kl_texts=_given(self.kl_texts_when_edited, self.kl_texts),
+                       kl_weight_when_edited=None, kl_texts_when_edited=None)
+
+    def kept(self, earlier: list, seed: int) -> list:
+        """The earlier edits an edit keeps: all of them up to keep_edits, else a seeded draw of keep_edits."""
+        import random
+
+        if not (self.kl_weight and self.keep_edits):
+            return []
+        earlier = list(earlier)
+        return earlier if len(earlier) <= self.keep_edits else random.Random(seed).sample(earlier, self.keep_edits)
 
     @classmethod
     def help(cls) -> dict[str, str]:
@@ -75,7 +102,7 @@ class EditSettings:
 PRESETS: dict[str, tuple[dict, dict]] = {
     "default": (dict(rank=8, alpha=32, dropout=0.1, targets=("mlp",), tau=0.03, beta=0.8, t_init=3, t_final=12,
                      steps=25, lr=2e-3, weight_decay=0.0, clamp=None, early_stop_loss=0.1),
-                dict(prefixes=3, prefix_length=5, kl_weight=1.0)),
+                dict(prefixes=3, prefix_length=5, kl_weight=1.0, kl_weight_when_edited=16.0, kl_texts_when_edited=8)),
     # For a model that takes many edits in sequence: `default` with a stronger locality term. The best
     # candidate of the sweep by every goal at once, single-edit and after 20 and 100 sequential edits
     # (examples/edit_defaults.py choose; docs/results.md, "How the defaults were chosen").
@@ -86,6 +113,10 @@ PRESETS: dict[str, tuple[dict, dict]] = {
                    steps=25, lr=5e-4, weight_decay=0.0, clamp=3e-3, early_stop_loss=0.1),
               dict(prefixes=0, kl_weight=0.0)),
 }
+
+
+def _given(value, otherwise):
+    return otherwise if value is None else value
 
 
 def preset(name: str):

@@ -409,7 +409,8 @@ def train_edit(
     layer: int | None = None,
     keep_peft: bool = False,
     source: str = "requests",
-    keep: Sequence[EditRequest] = (),
+    earlier: Sequence[EditRequest] = (),
+    carries_edits: bool = False,
     kl_text_reference: dict | None = None,
 ) -> EditResult:
     """Train one edit that carries every request, on an already-loaded causal LM.
@@ -420,8 +421,9 @@ def train_edit(
     PeftModel in place as result.model. ft-l trains layer `layer` (default ROME's 5); it ignores
     settings.deploy_dtype (its whole new weights are rounded when stored).
 
-    keep: earlier edits the model carries; each one's prompt -> target becomes a sequence that carries
-    only the locality term, so this edit keeps them as the model answers them now. kl_text_reference:
+    A model that carries edits (carries_edits, or `earlier`, the requests of the edits it carries) trains
+    with settings.when_edited(), and up to settings.keep_edits of `earlier` each become a sequence that
+    carries only the locality term, so this edit keeps them as the model answers them now. kl_text_reference:
     a cache of the KL texts' reference log-probabilities; the same dict passed to every edit of a
     sequence pins those texts to the model as the first edit found it, not as each later edit finds it.
     """
@@ -431,6 +433,9 @@ def train_edit(
     if method not in METHODS:
         raise InputError(f"--method {method}: choose one of {', '.join(METHODS)}")
     config, settings = edit_settings(config, settings)
+    if carries_edits or earlier:
+        settings = settings.when_edited()
+    keep = settings.kept(earlier, config.seed + len(earlier))
     prefixes = context_prefixes(model, tokenizer, settings.prefixes, settings.prefix_length, config.seed)
     use_kl = settings.kl_weight > 0
     encoded = encode_edit_examples(requests, tokenizer, model_max_length(model, tokenizer), prefixes=prefixes,
@@ -483,8 +488,11 @@ def _attach_kl_reference(model: torch.nn.Module, micro: list[dict[str, torch.Ten
 
 
 def _kl_only_of(enc: Encoded) -> Encoded:
-    """An encoded prompt -> target with nothing to learn: its every position carries the locality term."""
-    return Encoded(input_ids=enc.input_ids, labels=[IGNORE] * len(enc.input_ids), kl_len=len(enc.input_ids))
+    """An encoded prompt -> target with nothing to learn: the positions that predict the target carry the
+    locality term (the prompt's own positions would only dilute the KL texts' share of it)."""
+    first = next(i for i, label in enumerate(enc.labels) if label != IGNORE)
+    return Encoded(input_ids=enc.input_ids, labels=[IGNORE] * len(enc.input_ids), kl_from=first - 1,
+                   kl_len=len(enc.input_ids) - 1)
 
 
 # --------------------------------------------------------------------------------------------- saving
