@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from ..core.atomic import check_copyable, copy_entry, is_temp_name
+from ..core.atomic import check_copyable, copy_entry, is_temp_name, opened
 from .model_dir import INDEX_NAME, ModelDir
 from .safetensors_stream import Header, TensorInfo, copy_range, read_header
 
@@ -24,11 +24,8 @@ _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.(?:lora_A|lora_B|lora_em
 
 
 def guess_changed(adapter_dir: str | os.PathLike, model: ModelDir) -> list[str]:
-    """The base tensors an adapter directory probably changes, from its file header alone (no torch).
-
-    Only a head start for the copier (skip their bytes, hash them early): the adapter reader
-    (`patch.adapter`) decides what changes, and a wrong guess costs time, never correctness.
-    """
+    """The base tensors an adapter directory probably changes, from its file header alone (no torch): a head
+    start for the copier; the adapter reader (`patch.adapter`) decides, so a wrong guess costs only time."""
     path = Path(adapter_dir)
     try:
         if (path / "ft_l.safetensors").is_file():
@@ -54,11 +51,8 @@ def check_side_files(model: ModelDir) -> None:
 
 
 def copy_side_files(model: ModelDir, dest: Path, dtype_name: str | None = None, *, link: bool = False) -> None:
-    """Config, tokenizer and everything else that is not a weight shard or the index.
-
-    dtype_name ("float32", "float16", "bfloat16"): the dtype the new checkpoint is stored in, written
-    into config.json; None copies config.json as it is.
-    """
+    """Config, tokenizer and everything else that is not a weight shard or the index. dtype_name ("bfloat16",
+    ...): the new checkpoint's dtype, written into config.json; None copies config.json as it is."""
     for p in _side_files(model):
         if p.name == "config.json" and dtype_name is not None:
             cfg = dict(model.config)
@@ -70,15 +64,10 @@ def copy_side_files(model: ModelDir, dest: Path, dtype_name: str | None = None, 
 
 
 class ShardCopier:
-    """Copy every shard of `model` into `dest` in one background thread, in shard order; then the index
-    (unchanged) and the side files.
-
-    The copies keep the base's bytes exactly (header included), so a tensor that the caller changes
-    (same dtype and shape) is written in place at its offset, after `wait(shard)`. The bytes of the
-    `expected` tensors are not copied (the caller writes them); `finish` copies any of them the caller
-    did not write (`wrote`), so a wrong guess costs time, never correctness. `poll` hands back the
-    tensor bytes of finished shards, for a progress bar. Errors surface in `wait` / `finish`.
-    """
+    """Copy every shard of `model` into `dest` in one background thread, in shard order; then the index and
+    the side files. The copies keep the base's bytes (header included), so the caller writes a changed
+    tensor at its offset after `wait(shard)`. The `expected` tensors' bytes are skipped; `finish` copies
+    those the caller did not write (`wrote`). `poll`: tensor bytes of finished shards, for a progress bar."""
 
     def __init__(self, model: ModelDir, dest: Path, *, dtype_name: str | None = None, expected: Iterable[str] = ()):
         self.model, self.dest = model, Path(dest)
@@ -105,20 +94,14 @@ class ShardCopier:
                 runs.append((pos, info.start))
             pos = max(pos, info.start + info.nbytes)
         runs.append((pos, size))
-        src = os.open(header.path, os.O_RDONLY)
-        try:
-            dst = os.open(self.dest / header.path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            try:
-                os.ftruncate(dst, size)
-                for a, b in runs:
-                    for pos in range(a, b, COPY_CHUNK):
-                        if self._cancel.is_set():
-                            return
-                        copy_range(src, dst, pos, pos, min(COPY_CHUNK, b - pos), header.path.name)
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
+        with opened(header.path, os.O_RDONLY) as src, \
+                opened(self.dest / header.path.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL) as dst:
+            os.ftruncate(dst, size)
+            for a, b in runs:
+                for pos in range(a, b, COPY_CHUNK):
+                    if self._cancel.is_set():
+                        return
+                    copy_range(src, dst, pos, pos, min(COPY_CHUNK, b - pos), header.path.name)
 
     def _copy_rest(self, dtype_name: str | None) -> None:
         if self._cancel.is_set():
@@ -153,15 +136,8 @@ class ShardCopier:
         for name in self._expected:
             if name not in self._written:
                 header, info = self.model.locations[name]
-                src = os.open(header.path, os.O_RDONLY)
-                try:
-                    dst = os.open(self.dest / header.path.name, os.O_WRONLY)
-                    try:
-                        copy_range(src, dst, info.start, info.start, info.nbytes, name)
-                    finally:
-                        os.close(dst)
-                finally:
-                    os.close(src)
+                with opened(header.path, os.O_RDONLY) as src, opened(self.dest / header.path.name, os.O_WRONLY) as dst:
+                    copy_range(src, dst, info.start, info.start, info.nbytes, name)
 
     def close(self) -> None:
         """Stop copying (after the chunk in flight) and wait for the thread; call on every exit path."""

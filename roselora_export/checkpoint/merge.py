@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import InputError
-from ..core.atomic import atomic_dir, check_disjoint, locked_dir
+from ..core.atomic import atomic_dir, check_disjoint, locked_dir, opened
 from ..core.dtypes import PATCHABLE, TORCH_NAMES, dtype_name
 from .copier import ShardCopier, guess_changed
 from .model_dir import ModelDir, open_model_dir
@@ -70,12 +70,9 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
                      progress: Progress | None = None) -> MergeResult:
     """Merge an adapter into a checkpoint directory (streaming), writing the merged model and its patch.
 
-    dtype: store the merged model in this dtype (torch.bfloat16, or a name: "bf16", "bfloat16", ...);
-    None keeps the base's. Either way no torch is imported (a torch dtype given is read by its name).
-    Publishing: the patch is written first, then the model directory appears by one rename (a patch
-    inside --out is written into it before the rename). A kill leaves nothing, the patch alone (valid
-    by itself; a re-run redoes the merge), or both: never a model directory without its patch.
-    """
+    dtype: store the merged model in this dtype (a torch dtype or a name: "bf16", ...); None keeps the
+    base's. The patch is written first, then the model directory appears by one rename (a patch inside
+    --out goes into it before): a kill never leaves a model directory without its patch."""
     out = out_dtype(dtype)  # a bad name is an error before anything is written
     out_dir = Path(out_dir)
     patch_path = Path(patch_path) if patch_path else default_patch_path(out_dir)
@@ -107,10 +104,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
 
 def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier | None,
            progress: Progress | None) -> tuple[Patch, SurvivalReport, dict]:
-    """Read the adapter, merge every tensor it changes, and return the patch, survival and file encodings.
-
-    numpy alone (patch.merge_math): torch is never imported.
-    """
+    """Read the adapter, merge every tensor it changes, and return the patch, survival and file encodings."""
     from ..patch.adapter import read_adapter, resolve_keys
     from ..patch.merge_math import SurvivalReport
     from ..patch.model import Patch
@@ -149,12 +143,8 @@ def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict
                        copier: ShardCopier, progress: Progress | None) -> None:
     """Merge the changed tensors, MERGE_JOBS at a time, each written at its offset in the copied shard.
 
-    A job does all the work of one tensor: merge (numpy, patch.merge_math), the two whole-tensor
-    sha256, the patch encoding, and last the write (once its shard is copied). numpy, hashlib, zlib
-    and the writes release the GIL, so the jobs use the core the copier leaves. Jobs are bounded by
-    OVERLAP_BYTES (two per tensor: base and merged bits), so a large tensor runs alone and memory
-    stays that of a few tensors.
-    """
+    A job does all of one tensor (merge, the two sha256, the encoding, then the write once its shard is
+    copied; all release the GIL). Jobs in flight hold at most OVERLAP_BYTES (base and merged bits)."""
     import numpy as np
 
     from ..patch.io import encode_tensor
@@ -167,15 +157,10 @@ def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict
         if m.bits.nbytes != info.nbytes:
             raise RuntimeError(f"{name}: produced {m.bits.nbytes} bytes, stored {info.nbytes}")
         # Everything but the write first: the shard may still be being copied meanwhile.
-        encoded = None
-        if m.patch is not None:
-            encoded = encode_tensor(fill_sha256(m.patch, m.base_bits, m.bits))
+        encoded = encode_tensor(fill_sha256(m.patch, m.base_bits, m.bits)) if m.patch is not None else None
         copier.wait(header)  # the shard's file exists and the copier is done with it
-        fd = os.open(tmp / header.path.name, os.O_WRONLY)
-        try:
+        with opened(tmp / header.path.name, os.O_WRONLY) as fd:
             _pwrite_all(fd, memoryview(m.bits.view(np.uint8)), info.start)
-        finally:
-            os.close(fd)
         copier.wrote(name)
         return m.patch, m.survival, encoded
 
@@ -208,12 +193,8 @@ def _merge_into_copies(model: ModelDir, tmp: Path, names: list[str], edits: dict
 
 def _merge_converting(model: ModelDir, tmp: Path, out_dtype: str, edits: dict, keep, progress: Progress | None) -> None:
     """Merge while converting tensors to `out_dtype`: every output shard is rewritten (rewrite.write_checkpoint).
-
-    Each changed tensor's two whole-tensor sha256 and its file encoding run in a worker thread
-    (hashlib and zlib release the GIL) while this thread merges and writes the next tensor. One job
-    at a time, and none beside a large tensor's merge: the job holds one tensor's base and merged
-    bits, so memory stays about that of a serial merge plus OVERLAP_BYTES.
-    """
+    One changed tensor's sha256 and encoding run in a worker thread while this one merges the next, and
+    none beside a tensor whose bits would take the two past OVERLAP_BYTES."""
     from ..patch.io import encode_tensor
     from ..patch.merge_math import merge_bits
     from ..patch.model import fill_sha256

@@ -1,11 +1,6 @@
-"""diff / apply / revert on checkpoint directories (merge: `checkpoint.merge`), streaming shard by shard,
-written atomically.
-
-Memory stays a few tensors (plus the adapter's deltas) whatever the model size: tensors are read one at a
-time, each output shard is written header first and then tensor by tensor at fixed offsets, and unchanged
-bytes are copied file to file in the kernel by a background thread while changed tensors are computed.
-Tensors are handled as numpy bit arrays: none of diff, apply and revert imports torch.
-"""
+"""diff / apply / revert on checkpoint directories (merge: `checkpoint.merge`), streaming shard by shard
+(rewrite.py), written atomically. Memory stays a few tensors whatever the model size; tensors are numpy
+bit arrays: none of diff, apply and revert imports torch."""
 from __future__ import annotations
 
 import os
@@ -58,17 +53,13 @@ def _diff(base_dir, target_dir, progress: Progress | None) -> Patch:
                               "base_config_sha256": base.fingerprint, "base_numel": base.numel, "created": now_iso(),
                               "tool": "roselora-export"})
     for name in base.keys():
-        tp = _diff_tensor(name, base, target)
+        info = base.locations[name][1]
+        tp = diff_bits(name, info.shape, info.dtype, base.read_array(name), target.read_array(name))
         if tp is not None:
             patch.tensors[name] = tp
         if progress:
             progress(base.locations[name][1].nbytes)
     return patch
-
-
-def _diff_tensor(name: str, base: ModelDir, target: ModelDir):
-    info = base.locations[name][1]
-    return diff_bits(name, info.shape, info.dtype, base.read_array(name), target.read_array(name))
 
 
 # ----------------------------------------------------------------------------- apply / revert
@@ -131,14 +122,10 @@ def apply_to_checkpoint(base_dir: str | os.PathLike, patches: list[Patch], out_d
                         sources: list | None = None, check: bool = False, lock_timeout: float | None = None) -> dict:
     """Apply (or revert) patches to a checkpoint directory, into `out_dir` or atomically in place.
 
-    Patches stack by the touched-element rule (patch.overlap): independent patches apply in any order,
-    and any patch reverts while no later one overlaps it. The directory's ledger (patch.ledger) is
-    updated inside the directory that is written and swapped in, so it never disagrees with the weights.
-    sources: the patch files (recorded in the ledger; None: patches built in memory). check=True
-    validates everything and writes nothing (no lock is taken, no file created).
-    The base is read under its directory lock (shared for --out, exclusive in place; lock_timeout
-    bounds the wait, in seconds), and every written tensor's sha256 is the one verified.
-    """
+    Patches stack by the touched-element rule (patch.overlap); the ledger is updated inside the directory
+    that is swapped in. sources: the patch files, for the ledger. check=True validates and writes nothing
+    (no lock, no file). The base is read under its directory lock (shared for --out, exclusive in place;
+    lock_timeout in seconds), and every written tensor's sha256 is the one verified."""
     if not check and in_place == (out_dir is not None):
         raise InputError("give either --out DIR or --in-place (exactly one)")
     check_disjoint({"--out": out_dir}, {"--base": base_dir})
@@ -189,7 +176,6 @@ def load_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
 def fingerprints(model_dir: str | os.PathLike) -> dict[str, str]:
     """sha256 of every tensor of a checkpoint directory (what tests compare to prove bit-exactness)."""
     model = open_model_dir(model_dir)
-    return {k: sha256_bits(model.read_array(k))
-            for k in model.keys()}
+    return {k: sha256_bits(model.read_array(k)) for k in model.keys()}
 
 

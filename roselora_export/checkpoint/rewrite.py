@@ -55,17 +55,12 @@ def _convert(model: ModelDir, writer: ShardWriter, name: str, src: str, dst: str
 def write_checkpoint(model: ModelDir, tmp: Path, produce: Callable[[str], object], changed: set[str], *,
                      dtype: str | None = None, link_unchanged: bool = False, durable: bool = False,
                      progress: Progress | None = None) -> None:
-    """Write `model` into `tmp` with the same sharding and index; `produce(name)` gives new values for `changed`.
+    """Write `model` into `tmp` with the same sharding and index; `produce(name)` gives new values for `changed`:
+    a torch tensor, a flat numpy array of the stored bits, or None to keep the tensor.
 
-    dtype: store every float tensor as this safetensors dtype ("F32", "F16", "BF16"; None keeps each
-    one's). produce(name) returns a torch tensor, or a flat numpy array of the stored bits (then only
-    its size is checked), or None to keep the tensor.
-
-    durable=True fsyncs every new file: in-place updates need it, so that even a power loss after the
-    directory swap cannot leave the user's only copy with unwritten data. New output directories skip
-    it (like cp or save_pretrained); a kill still leaves them absent or whole, thanks to the rename.
-    link_unchanged=True (in-place updates) also gives every new file the permission bits of the one it replaces.
-    """
+    dtype: store every float tensor as this safetensors dtype (None keeps each one's). durable=True
+    fsyncs every new file (in-place updates: the user's only copy). link_unchanged=True (in place)
+    hard-links unchanged shards and gives every new file the permission bits of the one it replaces."""
     copy_side_files(model, tmp, TORCH_NAMES[dtype] if dtype is not None else None, link=link_unchanged)
     with _Rewrite(model, produce, changed, dtype, durable, progress) as rewrite:
         for header in model.shards:
@@ -84,9 +79,9 @@ def _write_index(model: ModelDir, tmp: Path, dtype: str | None) -> None:
     if model.index is None:
         return
     index = json.loads(json.dumps(model.index))
-    total = sum(o for o in (os.path.getsize(tmp / h.path.name) for h in model.shards))
-    index.setdefault("metadata", {})["total_size"] = total if dtype is not None else index.get("metadata", {}).get(
-        "total_size", total)
+    meta = index.setdefault("metadata", {})
+    if dtype is not None or "total_size" not in meta:
+        meta["total_size"] = sum(os.path.getsize(tmp / h.path.name) for h in model.shards)
     (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -102,13 +97,8 @@ class _Shard:
 
 
 class _Rewrite:
-    """The threads of one write_checkpoint and what they have in flight.
-
-    Unchanged bytes are copied by one background thread (kernel copies, GIL released), and tensors
-    that only change dtype are converted by CONVERT_JOBS threads (numpy releases the GIL), while the
-    caller's thread computes and writes the changed tensors: every write is positional, so order is free.
-    On an exception every shard being written is aborted.
-    """
+    """The threads of one write_checkpoint: one copies unchanged bytes, CONVERT_JOBS convert dtypes, while the
+    caller's thread writes the changed tensors (every write is positional). An exception aborts every shard."""
 
     def __init__(self, model: ModelDir, produce, changed: set[str], dtype: str | None, durable: bool,
                  progress: Progress | None):

@@ -1,17 +1,13 @@
-"""Read and write safetensors files one tensor at a time.
+"""Read and write safetensors files one tensor at a time, so peak memory is about one tensor, not one shard.
 
-Own code, on purpose: `safetensors.save_file` needs every tensor of a shard in memory at once, and
-reading through `safe_open` maps the whole file into the process (its pages count in RSS). Here a
-tensor is mapped alone (just its byte range, unmapped when the tensor is dropped) and a shard is
-written header first, then tensor by tensor (unchanged tensors copied file-to-file in the kernel),
-so peak memory is about one tensor, not one shard.
-The format is the public one: 8-byte little-endian header length, JSON header, raw data.
-
-Importing this module does not import torch (nor numpy): `merge` parses headers and starts copying
-shards while torch is still being imported. Only reading a tensor imports it.
+Own code, on purpose: `safetensors.save_file` needs a whole shard in memory, and `safe_open` maps the
+whole file. Here a tensor is mapped alone and a shard is written header first, then tensor by tensor
+(unchanged runs copied file to file in the kernel). Importing this module imports neither torch nor
+numpy: `merge` starts copying shards while torch is still being imported.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap  # noqa: F401 (tests replace safetensors_stream.mmap.mmap)
 import os
@@ -30,11 +26,8 @@ if TYPE_CHECKING:
 
 
 def read_tensor(info: TensorInfo, fd: int | None = None, path: Path | None = None) -> torch.Tensor:
-    """One tensor, mapped from the file: a private copy-on-write mapping of just its byte range.
-
-    No copy and no zero-filled buffer; writes to the tensor stay private to this process, and the range
-    is unmapped when the tensor (and every view of it) is gone, so memory holds only the tensors in use.
-    """
+    """One tensor, mapped from the file: a private copy-on-write mapping of just its byte range, unmapped
+    when the tensor (and every view of it) is gone; writes to it stay private to this process."""
     import torch
 
     dtype = torch_dtype(info.dtype)
@@ -82,13 +75,9 @@ def header_bytes(tensors: list[OutTensor], metadata: dict[str, str] | None) -> b
 
 
 class ShardWriter:
-    """Write a safetensors file: header first, then each declared tensor at its own offset.
-
-    Every write is positional (pwrite / copy_file_range with explicit offsets), so tensors may be
-    written in any order and from several threads at once (a background thread copying unchanged
-    runs while the caller computes and writes changed tensors). `close` checks that every declared
-    tensor was written exactly once.
-    """
+    """Write a safetensors file: header first, then each declared tensor at its own offset. Every write is
+    positional, so tensors may be written in any order, from several threads; `close` checks that every
+    declared tensor was written exactly once."""
 
     def __init__(self, path: Path, tensors: list[OutTensor], metadata: dict[str, str] | None = None):
         self.path, self.expected = path, list(tensors)
@@ -170,14 +159,12 @@ def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
 def copy_range(src_fd: int, dst_fd: int, src_pos: int, dst_pos: int, nbytes: int, what: str = "") -> None:
     """Copy a byte range file to file in the kernel (copy_file_range), falling back to pread/pwrite."""
     done = 0
-    try:
+    with contextlib.suppress(OSError):  # not supported here: the copy goes on through pread/pwrite
         while done < nbytes:
             n = os.copy_file_range(src_fd, dst_fd, nbytes - done, src_pos + done, dst_pos + done)
             if n <= 0:
                 break
             done += n
-    except OSError:
-        pass
     while done < nbytes:
         chunk = os.pread(src_fd, min(64 << 20, nbytes - done), src_pos + done)
         if not chunk:

@@ -1,20 +1,12 @@
 """Atomic writes and the one locking scheme, for every file or directory the package writes.
 
-Writes: build beside the destination, then rename (or exchange) in one step, so a crash or kill at
-any point leaves the destination as it was or complete, never a mix. A new path appears by one
-rename; an existing directory is replaced by Linux's renameat2(RENAME_EXCHANGE) (elsewhere: two
-renames, with an instant in which the destination is absent but the old copy is kept whole beside
-it). What is replaced keeps its permission bits; what is new follows the umask.
-
-Temporaries: `.NAME.tmp-PID-XXXXXXXX` beside NAME, flock-ed by their owner for their whole life.
-Every writer first removes the stale ones of its destination: those whose owner process is gone and
-whose lock is free, never a live one; recovering a directory written in place (onnx/journal.py)
-removes those of all its entries by the same rule. In-place temporaries (`.NAME.inplace-XXXXXXXX`)
-are made only under the directory's exclusive lock, so its next holder removes them.
-
-Locks: flock on the directory itself. In-place writers hold it exclusively around check-and-swap;
-readers (apply --out, diff, merge) hold it shared while they read, so they never see a half-applied
-update. A waiter says what it waits for, and a timeout bounds the wait.
+Writes: build beside the destination, then rename (or exchange, for an existing directory) in one
+step: a crash leaves the destination as it was or complete. What is replaced keeps its permission bits;
+what is new follows the umask. Temporaries: `.NAME.tmp-PID-XXXXXXXX` beside NAME, flock-ed by their
+owner for life; every writer first removes its destination's stale ones (owner gone, lock free), never
+a live one. In-place temporaries (`.NAME.inplace-XXXXXXXX`) are made only under the directory's
+exclusive lock, so its next holder removes them. Locks: flock on the directory, exclusive for in-place
+writers, shared for readers. Guarantees: docs/design.md "What is guaranteed".
 """
 from __future__ import annotations
 
@@ -79,24 +71,31 @@ def _renameat2_exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+@contextlib.contextmanager
+def opened(path: str | os.PathLike, flags: int, mode: int = 0o666) -> Iterator[int]:
+    """os.open(path, flags, mode) as a context manager: the fd is closed on every exit path."""
+    fd = os.open(path, flags, mode)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with opened(path, os.O_RDONLY) as fd:
+        os.fsync(fd)
+
+
 def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(path)
 
 
 def fsync_files(root: Path) -> None:
     """fsync every regular file under `root` (cheap for hard links of files already on disk)."""
     for path in root.rglob("*"):
         if path.is_file() and not path.is_symlink():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(path)
 
 
 def exchange_dirs(new: Path, dest: Path) -> None:
@@ -144,21 +143,19 @@ def _try_lock(path: Path) -> int | None:
                      | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
-    try:
+    with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return fd
-    except OSError:
-        os.close(fd)
-        return None
+    os.close(fd)
+    return None
 
 
 def _try_flock(fd: int, mode: int) -> bool:
     """Take flock `mode` on fd without waiting; False if a conflicting holder has it."""
-    try:
+    with contextlib.suppress(BlockingIOError):
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
         return True
-    except BlockingIOError:
-        return False
+    return False
 
 
 def _remove(path: Path) -> None:
@@ -186,8 +183,7 @@ def stale_temps(parent: Path, name: str | None = None) -> list[Path]:
 
 
 def remove_stale_temps(parent: Path, name: str | None = None) -> list[Path]:
-    """Remove the temporaries of `parent/name` (name None: of every entry of `parent`) left by killed runs,
-    never a live owner's; returns those removed. Safe without any directory lock (see stale_temps)."""
+    """Remove and return stale_temps(parent, name): safe without any directory lock."""
     stale = stale_temps(parent, name)
     for p in stale:
         _remove(p)
@@ -326,11 +322,9 @@ def _open_dir(dest: Path) -> int:
 def locked_dir(dest: str | os.PathLike, *, shared: bool = False, timeout: float | None = None) -> Iterator[Path]:
     """Hold the lock of directory `dest`: exclusive for an in-place update, shared for reading it.
 
-    Waits for a conflicting holder, first saying on stderr what it waits for; InputError after `timeout`
-    seconds (None: lock_timeout_default's, else no limit). A waiter woken holding the lock of a directory
-    swapped out meanwhile retries on whatever `dest` is now. An exclusive holder first removes the
-    leftovers of in-place updates killed before their swap.
-    """
+    Waits (saying so on stderr) at most `timeout` s (None: lock_timeout_default's, else no limit), then
+    InputError. A waiter woken on a directory swapped out meanwhile retries on whatever `dest` is now.
+    An exclusive holder first removes the leftovers of in-place updates killed before their swap."""
     dest = Path(dest).resolve()  # "." has no name to put beside it, and a symlink would be swapped, not its target
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     timeout = _LOCK_TIMEOUT.get() if timeout is None else timeout
@@ -376,10 +370,8 @@ def locked_dir(dest: str | os.PathLike, *, shared: bool = False, timeout: float 
 def atomic_dir(dest: str | os.PathLike, *, replace: bool = False, what: str = "--out") -> Iterator[Path]:
     """Yield a temp directory beside `dest`; on success it becomes `dest` atomically, on error it is removed.
 
-    replace=False refuses a non-empty existing `dest`; replace=True swaps it (in-place updates; hold
-    `locked_dir(dest)` around them, so that two updates cannot both start from the same old copy).
-    OS failures (disk full, read-only, a mount point) become one-line InputErrors.
-    """
+    replace=False refuses a non-empty existing `dest`; replace=True swaps it (hold `locked_dir(dest)`
+    around in-place updates). OS failures become one-line InputErrors."""
     dest = Path(dest).resolve()  # "." has no name to put a temp directory beside; a symlink's target is swapped
     exists = dest.exists()
     if exists and not dest.is_dir():
@@ -427,8 +419,7 @@ def atomic_write(dest: str | os.PathLike, write: Callable[[int], None] | bytes, 
         except FileNotFoundError:
             mode = new_mode(is_dir=False)
         with owned_temp(dest.parent, dest.name, is_dir=False) as tmp:
-            fd = os.open(tmp, os.O_WRONLY)
-            try:
+            with opened(tmp, os.O_WRONLY) as fd:
                 if isinstance(write, (bytes, bytearray, memoryview)):
                     view, done = memoryview(write).cast("B"), 0
                     while done < view.nbytes:
@@ -438,8 +429,6 @@ def atomic_write(dest: str | os.PathLike, write: Callable[[int], None] | bytes, 
                 os.fchmod(fd, mode)
                 if durable:
                     os.fsync(fd)
-            finally:
-                os.close(fd)
             os.replace(tmp, dest)
         if durable:
             fsync_dir(dest.parent)

@@ -27,7 +27,6 @@ PATCHABLE = ("F32", "F16", "BF16")  # the dtypes a patch can carry, merge can ed
 EXPONENT_MASK: dict[str, int] = {"F32": 0x7F800000, "F16": 0x7C00, "BF16": 0x7F80}  # all ones: Inf or NaN
 
 
-
 def __getattr__(name: str):
     # NUMPY: name -> numpy dtype of the stored values (F32/F16/BF16 as their bits); BITS: the same, patchable only.
     if name in ("NUMPY", "BITS"):

@@ -1,6 +1,7 @@
 """Packages whose public names are imported from their modules on first use (so `merge` never imports torch)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 
@@ -15,10 +16,8 @@ def lazy_exports(package: str, exports: dict[str, str], namespace: dict, *, subm
             value = namespace[name] = getattr(importlib.import_module(exports[name], package), name)
             return value
         if submodules:
-            try:
+            with contextlib.suppress(ModuleNotFoundError):
                 return importlib.import_module(f".{name}", package)
-            except ModuleNotFoundError:
-                pass
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     def __dir__() -> list[str]:

@@ -4,10 +4,8 @@ stricter), and one tensor mapped as a numpy array (read_array), without torch.
 The file is an 8-byte little-endian header length, a JSON object, then the tensors' data. Accepted:
 each entry has a known dtype, a shape of non-negative integers (not floats, bools or strings) and
 integer data offsets; sorted by offset the tensors tile the data exactly (no gap, no overlap, no
-trailing byte; a tensor at an offset that is not a multiple of its element size is read by a copy);
-`__metadata__`, when
-present, maps strings to strings; no name appears twice. Everything else is an InputError naming
-the file. Reading the header reads no tensor data.
+trailing byte; a misaligned tensor is read by a copy); `__metadata__`, when present, maps strings to
+strings; no name appears twice. Anything else is an InputError naming the file. No tensor data is read.
 """
 from __future__ import annotations
 
@@ -127,10 +125,8 @@ def read_header(path: str | os.PathLike, max_header: int = MAX_HEADER_BYTES) -> 
 
 
 def read_array(info: TensorInfo, fd: int | None = None, path: Path | None = None):
-    """One tensor as a flat numpy array, mapped as read_tensor maps it, without torch.
-
-    Float tensors come as their bit patterns (core.dtypes.NUMPY): uint32 for F32, uint16 for F16 and BF16.
-    """
+    """One tensor as a flat numpy array, mapped read-only, without torch; float tensors as their bit patterns
+    (core.dtypes.NUMPY: uint32 for F32, uint16 for F16 and BF16)."""
     import numpy as np
 
     dtype = dtypes.NUMPY[info.dtype]
@@ -144,10 +140,7 @@ def read_array(info: TensorInfo, fd: int | None = None, path: Path | None = None
 
 def _map(info: TensorInfo, fd: int | None, path: Path | None, read_only: bool = False):
     """A private mapping of the tensor's byte range (or a buffer read from it): (buffer, offset of the tensor).
-
-    read_only: map it read-only, its pages read in at once (MAP_POPULATE: one call, not a page fault per
-    4 KiB on first use); a writable private mapping would copy every page instead.
-    """
+    read_only: map it read-only with its pages read in at once (MAP_POPULATE), else copy-on-write."""
     own = fd is None
     if own:
         try:
