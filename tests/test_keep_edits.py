@@ -13,7 +13,7 @@ from roselora_export.edit import train as train_module
 from roselora_export.edit.data import IGNORE
 from roselora_export.edit.requests import EditRequest, recorded_requests
 from roselora_export.edit.settings import EditSettings
-from roselora_export.edit.train import train_edit
+from roselora_export.edit.train import pin_kl_texts, train_edit
 from roselora_export.errors import InputError
 from roselora_export.method import RoseLoraConfig
 from roselora_export.models import load_model, load_tokenizer
@@ -74,23 +74,28 @@ def test_without_the_locality_term_nothing_is_kept(llama, monkeypatch):
         EditSettings(keep_edits=-1)
 
 
-def test_pinned_kl_texts_keep_the_first_models_predictions(llama):
+def test_pinned_kl_texts_keep_the_base_models_predictions(llama, monkeypatch):
     model, tok = llama
-    settings = replace(KL, kl_texts=2)
-    pinned = {}
-    train_edit(model, tok, [FIRST], config=FAST, settings=settings, kl_text_reference=pinned)
-    assert len(pinned) == 1  # the two texts form one micro-batch
-    first = {k: v.clone() for k, v in pinned.items()}
+    settings = replace(KL, kl_texts=2, pin_kl_texts=True)
+    pinned = pin_kl_texts(model, tok, FAST, settings)
+    assert list(pinned.texts) == [2] and len(pinned.reference) == 1  # the two texts form one micro-batch
+    want = {k: v.clone() for k, v in pinned.reference.items()}
     weight = model.model.layers[0].mlp.down_proj.weight
     saved = weight.detach().clone()
+    seen = _spy_batches(monkeypatch)
     with torch.no_grad():
         weight.mul_(1.5)  # another model now: its own predictions on the texts differ
     try:
-        train_edit(model, tok, [SECOND], config=FAST, settings=settings, kl_text_reference=pinned)
+        train_edit(model, tok, [SECOND], config=FAST, settings=settings, pinned=pinned)
+        text_batch = seen[-1]
+        own = torch.log_softmax(model(input_ids=text_batch["input_ids"],
+                                      attention_mask=text_batch["attention_mask"]).logits[text_batch["kl_mask"]], -1)
     finally:
         with torch.no_grad():
             weight.copy_(saved)
-    assert pinned.keys() == first.keys() and all(torch.equal(pinned[k], first[k]) for k in first)
+    (ref,) = want.values()
+    assert torch.equal(text_batch["kl_ref"], ref)  # the edit trained toward the base's predictions...
+    assert not torch.allclose(own, ref, atol=1e-3)  # ...which are not the changed model's
 
 
 def _ledger_with(root: Path, requests) -> None:
@@ -147,3 +152,23 @@ def test_a_kl_weight_given_on_the_command_line_holds_on_an_edited_model_too(tiny
     assert r.exit_code == 0, r.output
     assert "locality term weight 2 on 8 KL text(s)" in r.stderr  # each field on its own: --kl-texts not given
     assert json.loads((tmp_path / "a2" / "roselora.json").read_text())["settings"]["kl_weight"] == 2.0
+
+
+def test_edit_pins_the_kl_texts_to_the_chains_base_and_says_when_it_is_gone(tiny_model_dirs, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dirs["llama"], base)
+    small = ["--steps", "3", "--t-init", "1", "--t-final", "2", "--rank", "2", "--no-progress", "--no-answers"]
+    (tmp_path / "first.jsonl").write_text(json.dumps(FIRST.to_dict()) + "\n")
+    (tmp_path / "second.jsonl").write_text(json.dumps(SECOND.to_dict()) + "\n")
+    assert run("edit", "--model", base, "--requests", tmp_path / "first.jsonl", "--out", tmp_path / "a1", *small).exit_code == 0
+    assert run("merge", "--base", base, "--adapter", tmp_path / "a1", "--out", tmp_path / "m1").exit_code == 0
+    second = ["edit", "--model", tmp_path / "m1", "--requests", tmp_path / "second.jsonl", "--pin-kl-texts", *small]
+    r = run(*second, "--out", tmp_path / "a2")
+    assert r.exit_code == 0, r.output
+    assert f"note: KL texts pinned to the predictions of {base.resolve()}, the base of the edits it carries" in r.stderr
+    shutil.rmtree(base)
+    r = run(*second, "--out", tmp_path / "a3")
+    assert r.exit_code == 0, r.output
+    assert "note: KL texts not pinned: the base the ledger's first edit was trained on" in r.stderr

@@ -96,6 +96,8 @@ def _preset_options():
         click.option("--kl-texts-when-edited", type=int, default=None,
                      help=_preset_help("kl_texts_when_edited", shelp["kl_texts_when_edited"])),
         click.option("--keep-edits", type=int, default=None, help=_preset_help("keep_edits", shelp["keep_edits"])),
+        click.option("--pin-kl-texts/--no-pin-kl-texts", default=None,
+                     help=_preset_help("pin_kl_texts", shelp["pin_kl_texts"])),
         click.option("--kl-on-locality", is_flag=True, default=None, help=shelp["kl_on_locality"]),
         click.option("--deploy-dtype", type=click.Choice(DEPLOY_DTYPES), default=None, help=shelp["deploy_dtype"]),
     ]
@@ -274,9 +276,10 @@ def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers,
     shown = requests[:5] if answers else []
     before = [greedy_continuation(model, tokenizer, r.prompt, chat=r.chat) for r in shown]
     carried, earlier = _carried_edits(path, settings, as_json)
+    pinned = _pinned_texts(path, tokenizer, config, settings, dtype, device, as_json) if carried else None
     result = train_edit(model, tokenizer, requests, method=method, config=config, settings=settings,
                         progress=progress, layer=layer, source=requests_path.name, earlier=earlier,
-                        carries_edits=bool(carried))
+                        carries_edits=bool(carried), pinned=pinned)
     with result.applied(model):
         after = [greedy_continuation(model, tokenizer, r.prompt, chat=r.chat) for r in shown]
     qa = [{"prompt": r.prompt, "target_new": r.target_new, "before": b, "after": a, **({"chat": True} if r.chat else {})}
@@ -307,6 +310,29 @@ def _carried_edits(path: Path, settings, quiet: bool) -> tuple[list, list]:
                    f"{edited.kl_weight:g} on {edited.kl_texts} KL text(s), keeping {kept} of {len(earlier)} "
                    f"earlier edit(s)", err=True)
     return carried, earlier
+
+
+def _pinned_texts(path: Path, tokenizer, config, settings, dtype, device, quiet: bool):
+    """With --pin-kl-texts on a model that carries edits: the KL texts and their reference from the model the
+    first recorded edit was trained on (the chain's base), or None with a note when that directory is gone."""
+    from ..edit.requests import chain_base
+    from ..edit.train import pin_kl_texts
+    from ..models import load_model
+
+    edited = settings.when_edited()
+    if not (edited.pin_kl_texts and edited.kl_weight and edited.kl_texts):
+        return None
+    base = chain_base(path)
+    if base is None or not Path(base).is_dir():
+        if not quiet:
+            click.echo(f"note: KL texts not pinned: the base the ledger's first edit was trained on "
+                       f"({base or 'not recorded'}) is not there; they keep this model's predictions", err=True)
+        return None
+    base_model = load_model(Path(base), dtype=resolve_dtype(dtype), progress=False).to(resolve_device(device))
+    pinned = pin_kl_texts(base_model, tokenizer, config, settings)
+    if not quiet:
+        click.echo(f"note: KL texts pinned to the predictions of {base}, the base of the edits it carries", err=True)
+    return pinned
 
 
 def _warn_if_not_taken(answers: list[dict], summary: dict, config: RoseLoraConfig, method: str = "roselora") -> None:

@@ -25,7 +25,7 @@ from .evaluate import EditEvaluator, METRICS, count_base_params
 from .metrics import mean, torch_forward
 from .requests import EditRequest
 from .settings import EditSettings, edit_settings
-from .train import METHODS, EditResult, ft_l_target, train_edit
+from .train import METHODS, EditResult, ft_l_target, pin_kl_texts, train_edit
 
 METHOD_DIFFERENCES = {
     "roselora": "LoRA on the targets; prunes each A row / B column to the top tau by EMA sensitivity (cubic schedule "
@@ -187,12 +187,12 @@ def sequential_edits(
     runtime = PatchRuntime(model)
     reference = state_sha256(model) if keep_reverts else None
     handles, seconds, touched, curve, overlapping = [], [], {}, [], 0
-    pinned = {} if settings.pin_kl_texts else None  # the KL texts' reference, as the first edit found it
+    pinned = pin_kl_texts(model, tokenizer, cfg, settings) if settings.pin_kl_texts else None
     t0 = time.perf_counter()
     try:
         for i, req in enumerate(requests):
             result = train_edit(model, tokenizer, [req], method=method, config=cfg, settings=settings, layer=layer,
-                                earlier=requests[:i], kl_text_reference=pinned)
+                                earlier=requests[:i], pinned=pinned)
             patch = edit_patch(model, result, settings.deploy_dtype)
             handle = runtime.apply(patch)
             overlapping += any(_intersects_touched(touched, patch))

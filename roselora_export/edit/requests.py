@@ -97,3 +97,15 @@ def recorded_requests(model_dir: str | os.PathLike) -> list[EditRequest]:
             raise InputError(f"{where}: its recorded requests are not a list")
         out += [_request_from(obj, f"{where}, request {i + 1}", 0) for i, obj in enumerate(recorded)]
     return out
+
+
+def chain_base(model_dir: str | os.PathLike) -> str | None:
+    """The model directory the first edit a patched directory's ledger records was trained on (its adapter's
+    `base_model_path`), or None when the ledger records none."""
+    from ..patch.ledger import read_ledger
+
+    for entry in read_ledger(model_dir).entries:
+        path = (entry.provenance.get("roselora") or {}).get("base_model_path")
+        if isinstance(path, str):
+            return path
+    return None

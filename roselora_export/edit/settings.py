@@ -41,8 +41,9 @@ class EditSettings:
                           "them as the model answers them now. Needs --kl-weight > 0. 0 = off."})
     pin_kl_texts: bool = field(
         default=False,
-        metadata={"help": "In a sequence of edits: the --kl-texts keep the first model's predictions, not those of "
-                          "the model each edit starts from, so drift does not add up over the sequence."})
+        metadata={"help": "On a model that carries edits: the KL texts keep the predictions of the base those edits "
+                          "were made on (read from the ledger; a sequence's first model), not this model's, so drift "
+                          "does not add up over many edits."})
     kl_on_locality: bool = field(
         default=False,
         metadata={"help": "Also use each request's own 'locality' prompts for the locality term (they are "
