@@ -113,6 +113,16 @@ SWEEP: dict[str, tuple[dict, dict]] = {
         {"clamp": None, "lr": 2e-3, "t_final": 12, "targets": ("down_proj",), "tau": 0.03},
         {"prefixes": 3, "prefix_length": 5, "kl_weight": 1.0}),
 }
+# Settings that act only on a model that already carries edits (a later edit of a sequence, or `edit --model`
+# on a patched directory): a candidate with them makes the same single edits as the one it extends, so its
+# sweep row is that one's, and only sequential runs tell them apart.
+EXTENDED: dict[str, tuple[str, dict]] = {
+    "mlp tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 1; when edited: KL 16, 8 KL texts, 16 kept edits, pinned texts": (
+        "mlp (up+down_proj) tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 1",
+        {"kl_weight_when_edited": 16.0, "kl_texts_when_edited": 8, "keep_edits": 16, "pin_kl_texts": True}),
+    "mlp tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 16, 8 KL texts, 16 kept edits, pinned texts": (
+        "mlp tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 16, 8 KL texts", {"keep_edits": 16, "pin_kl_texts": True}),
+}
 # The rules: among candidates within the weight budget, `default` is the one that best meets the single-edit
 # goals at once (the largest of its smallest ratio to a goal), and `lifelong` the one that best meets those and
 # the sequential goals together; ties go to fewer weights. Time is not
@@ -138,9 +148,22 @@ def spread(requests: list, n: int) -> list:
 
 
 def candidate(name: str):
+    if name in EXTENDED:
+        base, extra = EXTENDED[name]
+        config, settings = candidate(base)
+        return config, replace(settings, **extra)
     cfg_kw, set_kw = SWEEP[name]
     config, settings = preset("paper")
     return replace(config, **cfg_kw), replace(settings, **set_kw)
+
+
+def with_extended(rows: dict) -> dict:
+    """The sweep's rows and, for each EXTENDED candidate whose base has one, that row under its own settings."""
+    out = dict(rows)
+    for name, (base, _) in EXTENDED.items():
+        if base in rows:
+            out[name] = rows[base] | {"settings": candidate(name)[1].to_dict(), "single_edits_of": base}
+    return out
 
 
 def update(key: str, value) -> None:
@@ -212,11 +235,12 @@ def combined_score(row: dict) -> tuple[float, bool]:
 
 def stage_choose() -> dict:
     """Both rules: `default` by the single-edit goals, `lifelong` by every goal at once (single-edit and sequential)."""
-    rows = json.loads(OUT.read_text())["sweep"]
+    rows = with_extended(json.loads(OUT.read_text())["sweep"])
     within = {n: r for n, r in rows.items() if r["params_modified_fraction"] <= MAX_FRACTION}
-    best = max(within, key=lambda n: (score(within[n]), -within[n]["params_modified_fraction"]))
     combined = {n: combined_score(r) for n, r in within.items()}
     known = {n: v for n, (v, complete) in combined.items() if complete}
+    # Equal single-edit scores (a candidate and its EXTENDED ones) go to the better one over the sequential goals.
+    best = max(within, key=lambda n: (score(within[n]), known.get(n, 0.0), -within[n]["params_modified_fraction"]))
     best_lifelong = max(known, key=lambda n: (known[n], -within[n]["params_modified_fraction"]))
     # A candidate missing a sequential run could still win if its score over the goals it has beats the best.
     missing = sorted(n for n, (v, complete) in combined.items() if not complete and v > known[best_lifelong])

@@ -501,7 +501,9 @@ def defaults_section() -> list[str]:
                  "s/edit | steps | T = 20 in sequence: reliability / locality | T = 100 |",
                  "|---|---|---|---|---|---|---|---|---|"]
         sequential = choice.get("sequential", {})
-        for name, r in d["sweep"].items():
+        from edit_defaults import with_extended
+
+        for name, r in with_extended(d["sweep"]).items():
             mark = {choice.get("chosen"): " **(default)**", choice.get("chosen_lifelong"): " **(lifelong)**"}.get(name, "")
             points = sequential.get(name) or {}
             seq = " | ".join(f"{p['reliability']:.2f} / {p['locality']:.3f}" if p else ""
@@ -518,7 +520,9 @@ def defaults_section() -> list[str]:
                       f"{d.get('meta', {}).get('sweep', '')}. The bf16 check of the chosen candidate on the same 8 "
                       f"requests: " + ", ".join(f"{k} {pct(v)}" for k, v in
                                                 next(iter(d.get('sweep_bf16_check', {None: {}}).values())).items()
-                                                if k in cols) + "."]
+                                                if k in cols) + ". A row that names settings for an edited model "
+                      "(kept edits, pinned texts, a locality term for a model that carries edits) makes the same single "
+                      "edits as the row it extends, so its single-edit columns repeat that row's."]
         if choice.get("missing_sequential_runs"):
             lines[-1] += (" Not run (time), so not decided by the second rule, though every layers 4-8 run above fell "
                           "apart by T = 100: " + "; ".join(choice["missing_sequential_runs"]) + ".")

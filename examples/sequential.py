@@ -123,7 +123,13 @@ def side_table() -> str:
     from roselora_export.edit.settings import EditSettings, preset
     from roselora_export.method.config import RoseLoraConfig
 
-    base_config, base_settings = (x.to_dict() for x in preset("default"))
+    from dataclasses import replace
+
+    # What the side runs vary from: the default's settings for a fresh model (none of those for an edited one).
+    config0, settings0 = preset("default")
+    base_config = config0.to_dict()
+    base_settings = replace(settings0, kl_weight_when_edited=None, kl_texts_when_edited=None, keep_edits=0,
+                            pin_kl_texts=False).to_dict()
 
     def other(r):  # what else differs from the default preset
         config = RoseLoraConfig.from_dict(r["config"]).to_dict()
@@ -139,7 +145,8 @@ def side_table() -> str:
     main, t = load_reports().get("roselora"), runs[0]["edits"]
     point = next((p for p in main["curve"] if p["edits"] == t), None) if main else None
     if point is not None:
-        rows.append(f"| all (default) | {main['settings']['kl_weight']:g} | {main['settings'].get('kl_texts', 0)} | | {t} | "
+        rows.append(f"| all (default) | {main['settings']['kl_weight']:g} | {main['settings'].get('kl_texts', 0)} | "
+                    f"{other(main)} | {t} | "
                     f"{point['reliability']:.2f} | {point['generalization']:.2f} | {point['locality']:.3f} | "
                     f"{100 * point['params_touched_union_fraction']:.2f}% | |")
     for r in runs:
