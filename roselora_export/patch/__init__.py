@@ -14,8 +14,7 @@ from ..core.lazy import lazy_exports
 # Each name is imported on first use, so that the torch-free parts (model, io, adapter, merge_math) load
 # without torch: a fresh `merge` process merges and writes the patch without ever importing it.
 _EXPORTS = {
-    **dict.fromkeys(("apply_patches_to_state_dict", "apply_to_state_dict", "delta_csr", "touched_fingerprint",
-                     "xor_tensor"), ".apply"),
+    **dict.fromkeys(("apply_to_state_dict", "delta_csr", "xor_tensor"), ".apply"),
     **dict.fromkeys(("build_patch_from_adapter", "build_patch_from_state_dicts", "merge_tensor"), ".build"),
     **dict.fromkeys(("Survival", "SurvivalReport"), ".merge_math"),
     **dict.fromkeys(("config_fingerprint", "shape_config"), ".fingerprint"),

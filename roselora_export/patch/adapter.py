@@ -23,11 +23,8 @@ PEFT_PREFIX = "base_model.model."
 
 @dataclass
 class AdapterEdit:
-    """The edit to one base tensor: a LoRA delta (kept as its factors) or a replacement value (ft-l, modules_to_save).
-
-    The delta is computed when merging (merge_math.lora_delta), so reading an adapter costs the size of
-    the adapter, not of the weights it changes (a streaming merge holds one delta at a time).
-    """
+    """The edit to one base tensor: a LoRA delta (kept as its factors, so reading costs the adapter's size;
+    merge_math.lora_delta computes it) or a replacement value (ft-l, modules_to_save)."""
 
     key: str  # the module path as the adapter names it, plus ".weight"/".bias"
     a: np.ndarray | None = None  # fp32 (r, in) lora_A
@@ -68,11 +65,8 @@ def _read_json(path: Path) -> dict:
 
 
 class _SafetensorsFile:
-    """A safetensors file's header, and its tensors read on request as float values (fp32; fp64 kept).
-
-    Only the tensors an edit uses are read: frozen copies PEFT saves beside the LoRA factors (any
-    dtype, often as large as the base weight) are never converted.
-    """
+    """A safetensors file's header, and its tensors read on request as float values (fp32; fp64 kept): frozen
+    copies PEFT saves beside the LoRA factors are never converted."""
 
     def __init__(self, path: Path):
         from ..core.safetensors import read_header

@@ -44,10 +44,8 @@ def expected_state(tp: TensorPatch, bits: np.ndarray, *, revert: bool) -> None:
 
 
 def check_result(tp: TensorPatch, before_sha: str, after_sha: str, *, revert: bool) -> None:
-    """A tensor that held the patch's whole base (apply) or result (revert) must hold the other one after the XOR.
-
-    Otherwise the patch's own fingerprints disagree with its XOR (a corrupt or forged patch): applied, it
-    could be neither reverted nor applied again, so it is refused before anything is written."""
+    """A tensor that held the patch's whole base (apply) or result (revert) must hold the other one after the
+    XOR; otherwise the patch is corrupt or forged (could be neither reverted nor applied again): refused."""
     want, other = (tp.patched_sha256, tp.base_sha256) if revert else (tp.base_sha256, tp.patched_sha256)
     if before_sha == want and after_sha != other:
         raise InputError(f"{tp.name}: the XOR does not give the patch's {'base' if revert else 'patched'} fingerprint; "
@@ -78,9 +76,7 @@ def xor_tensor(tp: TensorPatch, t: torch.Tensor, *, revert: bool = False, check:
 def apply_to_state_dict(patch: Patch, sd: Mapping[str, torch.Tensor], *, revert: bool = False,
                         check: bool = True) -> dict[str, torch.Tensor]:
     """A new state dict with `patch` applied (or reverted); untouched tensors are shared, `sd` is not modified.
-
-    Every touched tensor is checked (shape, dtype, whole-tensor fingerprint) before any is changed.
-    """
+    Every touched tensor is checked (shape, dtype, whole-tensor fingerprint) before any is changed."""
     missing = [n for n in patch.tensors if n not in sd]
     if missing:
         raise InputError(f"the patch changes {missing[0]}, which this model does not have; wrong base model?")
@@ -94,25 +90,9 @@ def apply_to_state_dict(patch: Patch, sd: Mapping[str, torch.Tensor], *, revert:
     return out
 
 
-def apply_patches_to_state_dict(patches: list[Patch], sd: Mapping[str, torch.Tensor], *,
-                                revert: bool = False) -> dict[str, torch.Tensor]:
-    """Several patches in order (reverted in reverse order); all checked before the result is returned."""
-    out = dict(sd)
-    for p in (reversed(patches) if revert else patches):
-        out = apply_to_state_dict(p, out, revert=revert)
-    return out
-
-
-def touched_fingerprint(tp: TensorPatch, t: torch.Tensor) -> str:
-    """sha256 of the touched elements' bit patterns of `t` (compare with base_touched_sha256)."""
-    return sha256_bits(tensor_bits(t.detach().cpu())[tp.flat_index])
-
-
 def delta_csr(patch: Patch, name: str, base_tensor: torch.Tensor) -> scipy.sparse.csr_array:  # noqa: F821
-    """The arithmetic delta (patched - base, float64) of one tensor as a CSR matrix in its 2-D view.
-
-    The file stores XOR bit patterns, so the numeric delta needs the base values. 1-D tensors are one row.
-    """
+    """The arithmetic delta (patched - base, float64) of one tensor as a CSR matrix in its 2-D view (1-D: one
+    row). The file stores XOR bit patterns, so the numeric delta needs the base values."""
     from .io import matrix_shape
 
     if name not in patch.tensors:
@@ -121,9 +101,7 @@ def delta_csr(patch: Patch, name: str, base_tensor: torch.Tensor) -> scipy.spars
     check_compatible(tp, base_tensor)
     bits = tensor_bits(base_tensor.detach().cpu())
     old = bits[tp.flat_index]
-    new = old ^ tp.xor_bits
-    old_v = to_float32(old, tp.dtype_name).astype(np.float64)
-    new_v = to_float32(new, tp.dtype_name).astype(np.float64)
+    old_v, new_v = (to_float32(b, tp.dtype_name).astype(np.float64) for b in (old, old ^ tp.xor_bits))
     nrows, ncols = matrix_shape(tp.shape)
     rows, cols = np.divmod(tp.flat_index, max(ncols, 1))
     import scipy.sparse  # here, not at module level: it costs ~0.2 s of start-up that merge/apply never use

@@ -1,9 +1,7 @@
 """Build a Patch: from two state dicts (a diff), or from an adapter merged into a base in a stored dtype.
 
-Merge semantics (the one definition the whole tool uses) are patch.merge_math's: the delta
-scaling * B @ A summed in fp64 in a fixed order, rounded to fp32, added to the base in fp32, rounded
-to the stored dtype. The patch is relative to the base in the stored dtype. Edit survival measures
-what of the intended delta remains after that rounding. This module is the torch face of it.
+The torch face of patch.merge_math (the one merge definition) and model.diff_bits (the one diff); the
+patch is relative to the base in the stored dtype.
 """
 from __future__ import annotations
 
@@ -20,13 +18,9 @@ from .model import BITS_DTYPE, DTYPE_NAMES, Patch, TensorPatch, check_same_keys,
 from .provenance import adapter_provenance, now_iso
 
 
-def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.dtype | None = None, *,
-                 deferred: list | None = None) -> tuple[torch.Tensor, TensorPatch | None, Survival]:
-    """Merge one edit into one base tensor in the stored dtype; the merged tensor, its patch and survival.
-
-    `deferred`: a list; if given, the whole-tensor sha256 are left empty and (patch, base bits, merged bits)
-    appended for the caller's `fill_sha256`.
-    """
+def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor, TensorPatch | None, Survival]:
+    """Merge one edit into one base tensor in the stored dtype; the merged tensor, its patch and survival."""
     dtype = dtype or base.dtype
     if dtype not in BITS_DTYPE or not base.is_floating_point():
         raise InputError(f"{name}: dtype {base.dtype} cannot be edited (fp32, fp16, bf16 only)")
@@ -39,10 +33,7 @@ def merge_tensor(name: str, base: torch.Tensor, edit: AdapterEdit, dtype: torch.
     else:
         merged = torch.from_numpy(m.bits.view(m.bits.dtype.str.replace("u", "i"))).view(dtype).reshape(base.shape)
     if m.patch is not None:
-        if deferred is not None:
-            deferred.append((m.patch, m.base_bits, m.bits))
-        else:
-            fill_sha256(m.patch, m.base_bits, m.bits)
+        fill_sha256(m.patch, m.base_bits, m.bits)
     return merged, m.patch, m.survival
 
 
@@ -50,13 +41,9 @@ def build_patch_from_adapter(adapter_dir: str | Path, base: Mapping[str, torch.T
                              dtype: torch.dtype | None = None, provenance: dict | None = None,
                              base_config: dict | None = None, base_name: str = "",
                              tied: dict[str, str] | None = None, report: SurvivalReport | None = None) -> Patch:
-    """The patch that merging `adapter_dir` into `base` (a state dict, in its stored dtypes or `dtype`) makes.
-
-    Accepts a PEFT LoRA adapter (RoseLoRA or dense) or an ft-l directory. `base_config` (config.json,
-    or `model.config.to_dict()`) records the base's config fingerprint so `apply` can refuse other
-    bases. Pass a SurvivalReport to receive the edit-survival figures. `tied` maps an adapter key
-    onto the stored key of a tied weight.
-    """
+    """The patch that merging `adapter_dir` (PEFT LoRA or ft-l) into `base` (a state dict, in its stored dtypes
+    or `dtype`) makes. `base_config` (config.json) is fingerprinted so `apply` can refuse other bases;
+    `report` receives the edit-survival figures; `tied` maps an adapter key onto a tied weight's stored key."""
     adapter = read_adapter(adapter_dir)
     edits = resolve_keys(adapter.edits, base.keys(), tied=tied)
     prov = adapter_provenance(adapter, base_name, config_fingerprint(base_config) if base_config else None, dtype)

@@ -1,18 +1,15 @@
 """Fuse patches that change disjoint elements into one patch; overlapping ones are refused.
 
 Applying the fused patch equals applying its parts in any order (XOR commutes on disjoint elements),
-and reverting it takes them all out. A tensor that only one part changes is kept as it is. Where two
-parts change the same tensor, the fused tensor's fingerprints (whole base, whole result, base at the
-union of the elements) need the base's bits, so a base checkpoint must be given; each part is then
-checked against it by the touched-element rule.
+and reverting it takes them all out. Where two parts change one tensor, its fingerprints need the base's
+bits, so a base checkpoint must be given (each part is checked against it by the touched-element rule).
 """
 from __future__ import annotations
-
 
 import numpy as np
 
 from ..errors import InputError
-from .model import Patch, TensorPatch, sha256_bits
+from .model import Patch, TensorPatch, tensor_patch_from_bits
 from .overlap import holds_base, intersects
 from .provenance import now_iso
 
@@ -74,12 +71,7 @@ def _fuse(name: str, owners: list[tuple[int, TensorPatch]], labels: list[str], b
         if not holds_base(tp, bits[tp.flat_index]):
             raise InputError(f"{labels[k]}: {name}: fingerprint mismatch: --base does not hold the bits this patch "
                              "was made for; give the model the patches were made for")
-    index = np.concatenate([tp.flat_index for _, tp in owners])
-    xor = np.concatenate([tp.xor_bits for _, tp in owners])
-    order = np.argsort(index, kind="stable")
-    index, xor = index[order], xor[order]
     patched = bits.copy()
-    patched[index] ^= xor
-    return TensorPatch(name=name, shape=tuple(ref.shape), dtype_name=ref.dtype_name, flat_index=index, xor_bits=xor,
-                       base_sha256=sha256_bits(bits), patched_sha256=sha256_bits(patched),
-                       base_touched_sha256=sha256_bits(bits[index]))
+    for _, tp in owners:
+        tp.apply_bits(patched)
+    return tensor_patch_from_bits(name, tuple(ref.shape), ref.dtype_name, bits, patched)

@@ -1,12 +1,12 @@
 """Describe a patch file or an adapter directory: per-tensor nnz, density, rows/columns touched, bytes;
 the provenance in words; and a picture (overview by layer and module, then per-matrix panels).
 
-Tensors are listed in natural order (layers 0, 1, 2 ... 10, not 0, 1, 10). Provenance is free-form
-JSON from the file, so everything here renders any JSON value without failing: long values are
-cut, control characters escaped.
+Tensors are listed in natural order (layers 2 before 10). Provenance is free-form JSON from the file, so
+any JSON value renders without failing: long values are cut, control characters escaped.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.atomic import atomic_write
 from ..errors import InputError
 from .io import check_patch_bytes, file_layout, load_patch, matrix_shape
 from .model import Patch
@@ -413,15 +414,12 @@ def plot_patterns(patterns: list[Pattern], out_png: str | os.PathLike, *, magnit
     if axes and mags:
         bar = fig.colorbar(im, ax=axes, shrink=0.6, aspect=40)
         bar.set_label(magnitude_label + (", max per cell" if binned else ""), fontsize=8)
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(png, format="png", dpi=110)
     finally:
         plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out_png, png.getvalue())
 
 
 def plot_sparsity(patch: Patch, out_png: str | os.PathLike, *, limit: int = 12, bins: int = 256,

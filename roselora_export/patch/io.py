@@ -1,15 +1,10 @@
 """The patch file: encode a Patch into one safetensors file, and read it back with full validation.
 
-The layout is specified byte for byte in docs/format.md; the constants below are its single source.
-The file holds two U8 arrays, `positions` and `values`, each one stream for the whole patch (every
-tensor's part one after another), and JSON strings in `__metadata__` that say which tensor owns
-which part. Positions are CSR with untouched rows left out (touched rows, row pointers and column
-indices, each delta-encoded as varints), values the byte planes of the XOR bit patterns; each
-stream is stored xz- or zlib-compressed when that is smaller. Two streams rather than arrays per
-tensor: each array costs header bytes, and one stream compresses better than many small ones.
-
-The reader charges everything it allocates to one budget proportional to the file size, so no
-hostile header or compressed stream can make it allocate gigabytes.
+The layout is specified byte for byte in docs/format.md; the constants below are its single source:
+two U8 streams for the whole patch, `positions` (CSR of the touched rows, delta-encoded varints) and
+`values` (byte planes of the XOR bits), each compressed when that is smaller, and JSON in `__metadata__`
+saying which tensor owns which part. The reader charges everything it allocates to one budget
+proportional to the file size, so no hostile header or stream can make it allocate gigabytes.
 """
 from __future__ import annotations
 
@@ -166,17 +161,8 @@ def encode_tensor(tp: TensorPatch) -> EncodedTensor:
         dense_size = sum(len(zlib.compress(p.tobytes(), 1)) for p in _planes(dense))
         if dense_size < sparse_size:
             positions, rows, values, layout = NO_POSITIONS, 0, dense, "dense"
-    entry = {
-        "name": tp.name,
-        "shape": list(tp.shape),
-        "dtype": tp.dtype_name,
-        "nnz": tp.nnz,
-        "rows": rows,
-        "layout": layout,
-        "sha256_base": _b64(tp.base_sha256),
-        "sha256_patched": _b64(tp.patched_sha256),
-        "sha256_base_touched": _b64(tp.base_touched_sha256),
-    }
+    fingerprints = map(_b64, (tp.base_sha256, tp.patched_sha256, tp.base_touched_sha256))
+    entry = dict(zip(COLUMNS, (tp.name, list(tp.shape), tp.dtype_name, tp.nnz, rows, layout, *fingerprints)))
     enc = EncodedTensor(entry, positions, values)
     if positions[0].size + positions[1].size + positions[2].size + values.nbytes >= CHUNK_MIN:
         enc.deflated = {i: _deflate_part(part) for i, part in enumerate(enc.parts())}
@@ -243,11 +229,8 @@ def _checksum(tensors_json: str, streams_json: str, provenance_json: str, arrays
 
 def encode_patch(patch: Patch, encoded: dict[str, EncodedTensor] | None = None
                  ) -> tuple[dict[str, str], dict[str, np.ndarray]]:
-    """The __metadata__ and arrays of a patch file (see docs/format.md).
-
-    `encoded`: tensor name -> `encode_tensor(tp)` done ahead (merge encodes each tensor in a worker
-    thread as soon as it is built); those are used instead of encoding again.
-    """
+    """The __metadata__ and arrays of a patch file (see docs/format.md). `encoded`: tensor name ->
+    `encode_tensor(tp)` done ahead (merge does it in its worker threads), used instead of encoding again."""
     parts = [(encoded or {}).get(tp.name) or encode_tensor(tp) for tp in patch.tensors.values() if tp.nnz]
     columns = {c: [p.entry[c] for p in parts] for c in COLUMNS}
     # Stream order: positions field by field, values plane by plane; each over all tensors in turn.
@@ -281,9 +264,7 @@ def encode_patch(patch: Patch, encoded: dict[str, EncodedTensor] | None = None
 
 
 def save_patch(patch: Patch, path: str | os.PathLike, encoded: dict[str, EncodedTensor] | None = None) -> Path:
-    """Write `patch` to `path` atomically (core.atomic.atomic_write: temp file beside it, then rename). Returns the path.
-
-    `encoded`: tensors already encoded, as for `encode_patch`."""
+    """Write `patch` to `path` atomically (core.atomic.atomic_write); `encoded` as for `encode_patch`."""
     from safetensors.numpy import save
 
     path = Path(path)
@@ -303,10 +284,8 @@ def _need(cond: bool, msg: str) -> None:
 
 
 class _Budget:
-    """Bytes the reader may still allocate: ALLOC_FACTOR x the file size, plus ALLOC_SLACK.
-
-    Element counts and decompressed bytes are charged before they are made, so no header claim and
-    no compressed stream can make the reader allocate much more than the file's own size."""
+    """Bytes the reader may still allocate: ALLOC_FACTOR x the file size, plus ALLOC_SLACK; element counts and
+    decompressed bytes are charged before they are made."""
 
     def __init__(self, file_bytes: int):
         self.left = ALLOC_FACTOR * file_bytes + ALLOC_SLACK
@@ -326,21 +305,16 @@ def _decompress(name: str, packed: np.ndarray, codec: object, raw_bytes: object,
     budget.charge(raw_bytes, f"stream {name!r}")
     data = packed.tobytes()
     if codec == "zlib":
-        d = zlib.decompressobj()
-        try:
-            out = d.decompress(data, raw_bytes + 1)
-        except zlib.error as err:
-            raise _Bad(f"stream {name!r} is not valid zlib data ({err})") from None
-        done = d.eof and not d.unconsumed_tail and not d.unused_data
+        d, error = zlib.decompressobj(), zlib.error
     else:
         import lzma
 
-        d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
-        try:
-            out = d.decompress(data, raw_bytes + 1)
-        except lzma.LZMAError as err:
-            raise _Bad(f"stream {name!r} is not valid xz data ({err})") from None
-        done = d.eof and not d.unused_data
+        d, error = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT), lzma.LZMAError
+    try:
+        out = d.decompress(data, raw_bytes + 1)  # at most one byte past the claim: enough to see it lied
+    except error as err:
+        raise _Bad(f"stream {name!r} is not valid {codec} data ({err})") from None
+    done = d.eof and not getattr(d, "unconsumed_tail", b"") and not d.unused_data
     _need(done and len(out) == raw_bytes,
           f"stream {name!r} is truncated, has trailing data, or does not decompress to its {raw_bytes} bytes")
     return np.frombuffer(out, np.uint8)
@@ -548,10 +522,8 @@ def load_patch(path: str | os.PathLike) -> Patch:
 
 
 def file_layout(path: str | os.PathLike, patch: Patch | None = None) -> dict[str, dict]:
-    """Per tensor: its layout and the file bytes attributed to it, for `inspect`.
-
-    A tensor's bytes are its metadata columns plus its share of each compressed stream, in
-    proportion to its part of the raw stream (the streams are compressed as a whole)."""
+    """Per tensor: its layout and the file bytes attributed to it, for `inspect`: its metadata columns plus its
+    share of each compressed stream, in proportion to its part of the raw stream."""
     path = Path(path)
     metadata, arrays = _read_file(path)
     patch = patch or load_patch(path)

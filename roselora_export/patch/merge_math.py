@@ -4,14 +4,9 @@
     delta   = fp32(acc * fp32(scaling))
     merged  = to_dtype( fp32(base_in_dtype) + delta )                       # the add in fp32, as PEFT does
 
-That is what PEFT's merge computes with a BLAS that accumulates over k in order with fused
-multiply-adds, as MKL does on this machine (tests compare it with merge_and_unload bit for bit).
-Here each fused multiply-add is computed exactly (fp64 product, fp64 sum, and a correction where
-fp64 rounding could have moved the result across an fp32 tie), so the merged bits are the same on
-every machine, whatever its BLAS or device. Conversions between fp32, fp16 and bf16 round to
-nearest-even as torch does (bf16 through ml_dtypes, since numpy has none).
-
-No torch here: a fresh `roselora-export merge` process merges without importing it.
+PEFT's merge with a BLAS that sums over k in order with fused multiply-adds, computed exactly, so the
+bits are the same on every machine; conversions round to nearest-even as torch's. Why and how: docs/design.md
+"The merge arithmetic". No torch here: a fresh `roselora-export merge` process merges without importing it.
 """
 from __future__ import annotations
 
@@ -96,10 +91,7 @@ def to_float32(bits: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
-    """The bit patterns of fp32 values rounded to `dtype` (nearest, ties to even), as torch's .to(dtype).
-
-    bf16 through ml_dtypes (numpy has no bf16; it is the bf16 dtype JAX and onnx use): one C pass.
-    """
+    """The bit patterns of fp32 values rounded to `dtype` (nearest, ties to even), as torch's .to(dtype)."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     if dtype == "F32":
         return values.view(np.uint32)
@@ -227,9 +219,7 @@ def zero_delta(scaling: float) -> np.float32:
 @dataclass
 class Merged:
     """One merged tensor: its bits (flat, in the stored dtype), the base's in that dtype, patch and survival.
-
-    When nothing changed, `bits` and `base_bits` may be the caller's own (possibly read-only) array.
-    """
+    When nothing changed, `bits` and `base_bits` may be the caller's own (possibly read-only) array."""
 
     bits: np.ndarray
     base_bits: np.ndarray

@@ -23,9 +23,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 2
 
-# The dtypes a patch can carry, by their safetensors names, and the unsigned integer type that holds
-# their bit patterns. The patch itself needs no torch (a fresh `merge` process never imports it).
-# (Both derived from the one table, core.dtypes.)
+# The dtypes a patch can carry (safetensors names) -> the unsigned type of their bits; from core.dtypes, torch-free.
 BITS_BY_NAME: dict[str, np.dtype] = dict(dtypes.BITS)
 TORCH_NAMES = {k: dtypes.TORCH_NAMES[k] for k in dtypes.PATCHABLE}  # what torch and config.json call them
 
@@ -47,11 +45,9 @@ _TORCH_TABLES = ("DTYPE_NAMES", "DTYPES_BY_NAME", "BITS_DTYPE", "TORCH_BITS_DTYP
 
 
 def _table(name: str) -> dict:
-    table = globals().get(name)
-    if table is None:
+    if name not in globals():
         globals().update(_torch_tables())
-        table = globals()[name]
-    return table
+    return globals()[name]
 
 
 def __getattr__(name: str):
@@ -88,14 +84,9 @@ class TensorPatch:
     """The change to one tensor.
 
     flat_index: int64, strictly increasing, each < numel. xor_bits: BITS_BY_NAME[dtype_name], same
-    length, base ^ patched at those elements. The three fingerprints (sha256 hex) let a reader check
-    the base whole (checkpoint files) or cheaply at the touched elements only (a live model on a GPU).
-    The patched bits there are base_touched ^ xor_bits, so they need no fingerprint of their own.
-
-    The dtype may be given as a torch dtype or a safetensors name ("F32", "F16", "BF16"), as
-    `dtype_name` or `dtype`; it is kept as the name, and `dtype` gives the torch dtype (importing
-    torch on first use).
-    """
+    length, base ^ patched there. The sha256 fingerprints check the base whole (checkpoint files) or at
+    the touched elements only (a live model). The dtype may be given as a torch dtype or a safetensors
+    name, as `dtype_name` or `dtype`; it is kept as the name (`dtype` imports torch on first use)."""
 
     name: str
     shape: tuple[int, ...]
@@ -170,10 +161,7 @@ def tensor_patch_from_pair(name: str, base: torch.Tensor, patched: torch.Tensor)
 def tensor_patch_from_bits(name: str, shape: tuple[int, ...], dtype: str, base_bits: np.ndarray,
                            new_bits: np.ndarray) -> TensorPatch | None:
     """The patch that turns flat bits `base_bits` into `new_bits` (dtype: "F32", "F16", "BF16"), or None if equal.
-
-    The one pair-to-patch builder: one comparison pass, XOR only at the changed elements, the common
-    prefix of both whole-tensor sha256 hashed once (fill_sha256).
-    """
+    The one pair-to-patch builder: one comparison pass, XOR only at the changed elements."""
     flat = np.flatnonzero(base_bits != new_bits).astype(np.int64)
     if flat.size == 0:
         return None
@@ -184,11 +172,8 @@ def tensor_patch_from_bits(name: str, shape: tuple[int, ...], dtype: str, base_b
 
 
 def fill_sha256(tp: TensorPatch, base_bits: np.ndarray, new_bits: np.ndarray) -> TensorPatch:
-    """Set tp's whole-tensor sha256 of base and patched bits, hashing their common prefix once.
-
-    Both arrays are equal before the first changed element, so that prefix is hashed once and the
-    hash state copied. hashlib releases the GIL, so this can run in a thread beside other work.
-    """
+    """Set tp's whole-tensor sha256 of base and patched bits, hashing their common prefix (before the first
+    changed element) once. hashlib releases the GIL, so this can run in a thread beside other work."""
     cut = int(tp.flat_index[0]) * base_bits.itemsize if tp.nnz else 0
     b, n = memoryview(base_bits.view(np.uint8)), memoryview(new_bits.view(np.uint8))
     h = hashlib.sha256(b[:cut])
@@ -211,10 +196,7 @@ def check_same_keys(base: Iterable[str], target: Iterable[str], base_label: str,
 
 def diff_bits(name: str, shape: tuple[int, ...], dtype: str, base: np.ndarray, target: np.ndarray) -> TensorPatch | None:
     """The one diff of one tensor: its patch (None if unchanged), from stored arrays of safetensors dtype `dtype`.
-
-    Other dtypes than fp32/fp16/bf16 must be byte-identical (NaN == NaN, -0.0 != 0.0); a target that
-    holds NaN or Inf where it differs is refused (InputError).
-    """
+    Other dtypes must be byte-identical; a target holding NaN or Inf where it differs is an InputError."""
     if dtype not in BITS_BY_NAME:
         if base.tobytes() != target.tobytes():
             raise InputError(f"{name}: dtype {dtype} differs between base and target; only fp32/fp16/bf16 can "

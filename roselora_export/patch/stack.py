@@ -1,10 +1,9 @@
 """Checks for applying or reverting patches on a directory that may already hold others (checkpoint or ONNX).
 
-`Stack` is built from the directory's ledger and the patches of one command. For each (patch, tensor)
-the caller hands `check` the tensor's whole sha256 and its bits at the patch's elements: a fresh base
-(or the patch's own result, for a revert) passes by the whole-tensor fingerprint; otherwise the
-touched-element rule (patch.overlap) decides, and a refusal names the patch file, the tensor and the
-patches that conflict. `ledger_after` gives the ledger to write with the new weights.
+`Stack` holds the directory's ledger and one command's patches. `check` passes a fresh base (or, for a
+revert, the patch's own result) by the whole-tensor fingerprint, else by the touched-element rule
+(patch.overlap); a refusal names the patch file, the tensor and the patches that conflict.
+`ledger_after` gives the ledger to write with the new weights.
 """
 from __future__ import annotations
 
@@ -56,10 +55,8 @@ class Stack:
         return idx[::-1] if self.revert else idx
 
     def check(self, k: int, tp: TensorPatch, whole_sha: str, gathered: np.ndarray) -> None:
-        """Refuse (InputError) unless patch k can be applied (reverted) on a tensor with these bits.
-
-        whole_sha: sha256 of the whole tensor as it is now (state-dict order); gathered: its bits at
-        tp.flat_index. The first call for a tensor also checks it against the ledger."""
+        """Refuse (InputError) unless patch k can be applied (reverted) on a tensor whose whole sha256 is
+        whole_sha and whose bits at tp.flat_index are `gathered`; a tensor's first check also consults the ledger."""
         if tp.name not in self._seen:
             self._seen.add(tp.name)
             check_weights(self.ledger, self.root, tp.name, whole_sha)
