@@ -1,13 +1,10 @@
 """Export a Hugging Face model to an ONNX artifact directory whose initializers are the state dict.
 
-The legacy TorchScript exporter with do_constant_folding=False keeps every weight as its own
-initializer (no transposed copies). Two things still blur names and values, and both are undone here:
-- it deduplicates initializers by *value* (two all-ones LayerNorm weights become one), so before
-  tracing every distinct parameter is filled with unique random "tags", each tag is found again in
-  the exported graph by value (as is, or transposed), and only then are the real weights written;
-- the wrapper module's attribute prefix: initializers are renamed to the exact state-dict keys.
-Tied weights (SmolLM2's lm_head = embed_tokens) share storage, so they are one initializer that
-names.json lists under both keys. The map is then verified by value, from the written files.
+The legacy TorchScript exporter with do_constant_folding=False keeps every weight as its own initializer,
+but deduplicates them by *value*: so every distinct parameter is traced filled with unique random tags,
+each tag is found again in the graph (as is, or transposed), renamed to its state-dict key, and only then
+are the real weights written. Tied weights are one initializer listed under both keys in names.json.
+The map is verified by value, from the written files.
 """
 from __future__ import annotations
 
@@ -27,8 +24,8 @@ from .export_large import export_streaming
 from .names import DATA_FILE, MODEL_FILE, ONNX_DTYPES, ONNX_TYPE_OF, aligned_offset
 from .publish import export_report, names_document, publish, verify_initializers
 from .trace import (
-    cache_geometry, check_export_args, graph_io, load_for_export, reference_logits, rename_inputs, runtime_checker,
-    tied_canonical, trace,
+    check_export_args, load_for_export, reference_logits, rename_inputs, runtime_checker, storage_key, tied_canonical,
+    trace,
 )
 
 EXPORT_PHASES = ("load", "trace", "map", "write", "check")
@@ -64,13 +61,10 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
                 progress: Callable[[str], None] | None = None, stream: bool | None = None) -> dict:
     """Export a local HF model to `out_dir` (model.onnx + aligned model.onnx.data + names.json); returns a report.
 
-    Inputs input_ids and attention_mask (int64, dynamic batch and sequence), output logits. With
-    kv_cache (causal LMs), also past_key_values.{i}.key/value in and present.{i}.key/value out, and
-    attention_mask spans past + new tokens. Nothing is written at `out_dir` unless the whole export
-    and its checks succeed. `progress`, if given, is called with the name of each finished phase
-    (EXPORT_PHASES, in order). `stream` (default: for checkpoints of STREAM_ABOVE_BYTES or more) exports
-    through export_large: any size, peak memory about the model's once.
-    """
+    Inputs input_ids and attention_mask (int64, dynamic batch and sequence), output logits; kv_cache adds
+    past_key_values.{i}.key/value in and present.{i}.key/value out. Nothing is written at `out_dir` unless
+    the export and its checks succeed. `progress(phase)` after each of EXPORT_PHASES. `stream` (default:
+    checkpoints of STREAM_ABOVE_BYTES or more) goes through export_large: any size, memory about the model's."""
     done = progress or (lambda phase: None)
     t0 = time.perf_counter()
     model_dir, out = check_model_dir(model_dir), Path(out_dir)
@@ -94,11 +88,8 @@ def export_onnx(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tas
     done("trace")
     t_map = time.perf_counter()
     tensors, found = _put_weights_by_tag(onnx_model, state, canonical, tags)
-    input_names, output_names, _ = graph_io(config, kv_cache)
-    names = names_document(task=task, input_names=input_names, output_names=output_names, opset=opset,
-                           kv_cache=cache_geometry(config) if kv_cache else None,
-                           exporter=f"torch {torch.__version__} legacy, do_constant_folding=False", source=model_dir,
-                           dtype=DTYPE_NAMES.get(dtype), tensors=tensors)
+    names = names_document(config, kv_cache, task=task, opset=opset, source=model_dir, dtype=DTYPE_NAMES.get(dtype),
+                           exporter=f"torch {torch.__version__} legacy, do_constant_folding=False", tensors=tensors)
     phases["map_s"] = time.perf_counter() - t_map
     done("map")
 
@@ -121,17 +112,14 @@ def _trace_with_tags(model: torch.nn.Module, canonical: dict[str, str], kv_cache
     """The traced graph, with every distinct parameter filled beforehand with unique random tags (the exporter
     deduplicates initializers by value), and each key's tag fingerprints, as is and transposed."""
     params = dict(model.named_parameters())  # deduplicated: one entry per storage
-    by_ptr = {}
-    for key, t in model.state_dict().items():
-        by_ptr.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype), canonical[key])
+    by_ptr = {storage_key(t): canonical[key] for key, t in model.state_dict().items()}
     tags: dict[str, list[tuple[str, bool]]] = {}
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in params.items():
             if p.dtype in BITS_DTYPE:
                 p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype))
-                ident = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), p.dtype)
-                tags[by_ptr.get(ident, name)] = _fingerprints(p.detach())
+                tags[by_ptr.get(storage_key(p), name)] = _fingerprints(p.detach())
     del params
     return trace(model, kv_cache, opset, seed, dtype, gen), tags
 

@@ -1,19 +1,16 @@
 """export-onnx for models of any size: the graph traced without weights, the weights streamed file to file.
 
-The in-memory export (export.py) serialises one protobuf holding every weight, which cannot pass
-2 GB and holds the weights about three times over. Here:
-- reference logits are taken from the real model first (for the runtime check at the end);
-- each parameter is then replaced by a stride-0 view of one distinct scalar (so the TorchScript
-  exporter's deduplication by value keeps them apart) and the real weights are freed;
-- the graph is traced with export_params=False: every parameter is a graph input named by its
-  state-dict key (tied weights are one parameter, so one input), and no weight enters the protobuf;
-- each such input becomes an initializer whose bytes are copied in the kernel from the safetensors
-  shard into the aligned external data file, one tensor at a time, and checked against it (publish.py, as export.py's are).
-Peak memory is the larger of the loaded model and the onnxruntime session of the check, not their sum.
-The artifact has the layout and names.json of export.py's (format 1), so apply/revert work unchanged.
+The in-memory export (export.py) holds the weights about three times over and cannot pass protobuf's
+2 GB. Here reference logits are taken from the real model first; each parameter is then replaced by a
+stride-0 view of one distinct scalar (the exporter deduplicates by value) and the weights are freed; the
+graph is traced with export_params=False (every parameter a graph input named by its state-dict key);
+each such input becomes an initializer whose bytes are copied in the kernel from the shard into the
+aligned data file, then checked (publish.py). Peak memory: the larger of the model and the check's
+session. The artifact has export.py's layout and names.json (format 1).
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -25,12 +22,13 @@ import torch
 
 from ..checkpoint.model_dir import open_model_dir
 from ..checkpoint.safetensors_stream import copy_range
+from ..core.atomic import opened
 from ..errors import InputError
 from ..patch.model import DTYPE_NAMES
 from .names import DATA_FILE, MODEL_FILE, ONNX_TYPE_OF, aligned_offset
 from .publish import export_report, names_document, publish, verify_initializers
 from .trace import (
-    PREFIX, cache_geometry, graph_io, load_for_export, reference_logits, rename_inputs, runtime_checker, tied_canonical, trace,
+    PREFIX, graph_io, load_for_export, reference_logits, rename_inputs, runtime_checker, tied_canonical, trace,
 )
 
 
@@ -88,11 +86,9 @@ def export_streaming(model_dir: Path, out: Path, *, task: str, opset: int, kv_ca
         if entry["initializer"] is None:
             entry["reason"] = "not a parameter of the graph (a buffer, or unused)"
         tensors[key] = entry
-    input_names, output_names, _ = graph_io(config, kv_cache)
-    names = names_document(task=task, input_names=input_names, output_names=output_names, opset=opset,
-                           kv_cache=cache_geometry(config) if kv_cache else None,
+    names = names_document(config, kv_cache, task=task, opset=opset, source=model_dir, dtype=DTYPE_NAMES.get(dtype),
                            exporter=f"torch {torch.__version__} legacy, export_params=False, weights streamed",
-                           source=model_dir, dtype=DTYPE_NAMES.get(dtype), tensors=tensors)
+                           tensors=tensors)
     phases["map_s"] = time.perf_counter() - t_map
     progress("map")
 
@@ -147,15 +143,10 @@ def _inputs_to_initializers(graph: onnx.ModelProto, checkpoint, shapes: dict, mo
 def _copy_weights(data_path: Path, sources: list[tuple], size: int) -> None:
     """Each initializer's bytes copied in the kernel from its shard into the data file, which is then fsynced."""
     fds: dict[Path, int] = {}
-    data_fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
+    with opened(data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644) as data_fd, contextlib.ExitStack() as shards:
         for key, path, src, dst, nbytes in sources:
             if path not in fds:
-                fds[path] = os.open(path, os.O_RDONLY)
+                fds[path] = shards.enter_context(opened(path, os.O_RDONLY))
             copy_range(fds[path], data_fd, src, dst, nbytes, key)
         os.ftruncate(data_fd, size)
         os.fsync(data_fd)
-    finally:
-        os.close(data_fd)
-        for fd in fds.values():
-            os.close(fd)

@@ -65,10 +65,7 @@ def genai_generate(onnx_dir: str | os.PathLike, prompt: str, max_new_tokens: int
     og, model = _model(onnx_dir)
     tok = og.Tokenizer(model)
     ids = np.asarray(tok.encode(prompt), dtype=np.int32)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=int(ids.size) + max_new_tokens, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
+    gen = _generator(og, model, ids, max_new_tokens)
     while not gen.is_done():
         gen.generate_next_token()
     new = [int(t) for t in gen.get_sequence(0)[ids.size:]]
@@ -79,39 +76,35 @@ def genai_logits(onnx_dir: str | os.PathLike, token_ids) -> np.ndarray:
     """The artifact's logits for every position of `token_ids` (one forward pass), as float32 [tokens, vocab]."""
     og, model = _model(onnx_dir)
     ids = np.asarray(list(token_ids), dtype=np.int32)
+    return np.asarray(_generator(og, model, ids, 1).get_output("logits"), dtype=np.float32).reshape(ids.size, -1)
+
+
+def _generator(og, model, ids: np.ndarray, new_tokens: int):
+    """A greedy og.Generator fed `ids`, with room for `new_tokens` more."""
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=int(ids.size) + 1, do_sample=False)
+    params.set_search_options(max_length=int(ids.size) + new_tokens, do_sample=False)
     gen = og.Generator(model, params)
     gen.append_tokens(ids)
-    return np.asarray(gen.get_output("logits"), dtype=np.float32).reshape(ids.size, -1)
+    return gen
 
 
 def genai_results(onnx_dir: str | os.PathLike, patch_files: list, pairs: list[tuple[str, object]],
                   max_new_tokens: int) -> list[dict]:
-    """onnx-generate through onnxruntime-genai: one result per (prompt, target) pair.
-
-    With patch files, they are applied to a patched copy of the artifact in a temporary directory
-    (onnxruntime-genai takes no initializer overrides); the artifact itself is only read.
-    """
-    import shutil
+    """onnx-generate through onnxruntime-genai: one result per (prompt, target) pair. Patch files are applied
+    to a copy in a temporary directory (onnxruntime-genai takes no initializer overrides)."""
     import tempfile
 
     from ..patch import load_patch
     from .mapping import apply_mapped
 
     _model(onnx_dir)  # a genai artifact, and the package is there: checked before any copy
-    tmp = None
-    try:
+    with tempfile.TemporaryDirectory(prefix="roselora-genai-", ignore_cleanup_errors=True) as tmp:
         run_dir = Path(onnx_dir)
         if patch_files:
-            tmp = Path(tempfile.mkdtemp(prefix="roselora-genai-"))
-            run_dir = tmp / "patched"
+            run_dir = Path(tmp) / "patched"
             apply_mapped(Path(onnx_dir), [load_patch(p) for p in patch_files], run_dir, base_model=None)
         out = []
         for prompt, target in pairs:
             new, text = genai_generate(run_dir, prompt, max_new_tokens)
             out.append({"prompt": prompt, "continuation": text, "new_token_ids": new, "target": target})
         return out
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)

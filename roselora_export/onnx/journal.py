@@ -3,29 +3,14 @@
     write_in_place(root, regions, graph_file, ledger)  writes, then commits (removes the journal)
     recover(root)                                       rolls back an interrupted write_in_place, if any
 
-`apply --in-place` changes a few hundred thousand elements of a file of hundreds of megabytes;
-copying the file to swap it in costs more than the patch (ext4 has no reflinks). So the touched
-elements are written where they are, in this order, each step durable before the next:
-
-1. the journal `.roselora-undo.journal`: for every region, its file (and inode), offset, positions,
-   old bits and new bits; the ledger's old text; a sha256 over all of it. Written to a temp file,
-   fsynced, renamed in (core.atomic.atomic_write): it exists whole or not at all.
-2. the graph file renamed to `NAME.interrupted` while its data is rewritten, so that a loader
-   (onnxruntime, onnxruntime-genai) finds no model instead of a half-patched one, also after a crash;
-3. the elements written (pwrite, read back, fsync), the ledger written (temp file and rename);
-4. the graph renamed back, then the journal removed.
-
-A failure in 2-4 rolls back at once; a kill or power loss leaves the journal, and the next command
-that opens the directory (apply in any mode, onnx-generate, map-onnx) calls `recover` first, which
-puts the old bits and the old ledger back, renames the graph back and removes the journal, and
-removes the temporary files (journal's, ledger's) of writers killed before their rename. So a kill
-at any point leaves, to every reader going through this package, the old state or the new one.
-Recovery refuses (one line, nothing written) when a file was replaced or an element holds neither
-its old nor its new bits since the interruption: then the journal does not describe the files.
-
-Not covered: a process that already holds the artifact open (an onnxruntime session that
-memory-mapped the data) sees the new bytes as they are written; patch served artifacts with
-`onnx-generate --patch` overrides or `apply --out`, or restart the server after the apply.
+Copying a data file of hundreds of MB to swap it in costs more than the patch, so the touched elements
+are written where they are, each step durable before the next: (1) the journal `.roselora-undo.journal`
+(per region its file, inode, offset, positions, old and new bits; the old ledger; a sha256 over it all),
+written atomically; (2) the graph file renamed to `NAME.interrupted`, so a loader finds no model rather
+than a half-patched one; (3) the elements (pwrite, read back, fsync) and the ledger; (4) the graph
+renamed back, the journal removed. A failure rolls back at once; after a kill, the next command on the
+directory calls `recover` first. Recovery refuses (one line, nothing written) when a file was replaced
+or an element holds neither its old nor its new bits. Guarantees: docs/design.md "What is guaranteed".
 """
 from __future__ import annotations
 
@@ -91,13 +76,9 @@ def _decode(path: Path) -> tuple[dict, list[Region]]:
     regions = []
     for e in head["entries"]:
         bits, count = np.dtype(e["bits"]), e["count"]
-        positions = np.frombuffer(body, "<i8", count, pos)
-        pos += 8 * count
-        old = np.frombuffer(body, bits, count, pos)
-        pos += bits.itemsize * count
-        new = np.frombuffer(body, bits, count, pos)
-        pos += bits.itemsize * count
-        regions.append(Region(e["file"], e["offset"], positions, old, new))
+        old, new = (np.frombuffer(body, bits, count, pos + (8 + k * bits.itemsize) * count) for k in (0, 1))
+        regions.append(Region(e["file"], e["offset"], np.frombuffer(body, "<i8", count, pos), old, new))
+        pos += (8 + 2 * bits.itemsize) * count
     return head, regions
 
 
@@ -201,12 +182,9 @@ def _roll_back(root: Path, head: dict, regions: list[Region], *, check: bool) ->
 
 
 def recover(root: str | os.PathLike) -> bool:
-    """Roll back an in-place write that was interrupted (the journal is there); True if one was.
-
-    First removes the temporaries that killed writers left in `root` (the journal's, the ledger's:
-    core.atomic's rule, never a live writer's), journal or not. Takes the directory's exclusive lock
-    (a writer still running holds it, and removes its journal before letting go); call it before
-    taking any lock of your own on `root`."""
+    """Roll back an interrupted in-place write (the journal is there); True if there was one. First removes
+    killed writers' temporaries in `root`, journal or not. Takes the directory's exclusive lock: call it
+    before taking any lock of your own on `root`."""
     root = Path(root)
     remove_stale_temps(root)
     if not (root / JOURNAL).exists():
@@ -224,11 +202,8 @@ def recover(root: str | os.PathLike) -> bool:
 
 def write_in_place(root: Path, regions: list[Region], graph_file: str, ledger_name: str,
                    write_ledger: Callable[[], None]) -> None:
-    """Write each region's new bits where they are, then the new ledger (`write_ledger()`, which replaces
-    root/ledger_name by rename), crash-safe (module docstring).
-
-    The caller holds the directory's exclusive lock and has checked everything. Every touched file
-    is opened for writing before the journal is written (a read-only file fails with nothing changed)."""
+    """Write each region's new bits where they are, then the new ledger (`write_ledger()`), crash-safe (module
+    docstring). The caller holds the directory's exclusive lock and has checked everything."""
     old_ledger = (root / ledger_name).read_text() if (root / ledger_name).exists() else None
     fds = _open_all(root, graph_file, regions)
     try:

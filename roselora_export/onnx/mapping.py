@@ -3,22 +3,15 @@
     map_onnx(hf_dir, onnx_dir) -> (names, report)    names: a names.json format-2 dict (see names.py)
     write_names(onnx_dir, names)                      atomically, one line per key
 
-A key's tensor W is looked for in every floating initializer (inline or external data), as stored
-by the exporters in use: W itself, W.T (MatMul B is [in, out]), a slice of a fused initializer
-(onnxruntime-genai's qkv_proj is [hidden, q+k+v] = [q.T | k.T | v.T]; gate/up; fused biases), in
-the checkpoint's dtype or cast to another float dtype (an fp16 artifact of an fp32 checkpoint).
-Whole tensors are found through a dict keyed by (dtype, shape, 64 sampled elements) of every
-initializer; slices through the first 8 bytes of each unmatched weight's first row and column,
-looked up (vectorised) among the codes of every column window of each initializer's first row and
-of each row start. No pair of tensors is compared unless their samples already agree, and every
-hit is confirmed by comparing all the bits.
-
-Weights of equal value are told apart by name where the exporter kept names; where it stored one
-initializer for several of them (deduplicated), those keys are marked shared and refused at apply.
-A key found nowhere keeps a reason: quantized (int4 MatMulNBits), or folded into another tensor.
+A key's tensor W is looked for in every floating initializer (inline or external data) as W, W.T, or a
+slice of a fused initializer (qkv, gate/up), in the checkpoint's dtype or cast to another. No pair of
+tensors is compared unless sampled elements agree, and every hit is confirmed bit for bit. Keys whose
+value one initializer holds for several are marked shared; a key found nowhere keeps a reason. How
+and why: docs/design.md "ONNX artifacts of other exporters".
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,6 +25,7 @@ import numpy as np
 from ..core import dtypes
 from ..core.atomic import atomic_write
 from ..errors import InputError
+from ..patch.merge_math import convert_bits
 from .journal import recover
 from .names import NAMES_FILE, NAMES_FORMAT_MAPPED, artifact_locations, dtype_name, load_graph
 
@@ -43,15 +37,6 @@ QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear", "QLi
                  "DynamicQuantizeMatMul", "QMoE")
 
 
-def _cast(bits: np.ndarray, src: str, dst: str) -> np.ndarray | None:
-    """Bits of the tensor converted from dtype src to dst (round to nearest even, as numpy and torch do)."""
-    import ml_dtypes
-
-    floats = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
-    with np.errstate(over="ignore", invalid="ignore"):
-        return bits.view(floats[src]).astype(floats[dst]).view(dtypes.BITS[dst])
-
-
 def model_file_of(onnx_dir: Path, model_file: str | None = None) -> str:
     """The graph file to map: given, genai_config.json's decoder, or the directory's only *.onnx."""
     if model_file:
@@ -60,12 +45,10 @@ def model_file_of(onnx_dir: Path, model_file: str | None = None) -> str:
         return model_file
     cfg = onnx_dir / "genai_config.json"
     if cfg.is_file():
-        try:
+        with contextlib.suppress(ValueError, KeyError, TypeError, UnicodeDecodeError):
             name = json.loads(cfg.read_text())["model"]["decoder"]["filename"]
             if isinstance(name, str) and (onnx_dir / name).is_file():
                 return name
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            pass
     found = sorted(p.name for p in onnx_dir.glob("*.onnx"))
     if not found:
         raise InputError(f"--onnx {onnx_dir}: no *.onnx file there")
@@ -221,11 +204,7 @@ def _assign_by_name(keys: list[str], places: list[dict]) -> dict[str, list[dict]
 
 def map_onnx(hf_dir: str | os.PathLike, onnx_dir: str | os.PathLike, *, model_file: str | None = None) -> tuple[dict, dict]:
     """Find every floating state-dict weight of the checkpoint at hf_dir in the ONNX artifact at onnx_dir.
-
-    Returns (names, report): names is the names.json (format 2) to write, report counts what was found.
-    Raises InputError if nothing (no non-constant weight) is found: an artifact of another model.
-    Nothing is written.
-    """
+    Returns (names.json format 2, report); InputError if no non-constant weight is found. Writes nothing."""
     from ..checkpoint.model_dir import open_model_dir
 
     t0 = time.perf_counter()
@@ -248,9 +227,6 @@ def map_onnx(hf_dir: str | os.PathLike, onnx_dir: str | os.PathLike, *, model_fi
     needles: dict[tuple, list] = {}  # (cast?, dtype) -> (key, dtype, bits) of keys not found whole
     stats = {"whole": 0, "transposed": 0, "slice": 0, "cast": 0}
 
-    def variant(key, bits, src, dst):
-        return bits if dst == src else _cast(bits, src, dst).reshape(bits.shape)
-
     for key in model.keys():
         header, info = model.locations[key]
         entry = {"shape": list(info.shape), "dtype": info.dtype}
@@ -264,7 +240,7 @@ def map_onnx(hf_dir: str | os.PathLike, onnx_dir: str | os.PathLike, *, model_fi
             constant.add(key)
         places: list[dict] = []
         for dtype in [info.dtype] + sorted(artifact_dtypes - {info.dtype}):
-            w = variant(key, bits, info.dtype, dtype)
+            w = convert_bits(bits, info.dtype, dtype).reshape(bits.shape)
             for view, transposed in [(w, False)] + ([(w.T, True)] if w.ndim == 2 else []):
                 for name in inits.whole.get((dtype, view.shape, _sample(view)), []):
                     if np.array_equal(inits.arrays[name], view):
@@ -275,7 +251,8 @@ def map_onnx(hf_dir: str | os.PathLike, onnx_dir: str | os.PathLike, *, model_fi
         found[key] = list({_region(p): p for p in places}.values())
         if not places and bits.ndim <= 2:
             for dtype in [info.dtype] + sorted(artifact_dtypes - {info.dtype}):
-                needles.setdefault((dtype != info.dtype, dtype), []).append((key, dtype, variant(key, bits, info.dtype, dtype)))
+                w = convert_bits(bits, info.dtype, dtype).reshape(bits.shape)
+                needles.setdefault((dtype != info.dtype, dtype), []).append((key, dtype, w))
     # Not found whole: slices of fused initializers, in the checkpoint's dtype first, then cast.
     for (_, dtype), items in sorted(needles.items()):
         items = [(k, d, w) for k, d, w in items if not found[k]]
@@ -285,25 +262,22 @@ def map_onnx(hf_dir: str | os.PathLike, onnx_dir: str | os.PathLike, *, model_fi
     del needles
 
     # Equal-valued keys: one value, several weights; decide which place is whose.
+    by_sample: dict[tuple, list[str]] = {}
+    for key, v in value_of.items():
+        by_sample.setdefault(v, []).append(key)
+    for v, keys in by_sample.items():  # equal samples: a class index per set of truly equal bits
+        if len(keys) == 1:
+            continue
+        firsts: list[str] = []  # each class's first key
+        for key in keys:
+            bits = model.read_array(key)
+            i = next((i for i, f in enumerate(firsts) if np.array_equal(model.read_array(f), bits)), len(firsts))
+            if i == len(firsts):
+                firsts.append(key)
+            value_of[key] = (*v, i)
     groups: dict[tuple, list[str]] = {}
     for key, v in value_of.items():
         groups.setdefault(v, []).append(key)
-    for v, keys in list(groups.items()):  # equal samples: split into classes of truly equal bits
-        if len(keys) > 1:
-            classes: list[list[str]] = []
-            for key in keys:
-                bits = model.read_array(key)
-                for cls in classes:
-                    if np.array_equal(model.read_array(cls[0]), bits):
-                        cls.append(key)
-                        break
-                else:
-                    classes.append([key])
-            del groups[v]
-            for i, cls in enumerate(classes):
-                groups[(*v, i)] = cls
-                for key in cls:
-                    value_of[key] = (*v, i)
     tied = model.tied_aliases()
     if model.config.get("tie_word_embeddings") and "lm_head.weight" in found:
         emb = [k for k in found if k.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))]
@@ -317,9 +291,8 @@ def map_onnx(hf_dir: str | os.PathLike, onnx_dir: str | os.PathLike, *, model_fi
         if len(keys) == 1 and (keys[0] not in constant or len(places) == 1):
             continue  # one weight with this value: every place holding it is a copy of it
         if len(places) == 1:  # the exporter stored one initializer for all of them
-            for key in keys:
-                if len(keys) > 1:
-                    tensors[key]["shared_with"] = [k for k in keys if k != key]
+            for key in keys:  # (several keys: one key with one place continued above)
+                tensors[key]["shared_with"] = [k for k in keys if k != key]
             continue
         assigned = _assign_by_name(keys, places)
         for key in keys:
@@ -387,13 +360,8 @@ __all__ = ["map_onnx", "write_names", "model_file_of", "names_json_text", "QUANT
 
 def apply_mapped(base: Path, patches: list, out: Path | None, *, base_model: str | os.PathLike | None,
                  revert: bool = False, in_place: bool = False) -> dict:
-    """`apply` on an ONNX artifact, mapping it first from base_model when it has no names.json.
-
-    In place, the mapping is written to base/names.json before patching (it describes the artifact,
-    patched or not); with out, into out/names.json after the patched copy is made. The patch is
-    checked against the mapping before anything is written, so a refused patch writes nothing but
-    (in place) the mapping.
-    """
+    """`apply` on an ONNX artifact, mapping it first from base_model when it has no names.json: in place,
+    into base/names.json before patching (once the patch resolves); with out, into out/names.json after."""
     from .patching import apply_to_onnx_dir
 
     names = None

@@ -6,14 +6,11 @@ An artifact directory written by `export_onnx` holds
     model.onnx.data   the weights, each tensor starting at an aligned offset (mmap-friendly)
     names.json        state-dict key -> initializer (and whether it is stored transposed)
 
-plus the model's config and tokenizer files. Patches name state-dict keys; this module turns a
-key into (initializer, offset, length, layout) and checks the directory is whole, raising
-InputError with a one-line fix otherwise.
-
-names.json format 2 (written by `map-onnx` for artifacts of other exporters, see mapping.py) lists
-every place a key lives under "at": an initializer, stored as is or transposed, whole or as a slice
-[axis, start, stop] of a fused initializer, inline in the .onnx file or in external data. Format 1
-(one initializer and a transposed flag per key) is still read.
+plus the model's config and tokenizer files. Patches name state-dict keys; this module turns a key
+into (initializer, offset, length, layout) and checks the directory is whole (InputError with a one-line
+fix otherwise). names.json format 2 (map-onnx's) lists every place of a key under "at": an initializer,
+as is or transposed, whole or a slice [axis, start, stop], inline or in external data; format 1
+(export-onnx's: one initializer and a transposed flag per key) is read too.
 """
 from __future__ import annotations
 
@@ -72,12 +69,8 @@ class Location:
 
 @dataclass(frozen=True)
 class Target:
-    """Where a state-dict key lives in the artifact.
-
-    The key's tensor is `view.T` if transposed else `view`, where view is the whole initializer or,
-    with a region (axis, start, stop), the slice start:stop of the 2-D initializer along axis (of a
-    1-D one: its elements start:stop). Transposes and slices are of 2-D tensors only.
-    """
+    """Where a state-dict key lives in the artifact: `view.T` if transposed else `view`, where view is the whole
+    initializer or, with a region (axis, start, stop), its slice start:stop along axis (2-D; 1-D: elements)."""
 
     key: str
     location: Location
@@ -108,14 +101,9 @@ class Target:
             vi, vj = flat_index % rows, flat_index // rows
         else:
             vi, vj = flat_index // cols, flat_index % cols
-        width = self.location.shape[1]
-        if self.region is not None:
-            axis, start, _ = self.region
-            if axis == 0:
-                vi = vi + start
-            else:
-                vj = vj + start
-        return vi * width + vj
+        if self.region is not None:  # (axis, start, stop): shift along the sliced axis
+            vi, vj = (vi + self.region[1], vj) if self.region[0] == 0 else (vi, vj + self.region[1])
+        return vi * self.location.shape[1] + vj
 
     def covers(self, positions: np.ndarray) -> bool:
         """Whether any of the flat element indices of the whole initializer lies in this key's region."""
@@ -293,10 +281,6 @@ def _nbytes(data_type: int, dims: list[int]) -> int | None:
     return None if size is None else numel * size
 
 
-def _dtype_of(data_type: int) -> str | None:
-    return ONNX_DTYPES.get(data_type)
-
-
 def artifact_locations(root: Path, model_file: str, *, inline: bool = True, graph=None) -> dict[str, Location]:
     """Initializer name -> Location of every initializer stored in external data (each checked to lie inside
     its file) and, with inline, of every floating one stored contiguously in the .onnx file itself."""
@@ -306,12 +290,12 @@ def artifact_locations(root: Path, model_file: str, *, inline: bool = True, grap
     for t in graph.initializers:
         shape = tuple(int(d) for d in t.dims)
         if t.external is None:
-            if not inline or t.inline is None or _dtype_of(t.data_type) is None:
+            if not inline or t.inline is None or ONNX_DTYPES.get(t.data_type) is None:
                 continue  # values in int32_data varints etc.: not a contiguous run, so not patchable in place
             offset, length = t.inline
             if length != _nbytes(t.data_type, t.dims):
                 continue
-            out[t.name] = Location(t.name, model_file, offset, length, shape, _dtype_of(t.data_type))
+            out[t.name] = Location(t.name, model_file, offset, length, shape, ONNX_DTYPES.get(t.data_type))
             continue
         file = t.external.get("location", "")
         if not file or os.path.isabs(file) or ".." in Path(file).parts:
@@ -332,14 +316,13 @@ def artifact_locations(root: Path, model_file: str, *, inline: bool = True, grap
         if offset < 0 or offset + length > sizes[file]:
             raise InputError(f"{root / file}: external data truncated ({sizes[file]} bytes, initializer {t.name!r} "
                              f"needs {offset + length}); copy the file again or re-run export-onnx")
-        out[t.name] = Location(t.name, file, offset, length, shape, _dtype_of(t.data_type))
+        out[t.name] = Location(t.name, file, offset, length, shape, ONNX_DTYPES.get(t.data_type))
     return out
 
 
 def open_artifact(root: str | os.PathLike, names: dict | None = None) -> OnnxArtifact:
-    """Open and check an ONNX artifact directory (names.json, or `names` given, graph, external data bounds).
-
-    Torch and onnx are not imported: the graph's initializers are read from the wire format (wire.py)."""
+    """Open and check an ONNX artifact directory (names.json, or `names` given, graph, external data bounds),
+    importing neither torch nor onnx (wire.py reads the graph)."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: not a directory; expected an ONNX artifact directory")

@@ -1,25 +1,16 @@
 """Apply or revert patches on an ONNX artifact by rewriting only the touched bytes of its files.
 
-No re-export: names.json turns each state-dict key into (initializer, offset, layout), the
-whole-tensor fingerprint is checked on the bytes as the state dict sees them, and the XOR is written
-at the touched elements only. Apply and revert are the same XOR, so both are bit-exact.
-
-Atomicity. Nothing is written until every patch has been checked in memory. In place, the touched
-elements and the ledger are then written where they are, under an undo journal (journal.py): a kill
-at any point leaves the old state or the new one, and the next command that opens the directory
-rolls an interrupted write back. Where a touched file is a symlink or has other hard links (writing
-it would change files outside the artifact), the artifact is instead rebuilt beside and swapped in
-whole, as --out always does: each touched file copied (a reflink clone where the filesystem has
-them, a kernel-side copy otherwise) and its touched elements written, the other files hard-linked
-(in place) or copied, the ledger written beside them, all fsynced and swapped in (core.atomic).
-
-Stacking. Patches are checked as on checkpoints (patch.stack): independent patches apply in either
-order and any patch reverts while no later one overlaps its elements.
-
-Neither torch nor onnx is imported here: a fresh `apply` process on an artifact needs numpy only.
+No re-export: names.json turns each state-dict key into (initializer, offset, layout), the whole-tensor
+fingerprint is checked on the bytes as the state dict sees them, and the XOR is written at the touched
+elements only; apply and revert are the same XOR, so both are bit-exact. Nothing is written until every
+patch has been checked in memory (stacking as on checkpoints, patch.stack). In place, the touched
+elements are written where they are under an undo journal (journal.py); where a touched file is a
+symlink or has other hard links, the artifact is rebuilt beside and swapped in whole, as --out always
+does (core.atomic). Neither torch nor onnx is imported here: `apply` on an artifact needs numpy only.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -32,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core import dtypes
-from ..core.atomic import atomic_dir, check_disjoint, copy_entry, fsync_files, is_temp_name, locked_dir
+from ..core.atomic import atomic_dir, check_disjoint, copy_entry, fsync_file, fsync_files, is_temp_name, locked_dir
 from ..core.dtypes import check_finite
 from ..errors import InputError
 from ..patch.apply import check_result
@@ -71,15 +62,6 @@ class TouchedTensor:
                 mask[chunk] = True
             self._positions = (len(self.chunks), np.flatnonzero(mask))
         return self._positions[1]
-
-
-def _storage_positions(target: Target, flat_index: np.ndarray) -> np.ndarray:
-    """Flat state-dict indices -> flat indices in the initializer (transposed, sliced: see Target)."""
-    return target.storage_positions(flat_index)
-
-
-def _state_order(target: Target, bits: np.ndarray) -> np.ndarray:
-    return target.state_order(bits)
 
 
 def _read_bits(artifact: OnnxArtifact, loc: Location, dtype: str) -> np.ndarray:
@@ -138,7 +120,7 @@ def _plan(artifact: OnnxArtifact, patches: list[Patch], stack: Stack
                 touched[loc.initializer] = TouchedTensor(loc, _read_bits(artifact, loc, tp.dtype_name))
             entry = touched[loc.initializer]
             have = sha(target, entry)
-            pos = _storage_positions(target, tp.flat_index)
+            pos = target.storage_positions(tp.flat_index)  # transposed, sliced: see Target
             old = entry.bits[pos]
             stack.check(k, tp, have, old)
             entry.bits[pos] = old ^ tp.xor_bits
@@ -151,7 +133,7 @@ def _plan(artifact: OnnxArtifact, patches: list[Patch], stack: Stack
 
 
 def _state_sha(target: Target, bits: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(_state_order(target, bits))).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(target.state_order(bits))).hexdigest()
 
 
 def _check_compatible(artifact: OnnxArtifact, target: Target, tp: TensorPatch) -> None:
@@ -166,12 +148,9 @@ def _check_compatible(artifact: OnnxArtifact, target: Target, tp: TensorPatch) -
 
 def clone_file(src: Path, dst: Path) -> str:
     """Copy src to dst: a copy-on-write reflink when the filesystem offers one, else a kernel-side copy."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        try:
-            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
-            return "reflink"
-        except OSError:
-            pass
+    with open(src, "rb") as fin, open(dst, "wb") as fout, contextlib.suppress(OSError):
+        fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+        return "reflink"
     shutil.copyfile(src, dst)  # sendfile/copy_file_range on Linux: no copy through Python
     return "copy"
 
@@ -198,21 +177,9 @@ def _write_touched(data_path: Path, touched: list[TouchedTensor]) -> tuple[int, 
     return changed, len(pages)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _writable_in_place(root: Path, by_file: dict) -> bool:
     """Whether every touched file is a regular file of its own (not a symlink, no other hard links)."""
-    for name in by_file:
-        st = os.lstat(root / name)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            return False
-    return True
+    return all(stat.S_ISREG(st.st_mode) and st.st_nlink == 1 for st in (os.lstat(root / name) for name in by_file))
 
 
 def _rebuild(base_dir: Path, out_dir: Path | None, by_file: dict[str, list[TouchedTensor]], ledger, *,
@@ -233,8 +200,7 @@ def _rebuild(base_dir: Path, out_dir: Path | None, by_file: dict[str, list[Touch
         for file, items in by_file.items():
             c, p = _write_touched(tmp / file, items)
             changed, pages = changed + c, pages + p
-        for file in by_file:
-            _fsync(tmp / file)
+            fsync_file(tmp / file)
         write_ledger(ledger, tmp)
         if in_place:
             fsync_files(tmp)  # cheap for hard links; a power loss after the swap must not lose data
@@ -244,15 +210,10 @@ def _rebuild(base_dir: Path, out_dir: Path | None, by_file: dict[str, list[Touch
 def apply_to_onnx_dir(base_dir: Path, patches: list[Patch], out_dir: Path | None, *, revert: bool = False,
                       in_place: bool = False, names: dict | None = None, sources: list | None = None,
                       check: bool = False, lock_timeout: float | None = None) -> dict:
-    """Apply (or revert) patches to the ONNX artifact at base_dir, into out_dir or in place; returns a report.
-
-    Only the touched initializers' elements are rewritten in the external data. With out_dir, the
-    artifact is copied there first (out_dir must not exist or be empty); with in_place, the artifact
-    is replaced atomically by a patched copy (see the module docstring). sources: the patch files, for
-    the ledger; check=True validates everything and writes nothing (but first, as every mode does,
-    rolls back an in-place apply that was interrupted: journal.recover). The artifact is read under its
-    directory lock (core.atomic: shared for --out, exclusive in place; lock_timeout bounds the wait).
-    """
+    """Apply (or revert) patches to the ONNX artifact at base_dir, into out_dir (new or empty) or in place;
+    returns a report. sources: the patch files, for the ledger; check=True validates and writes nothing.
+    Every mode first rolls back an interrupted in-place apply (journal.recover); the artifact is read
+    under its directory lock (shared for --out, exclusive in place; lock_timeout bounds the wait)."""
     t0 = time.perf_counter()
     base_dir = Path(base_dir)
     if base_dir.is_dir():

@@ -10,10 +10,8 @@ Nothing appears at `out` unless every check passed.
 """
 from __future__ import annotations
 
-import os
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,18 +50,21 @@ def verify_initializers(root: Path, names: dict, expected: Callable[[str], np.nd
     return checked
 
 
-def names_document(*, task: str, input_names: list[str], output_names: list[str], opset: int, kv_cache: dict | None,
-                   exporter: str, source: Path, dtype: str | None, tensors: dict) -> dict:
-    """names.json (format 1) of an export-onnx artifact."""
+def names_document(config, kv_cache: bool, *, task: str, opset: int, exporter: str, source: Path, dtype: str | None,
+                   tensors: dict) -> dict:
+    """names.json (format 1) of an export-onnx artifact of a model with this config."""
+    from .trace import cache_geometry, graph_io
+
+    inputs, outputs, _ = graph_io(config, kv_cache)
     return {"format": NAMES_FORMAT, "model_file": MODEL_FILE, "data_file": DATA_FILE, "task": task,
-            "inputs": input_names, "outputs": output_names, "opset": opset, "kv_cache": kv_cache, "exporter": exporter,
-            "source": str(source), "dtype": dtype, "tensors": tensors}
+            "inputs": inputs, "outputs": outputs, "opset": opset, "kv_cache": cache_geometry(config) if kv_cache else None,
+            "exporter": exporter, "source": str(source), "dtype": dtype, "tensors": tensors}
 
 
 def publish(out: Path, model_dir: Path, names: dict, write_weights: Callable[[Path], None],
             verify: Callable[[Path], int], runtime_check: Callable[[Path], float | None] | None,
             progress: Callable[[str], None], phases: dict) -> tuple[int, float | None]:
-    """Build the artifact in a temp directory beside `out` and rename it in once every check passed.
+    """Build the artifact in a temp directory beside `out` (core.atomic) and rename it in once every check passed.
 
     write_weights(tmp) writes model.onnx and its data; then names.json and the side files; then the
     onnx checker, verify(tmp) (the number of initializers checked) and runtime_check(tmp) (the max
@@ -71,12 +72,11 @@ def publish(out: Path, model_dir: Path, names: dict, write_weights: Callable[[Pa
     told "write" and "check" as they finish. Returns (initializers verified, logit difference)."""
     import onnx
 
+    from ..core.atomic import atomic_dir
     from .mapping import names_json_text
 
     t_write = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         write_weights(tmp)
         (tmp / NAMES_FILE).write_text(names_json_text(names))
         for name in SIDE_FILES:
@@ -90,11 +90,6 @@ def publish(out: Path, model_dir: Path, names: dict, write_weights: Callable[[Pa
         diff = runtime_check(tmp) if runtime_check else None
         phases["ort_check_s"] = time.perf_counter() - t_check
         progress("check")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return verified, diff
 
 

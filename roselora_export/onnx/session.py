@@ -1,15 +1,12 @@
 """onnxruntime sessions on a base ONNX artifact plus patches, without rewriting the base files.
 
-The patched tensors (whole initializers, XOR applied in memory) are handed to onnxruntime with
-`SessionOptions.add_external_initializers`, which replaces the graph's initializers *before* graph
-optimisation (`add_initializer` does not: docs/design.md). Every session is verified at creation: each
-override must name an external initializer of the graph with the patch's dtype and shape (names.json
-and the graph are checked, never trusted), and a canary must show every override in its outputs: a
-small model on external data whose weights are consumed the ways exported transformers consume them
-(Transpose->MatMul, Gather, Mul, Gemm+bias), run with the same onnxruntime build, options, providers
-and override call. Whether an override is ignored is a property of onnxruntime's load pipeline, not of
-the tensor's values, so the canary answers for the real graph at a cost of milliseconds; its verdict
-is cached per configuration and process.
+The patched initializers (XOR applied in memory) are handed to onnxruntime with
+`SessionOptions.add_external_initializers`, which replaces them *before* graph optimisation
+(`add_initializer` does not: docs/design.md). Every override is checked against the graph (never
+trusted), and a canary model consuming weights the ways exported transformers do (Transpose->MatMul,
+Gather, Mul, Gemm+bias), run with the same build, options, providers and call, must show every
+override in its outputs: ignoring one is a property of the load pipeline, not of the values. The
+canary's verdict is cached per configuration and process.
 """
 from __future__ import annotations
 
@@ -134,14 +131,12 @@ def check_overrides_take_effect(providers: Sequence[str], level, disabled_optimi
 def create_session(onnx_dir: str | os.PathLike, patches: Sequence[Patch | str | os.PathLike] = (), *, providers: Sequence[str] | None = None,
                    optimization_level=None, disabled_optimizers: Sequence[str] = (), threads: int | None = None,
                    override_api: str = "external", verify: bool = True):
-    """An onnxruntime.InferenceSession on the base artifact with `patches` applied as initializer overrides.
-
-    `patches` are Patch objects or patch files. The base files are only read. Fingerprints are
-    checked as for `apply` (patches apply in order); raises InputError on bad
-    input and OverrideIgnoredError if onnxruntime would not use the overrides. The session keeps the
-    override buffers alive (`session.roselora_overrides`).
-    """
+    """An onnxruntime.InferenceSession on the base artifact with `patches` (Patch objects or files) applied as
+    initializer overrides; the base files are only read. Checked as for `apply`; InputError on bad input,
+    OverrideIgnoredError if onnxruntime would not use the overrides."""
     import onnxruntime as ort
+
+    from ..patch import load_patch
 
     if override_api not in OVERRIDE_APIS:
         raise ValueError(f"override_api must be one of {OVERRIDE_APIS}")
@@ -149,15 +144,9 @@ def create_session(onnx_dir: str | os.PathLike, patches: Sequence[Patch | str | 
     providers = list(providers) if providers else default_providers()
     recover(onnx_dir)  # an interrupted in-place apply is rolled back before anything is read
     artifact = open_artifact(onnx_dir)
-    patches = [p if isinstance(p, Patch) else _load_patch(p) for p in patches]
-    touched = plan_patches(artifact, patches)
-    names, values = [], []
-    for name, t in touched.items():
-        loc = t.location
-        if name not in artifact.locations:  # plan_patches only returns mapped names; kept as a guard
-            raise InputError(f"{onnx_dir}: override {name!r} is not an initializer of the graph")
-        names.append(name)
-        values.append(_ort_value(t.bits, loc.dtype, loc.shape))
+    touched = plan_patches(artifact, [p if isinstance(p, Patch) else load_patch(p) for p in patches])
+    names = list(touched)  # initializers of the graph (artifact.locations), each checked by plan_patches
+    values = [_ort_value(t.bits, t.location.dtype, t.location.shape) for t in touched.values()]
     if verify and names:
         check_overrides_take_effect(providers, level, disabled_optimizers, override_api)
     so = _session_options(level, threads)
@@ -168,12 +157,6 @@ def create_session(onnx_dir: str | os.PathLike, patches: Sequence[Patch | str | 
     session.roselora_overrides = dict(zip(names, values))  # onnxruntime reads these buffers for the session's life
     session.roselora_names = artifact.names
     return session
-
-
-def _load_patch(path: str | os.PathLike) -> Patch:
-    from ..patch import load_patch
-
-    return load_patch(path)
 
 
 def generate_greedy(session, input_ids: Sequence[int], max_new_tokens: int = 8, eos_token_id: int | None = None

@@ -1,7 +1,7 @@
 """What both export paths (export.py in memory, export_large.py streamed) share: the model as traced.
 
     check_export_args, load_for_export   the task and dtype, and the model in its traced form (eager, no cache)
-    tied_canonical                        state-dict key -> the key whose storage it shares
+    tied_canonical, storage_key           state-dict key -> the key whose storage it shares
     trace(model, ...)                     the legacy TorchScript export of the wrapped model, parsed
     graph_io, cache_geometry              the graph's interface (inputs, outputs, dynamic axes, kv-cache shape)
     example_inputs, runtime_checker       the check inputs, and onnxruntime's logits checked against PyTorch's
@@ -169,11 +169,12 @@ def tied_canonical(model: torch.nn.Module) -> dict[str, str]:
     """State-dict key -> the key whose storage it shares (itself if none): tied weights are one tensor, named by
     the first key in state-dict order, which is the one a safetensors checkpoint keeps."""
     by_ptr: dict[tuple, str] = {}
-    canonical: dict[str, str] = {}
-    for key, t in model.state_dict().items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        canonical[key] = by_ptr.setdefault(ident, key)
-    return canonical
+    return {key: by_ptr.setdefault(storage_key(t), key) for key, t in model.state_dict().items()}
+
+
+def storage_key(t: torch.Tensor) -> tuple:
+    """What two tensors that are one (tied) share: storage address, offset, shape and dtype."""
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype
 
 
 def trace(model: torch.nn.Module, kv_cache: bool, opset: int, seed: int, dtype: torch.dtype, gen: torch.Generator,

@@ -3,13 +3,10 @@
     read_initializers(path) -> Graph: every top-level initializer's name, data type, dims, external
                                data fields or inline byte range, and whether the graph has nodes
 
-An initializer stored inline keeps its values in the ModelProto itself: `raw_data` (field 9) or a
-packed `float_data` (field 4) of its TensorProto is one contiguous run of little-endian bytes in
-the file. Knowing where that run starts lets `apply` XOR the touched elements in the file exactly
-as it does in external data, leaving every other byte of the file as it was (re-serialising the
-model would not promise that). Only the top-level graph's initializers are walked; node and other
-fields are skipped by their length, so reading a graph costs milliseconds and no import of onnx
-(whose import alone costs about a second).
+An inline initializer's `raw_data` (field 9) or packed `float_data` (field 4) is one contiguous run of
+little-endian bytes in the file, so `apply` can XOR its touched elements there exactly as in external
+data, leaving every other byte as it was (docs/design.md). Only the top-level graph's initializers are
+walked; other fields are skipped by their length: milliseconds, and no import of onnx (about a second).
 """
 from __future__ import annotations
 
@@ -48,22 +45,17 @@ def _fields(buf, start: int, end: int):
         key, pos = _varint(buf, pos, end)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            _, nxt = _varint(buf, pos, end)
-            yield field, wire, pos, nxt
-        elif wire == 1:
-            nxt = pos + 8
-            yield field, wire, pos, nxt
+            nxt = _varint(buf, pos, end)[1]
         elif wire == 2:
             length, pos = _varint(buf, pos, end)
             nxt = pos + length
-            yield field, wire, pos, nxt
-        elif wire == 5:
-            nxt = pos + 4
-            yield field, wire, pos, nxt
+        elif wire in (1, 5):  # fixed 64 / 32 bits
+            nxt = pos + (8 if wire == 1 else 4)
         else:
             raise WireError(f"unsupported wire type {wire}")
         if nxt > end:
             raise WireError("field runs past the end of its message")
+        yield field, wire, pos, nxt
         pos = nxt
 
 
@@ -147,9 +139,6 @@ def read_initializers(model_path: str | os.PathLike) -> Graph:
 
 
 def inline_data_ranges(model_path: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """Initializer name -> (offset, length) of its inline raw_data / packed float_data in the file.
-
-    Initializers whose values are elsewhere (external data, int32_data varints, ...) are absent.
-    Raises WireError if the file is not a ModelProto as far as the walk needs.
-    """
+    """Initializer name -> (offset, length) of its inline raw_data / packed float_data in the file (others are
+    absent). Raises WireError if the file is not a ModelProto as far as the walk needs."""
     return {t.name: t.inline for t in read_initializers(model_path).initializers if t.inline is not None}
