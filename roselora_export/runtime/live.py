@@ -431,20 +431,14 @@ class PatchRuntime:
         return f"{e.tp.name}: the live values at the patch's elements do not match the patch's base fingerprint{hint}"
 
     def _nonfinite_message(self, staged: Staged, new: Bits) -> str:
-        for e, part in zip(staged.entries, new.parts):
-            if not bool(all_finite(part, e.tp.dtype)):
-                return nonfinite_message(e.tp.name)
-        return nonfinite_message("a tensor")
+        parts = zip(staged.entries, new.parts)
+        return nonfinite_message(next((e.tp.name for e, p in parts if not bool(all_finite(p, e.tp.dtype))), "a tensor"))
 
     def _overlapping(self, handle: PatchHandle) -> set[int]:
-        ids = set()
-        for other in self._active:
-            for name, idx in handle._host_index.items():
-                theirs = other._host_index.get(name)
-                if theirs is not None and intersects(idx, theirs):
-                    ids.add(other.id)
-                    break
-        return ids
+        """Ids of the active patches that share an element with `handle`."""
+        return {other.id for other in self._active
+                if any(name in other._host_index and intersects(idx, other._host_index[name])
+                       for name, idx in handle._host_index.items())}
 
     @staticmethod
     def _sync(device: torch.device) -> None:

@@ -5,11 +5,10 @@ Layout of the packed buffer (all sections 8-byte aligned, so each can be viewed 
     starts int64[E] | lasts int64[E] | numels int64[E] | index int64[total nnz]
     | xor bits of the fp32 tensors | of the fp16 tensors | of the bf16 tensors
 
-E is the number of tensors, staged in dtype order (fp32, fp16, bf16), so the bits of one dtype are
-contiguous. The header lets the device check the bounds and ordering of every tensor's indices in a
-constant number of vectorised operations, before anything is gathered. Each tensor is then gathered
-and written with one index_select / scatter_ on a flat integer view of its own storage (public torch
-only; what one call per tensor costs is in docs/benchmarks.md).
+E tensors, staged in dtype order, so the bits of one dtype are contiguous. The header lets the device
+check every tensor's index bounds and order in a few vectorised operations, before anything is
+gathered; each tensor is then gathered and written with one index_select / scatter_ on a flat integer
+view of its storage (public torch only).
 """
 from __future__ import annotations
 
@@ -84,10 +83,8 @@ class Staged:
 
 @dataclass
 class Bits:
-    """nnz-sized bit patterns of a staged patch: one buffer per dtype, and each tensor's slice of it.
-
-    The slices are made once (not per apply/revert): slicing costs a microsecond each.
-    """
+    """nnz-sized bit patterns of a staged patch: one buffer per dtype, and each tensor's slice of it (made once:
+    slicing costs a microsecond each)."""
 
     groups: dict[torch.dtype, torch.Tensor]
     parts: list[torch.Tensor]  # per entry
@@ -153,11 +150,8 @@ class _Layout:
 
 
 def stage(items: list[tuple[str, torch.Tensor, TensorPatch]], device: torch.device, pool: dict | None = None) -> Staged:
-    """Pack (name, live tensor, TensorPatch) items into one buffer and move it to `device` in one copy.
-
-    On CUDA the buffer is pinned and (via `pool`) reused across patches; the copy is complete when
-    this returns, so the next patch may overwrite the buffer.
-    """
+    """Pack (name, live tensor, TensorPatch) items into one buffer and move it to `device` in one copy. On CUDA
+    the buffer is pinned and reused via `pool`; the copy is complete when this returns."""
     items = sorted(items, key=lambda item: GROUP_ORDER.index(item[2].dtype))  # stable: patch order within a dtype
     layout = _Layout.of(items)
     entries = _place(items)
@@ -276,10 +270,8 @@ def _signed(mask: int, dtype: torch.dtype) -> int:
 
 
 def indices_valid(staged: Staged) -> bool:
-    """Every tensor's indices are strictly increasing and inside it.
-
-    Must be known (synchronised) before any gather: an out-of-range index on CUDA is a device assert.
-    """
+    """Every tensor's indices are strictly increasing and inside it (known before any gather: an out-of-range
+    index on CUDA is a device assert)."""
     if not staged.entries:
         return True
     if _numpy(staged.index):

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..chat import conversation_ids
 from ..errors import InputError
 from .engine import CHAT_MAX_TOKENS, Engine, Generation
-from .patches import PatchStore, Refused
+from .patches import PatchStore
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error"}
@@ -183,6 +183,10 @@ def create_app(engine: Engine, store: PatchStore, admin_token: str | None) -> Fa
     async def _api_error(request: Request, err: ApiError):
         return _error(err.status, err.message, err.headers)
 
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, err: InputError):  # a bad request; a Refused carries its own status
+        return _error(getattr(err, "status", 400), str(err))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
@@ -204,22 +208,22 @@ def create_app(engine: Engine, store: PatchStore, admin_token: str | None) -> Fa
                            {"WWW-Authenticate": "Bearer"})
 
     def generate(prompts: list[list[int]], max_tokens: int, req: _Sampling, stop: list[str]) -> Generation:
-        try:
-            return engine.generate(prompts, max_tokens=max_tokens, temperature=req.temperature or 0.0,
-                                   top_p=req.top_p or 1.0, stop=stop)
-        except InputError as err:
-            raise ApiError(400, str(err)) from None
+        return engine.generate(prompts, max_tokens=max_tokens, temperature=req.temperature or 0.0,
+                               top_p=req.top_p or 1.0, stop=stop)
+
+    def body(head: tuple[str, str, int], state: str, choices: list, **usage) -> dict:
+        """An answer or chunk: head is (id, object, created)."""
+        cid, obj, created = head
+        return {"id": cid, "object": obj, "created": created, "model": engine.name, "system_fingerprint": state,
+                "choices": choices, **usage}
 
     def stream(prompts: list[list[int]], max_tokens: int, req: _Sampling, stop: list[str], chunk,
-               usage_chunk) -> StreamingResponse:
-        try:
-            engine.check(prompts, max_tokens)  # refused with a status, before the stream starts
-        except InputError as err:
-            raise ApiError(400, str(err)) from None
+               head: tuple[str, str, int]) -> StreamingResponse:
+        engine.check(prompts, max_tokens)  # refused with a status (400), before the stream starts
         wants_usage = bool((req.stream_options or {}).get("include_usage"))
         return stream_events(engine, prompts, {"max_tokens": max_tokens, "temperature": req.temperature or 0.0,
                                                "top_p": req.top_p or 1.0, "stop": stop}, chunk,
-                             usage_chunk if wants_usage else None)
+                             (lambda state, usage: body(head, state, [], usage=usage)) if wants_usage else None)
 
     # ---- public ---------------------------------------------------------------------------------
     @app.get("/health")
@@ -236,20 +240,13 @@ def create_app(engine: Engine, store: PatchStore, admin_token: str | None) -> Fa
     async def completions(req: CompletionRequest):
         if req.stream:
             prompts, stop = await run_in_threadpool(completion_prompts, req)
-            cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+            head = (f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time()))
 
             def chunk(state: str, i: int, f: dict) -> dict | None:
-                if "start" in f:
-                    return None
-                return {"id": cid, "object": "text_completion", "created": created, "model": engine.name,
-                        "system_fingerprint": state, "choices": [{"index": i, "text": f.get("text", ""), "logprobs": None,
-                                                                  "finish_reason": f.get("finish_reason")}]}
+                choice = {"index": i, "text": f.get("text", ""), "logprobs": None, "finish_reason": f.get("finish_reason")}
+                return None if "start" in f else body(head, state, [choice])
 
-            def usage_chunk(state: str, usage: dict) -> dict:
-                return {"id": cid, "object": "text_completion", "created": created, "model": engine.name,
-                        "system_fingerprint": state, "choices": [], "usage": usage}
-
-            return stream(prompts, req.max_tokens or 16, req, stop, chunk, usage_chunk)
+            return stream(prompts, req.max_tokens or 16, req, stop, chunk, head)
         return await run_in_threadpool(complete, req)
 
     def completion_prompts(req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
@@ -268,32 +265,23 @@ def create_app(engine: Engine, store: PatchStore, admin_token: str | None) -> Fa
     def complete(req: CompletionRequest) -> dict:
         prompts, stop = completion_prompts(req)
         gen = generate(prompts, req.max_tokens or 16, req, stop)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": engine.name, "system_fingerprint": gen.state,
-                "choices": [{"index": i, "text": a.text, "logprobs": None, "finish_reason": a.finish_reason}
-                            for i, a in enumerate(gen.answers)],
-                "usage": _usage(gen)}
+        return body((f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time())), gen.state,
+                    [{"index": i, "text": a.text, "logprobs": None, "finish_reason": a.finish_reason}
+                     for i, a in enumerate(gen.answers)], usage=_usage(gen))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
         if req.stream:
             ids, max_tokens, stop = await run_in_threadpool(chat_prompt, req)
-            cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            head = (f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk", int(time.time()))
 
             def chunk(state: str, i: int, f: dict) -> dict:
-                if "start" in f:
-                    delta = {"role": "assistant", "content": ""}
-                else:
-                    delta = {"content": f["text"]} if "text" in f else {}
-                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                        "system_fingerprint": state, "choices": [{"index": i, "delta": delta, "logprobs": None,
-                                                                  "finish_reason": f.get("finish_reason")}]}
+                delta = ({"role": "assistant", "content": ""} if "start" in f
+                         else {"content": f["text"]} if "text" in f else {})
+                return body(head, state, [{"index": i, "delta": delta, "logprobs": None,
+                                           "finish_reason": f.get("finish_reason")}])
 
-            def usage_chunk(state: str, usage: dict) -> dict:
-                return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                        "system_fingerprint": state, "choices": [], "usage": usage}
-
-            return stream([ids], max_tokens, req, stop, chunk, usage_chunk)
+            return stream([ids], max_tokens, req, stop, chunk, head)
         return await run_in_threadpool(chat, req)
 
     def chat_prompt(req: ChatRequest) -> tuple[list[int], int, list[str]]:
@@ -309,11 +297,9 @@ def create_app(engine: Engine, store: PatchStore, admin_token: str | None) -> Fa
         ids, max_tokens, stop = chat_prompt(req)
         gen = generate([ids], max_tokens, req, stop)
         a = gen.answers[0]
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": engine.name, "system_fingerprint": gen.state,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": a.text},
-                             "logprobs": None, "finish_reason": a.finish_reason}],
-                "usage": _usage(gen)}
+        return body((f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", int(time.time())), gen.state,
+                    [{"index": 0, "message": {"role": "assistant", "content": a.text}, "logprobs": None,
+                      "finish_reason": a.finish_reason}], usage=_usage(gen))
 
     # ---- admin ----------------------------------------------------------------------------------
     @app.get("/v1/patches")
@@ -337,18 +323,11 @@ def create_app(engine: Engine, store: PatchStore, admin_token: str | None) -> Fa
             signature = (sig.encode() if isinstance(sig, str) else await sig.read()) if sig is not None else None
         finally:
             await form.close()
-        try:
-            return await run_in_threadpool(store.add, data, signature, filename)
-        except Refused as err:
-            raise ApiError(err.status, str(err)) from None
+        return await run_in_threadpool(store.add, data, signature, filename)  # Refused: its own status
 
     @app.delete("/v1/patches/{patch_id}")
     async def delete_patch(patch_id: str, request: Request) -> dict:
         await check_admin(request)
-        try:
-            entry = await run_in_threadpool(store.remove, patch_id)
-        except Refused as err:
-            raise ApiError(err.status, str(err)) from None
-        return {**entry, "reverted": True}
+        return {**await run_in_threadpool(store.remove, patch_id), "reverted": True}
 
     return app

@@ -1,17 +1,11 @@
 """Text generation on the live model for the server: one answer, one weight state.
 
-`Engine.generate` holds `runtime.serving()` around the whole answer (every prompt of one request),
-so a patch applied or reverted meanwhile waits for it, and the answer names the state it came from:
-`state` is "base" or "patches:ID,ID" (the runtime's ids of the patches in the weights, read under
-the same lock). Greedy decoding at temperature 0, sampling otherwise.
-
-`concurrency` bounds the answers generated at once (the others queue, first come first served). A write waits for the answers in flight, so fewer at once means a
-shorter wait for an apply or revert; None leaves it to the server's thread pool.
-
-Streaming is the same call with callbacks, run on a worker thread: `on_state(state)` once the lock is
-held, `on_text(index, piece)` as text becomes final (never past a stop sequence, never half a character),
-and `cancelled()` polled after every token, which ends the answer early (a client gone). The pieces of one
-answer join to its `Answer.text`.
+`Engine.generate` holds `runtime.serving()` around the whole answer (every prompt of one request), so a
+patch write waits for it, and the answer names its state: "base" or "patches:ID,ID". Greedy at
+temperature 0, sampling otherwise. `concurrency` bounds the answers generated at once (the others queue
+in order; None: the thread pool's). Streaming is the same call with callbacks: `on_state(state)` once the
+lock is held, `on_text(index, piece)` as text becomes final (never past a stop sequence, never half a
+character), `cancelled()` polled after every token. The pieces of one answer join to its `Answer.text`.
 """
 from __future__ import annotations
 

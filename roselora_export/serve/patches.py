@@ -1,18 +1,10 @@
 """The server's patch stack: signed uploads checked, then applied or reverted on the live model.
 
-`PatchStore.add(data, signature, filename)` runs, in order: the signature against the trusted keys
-(before a byte of the patch is parsed), the file's own validation, then `PatchRuntime.apply`, which
-checks the patch against the live bits and writes all of it or nothing. Each refusal is a `Refused`
-carrying the HTTP status the server answers with, and leaves the model as it was:
-
-    400  the patch file is corrupt (load_patch refuses it)
-    403  a trusted key is set and the signature is missing or does not verify
-    404  no applied patch has that id
-    409  the patch does not fit the live model (another base, already applied, overlapping without being
-         built on top), or a revert blocked by a later overlapping patch (named in the message)
-
-Uploads are written to a private temporary directory only while they are checked; nothing is
-written beside the model, so a killed server leaves the checkpoint as it found it.
+`PatchStore.add(data, signature, filename)` checks the signature (before a byte of the patch is parsed),
+the file, then `PatchRuntime.apply` against the live bits. Each refusal is a `Refused` carrying the HTTP
+status, and leaves the model as it was: 400 a corrupt file; 403 a missing or bad signature; 404 no such
+id; 409 a patch that does not fit the live model, or a revert blocked by a later overlapping patch.
+Uploads live in a private temporary directory only while checked; nothing is written beside the model.
 """
 from __future__ import annotations
 
@@ -146,8 +138,7 @@ class PatchStore:
             raise Refused(403, str(err)) from None
 
     def _keep(self, digest: str, patch: Patch) -> None:
-        """Keep a loaded patch for a later re-apply of the same bytes (the runtime reuses its staging),
-        the most recent first, within LOADED_CACHE_BYTES."""
+        """Keep a loaded patch for a re-apply of the same bytes (reusing its staging), within LOADED_CACHE_BYTES."""
         self._loaded[digest] = patch
         size = {d: sum(tp.flat_index.nbytes + tp.xor_bits.nbytes for tp in p.tensors.values())
                 for d, p in self._loaded.items()}
