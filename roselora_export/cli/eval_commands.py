@@ -12,18 +12,6 @@ from .edit_commands import _preset_options, preset_settings
 from .options import (chat_option, check_chat, device_option, dtype_option, model_option, resolve_device,
                       resolve_dtype, resolve_model)
 
-_CONFIG_HELP = None
-
-
-def _help(name: str) -> str:
-    global _CONFIG_HELP
-    if _CONFIG_HELP is None:
-        from ..method.config import RoseLoraConfig
-
-        _CONFIG_HELP = RoseLoraConfig.help()
-    return _CONFIG_HELP.get(name, "")
-
-
 def _fmt(x, pct: bool = False) -> str:
     if x is None:
         return "-"
@@ -154,8 +142,10 @@ def benchmark_edits(model_dir, requests_path, methods, mass, sequential, measure
                          check_bits=not no_bit_check, layer=layer, on_edit=tick)
     finally:
         bar.close()
-    if out_path is not None:
-        _write_json(out_path, report)
+    if out_path is not None:  # beside the destination, then renamed in: a crash never leaves half a report
+        from ..core.atomic import atomic_write
+
+        atomic_write(out_path, (json.dumps(report, indent=2) + "\n").encode())
     _warn_if_edits_did_not_take(report)
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -203,13 +193,6 @@ def _positive_ints(text: str, option: str) -> list[int]:
     if any(v < 1 for v in values):
         raise InputError(f"{option} {text}: every value must be >= 1")
     return values
-
-
-def _write_json(path, report: dict) -> None:
-    """Beside the destination, then renamed into place: a crash never leaves half a report."""
-    from ..core.atomic import atomic_write
-
-    atomic_write(path, (json.dumps(report, indent=2) + "\n").encode())
 
 
 def _warn_if_edits_did_not_take(report: dict) -> None:

@@ -47,6 +47,7 @@ def combine_command(patch_files, out_file, base_dir, as_json) -> None:
 
     The result equals applying the parts in any order, and one revert takes them all out.
     """
+    from ..checkpoint import open_model_dir
     from ..patch.combine import combine_patches
     from ..patch.io import load_patch, save_patch
     from ..patch.ledger import file_sha256
@@ -60,11 +61,7 @@ def combine_command(patch_files, out_file, base_dir, as_json) -> None:
     labels = [Path(p).name for p in patch_files]
     parts = [{"sha256": file_sha256(p), "source": p_.provenance.get("source"), "kind": p_.provenance.get("kind")}
              for p, p_ in zip(patch_files, patches)]
-    base = None
-    if base_dir is not None:
-        from ..checkpoint import open_model_dir
-
-        base = open_model_dir(base_dir)
+    base = open_model_dir(base_dir) if base_dir is not None else None
     combined = combine_patches(patches, labels, base=base, parts=parts)
     save_patch(combined, out)
     report = {"out": str(out), "patches": len(patches), "tensors": len(combined.tensors),

@@ -89,8 +89,7 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: 
     A quick check that an ONNX artifact carries an edit: run it with --patch (overrides in memory)
     and without, or on a directory patched by `apply --base ONNX_DIR`.
     """
-    from ..errors import InputError, first_line
-    from ..onnx.session import create_session, generate_greedy
+    from ..errors import InputError
 
     items = resolve_prompts(prompts, requests_path, chat)
     pairs = [(p, t) for p, t, _ in items]
@@ -100,16 +99,25 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: 
         if any(c for _, _, c in items):
             raise InputError("--chat (or a request's \"chat\" field) is not supported with onnxruntime-genai; "
                              "use --runtime ort on an export-onnx artifact")
-
         results = genai_results(onnx_dir, list(patch_files), pairs, max_new_tokens)
-        if as_json:
-            click.echo(json.dumps({"patches": list(patch_files), "runtime": "onnxruntime-genai", "results": results},
-                                  indent=2))
-        for r in [] if as_json else results:
-            click.echo(r["prompt"] + r["continuation"] + (f"   (target: {r['target']})" if r["target"] is not None else ""))
+        head = {"patches": list(patch_files), "runtime": "onnxruntime-genai"}
+    else:
+        results, head = _ort_results(onnx_dir, list(patch_files), items, max_new_tokens, device)
+    if as_json:
+        click.echo(json.dumps({**head, "results": results}, indent=2))
         return
+    for r in results:
+        click.echo(r["prompt"] + r["continuation"] + (f"   (target: {r['target']})" if r["target"] is not None else ""))
+
+
+def _ort_results(onnx_dir: str, patch_files: list, items: list, max_new_tokens: int, device: str) -> tuple[list, dict]:
+    """onnx-generate through onnxruntime on an export-onnx artifact: the results and the JSON head."""
+    from ..chat import prompt_ids
+    from ..errors import InputError, first_line
+    from ..onnx.session import create_session, generate_greedy
+
     providers = resolve_providers(device)
-    session = create_session(onnx_dir, list(patch_files), providers=providers)
+    session = create_session(onnx_dir, patch_files, providers=providers)
     if providers[0] != "CPUExecutionProvider" and "CUDAExecutionProvider" not in session.get_providers():
         raise InputError(f"--device {device}: onnxruntime could not start its CUDA execution provider here "
                          "(no GPU, or CUDA libraries missing); use --device cpu")
@@ -120,18 +128,11 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: 
     except (OSError, ValueError) as err:
         raise InputError(f"--onnx {onnx_dir}: no usable tokenizer files ({first_line(err)}); "
                          "re-export from a model directory that has them") from None
-    from ..chat import prompt_ids
-
     results = []
     for prompt, target, as_chat in items:
         new = generate_greedy(session, prompt_ids(tok, prompt, as_chat), max_new_tokens, tok.eos_token_id)
         results.append({"prompt": prompt, "continuation": tok.decode(new), "new_token_ids": new, "target": target})
-    if as_json:
-        click.echo(json.dumps({"patches": list(patch_files), "providers": session.get_providers(),
-                               "results": results}, indent=2))
-        return
-    for r in results:
-        click.echo(r["prompt"] + r["continuation"] + (f"   (target: {r['target']})" if r["target"] is not None else ""))
+    return results, {"patches": patch_files, "providers": session.get_providers()}
 
 
 @main.command("map-onnx")
@@ -149,8 +150,6 @@ def map_onnx_command(base_dir: str, onnx_dir: str, model_file: str | None, as_js
     it in place. Weights that cannot be patched exactly (int4-quantized, folded into another tensor,
     deduplicated with another weight) are listed with the reason, and patches naming them are refused.
     """
-    from pathlib import Path
-
     from ..errors import InputError
     from ..onnx.mapping import map_onnx, write_names
     from ..onnx.names import NAMES_FILE, NAMES_FORMAT_MAPPED

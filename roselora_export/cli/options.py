@@ -1,17 +1,9 @@
 """Options shared by the commands that load a model: --model, --device, --dtype, --max-new-tokens, prompts, --chat.
 
-Each `*_option()` returns a click decorator; each `resolve_*()` turns the parsed value into what the
-library takes, printing at most one line on stderr (what `--device auto` picked). Bad values are
+Each `*_option()` returns a click decorator (`@model_option()` gives `model_dir`); each `resolve_*()` turns
+the parsed value into what the library takes (`resolve_model(model_dir)`: the embedded model when --model
+is not given), printing at most one line on stderr (what `--device auto` picked). Bad values are
 InputErrors: one `error:` line, exit code 2.
-
-    @main.command()
-    @model_option()
-    @device_option()
-    @dtype_option()
-    def cmd(model_dir, device, dtype):
-        path = resolve_model(model_dir)          # the embedded model when --model is not given
-        dev = resolve_device(device)             # torch.device; "device: ... (auto: ...)" on stderr for auto
-        torch_dtype = resolve_dtype(dtype)       # torch dtype, or None when --dtype is not given
 """
 from __future__ import annotations
 
@@ -107,9 +99,8 @@ def resolve_prompts(prompts: tuple[str, ...], requests_path: Path | None,
     from ..errors import InputError
 
     items: list[tuple[str, str | None, bool]] = [(p, None, chat) for p in prompts]
-    for p in prompts:
-        if not p.strip():
-            raise InputError("--prompt: an empty prompt")
+    if any(not p.strip() for p in prompts):
+        raise InputError("--prompt: an empty prompt")
     if requests_path is not None:
         from ..edit.requests import load_requests
 

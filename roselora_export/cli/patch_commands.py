@@ -75,7 +75,6 @@ def _fmt_bytes(n: int) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return str(n)
 
 
 @main.command("merge")
@@ -238,27 +237,21 @@ def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys
                              base_model=base_model, sources=list(patch_files), check=check)
     elif base_model is not None:
         raise InputError(f"--base-model is for an ONNX --base; {base} is a checkpoint")
-    elif check:
-        from ..checkpoint import apply_to_checkpoint  # here: an ONNX apply needs none of checkpoint's imports
-
-        report = apply_to_checkpoint(base, patches, out_dir, revert=revert, in_place=in_place,
-                                     sources=list(patch_files), check=True)
     else:
-        from ..checkpoint import apply_to_checkpoint, open_model_dir
+        from ..checkpoint import apply_to_checkpoint, open_model_dir  # here: an ONNX apply needs none of these
 
-        with _progress(open_model_dir(base).total_bytes, "revert" if revert else "apply") as update:
+        bar = contextlib.nullcontext() if check else _progress(open_model_dir(base).total_bytes,
+                                                               "revert" if revert else "apply")
+        with bar as update:
             report = apply_to_checkpoint(base, patches, out_dir, revert=revert, in_place=in_place, progress=update,
-                                         sources=list(patch_files))
+                                         sources=list(patch_files), check=check)
+    what = f"{len(patches)} patch{'es' if len(patches) != 1 else ''} ({report.get('nnz', report.get('elements'))} elements)"
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif check:
-        click.echo(f"check passed: {len(patches)} patch{'es' if len(patches) != 1 else ''} "
-                   f"({report.get('nnz', report.get('elements'))} elements) would "
-                   f"{'revert' if revert else 'apply'} cleanly to {base}; nothing written")
+        click.echo(f"check passed: {what} would {'revert' if revert else 'apply'} cleanly to {base}; nothing written")
     else:
-        verb = "reverted" if revert else "applied"
-        click.echo(f"{verb} {len(patches)} patch{'es' if len(patches) != 1 else ''} "
-                   f"({report.get('nnz', report.get('elements'))} elements) -> {report['out']}")
+        click.echo(f"{'reverted' if revert else 'applied'} {what} -> {report['out']}")
 
 
 @main.command("inspect")
