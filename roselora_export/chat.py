@@ -4,10 +4,9 @@
     # = tokens of apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True),
     #   so what follows them is the assistant's answer
 
-A raw prompt (chat=False) is tokenized as is, with the tokenizer's special tokens. The templated text
-already carries its special tokens, so it is tokenized without adding them again. A tokenizer
-without a chat template and chat=True is an InputError. Used by edit (training and measuring) and
-by `try`, so that an edit is trained and asked in the same form.
+A raw prompt is tokenized as is, with the tokenizer's special tokens; the templated text carries its
+own. chat=True without a chat template is an InputError. Shared by edit and `try`, so an edit is trained
+and asked in the same form.
 """
 from __future__ import annotations
 

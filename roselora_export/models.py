@@ -30,9 +30,8 @@ def cache_root() -> Path:
 
 
 def check_model_dir(model_dir: str | os.PathLike, option: str = "--model") -> Path:
-    """The directory as a Path if it holds a Hugging Face model (config.json plus weights); InputError otherwise.
-
-    `option` names the command-line option the directory came from, in error messages."""
+    """The directory as a Path if it holds a Hugging Face model (config.json plus weights); InputError otherwise,
+    naming `option` (where the directory came from)."""
     path = Path(model_dir)
     if not path.is_dir():
         raise InputError(f"{option} {path}: not a directory")
@@ -86,10 +85,8 @@ def loading_bars(progress: bool):
 
 def load_model(model_dir: str | os.PathLike, *, task: str = "causal-lm", dtype=None, option: str = "--model",
                progress: bool = True):
-    """Load a local model in eval mode; task is 'causal-lm' or 'sequence-classification' or 'base'.
-
-    `option` names the command-line option the directory came from, in error messages;
-    `progress=False` hides transformers' loading bars."""
+    """Load a local model in eval mode; task is 'causal-lm', 'sequence-classification' or 'base'. `option`
+    names the directory's option in errors; `progress=False` hides transformers' loading bars."""
     import torch
     import transformers
 
@@ -120,11 +117,8 @@ def _demo_package_dir() -> Path:
 
 
 def demo_model_dir(out: str | os.PathLike | None = None, dtype: str = "fp32") -> Path:
-    """The converted default model directory, converting it on first use (about 20 s).
-
-    dtype bf16 or fp16: a copy stored in that dtype (as most production checkpoints are), made once
-    from the fp32 conversion by rounding each weight to nearest-even.
-    """
+    """The converted default model directory, converting it on first use (about 20 s); dtype bf16 or fp16: a
+    copy stored in that dtype, made once from the fp32 one by rounding to nearest-even."""
     if dtype != "fp32":
         return _demo_copy_in(dtype, Path(out) if out else cache_root() / f"{DEMO_NAME}-{dtype}")
     target = Path(out) if out else cache_root() / DEMO_NAME

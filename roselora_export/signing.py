@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 
+from .core.atomic import atomic_write
 from .errors import InputError, first_line
 
 SIG_SUFFIX = ".sig"
@@ -87,23 +88,16 @@ def sign_patch(patch_path: str | os.PathLike, key_path: str | os.PathLike,
     if not patch.is_file():
         raise InputError(f"{patch}: no such patch file")
     _read_key(key, private=True)
-    target = Path(out) if out is not None else signature_path(patch)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    os.close(fd)
-    try:
-        model_signing.signing.Config().use_elliptic_key_signer(private_key=key).sign(patch, tmp)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return target
+    with tempfile.TemporaryDirectory(prefix="roselora-sign-") as tmp:
+        signature = Path(tmp) / "patch.sig"
+        model_signing.signing.Config().use_elliptic_key_signer(private_key=key).sign(patch, signature)
+        return atomic_write(Path(out) if out is not None else signature_path(patch), signature.read_bytes())
 
 
 def verify_patch(patch_path: str | os.PathLike, keys: list[str | os.PathLike],
                  signature: str | os.PathLike | None = None) -> Path:
     """Check the patch's signature (default: PATCH.sig) against each key in turn; the key that verifies it.
-
-    Raises SignatureError if the signature is missing or unreadable, or no key verifies it
-    (a changed byte in the patch, or a signature by another key)."""
+    SignatureError if the signature is missing or unreadable, or no key verifies it."""
     import model_signing
 
     patch = Path(patch_path)

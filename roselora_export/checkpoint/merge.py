@@ -46,7 +46,6 @@ class MergeResult:
     patch_path: Path
     patch: Patch
     survival: SurvivalReport
-    onnx: dict | None = None
 
 
 def out_dtype(dtype: torch.dtype | str | None) -> str | None:
@@ -90,7 +89,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
             copier = None if _converts(model, out) else ShardCopier(model, tmp, dtype_name=TORCH_NAMES.get(out),
                                                                      expected=guess_changed(adapter_dir, model))
             try:
-                patch, survival, encoded = _merge(model, adapter_dir, tmp, dtype, copier, progress)
+                patch, survival, encoded = _merge(model, adapter_dir, tmp, out, copier, progress)
             finally:
                 if copier is not None:
                     copier.close()
@@ -102,7 +101,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     return MergeResult(out_dir=out_dir, patch_path=patch_path, patch=patch, survival=survival)
 
 
-def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier | None,
+def _merge(model: ModelDir, adapter_dir, tmp: Path, out: str | None, copier: ShardCopier | None,
            progress: Progress | None) -> tuple[Patch, SurvivalReport, dict]:
     """Read the adapter, merge every tensor it changes, and return the patch, survival and file encodings."""
     from ..patch.adapter import read_adapter, resolve_keys
@@ -110,7 +109,6 @@ def _merge(model: ModelDir, adapter_dir, tmp: Path, dtype, copier: ShardCopier |
     from ..patch.model import Patch
     from ..patch.provenance import adapter_provenance
 
-    out = out_dtype(dtype)
     adapter = read_adapter(adapter_dir)
     edits = resolve_keys(adapter.edits, model.keys(), tied=model.tied_aliases())
     for name in edits:

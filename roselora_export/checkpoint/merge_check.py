@@ -1,9 +1,8 @@
 """`merge --check`: everything merge would check, computed in memory, and nothing written.
 
-The adapter is read and matched to the base, each changed tensor is merged in memory one at a time
-(shapes, dtypes, NaN/Inf refused as merge refuses them), the base's ledger is checked against its
-weights and the destinations are checked. No file is created, no lock taken. (The CLI checks an
---onnx artifact against the patch this returns: checkpoint code does not import onnx.)
+Each changed tensor is merged in memory, one at a time, and refused as merge would refuse it; the base's
+ledger and the destinations are checked. No file is created, no lock taken. (The CLI checks an --onnx
+artifact against the patch this returns: checkpoint code does not import onnx.)
 """
 from __future__ import annotations
 

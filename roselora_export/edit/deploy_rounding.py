@@ -20,10 +20,8 @@ from ..core.dtypes import torch_dtype
 
 
 def round_weights_(model: torch.nn.Module, dtype_name: str) -> None:
-    """Round every floating-point parameter to the values `dtype_name` can store (kept in its own dtype).
-
-    For an fp32 checkpoint that will ship in half precision: the unedited shipped model is this one.
-    """
+    """Round every floating-point parameter to the values `dtype_name` can store (kept in its own dtype): an fp32
+    checkpoint that will ship in half precision, as shipped."""
     dtype = torch_dtype(dtype_name)
     with torch.no_grad():
         for p in model.parameters():

@@ -93,19 +93,10 @@ METRICS = ("reliability", "generalization", "locality", "efficacy")
 
 def summarize(rows: list[dict], *, params_modified: int = 0, base_params: int = 1, **extra) -> dict:
     """The report object: means over the requests, params modified, and the per-request rows."""
-    out = {m: mean([r[m] for r in rows]) for m in METRICS}
-    out["pre_reliability"] = mean([r["pre_reliability"] for r in rows])
-    out["params_modified"] = int(params_modified)
-    out["params_modified_fraction"] = params_modified / base_params if base_params else 0.0
-    out["base_params"] = int(base_params)
-    out["requests"] = len(rows)
-    out.update(extra)
-    out["per_request"] = rows
-    return out
-
-
-def _is_peft_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").is_file()
+    return {**{m: mean([r[m] for r in rows]) for m in (*METRICS, "pre_reliability")},
+            "params_modified": int(params_modified),
+            "params_modified_fraction": params_modified / base_params if base_params else 0.0,
+            "base_params": int(base_params), "requests": len(rows), **extra, "per_request": rows}
 
 
 def _stored_dtypes(model_dir: str | os.PathLike) -> dict[str, torch.dtype]:
@@ -135,15 +126,12 @@ def evaluate_dir(model_dir: str | os.PathLike, requests_path: str | os.PathLike,
                  adapter: str | os.PathLike | None = None, patches: Sequence[str | os.PathLike] = (),
                  edited: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                  chat: bool = False) -> dict:
-    """Evaluate a model directory on a requests file, edited by a PEFT/ft-l adapter dir, by patch files, or
-    as an already-edited model directory (`edited`, e.g. what `merge` wrote).
+    """Evaluate a model directory on a requests file, edited by a PEFT/ft-l adapter dir, by patch files, or as an
+    already-edited model directory (`edited`, e.g. what `merge` wrote), against the unedited model.
 
-    The unedited model is the reference for locality. A PEFT adapter is measured as PEFT runs it
-    (unmerged); an ft-l directory, and patch files, are applied in place through PatchRuntime. An
-    edited directory stored in fp16 or bf16 is measured against the unedited model rounded to that
-    dtype, so that locality measures the edit rather than the rounding. chat=True asks every request
-    (that does not say otherwise) through the model's chat template.
-    """
+    A PEFT adapter runs unmerged, as PEFT runs it; ft-l and patch files are applied through PatchRuntime. An
+    fp16/bf16 edited directory is measured against the unedited model rounded to its dtype (locality then
+    measures the edit, not the rounding). chat=True asks every request through the chat template."""
     from ..chat import require_chat_template
     from ..models import load_model, load_tokenizer
     from ..patch import build_patch_from_adapter, load_patch
@@ -184,7 +172,7 @@ def evaluate_dir(model_dir: str | os.PathLike, requests_path: str | os.PathLike,
         patch = build_patch_from_adapter(path, model.state_dict())
         modified = patch.total_nnz
         info["adapter"] = str(path)
-        if _is_peft_dir(path):
+        if (path / "adapter_config.json").is_file():  # a PEFT adapter, else ft-l
             from peft import PeftModel
 
             peft_model = PeftModel.from_pretrained(model, str(path)).eval()

@@ -1,9 +1,8 @@
 """General fine-tuning with RoseLoRA (or dense LoRA): the same loop as edits, over a data file, DDP-ready.
 
-Under `torchrun --nproc_per_node=N` each process trains on its own share of every global batch;
-DistributedDataParallel averages the gradients, so parameters, importance scores and therefore the
-masks are identical on every rank by construction (same inputs, same deterministic top-k), and the
-loss used for early stopping is all-reduced so every rank stops at the same step.
+Under `torchrun --nproc_per_node=N` each rank trains on its share of every global batch; DDP averages
+the gradients, so parameters, importance scores and masks are identical on every rank by construction,
+and the early-stopping loss is all-reduced so every rank stops at the same step.
 """
 from __future__ import annotations
 
@@ -47,17 +46,8 @@ def batch_indices(n: int, step: int, batch_size: int, rank: int, world: int, see
     return out
 
 
-def train_finetune(
-    model: torch.nn.Module,
-    examples: list[Encoded],
-    config: RoseLoraConfig,
-    *,
-    method: str = "roselora",
-    batch_size: int = 8,
-    pad_id: int = 0,
-    progress: bool = False,
-    keep_peft: bool = False,
-) -> EditResult:
+def train_finetune(model: torch.nn.Module, examples: list[Encoded], config: RoseLoraConfig, *, method: str = "roselora",
+                   batch_size: int = 8, pad_id: int = 0, progress: bool = False, keep_peft: bool = False) -> EditResult:
     """Fine-tune an adapter for config.steps optimizer steps (t_init/t_final below 1 are fractions of them)."""
     import torch.distributed as dist
 

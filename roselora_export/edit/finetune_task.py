@@ -4,11 +4,10 @@
     Date: March 12, 2021
     ISO: 2021-03-12
 
-The base model rarely gets the format right; a few hundred examples teach it, so the accuracy
-against the amount of training data is informative at CPU scale (paper §5.4). Accuracy is exact
-match of the completion under teacher forcing (every completion token is the argmax), which is
-what greedy decoding produces as the answer's prefix. Forgetting (§5.3) is measured on a probe set of
-facts the base model answers: the fraction still answered the same way after fine-tuning.
+The base model rarely gets the format right and a few hundred examples teach it, so accuracy against
+training data size is informative at CPU scale (paper §5.4). Accuracy: exact match under teacher forcing
+(every completion token is the argmax). Forgetting (§5.3): the fraction of probe facts the base model
+answers that are still answered the same way after fine-tuning.
 """
 from __future__ import annotations
 
@@ -92,11 +91,8 @@ class FinetuneRun:
 def finetune(model: torch.nn.Module, tokenizer, train: Sequence[dict], test: Sequence[dict], method: str,
              config: RoseLoraConfig, *, epochs: float = 2.0, batch: int = 16, probes: Sequence[dict] = (),
              progress: bool = False) -> FinetuneRun:
-    """Train `method` (roselora | lora) on `train` for `epochs`, measure test accuracy and probe retention.
-
-    The model comes back with its original weights (the adapter is evaluated as an fp32 merge and removed).
-    Probes ({"prompt", "answer"}) should be those the base model gets right; kept = fraction still right.
-    """
+    """Train `method` (roselora | lora) on `train` for `epochs`, measure test accuracy and probe retention
+    (probes: {"prompt", "answer"} the base gets right). The model comes back with its original weights."""
     from .train import train_lora
 
     encoded: list[Encoded] = [encode_pair(tokenizer, r["prompt"], r["completion"]) for r in train]

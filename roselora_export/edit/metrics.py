@@ -59,11 +59,8 @@ def agreement(pred: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def answer_predictions(logits: torch.Tensor, labels: torch.Tensor) -> list[AnswerScore]:
-    """Per sequence: argmax and log-probability at every labelled position (labels != IGNORE).
-
-    logits [b, n, vocab] come from the forward pass over input_ids [b, n]; labels [b, n] equal the
-    input ids on the answer tokens and IGNORE elsewhere. Position j's token is predicted at j - 1.
-    """
+    """Per sequence: argmax and log-probability at every labelled position (labels != IGNORE): logits [b, n,
+    vocab] of input_ids [b, n]; labels [b, n] are the ids on the answer, IGNORE elsewhere; j is predicted at j-1."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     shifted = labels[:, 1:]
     out = []
@@ -99,7 +96,6 @@ class Scorer:
         return encode_pair(self.tokenizer, prompt, answer, chat=chat)
 
     def score(self, forward: Forward, encoded: Sequence[Encoded]) -> list[AnswerScore]:
-        out: list[AnswerScore] = []
         # Sorting by length keeps padding small; results are put back in the caller's order.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
         scored: dict[int, AnswerScore] = {}
@@ -107,10 +103,8 @@ class Scorer:
             chunk = order[s:s + BATCH]
             batch = collate([encoded[i] for i in chunk], self.pad_id)
             logits = forward(batch["input_ids"], batch["attention_mask"])
-            for i, sc in zip(chunk, answer_predictions(logits, batch["labels"])):
-                scored[i] = sc
-        out = [scored[i] for i in range(len(encoded))]
-        return out
+            scored.update(zip(chunk, answer_predictions(logits, batch["labels"])))
+        return [scored[i] for i in range(len(encoded))]
 
 
 def mean(values: Sequence[float]) -> float | None:

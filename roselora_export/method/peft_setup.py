@@ -9,12 +9,9 @@ from .config import RoseLoraConfig
 
 def _adaptable_leaf_names(model: torch.nn.Module) -> dict[str, bool]:
     """Leaf name -> whether it is a GPT-2 style Conv1D (weights stored in x out), for Linear/Conv1D modules."""
-    from transformers.pytorch_utils import Conv1D
-
     names: dict[str, bool] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, Conv1D)):
-            names.setdefault(name.rsplit(".", 1)[-1], isinstance(module, Conv1D))
+    for path, conv1d in _adaptable_paths(model).items():
+        names.setdefault(path.rsplit(".", 1)[-1], conv1d)
     return names
 
 
@@ -46,10 +43,11 @@ def mlp_targets(model: torch.nn.Module) -> list[str]:
                      f"name them, e.g. --targets {','.join(_named_attention(model)) or 'q_proj,v_proj'}")
 
 
-def _adaptable_paths(model: torch.nn.Module) -> list[str]:
+def _adaptable_paths(model: torch.nn.Module) -> dict[str, bool]:
+    """Module path -> whether it is a Conv1D, for every Linear/Conv1D module."""
     from transformers.pytorch_utils import Conv1D
 
-    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    return {n: isinstance(m, Conv1D) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
 
 
 def _named_attention(model: torch.nn.Module) -> list[str]:
