@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..core.atomic import check_disjoint
+from ..core.atomic import check_disjoint, check_empty_out
 from ..core.dtypes import PATCHABLE
 from ..errors import InputError
 from .merge import _converts, default_patch_path, out_dtype
@@ -29,8 +29,7 @@ def check_merge(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out
     out_dir = Path(out_dir)
     patch_path = Path(patch_path) if patch_path else default_patch_path(out_dir)
     check_disjoint({"--out": out_dir, "--patch": patch_path}, {"--base": base_dir, "--adapter": adapter_dir})
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise InputError(f"--out {out_dir}: exists and is not an empty directory; choose another path or remove it")
+    check_empty_out(out_dir)
     if patch_path.is_dir():
         raise InputError(f"--patch {patch_path}: is a directory")
     if not Path(adapter_dir).is_dir():

@@ -16,7 +16,7 @@ from ..patch.ledger import write_ledger
 from ..patch.model import Patch, check_same_keys, diff_bits, sha256_bits
 from ..patch.provenance import now_iso
 from ..patch.stack import Stack
-from ..core.atomic import atomic_dir, check_disjoint, locked_dir
+from ..core.atomic import atomic_dir, check_disjoint, check_empty_out, locked_dir
 from .merge import Progress
 from .model_dir import ModelDir, open_model_dir
 from .rewrite import write_checkpoint
@@ -130,8 +130,7 @@ def apply_to_checkpoint(base_dir: str | os.PathLike, patches: list[Patch], out_d
         raise InputError("give either --out DIR or --in-place (exactly one)")
     check_disjoint({"--out": out_dir}, {"--base": base_dir})
     if check:
-        if out_dir is not None:
-            _check_out(Path(out_dir))
+        check_empty_out(out_dir)
         model = open_model_dir(base_dir)
         stack = Stack(model.path, patches, sources, revert=revert)
         names, _ = verify_patches(patches, model, revert=revert, stack=stack)
@@ -160,11 +159,6 @@ def apply_to_checkpoint(base_dir: str | os.PathLike, patches: list[Patch], out_d
             write_ledger(ledger, tmp)  # inside the directory that is swapped in: weights and ledger in one step
     return {"out": str(dest), "tensors": len(names), "patches": len(patches), "revert": revert, "in_place": in_place,
             "nnz": sum(p.total_nnz for p in patches), "ledger_patches": len(ledger.entries)}
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out}: exists and is not an empty directory; choose another path or remove it")
 
 
 def load_state_dict(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -234,6 +234,12 @@ def check_disjoint(outputs: dict[str, object], inputs: dict[str, object]) -> Non
                                  "choose a path outside the inputs")
 
 
+def check_empty_out(out: str | os.PathLike | None, what: str = "--out") -> None:
+    """InputError unless `out` (None: nothing to check) is absent or an empty directory, before any work starts."""
+    if out is not None and Path(out).exists() and (not Path(out).is_dir() or any(Path(out).iterdir())):
+        raise InputError(f"{what} {out}: exists and is not an empty directory; choose another path or remove it")
+
+
 # ----------------------------------------------------------------------------- copies
 
 def _kind(mode: int) -> str:

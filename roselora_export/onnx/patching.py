@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from ..core import dtypes
-from ..core.atomic import atomic_dir, check_disjoint, copy_entry, fsync_file, fsync_files, is_temp_name, locked_dir
+from ..core.atomic import (atomic_dir, check_disjoint, check_empty_out, copy_entry, fsync_file, fsync_files, is_temp_name,
+                           locked_dir)
 from ..core.dtypes import check_finite
 from ..errors import InputError
 from ..patch.apply import check_result
@@ -225,8 +226,7 @@ def apply_to_onnx_dir(base_dir: Path, patches: list[Patch], out_dir: Path | None
         if out_dir.resolve() == base_dir.resolve():
             raise InputError(f"--out {out_dir} is the base directory; use --in-place to patch it in place")
         check_disjoint({"--out": out_dir}, {"--base": base_dir})
-        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-            raise InputError(f"--out {out_dir}: exists and is not an empty directory; choose a new path")
+        check_empty_out(out_dir)
     if check:  # everything validated, nothing written: no lock, no temp file
         artifact = open_artifact(base_dir, names)
         touched = plan_patches(artifact, patches, stack=Stack(artifact.root, patches, sources, revert=revert))

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import torch
 
+from ..core.atomic import check_empty_out
 from ..core.dtypes import PATCHABLE, torch_dtype
 from ..errors import InputError
 from ..models import load_model
@@ -148,8 +149,7 @@ def check_export_args(model_dir: Path, out: Path, task: str, kv_cache: bool) -> 
     """The task (detected for "auto") and the checkpoint's dtype; InputError for bad arguments or a non-empty out."""
     if task not in TASKS:
         raise InputError(f"--task {task}: choose one of {', '.join(TASKS)}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"--out {out}: exists and is not an empty directory; choose a new path")
+    check_empty_out(out)
     task = detect_task(model_dir) if task == "auto" else task
     if kv_cache and task != "causal-lm":
         raise InputError(f"--kv-cache needs a causal LM; {model_dir} is exported as {task}")
