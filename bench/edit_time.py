@@ -1,4 +1,4 @@
-"""Seconds per knowledge edit on SmolLM2-135M: the `default` and `lifelong` presets against `--preset paper`.
+"""Seconds per knowledge edit on SmolLM2-135M: the `default` preset against `--preset paper`.
 
 One process, one loaded model; for each of N dev requests every preset trains one edit, in an order
 rotated from request to request, so machine noise hits all alike. Reported: the training seconds of
@@ -6,7 +6,7 @@ each edit (what `benchmark-edits` calls s/edit), their medians and each preset's
 goal for default: at most 1.5), and the one-off cost of generating the default's context prefixes
 (once per model and process). `paper` is what the tool did before.
 
-    .venv/bin/python bench/edit_time.py [--requests 6] [--threads 2] [--presets paper,default,lifelong,default@edited]
+    .venv/bin/python bench/edit_time.py [--requests 6] [--threads 2] [--presets paper,default,default@edited]
 
 `default@edited` is the default preset on a model that carries edits (a later edit of a sequence, or
 `edit --model` on a patched directory): its settings for an edited model, 16 other dev requests as the
@@ -39,7 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--presets", default="paper,default,lifelong,default@edited", help="paper first: the ratios are to it")
+    ap.add_argument("--presets", default="paper,default,default@edited", help="paper first: the ratios are to it")
     args = ap.parse_args()
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
     torch.set_num_threads(args.threads)
@@ -84,8 +84,7 @@ def main() -> None:
         "",
         *rows,
         "",
-        f"**default / paper: {ratio:.2f}x** (goal: at most 1.5x). `lifelong` adds 8 KL-only texts of 16 tokens "
-        f"and a KL weight of 16 (for models that take many edits in sequence). The default trains each request after 3 context "
+        f"**default / paper: {ratio:.2f}x** (goal: at most 1.5x). The default trains each request after 3 context "
         f"prefixes as well (4 sequences a step against 1), with a KL term, but stops once the loss is below 0.1 from "
         f"step 12 on, where `paper` never gets there on this model and runs all 25 steps. Generating the prefixes "
         f"costs {prefix_seconds:.2f} s once per model and process (not in the figures above). `default@edited`: "

@@ -9,8 +9,8 @@
 Every stage appends to docs/edit_defaults.json (read-modify-write under a lock, so stages can run as
 parallel processes). The sweep runs RoseLoRA single edits on N dev requests spread evenly over
 examples/edits/counterfact_dev.jsonl, never on held-out requests, and never tuned per request: the
-rules in `choose` pick the candidates, and `PRESETS["default"]` and `PRESETS["lifelong"]` in
-roselora_export/edit/settings.py must equal them (`choose` says whether they do).
+rules in `choose` pick the candidates, and `PRESETS["default"]` in roselora_export/edit/settings.py
+must equal them (`choose` says whether it does).
 """
 from __future__ import annotations
 
@@ -124,8 +124,9 @@ EXTENDED: dict[str, tuple[str, dict]] = {
         "mlp tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 16, 8 KL texts", {"keep_edits": 16, "pin_kl_texts": True}),
 }
 # The rules: among candidates within the weight budget, `default` is the one that best meets the single-edit
-# goals at once (the largest of its smallest ratio to a goal), and `lifelong` the one that best meets those and
-# the sequential goals together; ties go to fewer weights. Time is not
+# goals at once (the largest of its smallest ratio to a goal), ties going to the one that best meets those and
+# the sequential goals together, then to fewer weights. The best by every goal at once is named too: a preset of
+# its own if it were not the default (`--preset lifelong` was, until the settings for an edited model). Time is not
 # part of it: the sweep's candidates ran as parallel processes on a shared machine, so their seconds
 # do not compare; bench/edit_time.py times the chosen default against `paper` side by side.
 GOALS = {"reliability": 0.95, "generalization": 0.6, "locality": 0.9}
@@ -234,7 +235,8 @@ def combined_score(row: dict) -> tuple[float, bool]:
 
 
 def stage_choose() -> dict:
-    """Both rules: `default` by the single-edit goals, `lifelong` by every goal at once (single-edit and sequential)."""
+    """Both rules: `default` by the single-edit goals (ties by the sequential ones), and the best by every goal at
+    once (single-edit and sequential), which a preset of its own would have to be if it were not the default."""
     rows = with_extended(json.loads(OUT.read_text())["sweep"])
     within = {n: r for n, r in rows.items() if r["params_modified_fraction"] <= MAX_FRACTION}
     combined = {n: combined_score(r) for n, r in within.items()}
@@ -244,8 +246,8 @@ def stage_choose() -> dict:
     best_lifelong = max(known, key=lambda n: (known[n], -within[n]["params_modified_fraction"]))
     # A candidate missing a sequential run could still win if its score over the goals it has beats the best.
     missing = sorted(n for n, (v, complete) in combined.items() if not complete and v > known[best_lifelong])
-    matches = {name: candidate(pick)[0].to_dict() == preset(name)[0].to_dict()
-               and candidate(pick)[1].to_dict() == preset(name)[1].to_dict()
+    matches = {name: candidate(pick)[0].to_dict() == preset("default")[0].to_dict()
+               and candidate(pick)[1].to_dict() == preset("default")[1].to_dict()
                for name, pick in (("default", best), ("lifelong", best_lifelong))}
     choice = {"chosen": best, "score": score(rows[best]), "preset_default_matches": matches["default"],
               "chosen_lifelong": best_lifelong, "score_lifelong": known[best_lifelong],
@@ -253,11 +255,12 @@ def stage_choose() -> dict:
               "sequential": {n: {t: sequential_point(within[n], t) for t in SEQUENTIAL_GOALS} for n in within},
               "missing_sequential_runs": missing,
               "rule": f"among candidates with <= {MAX_FRACTION:.1%} of the weights modified, `default` maximises "
-                      f"min(metric / goal) over the single-edit goals {GOALS}; `lifelong` maximises it over those "
-                      f"and the goals after T sequential edits {SEQUENTIAL_GOALS} together"}
+                      f"min(metric / goal) over the single-edit goals {GOALS}, ties going to the best by those "
+                      f"and the goals after T sequential edits {SEQUENTIAL_GOALS} together, which is also "
+                      f"named (the best by every goal)"}
     update("choice", choice)
     log(f"default: {best} (score {choice['score']:.3f}); PRESETS['default'] matches it: {matches['default']}")
-    log(f"lifelong: {best_lifelong} (score {known[best_lifelong]:.3f}); PRESETS['lifelong'] matches it: "
+    log(f"best by every goal: {best_lifelong} (score {known[best_lifelong]:.3f}); it is PRESETS['default']: "
         f"{matches['lifelong']}")
     if missing:
         log(f"not decided: these need a sequential run first: {'; '.join(missing)}")

@@ -75,7 +75,7 @@ def run(method: str, limit: int, keep_reverts: bool, threads: int, overrides: di
     print(f"{method}: {json.dumps(report['curve'])}", file=sys.stderr)
 
 
-LABELS = {"roselora": "roselora", "lora": "lora", "ft-l": "ft-l", "roselora_lifelong": "roselora, --preset lifelong"}
+LABELS = {"roselora": "roselora", "lora": "lora", "ft-l": "ft-l"}
 
 
 def load_reports() -> dict[str, dict]:
@@ -194,7 +194,7 @@ if __name__ == "__main__":
     r.add_argument("--limit", type=int, default=100, help="edits in the sequence (default 100)")
     r.add_argument("--no-reverts", action="store_true", help="commit each patch (dense LoRA: revert state outgrows memory)")
     r.add_argument("--threads", type=int, default=1)
-    r.add_argument("--preset", default="default", help="the edit preset (default, lifelong, paper)")
+    r.add_argument("--preset", default="default", help="the edit preset (default, paper)")
     r.add_argument("--kl-weight", type=float, default=None, help="override the preset's KL weight (side experiment)")
     r.add_argument("--prefixes", type=int, default=None, help="override the preset's context prefixes (side experiment)")
     r.add_argument("--prefix-length", type=int, default=None, help="override the preset's prefix length (side experiment)")

@@ -69,9 +69,8 @@ def _preset_options():
         click.option("--preset", default="default", show_default=True, metavar="|".join(PRESETS),
                      help="Named settings the options below override: default (chosen by measurement on "
                           "SmolLM2-135M, docs/results.md; on a model that already carries edits it trains with a "
-                          "stronger locality term that also keeps 16 earlier edits, about 3-4x the time per edit), "
-                          "lifelong (that stronger term from the first edit on) or paper (the RoseLoRA authors' "
-                          "LLaMA-2-7B settings)."),
+                          "stronger locality term that also keeps 16 earlier edits, about 6x the time per edit) or "
+                          "paper (the RoseLoRA authors' LLaMA-2-7B settings)."),
         click.option("--rank", type=int, default=None, help=_preset_help("rank", _HELP["rank"])),
         click.option("--alpha", type=float, default=None, help=_preset_help("alpha", _HELP["alpha"])),
         click.option("--dropout", type=float, default=None, help=_preset_help("dropout", _HELP["dropout"])),

@@ -99,18 +99,13 @@ class EditSettings:
 
 # Each preset: RoseLoraConfig fields, then EditSettings fields. `paper` is the RoseLoRA authors'
 # knowledge-editing setup, tuned for LLaMA-2-7B (../shared/METHOD.md); `default` was chosen by the
-# sweep in examples/results.py on the dev requests (docs/results.md, "How the defaults were chosen").
+# sweep in examples/results.py on the dev requests (docs/results.md, "How the defaults were chosen"); its
+# settings for an edited model by its sequential runs, as the candidate best over every goal at once.
 PRESETS: dict[str, tuple[dict, dict]] = {
     "default": (dict(rank=8, alpha=32, dropout=0.1, targets=("mlp",), tau=0.03, beta=0.8, t_init=3, t_final=12,
                      steps=25, lr=2e-3, weight_decay=0.0, clamp=None, early_stop_loss=0.1),
                 dict(prefixes=3, prefix_length=5, kl_weight=1.0, kl_weight_when_edited=16.0, kl_texts_when_edited=8,
                      keep_edits=16, pin_kl_texts=True)),
-    # For a model that takes many edits in sequence: `default` with a stronger locality term. The best
-    # candidate of the sweep by every goal at once, single-edit and after 20 and 100 sequential edits
-    # (examples/edit_defaults.py choose; docs/results.md, "How the defaults were chosen").
-    "lifelong": (dict(rank=8, alpha=32, dropout=0.1, targets=("mlp",), tau=0.03, beta=0.8, t_init=3, t_final=12,
-                      steps=25, lr=2e-3, weight_decay=0.0, clamp=None, early_stop_loss=0.1),
-                 dict(prefixes=3, prefix_length=5, kl_weight=16.0, kl_texts=8, keep_edits=16, pin_kl_texts=True)),
     "paper": (dict(rank=8, alpha=32, dropout=0.1, targets=("auto",), tau=0.05, beta=0.8, t_init=3, t_final=20,
                    steps=25, lr=5e-4, weight_decay=0.0, clamp=3e-3, early_stop_loss=0.1),
               dict(prefixes=0, kl_weight=0.0)),
