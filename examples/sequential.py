@@ -204,6 +204,7 @@ if __name__ == "__main__":
     r.add_argument("--t-final", type=float, default=None, help="override the preset's t_f (side experiment)")
     r.add_argument("--lr", type=float, default=None, help="override the preset's learning rate (side experiment)")
     r.add_argument("--targets", default=None, help="override the preset's targets (side experiment)")
+    r.add_argument("--kl-texts-when-edited", type=int, default=None, help="override the preset's KL texts on an edited model")
     r.add_argument("--keep-edits", type=int, default=None, help="override the preset's kept earlier edits (side experiment)")
     r.add_argument("--pin-kl-texts", action="store_true", default=None, help="pin the KL texts to the base (side experiment)")
     r.add_argument("--tag", default="", help="suffix of the output file name (side experiments)")
@@ -214,7 +215,7 @@ if __name__ == "__main__":
                                        ("prefix_length", args.prefix_length), ("kl_texts", args.kl_texts),
                                        ("layers", args.layers), ("tau", args.tau),
                                        ("t_final", args.t_final), ("lr", args.lr),
-                                       ("keep_edits", args.keep_edits), ("pin_kl_texts", args.pin_kl_texts),
+                                       ("kl_texts_when_edited", args.kl_texts_when_edited), ("keep_edits", args.keep_edits), ("pin_kl_texts", args.pin_kl_texts),
                                        ("targets", args.targets and tuple(args.targets.split(","))))
                      if v is not None}
         run(args.method, args.limit, not args.no_reverts, args.threads, overrides, args.tag, args.preset)
