@@ -172,3 +172,16 @@ def test_edit_pins_the_kl_texts_to_the_chains_base_and_says_when_it_is_gone(tiny
     r = run(*second, "--out", tmp_path / "a3")
     assert r.exit_code == 0, r.output
     assert "note: KL texts not pinned: the base the ledger's first edit was trained on" in r.stderr
+
+
+def test_edit_on_a_directory_with_a_damaged_ledger_is_refused_before_training(tiny_model_dirs, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dirs["llama"], model)
+    (model / "roselora-ledger.json").write_text('{"format": "roselora-ledger", "version": 1, "patc')
+    (tmp_path / "req.jsonl").write_text(json.dumps(FIRST.to_dict()) + "\n")
+    r = run("edit", "--model", model, "--requests", tmp_path / "req.jsonl", "--out", tmp_path / "a", "--no-progress")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "roselora-ledger.json: is not valid JSON (truncated or damaged); the ledger cannot be trusted" in r.stderr
+    assert not (tmp_path / "a").exists()
