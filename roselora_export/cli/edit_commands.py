@@ -270,12 +270,12 @@ def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers,
     settings, round_first, note = resolve_deploy_dtype(settings, path, method)
     if note and not as_json:
         click.echo(f"note: {note}", err=True)
+    carried, earlier = _carried_edits(path, settings, as_json)  # a damaged ledger stops here, before the load
     model = load_model(path, dtype=resolve_dtype(dtype), progress=progress).to(resolve_device(device))
     if round_first:
         round_weights_(model, settings.deploy_dtype)
     shown = requests[:5] if answers else []
     before = [greedy_continuation(model, tokenizer, r.prompt, chat=r.chat) for r in shown]
-    carried, earlier = _carried_edits(path, settings, as_json)
     pinned = _pinned_texts(path, tokenizer, config, settings, dtype, device, as_json) if carried else None
     result = train_edit(model, tokenizer, requests, method=method, config=config, settings=settings,
                         progress=progress, layer=layer, source=requests_path.name, earlier=earlier,
