@@ -41,15 +41,9 @@ def run(method: str, limit: int, keep_reverts: bool, threads: int, overrides: di
     requests = [r for path in EDITS for r in load_requests(str(path))][:limit]
     config, settings = preset(preset_name)
     if overrides:  # a side experiment; the table reads only the untagged runs
-        from dataclasses import replace
-
-        for name in ("kl_weight", "kl_texts"):  # as the CLI: a value given for every edit holds on edited models
-            if name in overrides:
-                overrides.setdefault(f"{name}_when_edited", None)
-
         config_names = set(config.to_dict())
         config = type(config).from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if k in config_names}})
-        settings = replace(settings, **{k: v for k, v in overrides.items() if k not in config_names})
+        settings = settings.overridden({k: v for k, v in overrides.items() if k not in config_names})
     model_dir = str(demo_model_dir())
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     t0 = time.time()

@@ -112,7 +112,7 @@ def _preset_options():
 
 def preset_settings(kw: dict):
     """(RoseLoraConfig, EditSettings): the --preset, then every option the user gave; pops them from kw."""
-    from dataclasses import fields, replace
+    from dataclasses import fields
 
     from ..edit.settings import EditSettings, preset
 
@@ -123,12 +123,9 @@ def preset_settings(kw: dict):
             value = kw.pop(name)
             if value is not None:
                 given[name] = None if value == OFF else value
-    for name in ("kl_weight", "kl_texts"):  # a value given for every edit holds on an edited model too
-        if name in given:
-            given.setdefault(f"{name}_when_edited", None)
     config_names = {f.name for f in fields(RoseLoraConfig)}
     config = RoseLoraConfig(**{**config.to_dict(), **{k: v for k, v in given.items() if k in config_names}})
-    settings = replace(settings, **{k: v for k, v in given.items() if k not in config_names})
+    settings = settings.overridden({k: v for k, v in given.items() if k not in config_names})
     return config, settings
 
 
@@ -276,7 +273,7 @@ def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers,
         round_weights_(model, settings.deploy_dtype)
     shown = requests[:5] if answers else []
     before = [greedy_continuation(model, tokenizer, r.prompt, chat=r.chat) for r in shown]
-    pinned = _pinned_texts(path, tokenizer, config, settings, dtype, device, as_json) if carried else None
+    pinned = _pinned_texts(path, carried, tokenizer, config, settings, dtype, device, as_json) if carried else None
     result = train_edit(model, tokenizer, requests, method=method, config=config, settings=settings,
                         progress=progress, layer=layer, source=requests_path.name, earlier=earlier,
                         carries_edits=bool(carried), pinned=pinned)
@@ -303,7 +300,7 @@ def _carried_edits(path: Path, settings, quiet: bool) -> tuple[list, list]:
     if edited == settings and not settings.keep_edits:
         return [], []
     carried = read_ledger(path).entries
-    earlier = recorded_requests(path) if carried else []
+    earlier = recorded_requests(path, carried)
     if carried and not quiet:
         kept = min(len(earlier), edited.keep_edits) if edited.kl_weight else 0
         click.echo(f"note: the model carries {len(carried)} patch(es) (its ledger): locality term weight "
@@ -312,7 +309,7 @@ def _carried_edits(path: Path, settings, quiet: bool) -> tuple[list, list]:
     return carried, earlier
 
 
-def _pinned_texts(path: Path, tokenizer, config, settings, dtype, device, quiet: bool):
+def _pinned_texts(path: Path, carried: list, tokenizer, config, settings, dtype, device, quiet: bool):
     """With --pin-kl-texts on a model that carries edits: the KL texts and their reference from the model the
     first recorded edit was trained on (the chain's base), or None with a note when that directory is gone."""
     from ..edit.requests import chain_base
@@ -322,7 +319,7 @@ def _pinned_texts(path: Path, tokenizer, config, settings, dtype, device, quiet:
     edited = settings.when_edited()
     if not (edited.pin_kl_texts and edited.kl_weight and edited.kl_texts):
         return None
-    base = chain_base(path)
+    base = chain_base(path, carried)
     if base is None or not Path(base).is_dir():
         if not quiet:
             click.echo(f"note: KL texts not pinned: the base the ledger's first edit was trained on "

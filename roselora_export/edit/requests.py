@@ -83,14 +83,14 @@ def load_requests(path: str | os.PathLike, *, chat: bool = False) -> list[EditRe
     return requests
 
 
-def recorded_requests(model_dir: str | os.PathLike) -> list[EditRequest]:
+def recorded_requests(model_dir: str | os.PathLike, entries: list | None = None) -> list[EditRequest]:
     """The requests of the edits a patched directory carries, oldest first, from its ledger's provenance
-    (`merge` records an edit's requests there). Empty for a directory without a ledger; InputError
-    for a damaged ledger or a recorded request that does not parse."""
+    (`merge` records an edit's requests there; `entries`: the ledger's, when already read). Empty for a
+    directory without a ledger; InputError for a damaged ledger or a recorded request that does not parse."""
     from ..patch.ledger import LEDGER_NAME, read_ledger
 
     out = []
-    for entry in read_ledger(model_dir).entries:
+    for entry in read_ledger(model_dir).entries if entries is None else entries:
         recorded = (entry.provenance.get("roselora") or {}).get("requests") or []
         where = f"{os.path.join(model_dir, LEDGER_NAME)}: patch {entry.label()}"
         if not isinstance(recorded, list):
@@ -99,12 +99,12 @@ def recorded_requests(model_dir: str | os.PathLike) -> list[EditRequest]:
     return out
 
 
-def chain_base(model_dir: str | os.PathLike) -> str | None:
+def chain_base(model_dir: str | os.PathLike, entries: list | None = None) -> str | None:
     """The model directory the first edit a patched directory's ledger records was trained on (its adapter's
-    `base_model_path`), or None when the ledger records none."""
+    `base_model_path`), or None when the ledger records none; `entries`: the ledger's, when already read."""
     from ..patch.ledger import read_ledger
 
-    for entry in read_ledger(model_dir).entries:
+    for entry in read_ledger(model_dir).entries if entries is None else entries:
         path = (entry.provenance.get("roselora") or {}).get("base_model_path")
         if isinstance(path, str):
             return path

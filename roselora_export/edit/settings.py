@@ -83,6 +83,14 @@ class EditSettings:
                        kl_texts=_given(self.kl_texts_when_edited, self.kl_texts),
                        kl_weight_when_edited=None, kl_texts_when_edited=None)
 
+    def overridden(self, given: dict) -> EditSettings:
+        """These settings with the `given` fields; a KL weight or text count given alone holds on an edited model too."""
+        given = dict(given)
+        for name in ("kl_weight", "kl_texts"):
+            if name in given:
+                given.setdefault(f"{name}_when_edited", None)
+        return replace(self, **given)
+
     def kept(self, earlier: list, seed: int) -> list:
         """The earlier edits an edit keeps: all of them up to keep_edits, else a seeded draw of keep_edits."""
         import random
