@@ -154,7 +154,27 @@ def test_a_kl_weight_given_on_the_command_line_holds_on_an_edited_model_too(tiny
     assert json.loads((tmp_path / "a2" / "roselora.json").read_text())["settings"]["kl_weight"] == 2.0
 
 
-def test_edit_pins_the_kl_texts_to_the_chains_base_and_says_when_it_is_gone(tiny_model_dirs, tmp_path):
+def _spy_loads(monkeypatch) -> list:
+    """Each model load as (its directory, the earlier loaded models still alive at that moment)."""
+    import gc
+    import weakref
+
+    from roselora_export import models
+
+    loads, loaded, real = [], [], models.load_model
+
+    def spy(path, *args, **kwargs):
+        gc.collect()
+        loads.append((Path(path), [p for p, ref in loaded if ref() is not None]))
+        model = real(path, *args, **kwargs)
+        loaded.append((Path(path), weakref.ref(model)))
+        return model
+
+    monkeypatch.setattr(models, "load_model", spy)
+    return loads
+
+
+def test_edit_pins_the_kl_texts_to_the_chains_base_and_says_when_it_is_gone(tiny_model_dirs, tmp_path, monkeypatch):
     import shutil
 
     base = tmp_path / "base"
@@ -165,9 +185,12 @@ def test_edit_pins_the_kl_texts_to_the_chains_base_and_says_when_it_is_gone(tiny
     assert run("edit", "--model", base, "--requests", tmp_path / "first.jsonl", "--out", tmp_path / "a1", *small).exit_code == 0
     assert run("merge", "--base", base, "--adapter", tmp_path / "a1", "--out", tmp_path / "m1").exit_code == 0
     second = ["edit", "--model", tmp_path / "m1", "--requests", tmp_path / "second.jsonl", "--pin-kl-texts", *small]
+    loads = _spy_loads(monkeypatch)
     r = run(*second, "--out", tmp_path / "a2")
     assert r.exit_code == 0, r.output
     assert f"note: KL texts pinned to the predictions of {base.resolve()}, the base of the edits it carries" in r.stderr
+    # the base is loaded first and freed before the edited model loads: one model in memory at a time
+    assert loads == [(base.resolve(), []), (tmp_path / "m1", [])]
     shutil.rmtree(base)
     r = run(*second, "--out", tmp_path / "a3")
     assert r.exit_code == 0, r.output
@@ -185,3 +208,11 @@ def test_edit_on_a_directory_with_a_damaged_ledger_is_refused_before_training(ti
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "roselora-ledger.json: is not valid JSON (truncated or damaged); the ledger cannot be trusted" in r.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_the_help_says_an_unset_setting_for_an_edited_model_follows_the_fresh_one():
+    from roselora_export.cli.edit_commands import _preset_help
+
+    assert _preset_help("kl_weight_when_edited", "h").endswith("[default: 16.0; paper: as --kl-weight]")
+    assert _preset_help("kl_texts_when_edited", "h").endswith("[default: 8; paper: as --kl-texts]")
+    assert _preset_help("layers", "h").endswith("paper: all]")

@@ -56,7 +56,13 @@ def _preset_help(name: str, help_text: str) -> str:
         value = getattr(config, name, getattr(settings, name, None))
         if isinstance(value, tuple):
             value = ",".join(map(str, value))
-        shown.append(f"{pname}: {('all' if name == 'layers' else 'none') if value is None else value}")
+        if value is None and name == "layers":
+            value = "all"
+        elif value is None and name.endswith("_when_edited"):  # unset: the fresh model's value holds
+            value = "as --" + name.removesuffix("_when_edited").replace("_", "-")
+        elif value is None:
+            value = "none"
+        shown.append(f"{pname}: {value}")
     return f"{help_text}  [{'; '.join(shown)}]"
 
 
@@ -268,12 +274,13 @@ def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers,
     if note and not as_json:
         click.echo(f"note: {note}", err=True)
     carried, earlier = _carried_edits(path, settings, as_json)  # a damaged ledger stops here, before the load
+    # Pinned first: the base model is freed before the edited one loads, so only one is in memory at a time.
+    pinned = _pinned_texts(path, carried, tokenizer, config, settings, dtype, device, as_json) if carried else None
     model = load_model(path, dtype=resolve_dtype(dtype), progress=progress).to(resolve_device(device))
     if round_first:
         round_weights_(model, settings.deploy_dtype)
     shown = requests[:5] if answers else []
     before = [greedy_continuation(model, tokenizer, r.prompt, chat=r.chat) for r in shown]
-    pinned = _pinned_texts(path, carried, tokenizer, config, settings, dtype, device, as_json) if carried else None
     result = train_edit(model, tokenizer, requests, method=method, config=config, settings=settings,
                         progress=progress, layer=layer, source=requests_path.name, earlier=earlier,
                         carries_edits=bool(carried), pinned=pinned)
