@@ -9,7 +9,8 @@ import click
 from ..errors import InputError
 from ..method.config import RoseLoraConfig
 from . import main
-from .options import chat_option, check_chat, device_option, dtype_option, resolve_device, resolve_dtype
+from .options import (chat_option, check_chat, device_option, dtype_option, resolve_device, resolve_dtype,
+                      resolve_model)
 
 _HELP = RoseLoraConfig.help()
 EDIT_METHODS = ("roselora", "lora", "ft-l")
@@ -66,6 +67,32 @@ def _preset_help(name: str, help_text: str) -> str:
     return f"{help_text}  [{'; '.join(shown)}]"
 
 
+# The RoseLoRA knobs and the edit settings that take a plain value, in --help order, with their click types.
+_CONFIG_TYPES = {"rank": int, "alpha": float, "dropout": float, "targets": str, "layers": str, "tau": float, "beta": float,
+                 "t_init": float, "t_final": float, "steps": int, "lr": float, "weight_decay": float,
+                 "clamp": OPTIONAL_FLOAT, "early_stop_loss": OPTIONAL_FLOAT, "seed": int}
+_SETTING_TYPES = {"prefixes": int, "prefix_length": int, "kl_weight": float, "kl_texts": int,
+                  "kl_weight_when_edited": float, "kl_texts_when_edited": int, "keep_edits": int}
+
+
+def _option_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _config_help(name: str) -> str:
+    return _HELP[name].replace("None", "none") + (" Comma-separated." if name == "targets" else "")
+
+
+def _stacked(opts: list):
+    """One decorator applying click options in the order given (the order --help lists them)."""
+    def decorate(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return decorate
+
+
 def _preset_options():
     """The RoseLoRA knobs and the edit settings as options left unset (None) unless given: --preset fills the rest."""
     from ..edit.settings import DEPLOY_DTYPES, PRESETS, EditSettings
@@ -77,43 +104,16 @@ def _preset_options():
                           "SmolLM2-135M, docs/results.md; on a model that already carries edits it trains with a "
                           "stronger locality term that also keeps 16 earlier edits, about 6x the time per edit) or "
                           "paper (the RoseLoRA authors' LLaMA-2-7B settings)."),
-        click.option("--rank", type=int, default=None, help=_preset_help("rank", _HELP["rank"])),
-        click.option("--alpha", type=float, default=None, help=_preset_help("alpha", _HELP["alpha"])),
-        click.option("--dropout", type=float, default=None, help=_preset_help("dropout", _HELP["dropout"])),
-        click.option("--targets", default=None, help=_preset_help("targets", _HELP["targets"] + " Comma-separated.")),
-        click.option("--layers", default=None, help=_preset_help("layers", _HELP["layers"])),
-        click.option("--tau", type=float, default=None, help=_preset_help("tau", _HELP["tau"])),
-        click.option("--beta", type=float, default=None, help=_preset_help("beta", _HELP["beta"])),
-        click.option("--t-init", type=float, default=None, help=_preset_help("t_init", _HELP["t_init"])),
-        click.option("--t-final", type=float, default=None, help=_preset_help("t_final", _HELP["t_final"])),
-        click.option("--steps", type=int, default=None, help=_preset_help("steps", _HELP["steps"])),
-        click.option("--lr", type=float, default=None, help=_preset_help("lr", _HELP["lr"])),
-        click.option("--weight-decay", type=float, default=None, help=_preset_help("weight_decay", _HELP["weight_decay"])),
-        click.option("--clamp", type=PRESET_FLOAT, default=None, help=_preset_help("clamp", _HELP["clamp"].replace("None", "none"))),
-        click.option("--early-stop-loss", type=PRESET_FLOAT, default=None,
-                     help=_preset_help("early_stop_loss", _HELP["early_stop_loss"].replace("None", "none"))),
-        click.option("--seed", type=int, default=None, help=_preset_help("seed", _HELP["seed"])),
-        click.option("--prefixes", type=int, default=None, help=_preset_help("prefixes", shelp["prefixes"])),
-        click.option("--prefix-length", type=int, default=None, help=_preset_help("prefix_length", shelp["prefix_length"])),
-        click.option("--kl-weight", type=float, default=None, help=_preset_help("kl_weight", shelp["kl_weight"])),
-        click.option("--kl-texts", type=int, default=None, help=_preset_help("kl_texts", shelp["kl_texts"])),
-        click.option("--kl-weight-when-edited", type=float, default=None,
-                     help=_preset_help("kl_weight_when_edited", shelp["kl_weight_when_edited"])),
-        click.option("--kl-texts-when-edited", type=int, default=None,
-                     help=_preset_help("kl_texts_when_edited", shelp["kl_texts_when_edited"])),
-        click.option("--keep-edits", type=int, default=None, help=_preset_help("keep_edits", shelp["keep_edits"])),
+        *[click.option(_option_name(name), type=PRESET_FLOAT if kind is OPTIONAL_FLOAT else kind, default=None,
+                       help=_preset_help(name, _config_help(name))) for name, kind in _CONFIG_TYPES.items()],
+        *[click.option(_option_name(name), type=kind, default=None, help=_preset_help(name, shelp[name]))
+          for name, kind in _SETTING_TYPES.items()],
         click.option("--pin-kl-texts/--no-pin-kl-texts", default=None,
                      help=_preset_help("pin_kl_texts", shelp["pin_kl_texts"])),
         click.option("--kl-on-locality", is_flag=True, default=None, help=shelp["kl_on_locality"]),
         click.option("--deploy-dtype", type=click.Choice(DEPLOY_DTYPES), default=None, help=shelp["deploy_dtype"]),
     ]
-
-    def decorate(f):
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-
-    return decorate
+    return _stacked(opts)
 
 
 def preset_settings(kw: dict):
@@ -136,32 +136,15 @@ def preset_settings(kw: dict):
 
 
 def _hyper_options(d: RoseLoraConfig):
-    """The RoseLoRA knobs as click options, with the given defaults."""
-    opts = [
-        click.option("--rank", type=int, default=d.rank, help=_HELP["rank"]),
-        click.option("--alpha", type=float, default=d.alpha, help=_HELP["alpha"]),
-        click.option("--dropout", type=float, default=d.dropout, help=_HELP["dropout"]),
-        click.option("--targets", default=",".join(d.targets), help=_HELP["targets"] + " Comma-separated."),
-        click.option("--layers", default=None, help=_HELP["layers"]),
-        click.option("--tau", type=float, default=d.tau, help=_HELP["tau"]),
-        click.option("--beta", type=float, default=d.beta, help=_HELP["beta"]),
-        click.option("--t-init", type=float, default=d.t_init, help=_HELP["t_init"]),
-        click.option("--t-final", type=float, default=d.t_final, help=_HELP["t_final"]),
-        click.option("--steps", type=int, default=d.steps, help=_HELP["steps"]),
-        click.option("--lr", type=float, default=d.lr, help=_HELP["lr"]),
-        click.option("--weight-decay", type=float, default=d.weight_decay, help=_HELP["weight_decay"]),
-        click.option("--clamp", type=OPTIONAL_FLOAT, default=str(d.clamp), help=_HELP["clamp"].replace("None", "none")),
-        click.option("--early-stop-loss", type=OPTIONAL_FLOAT, default=str(d.early_stop_loss),
-                     help=_HELP["early_stop_loss"].replace("None", "none")),
-        click.option("--seed", type=int, default=d.seed, help=_HELP["seed"]),
-    ]
+    """The RoseLoRA knobs as click options, with the given defaults (none/off for the optional floats)."""
+    def default(name: str):
+        value = getattr(d, name)
+        if name == "targets":
+            return ",".join(value)
+        return str(value) if _CONFIG_TYPES[name] is OPTIONAL_FLOAT else value
 
-    def decorate(f):
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-
-    return decorate
+    return _stacked([click.option(_option_name(name), type=kind, default=default(name), help=_config_help(name))
+                     for name, kind in _CONFIG_TYPES.items()])
 
 
 def _config(kw: dict) -> RoseLoraConfig:
@@ -172,12 +155,6 @@ def _config(kw: dict) -> RoseLoraConfig:
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
         raise InputError(f"--out {out}: already exists; pass --overwrite to replace it")
-
-
-def _resolve_model(model_dir: Path | None) -> Path:
-    from ..models import check_model_dir, demo_model_dir
-
-    return check_model_dir(model_dir) if model_dir is not None else demo_model_dir()
 
 
 def _check_lengths(requests, tokenizer, path: Path, source: str) -> None:
@@ -265,7 +242,7 @@ def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers,
 
     _check_out(out, overwrite)
     config, settings = preset_settings(hyper)
-    path = _resolve_model(model_dir)
+    path = resolve_model(model_dir)
     requests = load_requests(requests_path, chat=chat)
     tokenizer = load_tokenizer(path)
     check_chat(tokenizer, requests, chat, requests_path)
@@ -394,7 +371,7 @@ def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, 
     if batch_size < 1 or max_length < 2:
         raise InputError("--batch-size must be >= 1 and --max-length >= 2")
     config = _config(hyper)
-    path = _resolve_model(model_dir)
+    path = resolve_model(model_dir)
     tokenizer = load_tokenizer(path)
     target = resolve_device(device)
     if target.type == "cuda" and "LOCAL_RANK" in os.environ:
