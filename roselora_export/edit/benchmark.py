@@ -70,20 +70,12 @@ def method_config(method: str, config: RoseLoraConfig) -> RoseLoraConfig:
 def _aggregate(rows: list[dict], train_seconds: list[float], wall: float, n_edits: int, modified: list[int],
                base_params: int, steps: list[int], losses: list[float], config: RoseLoraConfig, method: str,
                mass: bool, bits_checked: int) -> dict:
-    out = {m: mean([r[m] for r in rows]) for m in METRICS}
-    out["params_modified"] = mean(modified)
-    out["params_modified_fraction"] = (mean(modified) or 0) / base_params
-    out["seconds_per_edit"] = sum(train_seconds) / max(n_edits, 1)
-    out["wall_seconds_per_edit"] = wall / max(n_edits, 1)
-    out["steps"] = mean(steps)
-    out["final_loss"] = mean(losses)
-    out["edits"] = n_edits
-    out["mode"] = "mass" if mass else "single"
-    out["bits_checked"] = bits_checked
-    out["config"] = config.to_dict()
-    out["differs"] = METHOD_DIFFERENCES[method]
-    out["per_request"] = rows
-    return out
+    return {**{m: mean([r[m] for r in rows]) for m in METRICS},
+            "params_modified": mean(modified), "params_modified_fraction": (mean(modified) or 0) / base_params,
+            "seconds_per_edit": sum(train_seconds) / max(n_edits, 1), "wall_seconds_per_edit": wall / max(n_edits, 1),
+            "steps": mean(steps), "final_loss": mean(losses), "edits": n_edits, "mode": "mass" if mass else "single",
+            "bits_checked": bits_checked, "config": config.to_dict(), "differs": METHOD_DIFFERENCES[method],
+            "per_request": rows}
 
 
 def benchmark_edits(

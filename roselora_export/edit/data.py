@@ -72,13 +72,7 @@ def check_length(enc: Encoded, max_len: int | None, where: str, what: str = "pro
 
 def encode_requests(requests, tokenizer, max_len: int | None, source: str = "requests") -> list[Encoded]:
     """Encode edit requests (prompt + ' ' + target_new), checking each fits the model."""
-    out = []
-    for req in requests:
-        where = f"{source} line {req.line}"
-        enc = encode_pair(tokenizer, req.prompt, req.target_new, chat=req.chat, where=where)
-        check_length(enc, max_len, where)
-        out.append(enc)
-    return out
+    return encode_edit_examples(requests, tokenizer, max_len, source=source)
 
 
 def encode_edit_examples(requests, tokenizer, max_len: int | None, *, prefixes: list[str] = (),
@@ -133,12 +127,7 @@ def _prefix_ids(tokenizer, prefix: str, prompt: str, chat: bool) -> list[int]:
 
 def _shared_prefix_len(a: list[int], b: list[int]) -> int:
     """How many leading tokens two id lists share (a prefix tokenized alone and in context may differ at the seam)."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

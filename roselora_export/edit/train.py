@@ -269,8 +269,10 @@ def _base_name(model: torch.nn.Module) -> str:
     return Path(name).name if name else type(model).__name__
 
 
-def _to_device(batches, device):
-    return [{k: v.to(device) for k, v in b.items()} for b in batches]
+def _batches_on(model: torch.nn.Module, tokenizer, encoded: list[Encoded]) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of EDIT_BATCH sequences, on the model's device."""
+    device = next(model.parameters()).device
+    return [{k: v.to(device) for k, v in b.items()} for b in _micro_batches(encoded, pad_id_of(tokenizer), EDIT_BATCH)]
 
 
 # --------------------------------------------------------------------------------------------- LoRA
@@ -436,15 +438,13 @@ def train_edit(
         settings = settings.when_edited()
     keep = settings.kept(earlier, config.seed + len(earlier))
     prefixes = context_prefixes(model, tokenizer, settings.prefixes, settings.prefix_length, config.seed)
-    use_kl = settings.kl_weight > 0
-    encoded = encode_edit_examples(requests, tokenizer, model_max_length(model, tokenizer), prefixes=prefixes,
-                                   kl_prefixes=use_kl, kl_on_locality=use_kl and settings.kl_on_locality,
-                                   source=source)
-    pad, device = pad_id_of(tokenizer), next(model.parameters()).device
-    micro = _to_device(_micro_batches(encoded, pad, EDIT_BATCH), device)
-    if use_kl and keep:
-        kept = [_kl_only_of(e) for e in encode_requests(keep, tokenizer, model_max_length(model, tokenizer), "kept edits")]
-        micro += _to_device(_micro_batches(kept, pad, EDIT_BATCH), device)
+    use_kl, max_len = settings.kl_weight > 0, model_max_length(model, tokenizer)
+    encoded = encode_edit_examples(requests, tokenizer, max_len, prefixes=prefixes, kl_prefixes=use_kl,
+                                   kl_on_locality=use_kl and settings.kl_on_locality, source=source)
+    micro = _batches_on(model, tokenizer, encoded)
+    if use_kl and keep:  # batched apart from the request's own sequences
+        kept = [_kl_only_of(e) for e in encode_requests(keep, tokenizer, max_len, "kept edits")]
+        micro += _batches_on(model, tokenizer, kept)
     if use_kl:
         _attach_kl_reference(model, micro)
     if use_kl and settings.kl_texts:
@@ -511,7 +511,7 @@ def _kl_text_batches(model, tokenizer, n: int, seed: int, pinned: PinnedTexts | 
         if pinned is not None:
             pinned.texts[n] = texts
     sequences = kl_only_sequences(texts, tokenizer, model_max_length(model, tokenizer))
-    micro = _to_device(_micro_batches(sequences, pad_id_of(tokenizer), EDIT_BATCH), next(model.parameters()).device)
+    micro = _batches_on(model, tokenizer, sequences)
     _attach_kl_reference(model, micro, pinned.reference if pinned is not None else None)
     return micro
 
@@ -526,29 +526,19 @@ def _kl_only_of(enc: Encoded) -> Encoded:
 
 # --------------------------------------------------------------------------------------------- saving
 
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """A temp dir beside out_dir that becomes out_dir when the block succeeds (an existing one is
-    swapped atomically with --overwrite, so a crash keeps the old adapter whole); removed if it fails."""
-    from ..core.atomic import atomic_dir as _atomic_dir
+def save_edit(result: EditResult, out_dir: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Write the edit (layouts in docs/adapters.md): a PEFT adapter dir or ft_l.safetensors, plus roselora.json."""
+    from safetensors.torch import save_file
+
+    from ..core.atomic import atomic_dir
 
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise InputError(f"--out {out}: already exists; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
-    with _atomic_dir(out, replace=True) as tmp:
-        yield tmp
-
-
-def save_edit(result: EditResult, out_dir: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write the edit (layouts in docs/adapters.md): a PEFT adapter dir or ft_l.safetensors, plus roselora.json."""
-    from safetensors.torch import save_file
-
-    summary = result.summary()
-    if extra:
-        summary.update(extra)
-    with atomic_dir(out_dir, overwrite) as tmp:
+    summary = {**result.summary(), **(extra or {})}
+    with atomic_dir(out, replace=True) as tmp:  # an existing --out is swapped whole: a crash keeps the old one
         if result.method == "ft-l":
             save_file({k: v.contiguous() for k, v in result.new_weights.items()}, str(tmp / FT_L_FILE),
                       metadata={"format": "pt", "method": "ft-l"})
@@ -556,4 +546,4 @@ def save_edit(result: EditResult, out_dir: str | os.PathLike, *, overwrite: bool
             result.peft_config.save_pretrained(str(tmp))
             save_file(result.adapter_state, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-    return Path(out_dir)
+    return out
