@@ -12,17 +12,10 @@ from __future__ import annotations
 from ..core.lazy import lazy_exports
 
 _EXPORTS = {
-    "LazyStateDict": ".model_dir",
-    "ModelDir": ".model_dir",
-    "open_model_dir": ".model_dir",
-    "MergeResult": ".merge",
-    "default_patch_path": ".merge",
-    "merge_checkpoint": ".merge",
-    "apply_to_checkpoint": ".ops",
-    "diff_checkpoints": ".ops",
-    "fingerprints": ".ops",
-    "load_state_dict": ".ops",
-    "verify_patches": ".ops",
+    **dict.fromkeys(("LazyStateDict", "ModelDir", "open_model_dir"), ".model_dir"),
+    **dict.fromkeys(("MergeResult", "default_patch_path", "merge_checkpoint"), ".merge"),
+    **dict.fromkeys(("apply_to_checkpoint", "diff_checkpoints", "fingerprints", "load_state_dict", "verify_patches"),
+                    ".ops"),
 }
 
 

@@ -16,36 +16,30 @@ _HELP = RoseLoraConfig.help()
 EDIT_METHODS = ("roselora", "lora", "ft-l")
 
 
+OFF = "off"  # what PRESET_FLOAT gives for none/off, so that an option left unset (None) keeps the preset's value
+
+
 class _OptionalFloat(click.ParamType):
-    """A float, or none/off for None."""
+    """A float, or none/off: None (or `off`, where an unset option is None already)."""
 
     name = "FLOAT|none"
+
+    def __init__(self, off=None):
+        self.off = off
 
     def convert(self, value, param, ctx):
         if value is None or isinstance(value, float):
             return value
-        if str(value).strip().lower() in ("none", "off", ""):
-            return None
+        text = str(value).strip().lower()
+        if text in ("none", "off", ""):
+            return self.off if text else None
         try:
             return float(value)
         except ValueError:
             self.fail(f"{value!r} is not a number (or none)", param, ctx)
 
 
-OPTIONAL_FLOAT = _OptionalFloat()
-OFF = "off"  # what an OPTIONAL_FLOAT option gives for none/off when its unset default is None
-
-
-class _PresetFloat(_OptionalFloat):
-    """As OPTIONAL_FLOAT, but none/off gives OFF, so that an option left unset (None) keeps the preset's value."""
-
-    def convert(self, value, param, ctx):
-        if value is not None and str(value).strip().lower() in ("none", "off"):
-            return OFF
-        return super().convert(value, param, ctx)
-
-
-PRESET_FLOAT = _PresetFloat()
+OPTIONAL_FLOAT, PRESET_FLOAT = _OptionalFloat(), _OptionalFloat(off=OFF)
 
 
 def _preset_help(name: str, help_text: str) -> str:
@@ -123,13 +117,9 @@ def preset_settings(kw: dict):
     from ..edit.settings import EditSettings, preset
 
     config, settings = preset(kw.pop("preset"))
-    given = {}
-    for name in [f.name for f in fields(RoseLoraConfig)] + [f.name for f in fields(EditSettings)]:
-        if name in kw:
-            value = kw.pop(name)
-            if value is not None:
-                given[name] = None if value == OFF else value
     config_names = {f.name for f in fields(RoseLoraConfig)}
+    given = {name: kw.pop(name) for name in config_names | {f.name for f in fields(EditSettings)} if name in kw}
+    given = {k: None if v == OFF else v for k, v in given.items() if v is not None}
     config = RoseLoraConfig(**{**config.to_dict(), **{k: v for k, v in given.items() if k in config_names}})
     settings = settings.overridden({k: v for k, v in given.items() if k not in config_names})
     return config, settings

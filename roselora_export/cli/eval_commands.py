@@ -12,10 +12,14 @@ from .edit_commands import _preset_options, preset_settings
 from .options import (chat_option, check_chat, device_option, dtype_option, model_option, resolve_device,
                       resolve_dtype, resolve_model)
 
-def _fmt(x, pct: bool = False) -> str:
-    if x is None:
-        return "-"
-    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _scores(m: dict, efficacy: bool = True) -> str:
+    """The reliability, generalization, locality (and efficacy) columns of one row."""
+    cols = f"{_fmt(m['reliability']):>7} {_fmt(m['generalization']):>7} {_fmt(m['locality']):>7}"
+    return cols + (f" {_fmt(m['efficacy']):>6}" if efficacy else "")
 
 
 @main.command()
@@ -48,10 +52,8 @@ def evaluate(model_dir, requests_path, adapter, patches, edited_dir, chat, as_js
         return
     click.echo(f"{'#':>3}  {'reliab':>7} {'general':>7} {'local':>7} {'effic':>6}  prompt -> target_new")
     for r in report["per_request"]:
-        click.echo(f"{r['index']:>3}  {_fmt(r['reliability']):>7} {_fmt(r['generalization']):>7} "
-                   f"{_fmt(r['locality']):>7} {_fmt(r['efficacy']):>6}  {r['prompt']} -> {r['target_new']}")
-    click.echo(f"mean {_fmt(report['reliability']):>7} {_fmt(report['generalization']):>7} "
-               f"{_fmt(report['locality']):>7} {_fmt(report['efficacy']):>6}")
+        click.echo(f"{r['index']:>3}  {_scores(r)}  {r['prompt']} -> {r['target_new']}")
+    click.echo(f"mean {_scores(report)}")
     click.echo(f"params modified: {report['params_modified']:,} of {report['base_params']:,} "
                f"({100 * report['params_modified_fraction']:.5f}%)")
 
@@ -156,8 +158,7 @@ def benchmark_edits(model_dir, requests_path, methods, mass, sequential, measure
         return
     click.echo(f"{'method':<9} {'reliab':>7} {'general':>7} {'local':>7} {'effic':>6} {'params modified':>16} {'s/edit':>7}")
     for name, m in report["methods"].items():
-        click.echo(f"{name:<9} {_fmt(m['reliability']):>7} {_fmt(m['generalization']):>7} {_fmt(m['locality']):>7} "
-                   f"{_fmt(m['efficacy']):>6} {m['params_modified_fraction'] * 100:>15.4f}% {m['seconds_per_edit']:>7.2f}")
+        click.echo(f"{name:<9} {_scores(m)} {m['params_modified_fraction'] * 100:>15.4f}% {m['seconds_per_edit']:>7.2f}")
     shared = report["shared_config"]
     click.echo("shared: " + ", ".join(f"{k}={shared[k]}" for k in ("steps", "lr", "weight_decay", "early_stop_loss", "seed")))
     for name, m in report["methods"].items():
@@ -170,12 +171,11 @@ def _print_sequential(report: dict) -> None:
     click.echo(f"{'method':<9} {'reliab':>7} {'general':>7} {'local':>7} {'union touched':>14} {'overlapping':>11} "
                f"{'s/edit':>7}  reverted to base")
     for name, m in report["methods"].items():
-        click.echo(f"{name:<9} {_fmt(m['reliability']):>7} {_fmt(m['generalization']):>7} {_fmt(m['locality']):>7} "
+        click.echo(f"{name:<9} {_scores(m, False)} "
                    f"{m['params_touched_union_fraction'] * 100:>13.4f}% {m['patches_overlapping_an_earlier_one']:>11} "
                    f"{m['seconds_per_edit']:>7.2f}  {_reverted(m['bits_identical_after_reverts'])}")
         for point in m["curve"][:-1]:
-            click.echo(f"  after {point['edits']:>3} {_fmt(point['reliability']):>7} {_fmt(point['generalization']):>7} "
-                       f"{_fmt(point['locality']):>7}")
+            click.echo(f"  after {point['edits']:>3} {_scores(point, False)}")
 
 
 def _reverted(identical: bool | None) -> str:
