@@ -11,7 +11,6 @@ batch); `METHOD_DIFFERENCES` states what differs by construction.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -60,11 +59,11 @@ def edit_patch(model: torch.nn.Module, result: EditResult, deploy_dtype: str | N
     return patch
 
 
-def method_config(method: str, config: RoseLoraConfig) -> RoseLoraConfig:
-    """The config a method trains with: the shared one (methods ignore the settings they do not use)."""
-    if method not in METHODS:
-        raise InputError(f"--methods {method}: choose from {', '.join(METHODS)}")
-    return replace(config)
+def _check_methods(methods: Sequence[str]) -> None:
+    """Every method shares one config (each ignores the settings it does not use); InputError for an unknown one."""
+    for method in methods:
+        if method not in METHODS:
+            raise InputError(f"--methods {method}: choose from {', '.join(METHODS)}")
 
 
 def _aggregate(rows: list[dict], train_seconds: list[float], wall: float, n_edits: int, modified: list[int],
@@ -99,8 +98,7 @@ def benchmark_edits(
     from ..runtime import PatchRuntime
 
     config, settings = edit_settings(config, settings)
-    for m in methods:
-        method_config(m, config)
+    _check_methods(methods)
     requests = list(requests)
     evaluator = EditEvaluator(tokenizer, requests, torch_forward(model))
     base_params = count_base_params(model)
@@ -112,11 +110,10 @@ def benchmark_edits(
         out["ft_l_target"] = ft_l_target(model, layer)
     groups = [list(range(len(requests)))] if mass else [[i] for i in range(len(requests))]
     for method in methods:
-        cfg = method_config(method, config)
         rows, seconds, modified, steps, losses, checked = [], [], [], [], [], 0
         t0 = time.perf_counter()
         for group in groups:
-            result = train_edit(model, tokenizer, [requests[i] for i in group], method=method, config=cfg,
+            result = train_edit(model, tokenizer, [requests[i] for i in group], method=method, config=config,
                                 settings=settings, layer=layer)
             patch = edit_patch(model, result, settings.deploy_dtype)
             with runtime.applied(patch):
@@ -134,7 +131,7 @@ def benchmark_edits(
                 for i in group:
                     on_edit(method, i)
         out["methods"][method] = _aggregate(rows, seconds, time.perf_counter() - t0, len(requests) if mass else len(groups),
-                                            modified, base_params, steps, losses, cfg, method, mass, checked)
+                                            modified, base_params, steps, losses, config, method, mass, checked)
     return out
 
 
@@ -171,7 +168,7 @@ def sequential_edits(
     from ..runtime import PatchRuntime
 
     config, settings = edit_settings(config, settings)
-    cfg = method_config(method, config)
+    _check_methods([method])
     requests = list(requests)
     checkpoints = sorted({t for t in measure_at if 0 < t < len(requests)})
     evaluator = EditEvaluator(tokenizer, requests, torch_forward(model))
@@ -179,11 +176,11 @@ def sequential_edits(
     runtime = PatchRuntime(model)
     reference = state_sha256(model) if keep_reverts else None
     handles, seconds, touched, curve, overlapping = [], [], {}, [], 0
-    pinned = pin_kl_texts(model, tokenizer, cfg, settings) if settings.pin_kl_texts else None
+    pinned = pin_kl_texts(model, tokenizer, config, settings) if settings.pin_kl_texts else None
     t0 = time.perf_counter()
     try:
         for i, req in enumerate(requests):
-            result = train_edit(model, tokenizer, [req], method=method, config=cfg, settings=settings, layer=layer,
+            result = train_edit(model, tokenizer, [req], method=method, config=config, settings=settings, layer=layer,
                                 earlier=requests[:i], pinned=pinned)
             patch = edit_patch(model, result, settings.deploy_dtype)
             handle = runtime.apply(patch)
@@ -217,7 +214,7 @@ def sequential_edits(
         "patches_overlapping_an_earlier_one": overlapping, "seconds_per_edit": sum(seconds) / max(len(seconds), 1),
         "wall_seconds_per_edit": wall / max(len(requests), 1), "curve": curve,
         "reverts": "kept" if keep_reverts else "not kept (each patch committed as it landed)",
-        "revert_order": order, "bits_identical_after_reverts": identical, "config": cfg.to_dict(),
+        "revert_order": order, "bits_identical_after_reverts": identical, "config": config.to_dict(),
         "settings": settings.to_dict(), "per_request": rows,
     })
     return out
