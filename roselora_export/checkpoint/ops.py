@@ -171,5 +171,3 @@ def fingerprints(model_dir: str | os.PathLike) -> dict[str, str]:
     """sha256 of every tensor of a checkpoint directory (what tests compare to prove bit-exactness)."""
     model = open_model_dir(model_dir)
     return {k: sha256_bits(model.read_array(k)) for k in model.keys()}
-
-

@@ -49,4 +49,3 @@ def provenance_problem(prov: dict) -> str | None:
     if isinstance(prov.get("base_numel"), int) and prov["base_numel"] < 0:
         return "provenance field 'base_numel' is negative"
     return None
-

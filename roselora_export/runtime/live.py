@@ -468,4 +468,3 @@ class PatchRuntime:
             t1 = time.perf_counter()
             self._write_all(staged, old.parts, new.parts, done)  # on failure, put back what was there: the patched bits
         handle.timings.update({"revert_check": t1 - t0, "revert_write": time.perf_counter() - t1})
-
