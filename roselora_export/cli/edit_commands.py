@@ -142,11 +142,6 @@ def _config(kw: dict) -> RoseLoraConfig:
     return RoseLoraConfig(**{k: kw.pop(k) for k in list(kw) if k in names})
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise InputError(f"--out {out}: already exists; pass --overwrite to replace it")
-
-
 def _check_lengths(requests, tokenizer, path: Path, source: str) -> None:
     """Reject a too-long prompt from config.json alone, before loading the weights."""
     from types import SimpleNamespace
@@ -158,19 +153,10 @@ def _check_lengths(requests, tokenizer, path: Path, source: str) -> None:
     encode_requests(requests, tokenizer, model_max_length(SimpleNamespace(config=config), tokenizer), source=source)
 
 
-def _print_modules(modules: dict) -> None:
-    """One line per adapted module: the figures roselora.json records."""
-    click.echo(f"  {'module':<48} {'nnz(A)':>7} {'nnz(B)':>7} {'nnz(BA)':>9} {'s(BA)':>8} {'Prop.1':>8}")
-    for key, m in modules.items():
-        click.echo(f"  {key:<48} {m['nnz_A']:>7,} {m['nnz_B']:>7,} {m['nnz_BA']:>9,} "
-                   f"{m['sparsity_BA']:>8.5f} {m['prop1_sparsity_bound']:>8.5f}")
-
-
 def _print_summary(summary: dict, out: Path, answers: list[dict], per_module: bool = False) -> None:
     s = summary
     loss = f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "n/a"
-    n_req = len(s.get("requests", [])) or s.get("examples", 0)
-    what = f"{n_req} request(s)" if s.get("requests") else f"{s.get('examples', 0)} example(s)"
+    what = f"{len(s['requests'])} request(s)" if s.get("requests") else f"{s.get('examples', 0)} example(s)"
     click.echo(f"{s['method']} on {s['base_model']}: {what}, {s['steps_run']} steps, {s['seconds']:.1f} s, final loss {loss}")
     mods = s["modules"]
     if s["method"] == "ft-l":
@@ -183,8 +169,11 @@ def _print_summary(summary: dict, out: Path, answers: list[dict], per_module: bo
         click.echo(f"  {len(mods)} adapted modules; nnz(BA) per module {min(nnz):,}..{max(nnz):,}; "
                    f"lowest sparsity of BA {worst['sparsity_BA']:.4f} (Prop.1 bound {worst['prop1_sparsity_bound']:.4f}); "
                    f"bound holds on every module: {'yes' if ok else 'NO'}")
-        if per_module:
-            _print_modules(mods)
+        if per_module:  # one line per adapted module: the figures roselora.json records
+            click.echo(f"  {'module':<48} {'nnz(A)':>7} {'nnz(B)':>7} {'nnz(BA)':>9} {'s(BA)':>8} {'Prop.1':>8}")
+            for key, m in mods.items():
+                click.echo(f"  {key:<48} {m['nnz_A']:>7,} {m['nnz_B']:>7,} {m['nnz_BA']:>9,} "
+                           f"{m['sparsity_BA']:>8.5f} {m['prop1_sparsity_bound']:>8.5f}")
     click.echo(f"  weights changed: {s['weights_modified']:,} of {s['base_weights']:,} ({100 * s['fraction_modified']:.4f}%)")
     for a in answers:
         click.echo(f"  prompt: {a['prompt']}")
@@ -227,10 +216,10 @@ def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers,
     from ..edit.deploy_rounding import round_weights_
     from ..edit.requests import load_requests
     from ..edit.settings import resolve_deploy_dtype
-    from ..edit.train import greedy_continuation, save_edit, train_edit
+    from ..edit.train import check_out_dir, greedy_continuation, save_edit, train_edit
     from ..models import load_model, load_tokenizer
 
-    _check_out(out, overwrite)
+    check_out_dir(out, overwrite)
     config, settings = preset_settings(hyper)
     path = resolve_model(model_dir)
     requests = load_requests(requests_path, chat=chat)
@@ -350,14 +339,14 @@ def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, 
     from ..edit.data import load_train_data, model_max_length, pad_id_of
     from ..edit.finetune import setup_distributed, shutdown_distributed
     from ..edit import finetune
-    from ..edit.train import greedy_continuation, save_edit
+    from ..edit.train import check_out_dir, greedy_continuation, save_edit
     import os
 
     import torch
 
     from ..models import load_model, load_tokenizer
 
-    _check_out(out, overwrite)
+    check_out_dir(out, overwrite)
     if batch_size < 1 or max_length < 2:
         raise InputError("--batch-size must be >= 1 and --max-length >= 2")
     config = _config(hyper)

@@ -526,17 +526,23 @@ def _kl_only_of(enc: Encoded) -> Encoded:
 
 # --------------------------------------------------------------------------------------------- saving
 
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """--out as a Path, if save_edit may write it: new, or (with --overwrite) an existing directory."""
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"--out {out}: already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    return out
+
+
 def save_edit(result: EditResult, out_dir: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
     """Write the edit (layouts in docs/adapters.md): a PEFT adapter dir or ft_l.safetensors, plus roselora.json."""
     from safetensors.torch import save_file
 
     from ..core.atomic import atomic_dir
 
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise InputError(f"--out {out}: already exists; pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
+    out = check_out_dir(out_dir, overwrite)
     summary = {**result.summary(), **(extra or {})}
     with atomic_dir(out, replace=True) as tmp:  # an existing --out is swapped whole: a crash keeps the old one
         if result.method == "ft-l":
