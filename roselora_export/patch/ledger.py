@@ -64,11 +64,8 @@ def _checksum(body: dict) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def entry_for(patch: Patch, path: str | os.PathLike | None = None) -> Entry:
