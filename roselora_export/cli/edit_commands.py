@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import fields
 from pathlib import Path
 
 import click
 
+from ..edit.jsonl import read_jsonl_objects
+from ..edit.requests import chain_base, load_requests, recorded_requests
+from ..edit.settings import DEPLOY_DTYPES, PRESETS, EditSettings, preset, resolve_deploy_dtype
 from ..errors import InputError
 from ..method.config import RoseLoraConfig
 from . import main
@@ -43,8 +48,6 @@ OPTIONAL_FLOAT, PRESET_FLOAT = _OptionalFloat(), _OptionalFloat(off=OFF)
 
 
 def _preset_help(name: str, help_text: str) -> str:
-    from ..edit.settings import PRESETS, preset
-
     shown = []
     for pname in PRESETS:
         config, settings = preset(pname)
@@ -89,8 +92,6 @@ def _stacked(opts: list):
 
 def _preset_options():
     """The RoseLoRA knobs and the edit settings as options left unset (None) unless given: --preset fills the rest."""
-    from ..edit.settings import DEPLOY_DTYPES, PRESETS, EditSettings
-
     shelp = EditSettings.help()
     opts = [
         click.option("--preset", default="default", show_default=True, metavar="|".join(PRESETS),
@@ -112,10 +113,6 @@ def _preset_options():
 
 def preset_settings(kw: dict):
     """(RoseLoraConfig, EditSettings): the --preset, then every option the user gave; pops them from kw."""
-    from dataclasses import fields
-
-    from ..edit.settings import EditSettings, preset
-
     config, settings = preset(kw.pop("preset"))
     config_names = {f.name for f in fields(RoseLoraConfig)}
     given = {name: kw.pop(name) for name in config_names | {f.name for f in fields(EditSettings)} if name in kw}
@@ -214,8 +211,6 @@ def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers,
     A bf16/fp16 checkpoint (or --deploy-dtype) trains the edit against its merge in that dtype.
     """
     from ..edit.deploy_rounding import round_weights_
-    from ..edit.requests import load_requests
-    from ..edit.settings import resolve_deploy_dtype
     from ..edit.train import check_out_dir, greedy_continuation, save_edit, train_edit
     from ..models import load_model, load_tokenizer
 
@@ -256,7 +251,6 @@ def edit(model_dir, requests_path, chat, out, method, layer, overwrite, answers,
 def _carried_edits(path: Path, settings, quiet: bool) -> tuple[list, list]:
     """(the patches the model directory's ledger records, the requests of those that were edits), read only
     when the settings for an edited model differ from the others; a note says what changes."""
-    from ..edit.requests import recorded_requests
     from ..patch.ledger import read_ledger
 
     edited = settings.when_edited()
@@ -275,7 +269,6 @@ def _carried_edits(path: Path, settings, quiet: bool) -> tuple[list, list]:
 def _pinned_texts(path: Path, carried: list, tokenizer, config, settings, dtype, device, quiet: bool):
     """With --pin-kl-texts on a model that carries edits: the KL texts and their reference from the model the
     first recorded edit was trained on (the chain's base), or None with a note when that directory is gone."""
-    from ..edit.requests import chain_base
     from ..edit.train import pin_kl_texts
     from ..models import load_model
 
@@ -336,14 +329,12 @@ def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, 
     --t-init / --t-final below 1 are fractions of --steps. Under torchrun each process takes
     --batch-size examples per step; only rank 0 writes --out and prints.
     """
-    from ..edit.data import load_train_data, model_max_length, pad_id_of
-    from ..edit.finetune import setup_distributed, shutdown_distributed
-    from ..edit import finetune
-    from ..edit.train import check_out_dir, greedy_continuation, save_edit
-    import os
-
     import torch
 
+    from ..edit import finetune
+    from ..edit.data import load_train_data, model_max_length, pad_id_of
+    from ..edit.finetune import setup_distributed, shutdown_distributed
+    from ..edit.train import check_out_dir, greedy_continuation, save_edit
     from ..models import load_model, load_tokenizer
 
     check_out_dir(out, overwrite)
@@ -382,8 +373,6 @@ def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, 
 
 def _sample_prompts(path: Path, n: int = 3) -> list[tuple[str, str]]:
     """(prompt, completion) of the first n {"prompt", "completion"} lines of a training file (already validated)."""
-    from ..edit.jsonl import read_jsonl_objects
-
     out = []
     for obj, _, _ in read_jsonl_objects(path, "--data"):
         if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import InputError
 from . import main
 from .edit_commands import _preset_options, preset_settings
 from .options import (chat_option, check_chat, device_option, dtype_option, model_option, resolve_device,
@@ -98,7 +99,6 @@ def benchmark_edits(model_dir, requests_path, methods, mass, sequential, measure
     from ..edit.deploy_rounding import round_weights_
     from ..edit.requests import load_requests
     from ..edit.settings import resolve_deploy_dtype
-    from ..errors import InputError
     from ..models import check_model_dir, load_model, load_tokenizer
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -184,8 +184,6 @@ def _reverted(identical: bool | None) -> str:
 
 def _positive_ints(text: str, option: str) -> list[int]:
     """'10,20,34' -> [10, 20, 34]; a one-line error for anything else."""
-    from ..errors import InputError
-
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..errors import InputError, first_line
 from . import main
 from .options import (
     chat_option, device_option, max_new_tokens_option, model_option, prompts_option, resolve_model, resolve_prompts,
@@ -89,8 +90,6 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: 
     A quick check that an ONNX artifact carries an edit: run it with --patch (overrides in memory)
     and without, or on a directory patched by `apply --base ONNX_DIR`.
     """
-    from ..errors import InputError
-
     items = resolve_prompts(prompts, requests_path, chat)
     pairs = [(p, t) for p, t, _ in items]
     if runtime == "genai" or (runtime == "auto" and (Path(onnx_dir) / "genai_config.json").is_file()):
@@ -113,7 +112,6 @@ def onnx_generate_command(onnx_dir: str, patch_files: tuple[str, ...], prompts: 
 def _ort_results(onnx_dir: str, patch_files: list, items: list, max_new_tokens: int, device: str) -> tuple[list, dict]:
     """onnx-generate through onnxruntime on an export-onnx artifact: the results and the JSON head."""
     from ..chat import prompt_ids
-    from ..errors import InputError, first_line
     from ..onnx.session import create_session, generate_greedy
 
     providers = resolve_providers(device)
@@ -150,7 +148,6 @@ def map_onnx_command(base_dir: str, onnx_dir: str, model_file: str | None, as_js
     it in place. Weights that cannot be patched exactly (int4-quantized, folded into another tensor,
     deduplicated with another weight) are listed with the reason, and patches naming them are refused.
     """
-    from ..errors import InputError
     from ..onnx.mapping import map_onnx, write_names
     from ..onnx.names import NAMES_FILE, NAMES_FORMAT_MAPPED
 

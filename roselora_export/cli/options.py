@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..devices import DTYPE_NAMES
+from ..errors import InputError
 
 MAX_NEW_TOKENS = 20  # the one default for every command that generates answers
 
@@ -96,8 +97,6 @@ def resolve_prompts(prompts: tuple[str, ...], requests_path: Path | None,
                     chat: bool = False) -> list[tuple[str, str | None, bool]]:
     """(prompt, target or None, chat) triples: the --prompt values in order, then each request's prompt and
     target_new; chat is --chat, or a request's own "chat" field."""
-    from ..errors import InputError
-
     items: list[tuple[str, str | None, bool]] = [(p, None, chat) for p in prompts]
     if any(not p.strip() for p in prompts):
         raise InputError("--prompt: an empty prompt")
