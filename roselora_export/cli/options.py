@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from ..devices import DTYPE_NAMES
+from ..devices import DTYPE_NAMES, ort_providers, torch_device, torch_dtype
 from ..errors import InputError
 
 MAX_NEW_TOKENS = 20  # the one default for every command that generates answers
@@ -26,8 +26,6 @@ def device_option(default: str = "auto", help: str | None = None):
 
 def resolve_device(name: str):
     """The torch.device for a --device value; for `auto`, one line on stderr says what was picked."""
-    from ..devices import torch_device
-
     device, note = torch_device(name)
     if note:
         click.echo(note, err=True)
@@ -36,8 +34,6 @@ def resolve_device(name: str):
 
 def resolve_providers(name: str) -> list:
     """The onnxruntime providers for a --device value; for `auto`, one line on stderr says what was picked."""
-    from ..devices import ort_providers
-
     providers, note = ort_providers(name)
     if note:
         click.echo(note, err=True)
@@ -52,8 +48,6 @@ def dtype_option(default: str | None = None, help: str | None = None):
 
 def resolve_dtype(name: str | None):
     """The torch dtype for a --dtype value; None when not given (the caller's default)."""
-    from ..devices import torch_dtype
-
     return torch_dtype(name)
 
 

@@ -19,6 +19,7 @@ import torch
 from ..errors import InputError
 from ..method.config import RoseLoraConfig
 from ..patch.model import Patch, tensor_patch_from_pair
+from ..runtime import PatchRuntime
 from ..runtime.tryout import state_sha256
 from .evaluate import EditEvaluator, METRICS, count_base_params
 from .metrics import mean, torch_forward
@@ -95,8 +96,6 @@ def benchmark_edits(
     on_edit(method, request_index) is called after each edit (the CLI's progress bar).
     Raises RuntimeError if an edit leaves the model's bits changed (that would be a bug, not bad input).
     """
-    from ..runtime import PatchRuntime
-
     config, settings = edit_settings(config, settings)
     _check_methods(methods)
     requests = list(requests)
@@ -164,8 +163,6 @@ def sequential_edits(
     touched by their union, seconds per edit, the revert order taken, and whether the final bits matched.
     """
     import random
-
-    from ..runtime import PatchRuntime
 
     config, settings = edit_settings(config, settings)
     _check_methods([method])

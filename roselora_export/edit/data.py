@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..chat import pad_id_of  # noqa: F401 (edit's modules and the CLI import it from here)
+from ..chat import answer_sep, chat_text, pad_id_of, prompt_ids  # noqa: F401 (others import pad_id_of from here)
 from ..errors import InputError
 from .jsonl import read_jsonl_objects
 
@@ -50,8 +50,6 @@ def encode_pair(tokenizer, prompt: str, completion: str, *, sep: str = " ", chat
     chat=True: the prompt is a user turn through the chat template and the completion starts the
     assistant's turn, with no separator (roselora_export/chat.py).
     """
-    from ..chat import answer_sep, prompt_ids
-
     p = prompt_ids(tokenizer, prompt, chat, where)
     c = tokenizer((answer_sep(True) if chat else sep) + completion, add_special_tokens=False)["input_ids"]
     return Encoded(input_ids=list(p) + list(c), labels=[IGNORE] * len(p) + list(c))
@@ -118,8 +116,6 @@ def _prefix_ids(tokenizer, prefix: str, prompt: str, chat: bool) -> list[int]:
     """Token ids of everything up to the end of the prefix: the prefix alone, or the chat turn's opening and it."""
     if not chat:
         return tokenizer(prefix.rstrip())["input_ids"]
-    from ..chat import chat_text
-
     text = chat_text(tokenizer, prefix + prompt)
     head = text[:text.index(prefix + prompt) + len(prefix.rstrip())]
     return tokenizer(head, add_special_tokens=False)["input_ids"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 
 from ..method.config import RoseLoraConfig
 from .data import Encoded, collate
@@ -17,8 +18,6 @@ from .train import EditResult, train_lora
 
 def setup_distributed() -> tuple[int, int]:
     """(rank, world size); joins the gloo process group when started by torchrun with WORLD_SIZE > 1."""
-    import torch.distributed as dist
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     if dist.is_available() and dist.is_initialized():
@@ -27,8 +26,6 @@ def setup_distributed() -> tuple[int, int]:
 
 
 def shutdown_distributed() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -49,8 +46,6 @@ def batch_indices(n: int, step: int, batch_size: int, rank: int, world: int, see
 def train_finetune(model: torch.nn.Module, examples: list[Encoded], config: RoseLoraConfig, *, method: str = "roselora",
                    batch_size: int = 8, pad_id: int = 0, progress: bool = False, keep_peft: bool = False) -> EditResult:
     """Fine-tune an adapter for config.steps optimizer steps (t_init/t_final below 1 are fractions of them)."""
-    import torch.distributed as dist
-
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = next(model.parameters()).device

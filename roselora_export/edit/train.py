@@ -33,8 +33,9 @@ from ..method.pruner import RoseLoraPruner, lora_pairs
 from .data import (IGNORE, Encoded, collate, encode_edit_examples, encode_requests, kl_only_sequences,
                    model_max_length, pad_id_of)
 from .deploy_rounding import rounded_lora_forward
+from .prefixes import context_prefixes
 from .requests import EditRequest
-from .settings import EditSettings
+from .settings import EditSettings, edit_settings
 
 METHODS = ("roselora", "lora", "ft-l")
 ADAPTER_JSON = "roselora.json"
@@ -428,9 +429,6 @@ def train_edit(
     carries only the locality term, so this edit keeps them as the model answers them now. pinned: the
     KL texts and their reference predictions from another model (pin_kl_texts), not from this one.
     """
-    from .prefixes import context_prefixes
-    from .settings import edit_settings
-
     if method not in METHODS:
         raise InputError(f"--method {method}: choose one of {', '.join(METHODS)}")
     config, settings = edit_settings(config, settings)
@@ -503,8 +501,6 @@ def pin_kl_texts(model: torch.nn.Module, tokenizer, config: RoseLoraConfig, sett
 
 def _kl_text_batches(model, tokenizer, n: int, seed: int, pinned: PinnedTexts | None) -> list[dict[str, torch.Tensor]]:
     """Micro-batches of n KL-only texts with their reference: pinned ones where `pinned` holds them."""
-    from .prefixes import context_prefixes
-
     texts = pinned.texts.get(n) if pinned is not None else None
     if texts is None:  # a seed of their own: not the context prefixes again
         texts = context_prefixes(model, tokenizer, n, KL_TEXT_LENGTH, seed + 1)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.safetensors import read_array, read_header
 from ..errors import InputError
 from .merge_math import float_values
 
@@ -69,16 +70,12 @@ class _SafetensorsFile:
     copies PEFT saves beside the LoRA factors are never converted."""
 
     def __init__(self, path: Path):
-        from ..core.safetensors import read_header
-
         self.path, self.header = path, read_header(path)
 
     def keys(self) -> list[str]:
         return list(self.header.tensors)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        from ..core.safetensors import read_array
-
         info = self.header.tensors[name]
         try:
             return float_values(read_array(info, path=self.path), info.dtype).reshape(info.shape)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..core.atomic import atomic_write
 from ..errors import InputError
+from .adapter import read_adapter
 from .io import check_patch_bytes, file_layout, load_patch, matrix_shape
 from .model import Patch
 
@@ -103,8 +104,6 @@ def _lora_delta_f32(edit) -> np.ndarray:
 def summarize_adapter(adapter_dir: str | os.PathLike) -> dict:
     """What `inspect ADAPTER_DIR` shows: the adapter's settings and, per changed weight, the nonzeros of its
     fp32 delta (before any rounding into the base's dtype, which only `merge` can measure)."""
-    from .adapter import read_adapter
-
     adapter = read_adapter(adapter_dir)
     modules = adapter.settings.get("modules") if isinstance(adapter.settings.get("modules"), dict) else {}
     tensors = []
@@ -291,8 +290,6 @@ def patch_patterns(patch: Patch) -> tuple[list[Pattern], str]:
 
 def adapter_patterns(adapter_dir: str | os.PathLike) -> tuple[list[Pattern], str]:
     """Patterns of an adapter: where its fp32 delta is nonzero, with log10 |Δw| there."""
-    from .adapter import read_adapter
-
     adapter = read_adapter(adapter_dir)
     out = []
     for key in sorted(adapter.edits, key=natural_key):

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..chat import greedy_continuation
+from ..chat import greedy_continuation, require_chat_template
+from ..devices import torch_device, torch_dtype
 from ..errors import InputError
 from ..patch.model import DTYPE_NAMES, Patch, tensor_bits
 from .live import PatchRuntime
@@ -65,8 +66,6 @@ def state_sha256(model: torch.nn.Module) -> str:
 
 def patch_dtype(patch: Patch, dtype: str | torch.dtype | None) -> torch.dtype:
     """The dtype to load the model in: the one given (fp32, fp16, bf16), or the patch's (all its tensors share one)."""
-    from ..devices import torch_dtype
-
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype:
@@ -96,7 +95,6 @@ def try_patch(model_dir: str | os.PathLike, patch_path: str | os.PathLike, promp
     `device` is a torch.device or a name (cpu, cuda, cuda:N, auto); `targets` (optional, one per prompt)
     are carried into the answers; `progress=False` hides the model-loading bar; `chat` (one flag, or one
     per prompt) asks prompts through the model's chat template (InputError if it has none)."""
-    from ..devices import torch_device
     from ..models import load_model, load_tokenizer
     from ..patch import load_patch
 
@@ -112,8 +110,6 @@ def try_patch(model_dir: str | os.PathLike, patch_path: str | os.PathLike, promp
     dt = patch_dtype(patch, dtype)
     tokenizer = load_tokenizer(model_dir)
     if any(chats):
-        from ..chat import require_chat_template
-
         require_chat_template(tokenizer)
     model = load_model(model_dir, dtype=dt, progress=progress).to(dev)
     runtime = PatchRuntime(model)
