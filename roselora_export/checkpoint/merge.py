@@ -21,7 +21,7 @@ from ..core.atomic import atomic_dir, check_disjoint, locked_dir, opened
 from ..core.dtypes import PATCHABLE, TORCH_NAMES, dtype_name
 from .copier import ShardCopier, guess_changed
 from .model_dir import ModelDir, open_model_dir
-from .rewrite import OVERLAP_BYTES
+from .rewrite import OVERLAP_BYTES, write_checkpoint
 from .safetensors_stream import _pwrite_all
 
 if TYPE_CHECKING:
@@ -196,7 +196,6 @@ def _merge_converting(model: ModelDir, tmp: Path, out_dtype: str, edits: dict, k
     from ..patch.io import encode_tensor
     from ..patch.merge_math import merge_bits
     from ..patch.model import fill_sha256
-    from .rewrite import write_checkpoint
 
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roselora-encode")
     last: list[tuple[str, Future, int, object, object]] = []  # the job in flight: name, future, bytes, tp, survival

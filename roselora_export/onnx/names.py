@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..core.dtypes import SHORT_NAMES
+from ..core.dtypes import PATCHABLE, SHORT_NAMES, dtype_name as _dtype_name
 from ..errors import InputError
 
 if TYPE_CHECKING:
@@ -340,7 +340,5 @@ def is_onnx_dir(path: str | os.PathLike) -> bool:
 
 def dtype_name(dtype) -> str | None:
     """The safetensors name of a Location's dtype (already one) or of a torch dtype; None if not patchable."""
-    from ..core.dtypes import PATCHABLE, dtype_name as _name
-
-    name = _name(dtype) if dtype is not None else None
+    name = _dtype_name(dtype) if dtype is not None else None
     return name if name in PATCHABLE else None
