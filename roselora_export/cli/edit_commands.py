@@ -5,6 +5,7 @@ import json
 import os
 from dataclasses import fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
@@ -141,8 +142,6 @@ def _config(kw: dict) -> RoseLoraConfig:
 
 def _check_lengths(requests, tokenizer, path: Path, source: str) -> None:
     """Reject a too-long prompt from config.json alone, before loading the weights."""
-    from types import SimpleNamespace
-
     from ..edit.data import encode_requests, model_max_length
     from ..models import load_config
 

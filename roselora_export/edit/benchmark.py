@@ -10,6 +10,7 @@ batch); `METHOD_DIFFERENCES` states what differs by construction.
 """
 from __future__ import annotations
 
+import random
 import time
 from typing import Callable, Sequence
 
@@ -162,8 +163,6 @@ def sequential_edits(
     Returns the metrics, the curve, how many patches overlap an earlier one, the fraction of weights
     touched by their union, seconds per edit, the revert order taken, and whether the final bits matched.
     """
-    import random
-
     config, settings = edit_settings(config, settings)
     _check_methods([method])
     requests = list(requests)

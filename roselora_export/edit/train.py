@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import os
 import re
@@ -196,8 +197,6 @@ def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _forward_takes_logits_to_keep(cls: type) -> bool:
-    import inspect
-
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
