@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import click
+import torch
 
 from ..edit.jsonl import read_jsonl_objects
 from ..edit.requests import chain_base, load_requests, recorded_requests
@@ -328,8 +329,6 @@ def train(model_dir, data_path, out, method, batch_size, max_length, overwrite, 
     --t-init / --t-final below 1 are fractions of --steps. Under torchrun each process takes
     --batch-size examples per step; only rank 0 writes --out and prints.
     """
-    import torch
-
     from ..edit import finetune
     from ..edit.data import load_train_data, model_max_length, pad_id_of
     from ..edit.finetune import setup_distributed, shutdown_distributed

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..core.dtypes import torch_dtype
 from ..errors import InputError
 from ..method.config import RoseLoraConfig
 from ..patch.model import Patch, tensor_patch_from_pair
@@ -44,8 +45,6 @@ def edit_patch(model: torch.nn.Module, result: EditResult, deploy_dtype: str | N
     (exactly: the model's weights must already be values of that dtype, as a bf16 checkpoint loaded
     in fp32 is), so the patch carries the bits the shipped checkpoint has.
     """
-    from ..core.dtypes import torch_dtype
-
     stored = torch_dtype(deploy_dtype) if deploy_dtype else None
     patch = Patch(provenance={"kind": "benchmark", "method": result.method})
     changes = result.new_weights if result.method == "ft-l" else result.deltas()

@@ -10,6 +10,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from ..method.config import RoseLoraConfig
 from .data import Encoded, collate
@@ -56,10 +57,7 @@ def train_finetune(model: torch.nn.Module, examples: list[Encoded], config: Rose
 
     wrap = reduce_loss = None
     if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        def wrap(m):
-            return DistributedDataParallel(m)
+        wrap = DistributedDataParallel
 
         def reduce_loss(loss: float) -> float:
             value = torch.tensor([loss], dtype=torch.float64)
