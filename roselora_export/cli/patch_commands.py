@@ -217,6 +217,7 @@ def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys
     Everything is checked before anything is written; a refusal names the patch file, the tensor and
     the patches it conflicts with. The directory's ledger records each patch (`roselora-export log`).
     """
+    from ..onnx.names import is_onnx_dir
     from ..patch import load_patch
 
     if (check and in_place and out_dir is not None) or (not check and in_place == (out_dir is not None)):
@@ -230,8 +231,6 @@ def apply_command(base_dir, patch_files, out_dir, in_place, revert, trusted_keys
             verify_patch(p, list(trusted_keys))
     patches = [load_patch(p) for p in patch_files]
     base = Path(base_dir)
-    from ..onnx.names import is_onnx_dir
-
     if is_onnx_dir(base):  # either marker: an ONNX dir missing names.json gets the ONNX error that names it
         report = _onnx_apply(base, patches, Path(out_dir) if out_dir else None, revert=revert, in_place=in_place,
                              base_model=base_model, sources=list(patch_files), check=check)
