@@ -13,6 +13,7 @@ from .edit_commands import _preset_options, preset_settings
 from .options import (chat_option, check_chat, device_option, dtype_option, model_option, resolve_device,
                       resolve_dtype, resolve_model)
 
+
 def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
