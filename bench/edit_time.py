@@ -74,6 +74,7 @@ def main() -> None:
     for name in names:
         rows.append(f"| {name} | {med[name]:.2f} | {min(times[name]):.2f} | {max(times[name]):.2f} | "
                     f"{statistics.mean(steps[name]):.1f} | {med[name] / med[names[0]]:.2f}x |")
+    edited = preset("default")[1].when_edited()
     body = "\n".join([
         "## Seconds per edit: default preset against the authors' settings",
         "",
@@ -88,8 +89,8 @@ def main() -> None:
         f"prefixes as well (4 sequences a step against 1), with a KL term, but stops once the loss is below 0.1 from "
         f"step 12 on, where `paper` never gets there on this model and runs all 25 steps. Generating the prefixes "
         f"costs {prefix_seconds:.2f} s once per model and process (not in the figures above). `default@edited`: "
-        f"the default on a model that already carries edits (KL 16 on 8 KL-only texts, 16 earlier edits kept as "
-        f"KL-only sequences, the texts pinned to the base); pinning costs {pin_seconds:.2f} s once per sequence "
+        f"the default on a model that already carries edits (KL {edited.kl_weight:g} on {edited.kl_texts} KL-only "
+        f"texts, {edited.keep_edits} earlier edits kept as KL-only sequences, the texts pinned to the base); pinning costs {pin_seconds:.2f} s once per sequence "
         f"(for `edit --model` on a patched directory: once per edit, plus loading the base).",
     ])
     write_section("edit-time", body)

@@ -120,6 +120,9 @@ EXTENDED: dict[str, tuple[str, dict]] = {
     "mlp tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 1; when edited: KL 16, 8 KL texts, 16 kept edits, pinned texts": (
         "mlp (up+down_proj) tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 1",
         {"kl_weight_when_edited": 16.0, "kl_texts_when_edited": 8, "keep_edits": 16, "pin_kl_texts": True}),
+    "mlp tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 1; when edited: KL 16, 16 KL texts, 16 kept edits, pinned texts": (
+        "mlp (up+down_proj) tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 1",
+        {"kl_weight_when_edited": 16.0, "kl_texts_when_edited": 16, "keep_edits": 16, "pin_kl_texts": True}),
     "mlp tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 16, 8 KL texts, 16 kept edits, pinned texts": (
         "mlp tau 0.03, lr 2e-3, t_f 12, 3 prefixes x 5, KL 16, 8 KL texts", {"keep_edits": 16, "pin_kl_texts": True}),
 }

@@ -124,7 +124,7 @@ def test_edit_on_a_patched_directory_keeps_the_edits_its_ledger_records(tiny_mod
     r = run("edit", "--model", tmp_path / "m1", "--requests", tmp_path / "second.jsonl", "--out", tmp_path / "a2",
             "--keep-edits", "8", *small)
     assert r.exit_code == 0, r.output
-    assert ("note: the model carries 1 patch(es) (its ledger): locality term weight 16 on 8 KL text(s), "
+    assert ("note: the model carries 1 patch(es) (its ledger): locality term weight 16 on 16 KL text(s), "
             "keeping 1 of 1 earlier edit(s)") in r.stderr
     assert json.loads((tmp_path / "a2" / "roselora.json").read_text())["settings"]["keep_edits"] == 8
 
@@ -150,7 +150,7 @@ def test_a_kl_weight_given_on_the_command_line_holds_on_an_edited_model_too(tiny
     r = run("edit", "--model", tmp_path / "m1", "--requests", tmp_path / "second.jsonl", "--out", tmp_path / "a2",
             "--kl-weight", "2", *small)
     assert r.exit_code == 0, r.output
-    assert "locality term weight 2 on 8 KL text(s)" in r.stderr  # each field on its own: --kl-texts not given
+    assert "locality term weight 2 on 16 KL text(s)" in r.stderr  # each field on its own: --kl-texts not given
     assert json.loads((tmp_path / "a2" / "roselora.json").read_text())["settings"]["kl_weight"] == 2.0
 
 
@@ -214,5 +214,5 @@ def test_the_help_says_an_unset_setting_for_an_edited_model_follows_the_fresh_on
     from roselora_export.cli.edit_commands import _preset_help
 
     assert _preset_help("kl_weight_when_edited", "h").endswith("[default: 16.0; paper: as --kl-weight]")
-    assert _preset_help("kl_texts_when_edited", "h").endswith("[default: 8; paper: as --kl-texts]")
+    assert _preset_help("kl_texts_when_edited", "h").endswith("[default: 16; paper: as --kl-texts]")
     assert _preset_help("layers", "h").endswith("paper: all]")

@@ -99,7 +99,7 @@ def _preset_options():
         click.option("--preset", default="default", show_default=True, metavar="|".join(PRESETS),
                      help="Named settings the options below override: default (chosen by measurement on "
                           "SmolLM2-135M, docs/results.md; on a model that already carries edits it trains with a "
-                          "stronger locality term that also keeps 16 earlier edits, about 6x the time per edit) or "
+                          "stronger locality term that also keeps 16 earlier edits, about 9x the time per edit) or "
                           "paper (the RoseLoRA authors' LLaMA-2-7B settings)."),
         *[click.option(_option_name(name), type=PRESET_FLOAT if kind is OPTIONAL_FLOAT else kind, default=None,
                        help=_preset_help(name, _config_help(name))) for name, kind in _CONFIG_TYPES.items()],

@@ -112,7 +112,7 @@ class EditSettings:
 PRESETS: dict[str, tuple[dict, dict]] = {
     "default": (dict(rank=8, alpha=32, dropout=0.1, targets=("mlp",), tau=0.03, beta=0.8, t_init=3, t_final=12,
                      steps=25, lr=2e-3, weight_decay=0.0, clamp=None, early_stop_loss=0.1),
-                dict(prefixes=3, prefix_length=5, kl_weight=1.0, kl_weight_when_edited=16.0, kl_texts_when_edited=8,
+                dict(prefixes=3, prefix_length=5, kl_weight=1.0, kl_weight_when_edited=16.0, kl_texts_when_edited=16,
                      keep_edits=16, pin_kl_texts=True)),
     "paper": (dict(rank=8, alpha=32, dropout=0.1, targets=("auto",), tau=0.05, beta=0.8, t_init=3, t_final=20,
                    steps=25, lr=5e-4, weight_decay=0.0, clamp=3e-3, early_stop_loss=0.1),
