@@ -344,9 +344,9 @@ FINDINGS = """**What the figures say** (by hand, from the runs below):
   0.835 / 0.53 / 0.834 at T = 100 (goals 0.8 / 0.8: **met**). With 8 KL texts on an edited model (the default
   until this round; side run `t8`) it held 1.00 / 0.78 / 0.875 at T = 20 and 0.85 / 0.54 / 0.794 at T = 100, so
   16 texts lift locality at T = 100 by 0.04 for 0.015 of reliability; both rules of `choose` pick them. A second
-  run of the 16 texts at 2 threads instead of 1 (stopped at T = 62, so not in the table) gave locality 0.904 /
-  0.861 / 0.862 at T = 20 / 34 / 50 against this run's 0.879 / 0.859 / 0.846: the thread count alone (float
-  rounding) moves a point by up to 0.025; the margin at T = 100 (0.834 against 0.8) is larger, but not by much.
+  run of the 16 texts at 2 threads instead of 1 (the side run with the same settings, 34.3 s/edit) gave locality
+  0.904 / 0.861 / 0.862 / 0.833 at T = 20 / 34 / 50 / 100 against this run's 0.879 / 0.859 / 0.846 / 0.834: the
+  thread count alone (float rounding) moves a point by up to 0.025, and both runs end at 0.835 / 0.53 / 0.83.
   With KL 1 on every edit (the side run at T = 100) it held 0.90 / 0.74 / 0.725 at T = 20 and 0.72 / 0.56 /
   0.642 at T = 100. The price: an edit on an edited model takes about 9x the time of a first edit (bench/edit_time.py,
   `default@edited`: 40.1 s against 4.5 s; with 8 KL texts it took 24.3 s in the last round's run), and pinning
